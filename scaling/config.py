@@ -1,0 +1,519 @@
+"""Frozen, validated run configuration.
+
+Every config is a frozen dataclass validated in ``__post_init__``; a bad value raises
+``ConfigError`` whose message names the field (``model.d_model``) and the fix. The CLI turns a
+``ConfigError`` into a one-line message and exit status 2.
+
+A ``TrainConfig`` round-trips through JSON (``to_json`` / ``from_json``) and takes
+``--set a.b=value`` overrides with the value parsed and type-checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``str(err)`` is one line naming the field and the fix."""
+
+
+def _fail(path: str, msg: str) -> None:
+    raise ConfigError(f"{path}: {msg}")
+
+
+def _positive(path: str, value: float | int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not (value > 0) or (isinstance(value, float) and not math.isfinite(value)):
+        _fail(path, f"must be a positive number, got {value!r}")
+
+
+def _one_of(path: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+RouterKind = Literal["token_choice", "expert_choice", "dropless"]
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLP (replaces the dense MLP in every ``every``-th block).
+
+    Fine-grained experts follow Krajewski et al. 2024: ``n_experts`` is the expansion rate E
+    (experts of the dense MLP's size); with granularity G the layer holds ``n_experts * G``
+    experts of hidden size ``d_ff * expert_size / G`` and routes each token to ``top_k * G`` of
+    them, so active parameters do not change with G.
+    """
+
+    n_experts: int = 8
+    top_k: int = 2
+    router: RouterKind = "token_choice"
+    capacity_factor: float = 1.25
+    granularity: int = 1
+    expert_size: float = 1.0  # expert hidden size relative to the dense d_ff, before / G
+    n_shared_experts: int = 0
+    every: int = 1  # MoE in blocks where (layer_index + 1) % every == 0
+    aux_loss_weight: float = 1e-2
+    z_loss_weight: float = 1e-3
+    backend: Literal["auto", "einsum", "ragged_dot"] = "auto"  # grouped matmul for dropless
+
+    def __post_init__(self):
+        for name in ("n_experts", "top_k", "granularity", "every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                _fail(f"model.moe.{name}", f"must be an integer >= 1, got {v!r}")
+        if self.top_k > self.n_experts:
+            _fail("model.moe.top_k", f"top_k={self.top_k} exceeds n_experts={self.n_experts}; lower top_k or add experts")
+        _one_of("model.moe.router", self.router, ("token_choice", "expert_choice", "dropless"))
+        _positive("model.moe.capacity_factor", self.capacity_factor)
+        _positive("model.moe.expert_size", self.expert_size)
+        if self.n_shared_experts < 0:
+            _fail("model.moe.n_shared_experts", "must be >= 0")
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            if getattr(self, name) < 0:
+                _fail(f"model.moe.{name}", "must be >= 0")
+        _one_of("model.moe.backend", self.backend, ("auto", "einsum", "ragged_dot"))
+
+    @property
+    def n_routed(self) -> int:
+        """Number of routed experts actually held: E * G."""
+        return self.n_experts * self.granularity
+
+    @property
+    def k_routed(self) -> int:
+        """Experts each token is sent to: top_k * G."""
+        return self.top_k * self.granularity
+
+
+@dataclass(frozen=True)
+class MoDConfig:
+    """Mixture-of-depths (Raposo et al. 2024): in every ``every``-th block only the top
+    ``capacity`` fraction of each sequence's tokens pass through attention + MLP."""
+
+    capacity: float = 0.125
+    every: int = 2  # routed blocks where (layer_index + 1) % every == 0
+    router_scale: bool = True  # multiply the block output by the router weight (so it learns)
+    causal_aux: Literal["aux_loss", "predictor", "none"] = "aux_loss"
+    aux_loss_weight: float = 1e-2
+
+    def __post_init__(self):
+        if not (0.0 < self.capacity <= 1.0):
+            _fail("model.mod.capacity", f"must be in (0, 1], got {self.capacity!r}")
+        if not isinstance(self.every, int) or self.every < 1:
+            _fail("model.mod.every", f"must be an integer >= 1, got {self.every!r}")
+        _one_of("model.mod.causal_aux", self.causal_aux, ("aux_loss", "predictor", "none"))
+        if self.aux_loss_weight < 0:
+            _fail("model.mod.aux_loss_weight", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer shape. Sizes in elements; ``d_ff`` defaults to
+    ``ffn_ratio * d_model`` rounded to a multiple of 8."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: Optional[int] = None  # default d_model // n_heads
+    n_kv_heads: Optional[int] = None  # grouped-query attention; default n_heads
+    ffn_ratio: float = 4.0
+    d_ff: Optional[int] = None
+    activation: Literal["swiglu", "gelu"] = "gelu"
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16"] = "float32"  # activation/compute dtype; params stay float32
+    moe: Optional[MoEConfig] = None
+    mod: Optional[MoDConfig] = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                _fail(f"model.{name}", f"must be a positive integer, got {v!r}")
+        if self.head_dim is None and self.d_model % self.n_heads != 0:
+            _fail("model.n_heads", f"n_heads={self.n_heads} does not divide d_model={self.d_model}; pick a divisor or set model.head_dim")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
+            _fail("model.head_dim", f"must be a positive integer, got {self.head_dim!r}")
+        if self.resolved_head_dim % 2 != 0:
+            _fail("model.head_dim", f"RoPE needs an even head_dim, got {self.resolved_head_dim}")
+        if self.n_kv_heads is not None:
+            if not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+                _fail("model.n_kv_heads", f"must be a positive divisor of n_heads={self.n_heads}, got {self.n_kv_heads!r}")
+        _positive("model.ffn_ratio", self.ffn_ratio)
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+            _fail("model.d_ff", f"must be a positive integer, got {self.d_ff!r}")
+        _one_of("model.activation", self.activation, ("swiglu", "gelu"))
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _positive("model.rope_theta", self.rope_theta)
+        _positive("model.norm_eps", self.norm_eps)
+        _positive("model.init_std", self.init_std)
+        if self.moe is not None:
+            expert_ff = self.resolved_d_ff * self.moe.expert_size
+            if expert_ff % self.moe.granularity != 0 or int(expert_ff) != expert_ff:
+                _fail("model.moe.granularity", f"granularity={self.moe.granularity} must divide the expert hidden size {expert_ff:g}; pick a divisor")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_n_kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def resolved_d_ff(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return max(8, int(round(self.ffn_ratio * self.d_model / 8)) * 8)
+
+    @property
+    def expert_d_ff(self) -> int:
+        """Hidden size of one routed expert (d_ff * expert_size / G)."""
+        assert self.moe is not None
+        return int(self.resolved_d_ff * self.moe.expert_size) // self.moe.granularity
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and (i + 1) % self.moe.every == 0
+
+    def is_mod_layer(self, i: int) -> bool:
+        return self.mod is not None and (i + 1) % self.mod.every == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Data, optimiser, budget, mesh
+# --------------------------------------------------------------------------------------------
+
+DataSource = Literal["stdlib", "local_text", "tfds", "synthetic"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. ``batch_size`` is the global batch in sequences of ``seq_len``
+    tokens; a step consumes ``batch_size * seq_len`` tokens."""
+
+    source: DataSource = "stdlib"
+    path: Optional[str] = None  # local_text: directory of text files; tfds: data_dir
+    tfds_name: Optional[str] = None  # tfds: dataset name, e.g. "my_corpus:1.0.0"
+    text_feature: str = "text"
+    seq_len: int = 128
+    batch_size: int = 32
+    eval_batches: int = 8  # fixed held-out batches evaluated at each eval
+    shuffle_seed: int = 0
+    # synthetic source: a seeded Markov chain over `synthetic_vocab` symbols whose transition
+    # rows are Zipf(`synthetic_zipf`) over a random permutation; its entropy rate is exact.
+    synthetic_vocab: int = 64
+    synthetic_zipf: float = 1.2
+    synthetic_tokens: int = 20_000_000
+
+    def __post_init__(self):
+        _one_of("data.source", self.source, ("stdlib", "local_text", "tfds", "synthetic"))
+        for name in ("seq_len", "batch_size", "eval_batches", "synthetic_vocab", "synthetic_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                _fail(f"data.{name}", f"must be a positive integer, got {v!r}")
+        if self.source == "local_text" and not self.path:
+            _fail("data.path", "data.source=local_text needs data.path=<directory of text files>")
+        if self.source == "tfds" and not self.tfds_name:
+            _fail("data.tfds_name", "data.source=tfds needs data.tfds_name=<dataset name>")
+        _positive("data.synthetic_zipf", self.synthetic_zipf)
+
+
+Schedule = Literal["cosine", "linear", "wsd", "constant"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup then a decay that ends exactly at the run's last step."""
+
+    lr: float = 3e-3
+    schedule: Schedule = "cosine"
+    warmup_fraction: float = 0.05  # of total steps (warmup_steps overrides when set)
+    warmup_steps: Optional[int] = None
+    final_lr_fraction: float = 0.1  # lr at the last step, relative to peak (cosine/linear/wsd)
+    wsd_decay_fraction: float = 0.2  # WSD: fraction of steps spent in the final cooldown
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    z_loss: float = 1e-4  # weight of log(Z)^2 on the output logits
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "wsd", "constant"))
+        if not (0.0 <= self.warmup_fraction < 1.0):
+            _fail("optim.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            _fail("optim.warmup_steps", "must be >= 0")
+        if not (0.0 <= self.final_lr_fraction <= 1.0):
+            _fail("optim.final_lr_fraction", "must be in [0, 1]")
+        if not (0.0 < self.wsd_decay_fraction <= 1.0):
+            _fail("optim.wsd_decay_fraction", "must be in (0, 1]")
+        for name in ("weight_decay", "grad_clip", "z_loss", "eps"):
+            if getattr(self, name) < 0:
+                _fail(f"optim.{name}", "must be >= 0")
+        for name in ("b1", "b2"):
+            if not (0.0 <= getattr(self, name) < 1.0):
+                _fail(f"optim.{name}", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The run's compute budget. Exactly one of the fields is set; FLOPs are training FLOPs as
+    counted by ``scaling.flops`` (forward + backward, exact), tokens are training tokens."""
+
+    flops: Optional[float] = 1e12
+    tokens: Optional[int] = None
+    steps: Optional[int] = None
+    seconds: Optional[float] = None  # wall-clock training seconds (Languini-style compute class)
+
+    def __post_init__(self):
+        set_fields = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        if len(set_fields) != 1:
+            _fail("budget", f"set exactly one of flops, tokens, steps, seconds (got {', '.join(set_fields) or 'none'})")
+        name = set_fields[0]
+        _positive(f"budget.{name}", getattr(self, name))
+
+    @property
+    def kind(self) -> str:
+        return next(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; their product is the device count. ``-1`` means "the rest"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        sizes = self.as_dict()
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            _fail("mesh", "at most one axis may be -1 ('the rest')")
+        for k, v in sizes.items():
+            if not isinstance(v, int) or (v < 1 and v != -1):
+                _fail(f"mesh.{k}", f"must be a positive integer or -1, got {v!r}")
+
+    def as_dict(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one trial needs. ``experiment`` names the family in ``experiments/``."""
+
+    experiment: str = "dense"
+    name: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    log_every: int = 10  # steps between metrics rows
+    eval_every: int = 200  # steps between evaluations (and always at the end)
+    checkpoint_every: int = 500  # steps between checkpoints (and always at the end)
+    checkpoint_keep: int = 2
+    divergence_factor: float = 3.0  # loss > factor * min(loss so far) (after warmup) => diverged
+    wandb: Literal["off", "offline", "online"] = "off"
+    progress: bool = True  # console progress bar
+    # WSD branching (sweeps): resume from this checkpoint directory/step, then cool down.
+    init_from: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                _fail(name, f"must be a positive integer, got {v!r}")
+        if not (self.divergence_factor > 1.0):
+            _fail("divergence_factor", f"must be > 1, got {self.divergence_factor!r}")
+        _one_of("wandb", self.wandb, ("off", "offline", "online"))
+        if self.model.moe is not None and self.mesh.expert not in (1, -1) and self.model.moe.n_routed % self.mesh.expert:
+            _fail("mesh.expert", f"expert axis {self.mesh.expert} must divide the number of experts {self.model.moe.n_routed}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.data.batch_size * self.data.seq_len
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _build(cls, d, "")
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "TrainConfig":
+        """Apply ``a.b=value`` overrides (strings are parsed against the field type)."""
+        return apply_overrides(self, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Building from dicts and applying overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(path: str, tp, value: Any) -> Any:
+    """Check/convert ``value`` (possibly a string from the command line) to type ``tp``."""
+    inner, optional = _strip_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        _fail(path, "may not be empty")
+    if dataclasses.is_dataclass(inner):
+        if isinstance(value, inner):
+            return value
+        if isinstance(value, dict):
+            return _build(inner, value, path + ".")
+        if isinstance(value, str) and value.lower() in ("default", "on", "true", "{}"):
+            return inner()
+        _fail(path, f"expects a section of settings, got {value!r}")
+    if typing.get_origin(inner) is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            _fail(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        _fail(path, f"must be true or false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool):
+            _fail(path, f"must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            _fail(path, f"must be an integer, got {value!r}")
+        if not math.isfinite(f) or f != int(f):
+            _fail(path, f"must be an integer, got {value!r}")
+        return int(f)
+    if inner is float:
+        if isinstance(value, bool):
+            _fail(path, f"must be a number, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            _fail(path, f"must be a number, got {value!r}")
+        if not math.isfinite(f):
+            _fail(path, f"must be a finite number, got {value!r}")
+        return f
+    if inner is str:
+        if not isinstance(value, str):
+            _fail(path, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        _fail(prefix.rstrip(".") or cls.__name__, f"expects a mapping, got {type(d).__name__}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        _fail(prefix + unknown[0], f"unknown field; known fields: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. model.d_model=256")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item}: empty key; expected key=value")
+    return key, value.strip()
+
+
+def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
+    """Return a copy of dataclass ``cfg`` with dotted-path overrides applied and validated.
+
+    Setting one budget field (``budget.tokens=...``) clears the others, since a budget has
+    exactly one kind. A whole optional section can be switched on with ``model.moe=on`` and
+    off with ``model.moe=none``.
+    """
+    items = list(overrides.items()) if isinstance(overrides, dict) else [_parse_override(s) for s in overrides]
+    d = dataclasses.asdict(cfg)
+    for key, value in items:
+        parts = key.split(".")
+        cls = type(cfg)
+        node = d
+        for i, part in enumerate(parts):
+            path = ".".join(parts[: i + 1])
+            hints = _hints(cls)
+            if part not in hints:
+                known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+                raise ConfigError(f"{path}: unknown field; known fields: {known}")
+            tp, _ = _strip_optional(hints[part])
+            last = i == len(parts) - 1
+            if last:
+                coerced = _coerce(path, hints[part], value)
+                if dataclasses.is_dataclass(coerced):
+                    coerced = dataclasses.asdict(coerced)
+                if cls is BudgetConfig and coerced is not None:
+                    for f in dataclasses.fields(BudgetConfig):
+                        node[f.name] = None
+                node[part] = coerced
+            else:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"{path}: is a value, not a section; use {path}=VALUE")
+                if node.get(part) is None:
+                    node[part] = dataclasses.asdict(tp())
+                node = node[part]
+                cls = tp
+    return _build(type(cfg), d, "")
+
+
+def config_hash(cfg: TrainConfig, length: int = 12) -> str:
+    """Stable short hash of a resolved config (used as the trial id)."""
+    import hashlib
+
+    return hashlib.sha256(cfg.to_json(indent=None).encode()).hexdigest()[:length]

@@ -335,6 +335,7 @@ class TrainConfig:
     eval_every: int = 200  # steps between evaluations (and always at the end)
     checkpoint_every: int = 500  # steps between checkpoints (and always at the end)
     checkpoint_keep: int = 2
+    checkpoint_at: tuple[int, ...] = ()  # extra steps to checkpoint at (WSD branch points), kept
     divergence_factor: float = 3.0  # loss > factor * min(loss so far) (after warmup) => diverged
     wandb: Literal["off", "offline", "online"] = "off"
     progress: bool = True  # console progress bar
@@ -444,6 +445,13 @@ def _coerce(path: str, tp, value: Any) -> Any:
         if not math.isfinite(f):
             _fail(path, f"must be a finite number, got {value!r}")
         return f
+    if typing.get_origin(inner) is tuple:
+        (elem, *_rest) = typing.get_args(inner) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            _fail(path, f"must be a list, got {value!r}")
+        return tuple(_coerce(f"{path}[{i}]", elem, v) for i, v in enumerate(value))
     if inner is str:
         if not isinstance(value, str):
             _fail(path, f"must be a string, got {value!r}")

@@ -246,6 +246,7 @@ class OptimConfig:
     warmup_steps: Optional[int] = None
     final_lr_fraction: float = 0.1  # lr at the last step, relative to peak (cosine/linear/wsd)
     wsd_decay_fraction: float = 0.2  # WSD: fraction of steps spent in the final cooldown
+    wsd_cooldown: Literal["linear", "1-sqrt"] = "linear"  # WSD cooldown shape
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -264,6 +265,7 @@ class OptimConfig:
             _fail("optim.final_lr_fraction", "must be in [0, 1]")
         if not (0.0 < self.wsd_decay_fraction <= 1.0):
             _fail("optim.wsd_decay_fraction", "must be in (0, 1]")
+        _one_of("optim.wsd_cooldown", self.wsd_cooldown, ("linear", "1-sqrt"))
         for name in ("weight_decay", "grad_clip", "z_loss", "eps"):
             if getattr(self, name) < 0:
                 _fail(f"optim.{name}", "must be >= 0")

@@ -1,0 +1,192 @@
+"""Metrics writers and the FLOP/s peak used for MFU.
+
+``metrics.jsonl`` is the source of truth (one JSON object per logged step, appended and flushed
+as it is written); wandb only mirrors it. ``summary.json`` is written atomically.
+
+MFU = achieved model FLOP/s (counted training FLOPs per token x tokens/s, from
+``scaling.flops``) / peak FLOP/s of the devices the run uses. The peak is, in order:
+
+1. the environment variable ``SCALING_PEAK_FLOPS`` (FLOP/s for the whole process),
+2. on GPU/TPU, ``PEAK_TABLE`` below (vendor dense bf16 peaks per chip, times the device count;
+   float32 runs on those chips therefore report MFU against the bf16 peak, as MaxText does),
+3. on CPU, a float32 matmul benchmark (best of a few 2048^3 matmuls on one device, i.e. all the
+   cores XLA's thread pool uses), measured once and cached in ``~/.cache/scaling/peak_flops.json``
+   keyed by backend, device kind and core count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# dense bf16 FLOP/s per chip, vendor figures
+PEAK_TABLE = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "nvidia a100": 312e12,
+    "nvidia h100": 989e12,
+    "nvidia h200": 989e12,
+    "nvidia b200": 2250e12,
+}
+
+CACHE = Path(os.environ.get("SCALING_CACHE_DIR", Path.home() / ".cache" / "scaling"))
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Float32 matmul FLOP/s on the default device: best time of ``repeats`` n x n x n products."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+_PEAK: float | None = None
+
+
+def peak_flops(n_devices: int | None = None) -> float:
+    """Peak FLOP/s for MFU (see the module docstring for where it comes from)."""
+    global _PEAK
+    env = os.environ.get("SCALING_PEAK_FLOPS")
+    if env:
+        return float(env)
+    import jax
+
+    devices = jax.devices()
+    n = n_devices or len(devices)
+    kind = devices[0].device_kind.lower()
+    if devices[0].platform != "cpu":
+        for name, flops in PEAK_TABLE.items():
+            if kind.startswith(name):
+                return flops * n
+    if _PEAK is not None:
+        return _PEAK
+    key = f"{devices[0].platform}|{kind}|{os.cpu_count()}"
+    path = CACHE / "peak_flops.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        # CPU: host devices share the same cores, so one device's matmul peak is the machine's
+        cached[key] = measure_matmul_flops()
+        try:
+            CACHE.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cached))
+            tmp.replace(path)
+        except OSError:
+            pass
+    _PEAK = float(cached[key])
+    return _PEAK
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl and summary.json
+# ----------------------------------------------------------------------------------------------
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe scalar: NaN/inf become strings so the file stays valid JSON for every reader."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a torn last line from a killed process
+    return rows
+
+
+class MetricsWriter:
+    """Appends rows to ``metrics.jsonl``. On open, rows with ``step > keep_through_step`` (and any
+    torn trailing line) are dropped so a resumed run never duplicates rows."""
+
+    def __init__(self, path: str | Path, *, keep_through_step: int):
+        self.path = Path(path)
+        rows = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= keep_through_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.path)
+        self._f = open(self.path, "a")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def write_json_atomic(path: str | Path, obj: dict) -> None:
+    p = Path(path)
+    tmp = p.with_suffix(p.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({k: _clean(v) for k, v in obj.items()}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(p)
+
+
+class WandbMirror:
+    """Mirrors metric rows to wandb. ``mode``: off | offline | online. Online needs
+    ``WANDB_API_KEY``; without one it falls back to offline with a message. A missing or failing
+    wandb never stops training (metrics.jsonl is the truth)."""
+
+    def __init__(self, mode: str, *, run_dir: Path, run_id: str, name: str, config: dict):
+        self.run = None
+        if mode == "off" or os.environ.get("WANDB_MODE") == "disabled":
+            return
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            print("wandb: WANDB_API_KEY is not set; logging offline (sync later with `wandb sync`)", file=sys.stderr)
+            mode = "offline"
+        try:
+            import wandb
+
+            self.run = wandb.init(mode=mode, dir=str(run_dir), id=run_id, name=name or run_id,
+                                  config=config, resume="allow", reinit=True)
+        except Exception as err:  # wandb problems must not kill a run
+            print(f"wandb: disabled ({type(err).__name__}: {err})", file=sys.stderr)
+            self.run = None
+
+    def log(self, row: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=int(row["step"]))
+
+    def summary(self, summary: dict) -> None:
+        if self.run is not None:
+            for k, v in summary.items():
+                if isinstance(v, (int, float, str)):
+                    self.run.summary[k] = v
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,136 @@
+"""Jitted train and eval steps over a pure train state (``nnx.split`` once, ``nnx.merge`` inside
+the traced function: no nnx graph traversal at run time, which measures faster than ``nnx.jit``
+for the small models a CPU runs).
+
+Loss (nats per token): mean cross-entropy + ``z_loss * mean(logsumexp(logits)^2)`` + the
+model's ``aux["aux_loss"]`` (already weighted by the model).
+
+Gradient noise scale (McCandlish et al. 2018, appendix A). Every step splits the global batch of
+``B`` sequences into two interleaved halves (even / odd rows, so each device keeps its own rows
+under data sharding), takes the gradient of each half, and updates with their mean. For a
+per-token mean loss that mean *is* the full-batch gradient, so the update is the usual one; the
+path is the same on every step (logging or not), which keeps resumes bitwise exact. At no extra
+FLOPs it gives the two-batch-size statistics:
+
+- ``gns_b_small = B / 2``, ``gns_g_small_sq = (|g_1|^2 + |g_2|^2) / 2`` (mean over the halves),
+- ``gns_b_big = B``, ``gns_g_big_sq = |(g_1 + g_2) / 2|^2``;
+
+from which ``|G|^2 = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)`` and
+``tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big)``, ``B_noise = tr(Sigma) / |G|^2``
+(``scaling.fit.batch`` does that part, averaging over steps first as the paper advises).
+Model aux losses that are not means over tokens (MoE load balance) are averaged over the two
+halves, which is the loss the update follows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def split_model(model: nnx.Module):
+    """``(graphdef, params, rest)``: trainable ``nnx.Param`` state and everything else."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token mean cross-entropy (nats) and mean squared log-partition (for the z-loss)."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.mean(log_z - target_logit), jnp.mean(jnp.square(log_z))
+
+
+def _sq_norm(tree) -> jax.Array:
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def make_loss_fn(graphdef, z_loss_weight: float) -> Callable:
+    """``loss_fn(params, rest, inputs_BxL, targets_BxL) -> (loss, (ce, aux))``."""
+
+    def loss_fn(params, rest, inputs, targets):
+        model = nnx.merge(graphdef, params, rest)
+        logits, aux = model(inputs, train=True)
+        ce, z_sq = cross_entropy(logits, targets)
+        aux_loss = jnp.asarray(aux.get("aux_loss", 0.0), jnp.float32)
+        loss = ce + z_loss_weight * z_sq + aux_loss
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if k != "aux_loss"}
+        metrics.update(aux_loss=aux_loss, z_sq=z_sq)
+        return loss, (ce, metrics)
+
+    return loss_fn
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, z_loss_weight: float,
+                    lr_schedule: Callable | None = None, donate: bool = True) -> Callable:
+    """Jitted ``step(state, batch) -> (state, metrics)``.
+
+    ``state = {"params", "rest", "opt_state", "step"}``; ``batch = {"inputs", "targets"}`` int32
+    ``[B, L]`` with even ``B``. Metrics (device scalars): ``loss`` (cross-entropy, nats),
+    ``loss_total`` (what is differentiated), ``grad_norm`` (before clipping), ``lr`` (the LR this
+    update used), the four ``gns_*`` statistics and the model's aux metrics.
+    """
+    loss_fn = make_loss_fn(graphdef, z_loss_weight)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch):
+        params, rest = state["params"], state["rest"]
+        inputs, targets = batch["inputs"], batch["targets"]
+        b, l = inputs.shape
+        if b % 2:
+            raise ValueError(f"global batch must be even for the noise-scale split, got {b}")
+        # [B, L] -> [B/2, 2, L]: half h is rows h, h+2, h+4, ... (device-local under data sharding)
+        x2 = inputs.reshape(b // 2, 2, l)
+        y2 = targets.reshape(b // 2, 2, l)
+        halves = [grad_fn(params, rest, x2[:, h], y2[:, h]) for h in (0, 1)]
+        (loss_a, (ce_a, m_a)), g_a = halves[0]
+        (loss_b, (ce_b, m_b)), g_b = halves[1]
+        grads = jax.tree.map(lambda u, v: 0.5 * (u + v), g_a, g_b)
+        g_big_sq = _sq_norm(grads)
+        g_small_sq = 0.5 * (_sq_norm(g_a) + _sq_norm(g_b))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = {k: 0.5 * (m_a[k] + m_b[k]) for k in m_a}
+        metrics.update(
+            loss=0.5 * (ce_a + ce_b),
+            loss_total=0.5 * (loss_a + loss_b),
+            grad_norm=jnp.sqrt(g_big_sq),
+            gns_b_small=jnp.float32(b // 2),
+            gns_b_big=jnp.float32(b),
+            gns_g_small_sq=g_small_sq,
+            gns_g_big_sq=g_big_sq,
+        )
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state["step"]), jnp.float32)
+        new_state = {"params": new_params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef) -> Callable:
+    """Jitted ``eval_step(params, rest, batch) -> (sum of token cross-entropies (nats), n_tokens)``."""
+
+    def eval_step(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits, _ = model(batch["inputs"], train=False)
+        logits = logits.astype(jnp.float32)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return jnp.sum(log_z - tgt), jnp.float32(tgt.size)
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step: Callable, params, rest, batches: list[dict[str, Any]], put: Callable) -> float:
+    """Mean cross-entropy (nats/token) over the fixed eval batches."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        s, n = eval_step(params, rest, put(batch))
+        total += float(s)
+        count += float(n)
+    return total / max(count, 1.0)

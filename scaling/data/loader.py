@@ -1,0 +1,138 @@
+"""grain pipeline: corpus -> shuffled packed windows -> batches -> this host's rows.
+
+Packing is done once, up front: the corpus is one flat token stream (documents joined by the
+separator token, no padding) cut into fixed windows of ``seq_len + 1`` tokens (see
+``corpus.window_starts``). A training step ``s`` reads global window slots
+``s * B .. s * B + B - 1`` of an endless sequence of epochs, each epoch a fresh permutation of
+all windows drawn from ``(seed, data.shuffle_seed, epoch)``. Every element is therefore a pure
+function of the step index, which makes the grain iterator state a single integer
+(``{"next_index": step}``): resuming is exact and costs nothing, and epochs are exact (each
+window is seen once per epoch).
+
+Per-host sharding: host ``p`` of ``P`` takes the global batch's rows ``p, p + P, p + 2P, ...``
+(``B / P`` of them), so hosts see disjoint rows whose union is the single-host batch.
+
+Why a vectorised batch function instead of ``MapDataset.shuffle().batch()``: grain shuffles
+per element through a Python call chain, measured at ~0.8 ms for a 32 x 129 batch on this
+machine; one numpy gather per batch costs a few tens of microseconds. grain still provides the
+dataset, the iterator and its checkpointable state.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grain
+import numpy as np
+
+from scaling.config import ConfigError, DataConfig
+from scaling.data import corpus as corpus_lib
+
+
+class PackedBatches:
+    """``step -> {"inputs", "targets"}``: int32[B_local, L] each, targets = inputs shifted by one.
+
+    Picklable (grain may ship it to worker processes); permutations are cached per epoch.
+    """
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, seq_len: int, global_batch: int,
+                 key: tuple[int, ...], process_index: int = 0, process_count: int = 1):
+        self.tokens, self.starts, self.seq_len = tokens, starts, seq_len
+        self.global_batch, self.key = global_batch, key
+        self.rows = process_index + process_count * np.arange(global_batch // process_count, dtype=np.int64)
+        self.offsets = np.arange(seq_len + 1, dtype=np.int64)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Window order of ``epoch`` (int64[n_windows]); the two most recent are kept."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([*self.key, epoch]).permutation(len(self.starts))
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm
+        return perm
+
+    def windows(self, step: int) -> np.ndarray:
+        """Indices (into ``starts``) of this host's windows at ``step``: int64[B_local]."""
+        slots = step * self.global_batch + self.rows
+        epoch, pos = np.divmod(slots, len(self.starts))
+        out = np.empty_like(slots)
+        for e in np.unique(epoch):  # a batch spans at most two epochs
+            m = epoch == e
+            out[m] = self.permutation(int(e))[pos[m]]
+        return out
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        idx = self.starts[self.windows(int(step))][:, None] + self.offsets
+        w = self.tokens[idx].astype(np.int32)
+        return {"inputs": w[:, :-1], "targets": w[:, 1:]}
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_perms"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _perms={})
+
+
+def _check(cfg: DataConfig, c: corpus_lib.Corpus, n_train_windows: int, n_eval_windows: int) -> None:
+    if n_train_windows == 0 or n_eval_windows == 0:
+        raise ConfigError(
+            f"data.seq_len: {cfg.seq_len} is too long for corpus {c.name} "
+            f"({c.train.size} train / {c.eval.size} eval tokens); use a shorter sequence"
+        )
+    if n_train_windows < cfg.batch_size:
+        raise ConfigError(
+            f"data.batch_size: {cfg.batch_size} exceeds the {n_train_windows} training sequences of "
+            f"corpus {c.name} at seq_len {cfg.seq_len}; use a smaller batch or a larger corpus"
+        )
+    need = cfg.eval_batches * cfg.batch_size
+    if n_eval_windows < need:
+        raise ConfigError(
+            f"data.eval_batches: {cfg.eval_batches} batches of {cfg.batch_size} need {need} held-out "
+            f"sequences but corpus {c.name} has {n_eval_windows} at seq_len {cfg.seq_len}; lower it"
+        )
+
+
+def _windows(cfg: DataConfig) -> tuple[corpus_lib.Corpus, np.ndarray, np.ndarray]:
+    c = corpus_lib.load(cfg)
+    train = corpus_lib.window_starts(c.train.size, cfg.seq_len, c.chain_len)
+    eval_ = corpus_lib.window_starts(c.eval.size, cfg.seq_len, c.chain_len)
+    _check(cfg, c, len(train), len(eval_))
+    return c, train, eval_
+
+
+def make_train_iterator(cfg: DataConfig, *, seed: int, process_index: int = 0, process_count: int = 1):
+    """Endless training batches for this host as a grain ``DatasetIterator``.
+
+    Yields ``{"inputs": int32[B_local, L], "targets": int32[B_local, L]}`` with
+    ``B_local = data.batch_size / process_count`` and ``L = data.seq_len`` tokens. The order is a
+    function of ``(seed, data.shuffle_seed)`` only; ``get_state()`` / ``set_state()`` restore it
+    exactly. Raises ``ConfigError`` for a batch that does not split over hosts or a corpus too
+    small for the shapes asked.
+    """
+    if not (0 <= process_index < process_count):
+        raise ConfigError(f"process_index: {process_index} is not in [0, {process_count})")
+    if cfg.batch_size % process_count:
+        raise ConfigError(
+            f"data.batch_size: {cfg.batch_size} does not split over {process_count} hosts; use a multiple of {process_count}"
+        )
+    c, starts, _ = _windows(cfg)
+    fn = PackedBatches(c.train, starts, cfg.seq_len, cfg.batch_size, (int(seed), int(cfg.shuffle_seed)),
+                       process_index, process_count)
+    ds = grain.MapDataset.range(sys.maxsize).map(fn)
+    # Data are in memory and a batch costs microseconds: no reader threads, no prefetch buffer.
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:
+    """The fixed held-out batches: ``data.eval_batches`` dicts of int32[batch_size, seq_len].
+
+    Windows are spread evenly over the whole held-out split (not just its first documents) and
+    are the same on every call, in every run with the same data settings.
+    """
+    c, _, starts = _windows(cfg)
+    n = cfg.eval_batches * cfg.batch_size
+    pick = (np.arange(n, dtype=np.int64) * len(starts)) // n
+    w = c.eval[starts[pick][:, None] + np.arange(cfg.seq_len + 1)].astype(np.int32)
+    w = w.reshape(cfg.eval_batches, cfg.batch_size, cfg.seq_len + 1)
+    return [{"inputs": b[:, :-1].copy(), "targets": b[:, 1:].copy()} for b in w]

@@ -1,0 +1,143 @@
+"""``scaling sweep``, ``scaling status`` and ``scaling quickstart``.
+
+``scaling sweep SPEC`` validates the whole spec (every trial's config, budget and size) before
+anything runs, writes the sweep manifest and trains the unfinished trials; rerun it to resume.
+SPEC is a path or the name of a shipped spec (``quickstart``, ``isoflop_cpu``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from scaling.sweep import launch, spec as spec_mod, store, wsd
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="run a sweep spec (rerun to resume; --plan to only print it)")
+    p.add_argument("spec", metavar="SPEC", help="sweep YAML file, or a shipped spec name (quickstart, isoflop_cpu, ...)")
+    p.add_argument("--backend", choices=launch.BACKENDS, default="local")
+    p.add_argument("--jobs", type=int, default=1, help="local backend: worker processes (default 1)")
+    p.add_argument("--plan", action="store_true", help="print the trials and their compute (independent vs WSD-branched) and exit")
+    p.add_argument("--only", metavar="FILTER", help="run a subset: key=value terms (bucket=1e12,lr=3e-3) or id substrings, comma-separated")
+    p.add_argument("--out", metavar="DIR", help="sweep directory (default runs/<spec name>)")
+    p.add_argument("--cluster", choices=("auto", "slurm", "local", "debug"), default="auto",
+                   help="slurm backend: submitit cluster (auto = SLURM when sbatch exists)")
+    p.add_argument("--run-fn", default=launch.DEFAULT_RUN_FN, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("status", help="table of a sweep's trials: state, N, D, C, loss, tok/s")
+    s.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    s.add_argument("--all", action="store_true", help="also list trials from earlier versions of the spec")
+    s.set_defaults(func=cmd_status)
+
+    q = sub.add_parser("quickstart", help="tiny IsoFLOP sweep on the embedded corpus, then the fits and plots")
+    q.add_argument("--out", metavar="DIR", default="runs/quickstart")
+    q.add_argument("--smoke", action="store_true", help="a few-second version (two tiny budgets x 3 sizes) to check the install")
+    q.add_argument("--jobs", type=int, default=1)
+    q.set_defaults(func=cmd_quickstart)
+
+
+# --------------------------------------------------------------------------------------------
+# sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x, spec="{:.3g}") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return spec.format(x)
+
+
+def plan_text(sp, trial_list: list) -> str:
+    """The plan: one line per trial, then total compute of independent vs. WSD-branched runs."""
+    from scaling import flops
+
+    lines = [f"sweep {sp.name}: experiment {sp.experiment}, strategy {sp.strategy}, {len(trial_list)} trials",
+             f"{'trial':<13}{'role':<12}{'bucket':>9}{'shape':>10}{'N':>10}{'steps':>8}{'tokens':>10}{'FLOPs':>10}  grid"]
+    for t in trial_list:
+        n = flops.param_counts(t.config.model).active_non_embedding
+        tokens = t.steps * t.config.tokens_per_step if t.steps else None
+        grid = " ".join(f"{k}={v}" for k, v in t.tags) + (f" seed={t.config.seed}" if len(sp.seeds) > 1 else "")
+        role = t.role + (f"@{t.branch_step}" if t.branch_step else "")
+        lines.append(f"{t.id:<13}{role:<12}{t.budget:>9.3g}{'d%dL%d' % (t.config.model.d_model, t.config.model.n_layers):>10}"
+                     f"{n:>10.3g}{_fmt(t.steps, '{:d}'):>8}{_fmt(tokens):>10}{_fmt(t.planned_flops):>10}  {grid}")
+    indep = wsd.planned_compute(spec_mod.trials(sp, "independent"))
+    try:
+        branched = wsd.planned_compute(spec_mod.trials(sp, "wsd_branch"))
+        lines.append(f"compute: independent {indep:.4g} FLOPs, wsd_branch {branched:.4g} FLOPs "
+                     f"(ratio {branched / indep:.3f})" if indep else "compute: seconds budgets (no FLOP plan)")
+    except Exception as err:  # the spec cannot branch (e.g. cosine schedule): say why
+        lines.append(f"compute: independent {indep:.4g} FLOPs; wsd_branch n/a ({err})")
+    return "\n".join(lines)
+
+
+def cmd_sweep(args) -> int:
+    from scaling.cli import UsageError
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: must be >= 1, got {args.jobs}")
+    path = spec_mod.resolve_path(args.spec)
+    sp = spec_mod.load(path)  # every trial resolved and validated here, before anything runs
+    all_trials = spec_mod.trials(sp)
+    chosen = spec_mod.select(all_trials, args.only)
+    if args.plan:
+        print(plan_text(sp, chosen))
+        return 0
+    out = Path(args.out or Path("runs") / sp.name)
+    store.write_manifest(out, sp, all_trials, spec_path=str(path))
+    print(f"sweep {sp.name}: {len(chosen)} trials -> {out}", file=sys.stderr)
+    if args.backend == "local":
+        counts = launch.run_local(out, chosen, jobs=args.jobs, run_fn=args.run_fn, progress=not args.quiet)
+    else:
+        counts = launch.run_slurm(out, chosen, run_fn=args.run_fn, progress=not args.quiet,
+                                  cluster=None if args.cluster == "auto" else args.cluster)
+    print(f"sweep {sp.name}: done {counts['done']}, diverged {counts['diverged']}, failed {counts['failed']}, "
+          f"pending {counts['pending'] + counts['running']}  (scaling status {out})", file=sys.stderr)
+    return 0 if counts["failed"] == 0 and counts["pending"] == 0 else 1
+
+
+# --------------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------------
+
+
+def status_table(df) -> str:
+    cols = [("trial_id", "trial", "{}"), ("state", "state", "{}"), ("bucket", "bucket", "{:.3g}"), ("shape", "shape", "{}"),
+            ("N", "N", "{:.3g}"), ("D", "D", "{:.3g}"), ("C", "C", "{:.3g}"), ("loss", "loss", "{:.4f}"),
+            ("tokens_per_s", "tok/s", "{:.3g}")]
+    rows = [[h for _, h, _ in cols]]
+    for _, r in df.iterrows():
+        rows.append([_fmt(r.get(c), f) if not isinstance(r.get(c), str) else r.get(c) for c, _, f in cols])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    for _, r in df.iterrows():
+        if r.get("state") in ("failed", "diverged") and isinstance(r.get("error"), str):
+            lines.append(f"{r['trial_id']}: {r['state']}: {r['error']}")
+    counts = df["state"].value_counts().to_dict() if len(df) else {}
+    lines.append("  ".join(f"{s} {counts.get(s, 0)}" for s in store.STATES))
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    m = store.read_manifest(args.sweep_dir)
+    df = store.load(args.sweep_dir)
+    if not args.all and "current" in df:
+        df = df[df["current"].fillna(True).astype(bool)]
+    print(f"sweep {m['name']} ({m['strategy']}): {len(df)} trials")
+    print(status_table(df))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# quickstart
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_quickstart(args) -> int:
+    from scaling.sweep import quickstart
+
+    return quickstart.run(Path(args.out), smoke=args.smoke, jobs=args.jobs)

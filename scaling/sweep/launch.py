@@ -1,0 +1,446 @@
+"""Run a sweep's trials on a backend, resumably, recording every outcome.
+
+Backends:
+
+- ``local``: ``jobs`` long-lived worker processes (``python -m scaling.sweep.launch worker``),
+  each training one trial at a time. A worker shares a persistent JAX compilation cache with the
+  others, so same-shape trials do not recompile. A trial that raises is recorded ``failed`` with
+  its error and the worker goes on; a worker that dies (segfault, OOM kill) is recorded against
+  its trial and replaced. Workers die with the runner (``PR_SET_PDEATHSIG``), and every trial is
+  trained under a kernel lock, so a killed runner can simply be rerun.
+- ``slurm``: submitit array jobs (one array per distinct ``resources`` block; WSD main runs
+  first, then their branches). ``cluster="local"``/``"debug"`` run the same path without SLURM.
+
+Resume = run again: done/diverged trials are skipped, interrupted ones continue from their
+checkpoints (``scaling.train.loop.run`` restores ``<trial>/ckpt``), failed ones are retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from scaling.config import TrainConfig
+from scaling.sweep import store
+
+DEFAULT_RUN_FN = "scaling.train.loop:run"
+BACKENDS = ("local", "slurm")
+
+
+# --------------------------------------------------------------------------------------------
+# One trial (runs inside a worker process or a submitit job)
+# --------------------------------------------------------------------------------------------
+
+
+def compilation_cache_dir() -> Path:
+    """``$SCALING_JAX_CACHE`` or ``~/.cache/scaling/jax``: shared by all workers and sweeps."""
+    return Path(os.environ.get("SCALING_JAX_CACHE") or Path.home() / ".cache" / "scaling" / "jax")
+
+
+def setup_compilation_cache() -> None:
+    """Persist every compiled executable (even fast compiles: tiny models compile in well under
+    the default 1 s threshold, and a sweep compiles the same shape many times)."""
+    import jax
+
+    path = compilation_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _import(spec: str) -> Callable:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr or "run")
+
+
+def _record_final(sweep_dir: Path, trial_id: str, state: str, error: str | None, **extra) -> None:
+    """Mark a final state exactly once in the event log (reruns that find it final add nothing)."""
+    seen = any(e.get("trial_id") == trial_id and e.get("state") in store.FINAL for e in store.events(sweep_dir))
+    if not seen:
+        store.mark(sweep_dir, trial_id, state, error, **extra)
+
+
+def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN) -> dict:
+    """Train one trial of the sweep under its lock; return ``{"state", "error", "flops"}``.
+
+    ``state`` is done/diverged/failed, ``busy`` (another live process holds it), or ``waiting``
+    (a WSD branch whose main run has not finished). Never raises for a failing trial.
+    """
+    sweep_dir = Path(sweep_dir).absolute()
+    d = sweep_dir / trial_id
+    try:
+        lock = store.TrialLock(d).__enter__()
+    except store.Busy:
+        return {"state": "busy", "error": None}
+    try:
+        summary = store.read_json(d / "summary.json") or {}
+        if summary.get("state") in store.FINAL:
+            _record_final(sweep_dir, trial_id, summary["state"], summary.get("error"))
+            return {"state": summary["state"], "error": summary.get("error"), "flops": summary.get("flops")}
+        desc = store.read_json(d / "trial.json")
+        cfg = TrainConfig.from_dict(desc["config"])
+        if cfg.init_from:
+            main_id, step = cfg.init_from.rsplit("@", 1)
+            main_state, _ = store.trial_state(sweep_dir / main_id)
+            if main_state in ("pending", "running"):
+                return {"state": "waiting", "error": None}
+            if main_state != "done":
+                err = f"main run {main_id} ended {main_state}; its cooldown branch cannot start"
+                store.mark(sweep_dir, trial_id, "failed", err)
+                return {"state": "failed", "error": err}
+            # the trial id hashes the sweep-relative reference; the trainer needs the directory
+            cfg = dataclasses.replace(cfg, init_from=f"{sweep_dir / main_id}@{step}")
+        attempt = 1 + sum(1 for e in store.events(sweep_dir) if e.get("trial_id") == trial_id and e.get("state") == "running")
+        store.mark(sweep_dir, trial_id, "running", attempt=attempt)
+        try:
+            summary = _import(run_fn)(cfg, d)
+        except Exception as err:  # recorded, and the sweep goes on
+            traceback.print_exc()
+            msg = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+            store.mark(sweep_dir, trial_id, "failed", msg)
+            return {"state": "failed", "error": msg}
+        state = summary.get("state")
+        if state not in store.FINAL:
+            msg = summary.get("error") or f"trainer returned state {state!r}"
+            store.mark(sweep_dir, trial_id, "failed", msg)
+            return {"state": "failed", "error": msg}
+        _record_final(sweep_dir, trial_id, state, summary.get("error"))
+        return {"state": state, "error": summary.get("error"), "flops": summary.get("flops")}
+    finally:
+        lock.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Counts of trial states and FLOPs spent vs. planned, printed as one live line (a carriage
+    return on a terminal, one line per change otherwise)."""
+
+    def __init__(self, sweep_dir: Path, trials: list, stream=None, enabled: bool = True):
+        self.sweep_dir = sweep_dir
+        self.trials = {t.id: t for t in trials}
+        self.planned = sum(t.planned_flops or 0.0 for t in trials)
+        self.state = {t.id: store.trial_state(sweep_dir / t.id)[0] for t in trials}
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last = ""
+
+    def set(self, trial_id: str, state: str) -> None:
+        self.state[trial_id] = state
+        self.show()
+
+    def spent(self) -> float:
+        """FLOPs computed so far by this sweep's trials (finished ones: their plan; running
+        ones: the last logged FLOP count minus what a branch inherited)."""
+        total = 0.0
+        for tid, st in self.state.items():
+            t = self.trials[tid]
+            if st in store.FINAL:
+                s = store.read_json(self.sweep_dir / tid / "summary.json") or {}
+                done = s.get("flops", t.planned_flops or 0.0)
+            else:
+                rows = store.read_jsonl(self.sweep_dir / tid / "metrics.jsonl")[-1:]
+                done = rows[0].get("flops", 0.0) if rows else 0.0
+            if t.branch_step and t.flops_per_step:
+                done = max(0.0, done - t.branch_step * t.flops_per_step)
+            total += min(done, t.planned_flops or done)
+        return total
+
+    def line(self) -> str:
+        counts = {s: 0 for s in store.STATES}
+        for s in self.state.values():
+            counts[s] = counts.get(s, 0) + 1
+        n = len(self.state)
+        frac = self.spent() / self.planned if self.planned else 0.0
+        return (f"[sweep] {counts['done'] + counts['diverged']}/{n} finished (done {counts['done']}, diverged "
+                f"{counts['diverged']}), running {counts['running']}, failed {counts['failed']}, pending "
+                f"{counts['pending']} | compute {self.spent():.3g}/{self.planned:.3g} FLOPs ({100 * frac:.0f}%)")
+
+    def show(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        line = self.line()
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self._last)))
+            self.stream.flush()
+        elif line != self._last or force:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        self._last = line
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def counts(self) -> dict:
+        out = {s: 0 for s in store.STATES}
+        for s in self.state.values():
+            out[s] += 1
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Local backend: worker processes
+# --------------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when the runner dies, so no orphan keeps
+    training (and writing) after the runner is killed."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: workers still stop at their next read of the closed stdin
+    parent = int(os.environ.get("SCALING_SWEEP_PARENT", "0"))
+    if parent and os.getppid() != parent:  # the runner died before prctl took effect
+        os._exit(1)
+
+
+def worker_main(sweep_dir: str, run_fn: str) -> int:
+    """Worker loop: read trial ids from stdin, train each with its console output in
+    ``<trial>/log.txt``, write one JSON result line per trial to the original stdout."""
+    _die_with_parent()
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    setup_compilation_cache()
+    for line in sys.stdin:
+        tid = line.strip()
+        if not tid:
+            continue
+        log = Path(sweep_dir) / tid / "log.txt"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(log, "a") as f:
+            os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+            try:
+                res = run_trial(sweep_dir, tid, run_fn)
+            except Exception as err:  # the store itself failed: report, keep the worker alive
+                traceback.print_exc()
+                res = {"state": "failed", "error": f"{type(err).__name__}: {err}"}
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+                os.close(saved[0]), os.close(saved[1])
+        proto.write(json.dumps({"trial_id": tid, **res}, default=str) + "\n")
+    return 0
+
+
+class _Worker:
+    def __init__(self, idx: int, sweep_dir: Path, run_fn: str, events: queue.Queue):
+        env = dict(os.environ, SCALING_SWEEP_PARENT=str(os.getpid()))
+        self.idx = idx
+        self.proc = subprocess.Popen([sys.executable, "-m", "scaling.sweep.launch", "worker", str(sweep_dir), run_fn],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self.trial: str | None = None
+        threading.Thread(target=self._read, args=(events,), daemon=True).start()
+
+    def _read(self, events: queue.Queue) -> None:
+        for line in self.proc.stdout:
+            try:
+                events.put((self, json.loads(line)))
+            except json.JSONDecodeError:
+                continue
+        events.put((self, None))  # EOF: the worker exited
+
+    def give(self, trial_id: str) -> None:
+        self.trial = trial_id
+        self.proc.stdin.write(trial_id + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
+def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str = DEFAULT_RUN_FN,
+              progress: bool = True, stream=None) -> dict:
+    """Run ``trials`` (already in the sweep's manifest) with ``jobs`` worker processes; WSD
+    branches start once their main run is done. Returns the final state counts."""
+    sweep_dir = Path(sweep_dir).absolute()
+    prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
+    by_id = {t.id: t for t in trials}
+    todo = [t.id for t in trials if prog.state[t.id] not in store.FINAL]
+    for tid in todo:
+        prog.state[tid] = "pending"
+    prog.show(force=True)
+    if not todo:
+        prog.close()
+        return prog.counts()
+    events: queue.Queue = queue.Queue()
+    workers = [_Worker(i, sweep_dir, run_fn, events) for i in range(min(jobs, len(todo)))]
+    retry_at: dict[str, float] = {}
+    idle_deaths = 0
+
+    def ready(tid: str) -> bool:
+        t = by_id[tid]
+        if retry_at.get(tid, 0) > time.time():
+            return False
+        if t.main and t.main in by_id and prog.state[t.main] not in ("done", "diverged", "failed"):
+            return False
+        return True
+
+    try:
+        while todo or any(w.trial for w in workers):
+            for w in workers:
+                if w.trial is None and w.proc.poll() is None:
+                    nxt = next((tid for tid in todo if ready(tid)), None)
+                    if nxt is None:
+                        break
+                    todo.remove(nxt)
+                    w.give(nxt)
+                    prog.set(nxt, "running")
+            try:
+                w, res = events.get(timeout=1.0)
+            except queue.Empty:
+                prog.show()
+                continue
+            if res is None:  # a worker died; what it was training is recorded and it is replaced
+                rc = w.proc.wait()
+                if w.trial is None:
+                    idle_deaths += 1
+                    if idle_deaths > 2 * len(workers):
+                        raise RuntimeError(f"sweep workers keep exiting (status {rc}) before training anything; see the messages above")
+                else:
+                    st, _ = store.trial_state(sweep_dir / w.trial)
+                    if st not in store.FINAL:
+                        store.mark(sweep_dir, w.trial, "failed", f"worker process died (exit status {rc}) while training")
+                        st = "failed"
+                    prog.set(w.trial, st)
+                    w.trial = None
+                workers[workers.index(w)] = _Worker(w.idx, sweep_dir, run_fn, events)
+                continue
+            tid, st = res["trial_id"], res["state"]
+            w.trial = None
+            if st in ("busy", "waiting"):  # someone else has it / its main run is not finished
+                todo.append(tid)
+                retry_at[tid] = time.time() + 1.0
+                st = "running" if st == "busy" else "pending"
+            prog.set(tid, st)
+    finally:
+        for w in workers:
+            w.stop()
+        for w in workers:
+            try:
+                w.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+        prog.close()
+    return prog.counts()
+
+
+# --------------------------------------------------------------------------------------------
+# SLURM backend (submitit)
+# --------------------------------------------------------------------------------------------
+
+
+def _submitit_trial(sweep_dir: str, trial_id: str, run_fn: str) -> dict:
+    """Body of one array task. In a multi-host trial every task runs the trainer (which joins
+    ``jax.distributed``); only rank 0 touches the store."""
+    import submitit
+
+    setup_compilation_cache()
+    try:
+        env = submitit.JobEnvironment()
+        rank, n = env.global_rank, env.num_tasks
+    except RuntimeError:  # DebugExecutor runs in-process without a job environment
+        rank, n = 0, 1
+    if n > 1 and rank > 0:
+        desc = store.read_json(Path(sweep_dir) / trial_id / "trial.json")
+        return {"state": "worker", "summary": _import(run_fn)(TrainConfig.from_dict(desc["config"]), Path(sweep_dir) / trial_id)}
+    return run_trial(sweep_dir, trial_id, run_fn)
+
+
+def slurm_parameters(res) -> dict:
+    """submitit AutoExecutor parameters for a ``Resources`` block."""
+    p = {"timeout_min": res.timeout_min, "nodes": res.nodes, "tasks_per_node": res.tasks_per_node,
+         "cpus_per_task": res.cpus_per_task, "gpus_per_node": res.gpus_per_node}
+    if res.mem_gb:
+        p["mem_gb"] = res.mem_gb
+    if res.partition:
+        p["slurm_partition"] = res.partition
+    if res.extra:
+        p["slurm_additional_parameters"] = dict(res.extra)
+    return p
+
+
+def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_FN, cluster: str | None = None,
+              progress: bool = True, stream=None, poll_s: float = 5.0) -> dict:
+    """Submit the unfinished trials as submitit array jobs and wait for them. ``cluster=None``
+    lets submitit pick SLURM when ``sbatch`` exists; ``"local"``/``"debug"`` run without it."""
+    import submitit
+
+    sweep_dir = Path(sweep_dir).absolute()
+    prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
+    executor = submitit.AutoExecutor(folder=sweep_dir / ".submitit" / "%j", cluster=cluster)
+    todo = [t for t in trials if prog.state[t.id] not in store.FINAL]
+    waves = [[t for t in todo if t.role != "branch"], [t for t in todo if t.role == "branch"]]
+    try:
+        for wave in waves:
+            groups: dict = {}
+            for t in wave:
+                groups.setdefault(t.resources, []).append(t)
+            jobs = []
+            for res, group in groups.items():
+                executor.update_parameters(name=f"{sweep_dir.name}", **slurm_parameters(res))
+                ids = [t.id for t in group]
+                futures = executor.map_array(_submitit_trial, [str(sweep_dir)] * len(ids), ids, [run_fn] * len(ids))
+                jobs.extend(zip(ids, futures))
+                for tid in ids:
+                    prog.set(tid, "running")
+            pending = dict(jobs)
+            while pending:
+                for tid, job in list(pending.items()):
+                    if not job.done():
+                        continue
+                    try:
+                        res_ = job.result()
+                        st = res_.get("state", "failed") if isinstance(res_, dict) else "failed"
+                    except Exception as err:  # job crashed, timed out or was cancelled
+                        st, _ = store.trial_state(sweep_dir / tid)
+                        if st not in store.FINAL:
+                            store.mark(sweep_dir, tid, "failed", f"job {job.job_id}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}"[:500])
+                            st = "failed"
+                    if st in ("busy", "waiting"):
+                        st = store.trial_state(sweep_dir / tid)[0]
+                    prog.set(tid, st)
+                    del pending[tid]
+                if pending:
+                    time.sleep(poll_s)
+                    prog.show()
+    finally:
+        prog.close()
+    return prog.counts()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 3 and argv[0] == "worker":
+        return worker_main(argv[1], argv[2])
+    print("usage: python -m scaling.sweep.launch worker SWEEP_DIR MODULE:FUNCTION", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -183,11 +183,13 @@ def prepare(builder_cls: type[_TextDocuments], data_dir: Path, documents: Callab
         if not builder.is_prepared():
             builder.documents = split_documents(documents())
             tfds.disable_progress_bar()
-            builder.download_and_prepare(
-                download_dir=str(data_dir / "downloads"),
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-            )
-            tfds.enable_progress_bar()
+            try:
+                builder.download_and_prepare(
+                    download_dir=str(data_dir / "downloads"),
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+                )
+            finally:
+                tfds.enable_progress_bar()
             builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
     return builder
 

@@ -6,6 +6,8 @@ entropy but different preferred successors. All transition probabilities are pos
 chain is irreducible and aperiodic with a unique stationary distribution ``pi``. Its entropy
 rate ``H = -sum_s pi_s sum_t P_st ln P_st`` (nats/token) is the loss of the Bayes-optimal
 predictor given the previous token, i.e. the irreducible loss a fitted scaling law should find.
+Since every row is a permutation of the same law, H also equals that Zipf law's entropy, while
+``pi`` is far from uniform (so the best context-free loss, H(pi), is well above H).
 
 Samples are independent chains started from ``pi`` and stored side by side; training windows
 never cross a chain boundary, so every target token is a genuine transition of the chain.

@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 import itertools
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -176,12 +177,13 @@ def load(path: str | Path) -> SweepSpec:
 
 
 def shipped_dir() -> Path:
-    """Directory of the shipped specs: ``sweeps/`` in a source checkout, else the copy installed
-    as package data under ``scaling/sweep/specs``."""
+    """Directory of the shipped specs: ``sweeps/`` of a source checkout (editable install), else
+    the copy a regular ``pip install`` puts in ``<prefix>/share/scaling/sweeps`` (pyproject
+    ``data-files``)."""
     repo = Path(__file__).resolve().parents[2] / "sweeps"
     if repo.is_dir():
         return repo
-    return Path(__file__).resolve().parent / "specs"
+    return Path(sys.prefix) / "share" / "scaling" / "sweeps"
 
 
 def resolve_path(path: str | Path) -> Path:

@@ -149,8 +149,9 @@ def test_per_host_shards_partition_the_global_batch(data_dir):
     for s in range(4):
         for p in range(4):
             assert hosts[p][s]["inputs"].shape == (4, 32)
-            np.testing.assert_array_equal(hosts[p][s]["inputs"], glob[s]["inputs"][p::4])
-            np.testing.assert_array_equal(hosts[p][s]["targets"], glob[s]["targets"][p::4])
+            np.testing.assert_array_equal(hosts[p][s]["inputs"], glob[s]["inputs"][4 * p : 4 * p + 4])
+            np.testing.assert_array_equal(hosts[p][s]["targets"], glob[s]["targets"][4 * p : 4 * p + 4])
+            np.testing.assert_array_equal(loader.host_slice(glob[s], p, 4)["inputs"], hosts[p][s]["inputs"])
     with pytest.raises(ConfigError, match=r"^data\.batch_size:"):
         loader.make_train_iterator(cfg, seed=1, process_index=0, process_count=3)
 
@@ -198,6 +199,13 @@ def test_tfds_named_dataset_source(data_dir, tmp_path):
     assert b["inputs"].shape == (4, 16)
     assert all(r.astype(np.uint8).tobytes() in c.train.tobytes() for r in b["inputs"])
     assert len(loader.eval_batches(cfg)) == 2
+    # On a cluster the trainer has only the prepared files, not the builder's code.
+    code = ("from scaling.config import DataConfig; from scaling.data import corpus; "
+            f"print(corpus.corpus_info(DataConfig(source='tfds', tfds_name='tiny_test_corpus', path={str(tmp_path)!r}, "
+            "text_feature='body', seq_len=16, batch_size=4, eval_batches=2))['sha256'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == info["sha256"]
 
     with pytest.raises(ConfigError, match=r"^data\.text_feature:"):
         corpus.load(DataConfig(source="tfds", tfds_name="tiny_test_corpus", path=str(tmp_path), text_feature="text"))

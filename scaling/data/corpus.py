@@ -128,8 +128,12 @@ def _tfds(name: str, data_dir: Optional[str], feature: str, _cache_dir: str) -> 
         else:  # no held-out split shipped: apply our fixed hash-ranked rule to the training records
             parts = builders.split_documents([(str(i), t) for i, t in enumerate(train)])
             train, eval_ = [t for _, t in parts["train"]], [t for _, t in parts["validation"]]
-    except NotImplementedError as e:
-        raise ConfigError(f"data.tfds_name: {name!r} must be prepared as array_record for random access ({e})") from None
+    except ConfigError:
+        raise
+    except (NotImplementedError, ValueError):  # tfds: no random-access (array_record) files
+        raise ConfigError(
+            f"data.tfds_name: {name!r} must be prepared with file_format='array_record' for random access"
+        ) from None
     return _from_documents(f"tfds:{name}", train, eval_)
 
 

@@ -1,0 +1,122 @@
+"""Loading and checking fit inputs: DataFrames, CSV/JSONL tables and sweep directories.
+
+Canonical columns: ``N`` (parameters), ``D`` (tokens), ``C`` (FLOPs), ``loss`` (nats), and where
+relevant ``B`` (batch size), ``S`` (steps), ``E`` (experts), ``G`` (granularity), ``lr``, ``run``.
+Anything that would make a fit silently wrong (missing columns, NaN/inf, non-positive values,
+too few points, every run diverged) raises ``UsageError`` naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scaling.cli import UsageError
+
+
+def parse_columns(spec: str | dict | None) -> dict[str, str]:
+    """``"N=N_params,D=D_tokens"`` -> ``{"N": "N_params", "D": "D_tokens"}`` (canonical=source)."""
+    if spec is None or isinstance(spec, dict):
+        return dict(spec or {})
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" not in part:
+            raise UsageError(f"--columns: expected CANONICAL=SOURCE pairs like N=N_params, got {part!r}")
+        k, v = (s.strip() for s in part.split("=", 1))
+        if not k or not v:
+            raise UsageError(f"--columns: empty name in {part!r}")
+        out[k] = v
+    return out
+
+
+def read_table(src, *, steps: bool = False) -> pd.DataFrame:
+    """A DataFrame from a DataFrame, a ``.csv``/``.jsonl``/``.json`` file or a sweep directory.
+
+    A sweep directory is read with ``scaling.sweep.store.load`` (one row per trial), or
+    ``store.load_steps`` (one row per logged step) when ``steps`` is true.
+    """
+    if isinstance(src, pd.DataFrame):
+        return src.copy()
+    path = Path(src)
+    if not path.exists():
+        raise UsageError(f"input: {path} does not exist (give a CSV/JSONL table or a sweep directory)")
+    if path.is_dir():
+        try:
+            from scaling.sweep import store
+        except ImportError as err:  # the sweep module is optional for fitting
+            raise UsageError(f"input: {path} is a directory but scaling.sweep.store is unavailable ({err})")
+        return store.load_steps(path) if steps else store.load(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix in (".jsonl", ".ndjson"):
+            return pd.read_json(path, lines=True)
+        if suffix == ".json":
+            return pd.read_json(path)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise UsageError(f"input: cannot parse {path}: {str(err).splitlines()[0]}")
+    raise UsageError(f"input: unsupported file type {suffix!r} for {path} (use .csv, .jsonl or a sweep directory)")
+
+
+def load_table(src, *, columns=None, where: str | None = None, steps: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Read ``src``, apply ``--columns`` renames, the ``--where`` filter and the run-state filter.
+
+    Returns the table and a list of notes (e.g. how many diverged runs were excluded).
+    """
+    df = read_table(src, steps=steps)
+    notes: list[str] = []
+    renames = parse_columns(columns)
+    missing = [v for v in renames.values() if v not in df.columns]
+    if missing:
+        raise UsageError(f"--columns: source column(s) {missing} not in the table (have: {', '.join(map(str, df.columns))})")
+    df = df.rename(columns={v: k for k, v in renames.items()})
+    if where:
+        try:
+            df = df.query(where)
+        except Exception as err:  # pandas raises many types for a bad expression
+            raise UsageError(f"--where: cannot apply {where!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        notes.append(f"--where {where!r}: {len(df)} rows kept")
+    if "state" in df.columns:
+        bad = df["state"].astype(str) != "done"
+        if bad.all() and len(df):
+            states = ", ".join(f"{k}={v}" for k, v in df["state"].astype(str).value_counts().items())
+            raise UsageError(f"state: no run finished ('done'): {states}; nothing to fit")
+        if bad.any():
+            notes.append(f"excluded {int(bad.sum())} run(s) whose state is not 'done' (diverged/failed/running)")
+            df = df[~bad]
+    return df.reset_index(drop=True), notes
+
+
+def require(df: pd.DataFrame, cols, *, what: str, min_points: int = 1, positive=True) -> pd.DataFrame:
+    """Check that ``cols`` exist, are finite and (by default) positive, with enough rows.
+
+    ``what`` names the fit in the messages (e.g. ``"--law chinchilla"``).
+    """
+    cols = list(cols)
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        have = ", ".join(map(str, df.columns))
+        raise UsageError(
+            f"{what}: missing column(s) {', '.join(missing)} (have: {have}); map them with --columns {missing[0]}=<name>"
+        )
+    for c in cols:
+        try:
+            v = pd.to_numeric(df[c], errors="raise").to_numpy(dtype=float)
+        except (ValueError, TypeError):
+            raise UsageError(f"{what}: column {c} is not numeric")
+        if not np.isfinite(v).all():
+            k = int((~np.isfinite(v)).sum())
+            raise UsageError(f"{what}: column {c} has {k} NaN/inf value(s); drop those rows (e.g. --where \"{c} == {c}\")")
+        if positive and (v <= 0).any():
+            k = int((v <= 0).sum())
+            raise UsageError(f"{what}: column {c} has {k} non-positive value(s); scaling laws need {c} > 0")
+    if len(df) < min_points:
+        raise UsageError(f"{what}: {len(df)} usable row(s), need at least {min_points} for this fit")
+    return df
+
+
+def inputs(df: pd.DataFrame, cols) -> dict[str, np.ndarray]:
+    return {c: df[c].to_numpy(dtype=float) for c in cols}

@@ -1,0 +1,364 @@
+"""Chinchilla approaches 1-3 for the compute-optimal frontier ``N_opt ~ C^a``, ``D_opt ~ C^b``.
+
+1. ``envelope(steps)``: the lower envelope of loss-vs-FLOPs curves from per-step logs; at each
+   FLOP count the run with the lowest loss gives (N, D) (Hoffmann et al. 2022, approach 1).
+2. ``isoflop(runs)``: per compute budget, the minimum of loss over model size, by a parabola in
+   log N (Hoffmann) or an Akima spline of log loss (Porian et al. 2024); then a straight line in
+   log-log through the minima.
+3. ``parametric`` (``scaling.fit.chinchilla``): the frontier derived from the fitted L(N, D).
+``compare`` runs whichever of them the data allows and reports all ``a`` and ``b`` side by side.
+
+Units: C in FLOPs, N parameters, D tokens, loss in nats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from scaling.cli import UsageError
+from scaling.fit import io
+
+
+def budget_groups(C: np.ndarray, tol_dex: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster FLOP counts into budgets: sorted log10 C split where a gap exceeds ``tol_dex``.
+
+    Returns ``labels[n]`` (0 = smallest budget) and the geometric-mean FLOPs of each budget.
+    Counted FLOPs scatter around the nominal budget by a few percent, hence the tolerance.
+    """
+    lc = np.log10(np.asarray(C, float))
+    order = np.argsort(lc)
+    breaks = np.flatnonzero(np.diff(lc[order]) > tol_dex) + 1
+    lab_sorted = np.zeros(len(lc), dtype=int)
+    for b in breaks:
+        lab_sorted[b:] += 1
+    labels = np.empty_like(lab_sorted)
+    labels[order] = lab_sorted
+    centers = np.array([10 ** lc[labels == k].mean() for k in range(lab_sorted.max() + 1 if len(lc) else 0)])
+    return labels, centers
+
+
+def _budgets(df: pd.DataFrame, budget_col: str | None, tol_dex: float):
+    if budget_col:
+        io.require(df, [budget_col], what="--law isoflop")
+        vals = df[budget_col].to_numpy(float)
+        u = np.unique(vals)
+        return np.searchsorted(u, vals), u
+    return budget_groups(df["C"].to_numpy(float), tol_dex)
+
+
+def _minimum(logN: np.ndarray, loss: np.ndarray, method: str) -> tuple[float, float, str]:
+    """Argmin over log N of one budget's curve. Returns (log N*, loss*, flag) with flag ''
+    (interior), 'boundary' (minimum at/beyond the sampled range) or 'no_minimum' (concave)."""
+    if method == "parabola":
+        p2, p1, p0 = np.polyfit(logN, loss, 2)
+        if not p2 > 0:
+            return np.nan, np.nan, "no_minimum"
+        x = -p1 / (2 * p2)
+        flag = "boundary" if (x <= logN.min() or x >= logN.max()) else ""
+        return x, p0 + p1 * x + p2 * x * x, flag
+    if method == "akima":
+        from scipy.interpolate import Akima1DInterpolator
+
+        spline = Akima1DInterpolator(logN, np.log(loss))
+        grid = np.linspace(logN.min(), logN.max(), (len(logN) - 1) * 25 + 1)
+        v = spline(grid)
+        i = int(np.argmin(v))
+        flag = "boundary" if i in (0, len(grid) - 1) else ""
+        return grid[i], float(np.exp(v[i])), flag
+    raise UsageError(f"--method: unknown IsoFLOP minimum method {method!r} (parabola|akima)")
+
+
+def _best_per_size(N, loss, D):
+    """Several runs at one size (e.g. a learning-rate sweep): keep the lowest loss, as Porian
+    et al. do. Returns arrays sorted by N."""
+    order = np.lexsort((loss, N))
+    N, loss, D = N[order], loss[order], D[order]
+    first = np.r_[True, N[1:] != N[:-1]]
+    return N[first], loss[first], D[first]
+
+
+def _budget_minimum(N, loss, D, method):
+    """(N_opt, D_opt, loss_opt, n_sizes, flag) for one budget's runs."""
+    N, loss, D = _best_per_size(N, loss, D)
+    if len(N) < 3:
+        return np.nan, np.nan, np.nan, len(N), "too_few_sizes"
+    lN = np.log(N)
+    x, lo, flag = _minimum(lN, loss, method)
+    if not np.isfinite(x):
+        return np.nan, np.nan, lo, len(N), flag
+    # D at the optimum: tokens move opposite to size at fixed C; interpolate in log-log
+    s, i0 = np.polyfit(lN, np.log(D), 1)
+    return float(np.exp(x)), float(np.exp(i0 + s * x)), lo, len(N), flag
+
+
+def minima(df: pd.DataFrame, labels: np.ndarray, centers: np.ndarray, method: str = "parabola") -> pd.DataFrame:
+    """Per-budget minimum: columns ``C, N_opt, D_opt, loss_opt, n_points, flag`` (flag '' = usable)."""
+    N, L, D = (df[c].to_numpy(float) for c in ("N", "loss", "D"))
+    rows = []
+    for k, c in enumerate(centers):
+        m = labels == k
+        n_opt, d_opt, l_opt, n, flag = _budget_minimum(N[m], L[m], D[m], method)
+        rows.append(dict(C=float(c), N_opt=n_opt, D_opt=d_opt, loss_opt=l_opt, n_points=n, flag=flag))
+    return pd.DataFrame(rows)
+
+
+def _loglog(C, y) -> tuple[float, float]:
+    """Slope and intercept of log y = slope * log C + intercept (least squares)."""
+    s, i = np.polyfit(np.log(C), np.log(y), 1)
+    return float(s), float(i)
+
+
+@dataclass
+class FrontierResult:
+    """``N_opt = exp(n_icpt) * C^a`` and ``D_opt = exp(d_icpt) * C^b`` (C FLOPs) with 95% intervals."""
+
+    approach: str
+    method: str
+    a: float
+    b: float
+    n_icpt: float
+    d_icpt: float
+    table: pd.DataFrame  # per budget (approach 2) or per grid FLOP count (approach 1)
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    n_boot: int = 0
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    predictions: list[dict] = field(default_factory=list)
+    backtest: dict | None = None
+    boot: np.ndarray | None = field(default=None, repr=False)  # [n_boot, 4]: a, b, n_icpt, d_icpt
+    data: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {"a": self.a, "b": self.b, "N_coef": float(np.exp(self.n_icpt)), "D_coef": float(np.exp(self.d_icpt))}
+
+    @property
+    def objective(self) -> float:
+        """Sum of squared log residuals of N_opt and D_opt about the fitted lines."""
+        t = self.table[self.table["used"]] if "used" in self.table else self.table
+        lc = np.log(t["C"].to_numpy(float))
+        rn = np.log(t["N_opt"].to_numpy(float)) - (self.a * lc + self.n_icpt)
+        rd = np.log(t["D_opt"].to_numpy(float)) - (self.b * lc + self.d_icpt)
+        return float((rn**2).sum() + (rd**2).sum())
+
+    def predict(self, C) -> pd.DataFrame:
+        """Compute-optimal ``N_opt`` (params) and ``D_opt`` (tokens) at ``C`` FLOPs, with intervals."""
+        C = np.atleast_1d(np.asarray(C, float))
+        if not (np.isfinite(C).all() and (C > 0).all()):
+            raise UsageError("predict: C must be finite and positive")
+        lc = np.log(C)
+        out = pd.DataFrame({"C": C, "N_opt": np.exp(self.a * lc + self.n_icpt), "D_opt": np.exp(self.b * lc + self.d_icpt)})
+        for name, (si, ii) in (("N_opt", (0, 2)), ("D_opt", (1, 3))):
+            if self.boot is not None and len(self.boot):
+                v = np.exp(self.boot[:, si, None] * lc[None] + self.boot[:, ii, None])
+                out[name + "_lo"], out[name + "_hi"] = np.percentile(v, 2.5, axis=0), np.percentile(v, 97.5, axis=0)
+            else:
+                out[name + "_lo"] = out[name + "_hi"] = np.nan
+        return out
+
+    def to_dict(self) -> dict:
+        d = {
+            "law": f"isoflop-{self.approach}",
+            "method": self.method,
+            "params": self.params,
+            "ci": {k: list(v) for k, v in self.ci.items()},
+            "objective": self.objective,
+            "a": self.a,
+            "b": self.b,
+            "n_boot": self.n_boot,
+            "table": self.table.replace({np.nan: None}).to_dict(orient="records"),
+            "warnings": self.warnings,
+            "notes": self.notes,
+        }
+        if self.predictions:
+            d["predictions"] = self.predictions
+        if self.backtest is not None:
+            d["backtest"] = self.backtest
+        return d
+
+
+def _fit_minima(df, labels, centers, method):
+    m = minima(df, labels, centers, method)
+    m["used"] = (m["flag"] == "") & np.isfinite(m["N_opt"]) & np.isfinite(m["D_opt"])
+    u = m[m["used"]]
+    if len(u) < 2:
+        return m, None
+    a, ni = _loglog(u["C"], u["N_opt"])
+    b, di = _loglog(u["C"], u["D_opt"])
+    return m, (a, b, ni, di)
+
+
+def isoflop(
+    data,
+    *,
+    method: str = "parabola",
+    bootstrap: int = 0,
+    seed: int = 0,
+    budget_col: str | None = None,
+    tol_dex: float = 0.1,
+    columns=None,
+    where: str | None = None,
+) -> FrontierResult:
+    """Chinchilla approach 2 on a table of final runs (columns C, N, D, loss).
+
+    Budgets are clusters of C within ``tol_dex`` decades (or ``budget_col``). Minima at the edge
+    of a budget's sampled sizes, or concave parabolas, are reported and left out of the fit.
+    ``bootstrap`` resamples runs within each budget.
+    """
+    df, notes = io.load_table(data, columns=columns, where=where)
+    what = "--law isoflop"
+    if "D" not in df.columns and "C" in df.columns and "N" in df.columns:
+        df["D"] = df["C"] / (6.0 * df["N"])
+        notes.append("no D column: using D = C / (6 N)")
+    io.require(df, ["C", "N", "D", "loss"], what=what, min_points=6)
+    labels, centers = _budgets(df, budget_col, tol_dex)
+    if len(centers) < 2:
+        raise UsageError(
+            f"{what}: all {len(df)} runs share one compute budget (C~{centers[0]:.3g} FLOPs); "
+            "an IsoFLOP fit needs runs at two or more budgets"
+        )
+    m, fit = _fit_minima(df, labels, centers, method)
+    warnings = [
+        f"budget C={r.C:.3g}: {r.flag.replace('_', ' ')} ({r.n_points} sizes); left out of the fit"
+        for r in m.itertuples()
+        if r.flag
+    ]
+    if fit is None:
+        raise UsageError(
+            f"{what}: only {int(m['used'].sum())} budget(s) have an interior minimum; need 2 "
+            "(add model sizes on both sides of the optimum, or name the budget column: budget_col=/--budget-column)"
+        )
+    a, b, ni, di = fit
+    res = FrontierResult("2", method, a, b, ni, di, m, warnings=warnings, notes=notes, data=df)
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        N, L, D = (df[c].to_numpy(float) for c in ("N", "loss", "D"))
+        per = [(N[labels == k], L[labels == k], D[labels == k]) for k in range(len(centers))]
+        lc = np.log(centers)
+        boots = []
+        for _ in range(bootstrap):
+            mins = []
+            for (n_, l_, d_) in per:
+                ix = rng.integers(0, len(n_), len(n_))
+                mins.append(_budget_minimum(n_[ix], l_[ix], d_[ix], method))
+            ok = np.array([m[4] == "" and np.isfinite(m[0]) and np.isfinite(m[1]) for m in mins])
+            if ok.sum() < 2:
+                continue
+            nn = np.log([m[0] for m in mins])[ok]
+            dd = np.log([m[1] for m in mins])[ok]
+            a_, ni_ = np.polyfit(lc[ok], nn, 1)
+            b_, di_ = np.polyfit(lc[ok], dd, 1)
+            boots.append((a_, b_, ni_, di_))
+        res.boot = np.array(boots).reshape(-1, 4)
+        res.n_boot = len(boots)
+        if len(boots):
+            res.ci = {
+                "a": tuple(np.percentile(res.boot[:, 0], [2.5, 97.5])),
+                "b": tuple(np.percentile(res.boot[:, 1], [2.5, 97.5])),
+            }
+    return res
+
+
+def envelope(
+    steps,
+    *,
+    run_col: str = "run",
+    n_grid: int = 200,
+    bootstrap: int = 0,
+    seed: int = 0,
+    columns=None,
+    where: str | None = None,
+) -> FrontierResult:
+    """Chinchilla approach 1 from per-step logs (columns ``run``, ``C`` cumulative FLOPs, ``N``,
+    ``loss``; ``D`` tokens so far, else D = C/(6N)).
+
+    At each of ``n_grid`` log-spaced FLOP counts, each run's loss is interpolated (log-log); the
+    run with the lowest loss gives N_opt and D_opt. Points won by the smallest or largest model
+    are edge-biased and left out of the fit.
+    """
+    df, notes = io.load_table(steps, columns=columns, where=where, steps=True)
+    what = "approach 1 (envelope)"
+    if run_col not in df.columns:
+        for alt in ("trial", "trial_id", "run_id", "name"):
+            if alt in df.columns:
+                run_col = alt
+                break
+    if "D" not in df.columns and {"C", "N"} <= set(df.columns):
+        df["D"] = df["C"] / (6.0 * df["N"])
+    io.require(df, [run_col], what=what, positive=False)
+    io.require(df, ["C", "N", "D", "loss"], what=what, min_points=4)
+    runs = [g.sort_values("C") for _, g in df.groupby(run_col)]
+    if len(runs) < 3:
+        raise UsageError(f"{what}: {len(runs)} run(s); the envelope needs at least 3 runs of different sizes")
+    res = _envelope_fit(runs, n_grid)
+    if res is None:
+        raise UsageError(f"{what}: fewer than 2 FLOP counts where an interior model size wins; add model sizes")
+    a, b, ni, di, table = res
+    out = FrontierResult("1", "envelope", a, b, ni, di, table, notes=notes, data=df)
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        boots = []
+        for _ in range(bootstrap):
+            pick = rng.integers(0, len(runs), len(runs))
+            r = _envelope_fit([runs[i] for i in pick], n_grid)
+            if r is not None:
+                boots.append(r[:4])
+        out.boot = np.array(boots).reshape(-1, 4)
+        out.n_boot = len(boots)
+        if boots:
+            out.ci = {"a": tuple(np.percentile(out.boot[:, 0], [2.5, 97.5])), "b": tuple(np.percentile(out.boot[:, 1], [2.5, 97.5]))}
+    return out
+
+
+def _envelope_fit(runs, n_grid):
+    lc_all = np.concatenate([np.log(r["C"].to_numpy(float)) for r in runs])
+    grid = np.linspace(lc_all.min(), lc_all.max(), n_grid)
+    L = np.full((len(runs), n_grid), np.inf)
+    LD = np.full((len(runs), n_grid), np.nan)
+    Ns = np.array([float(r["N"].iloc[0]) for r in runs])
+    for i, r in enumerate(runs):
+        lc = np.log(r["C"].to_numpy(float))
+        inside = (grid >= lc.min()) & (grid <= lc.max())
+        L[i, inside] = np.interp(grid[inside], lc, np.log(r["loss"].to_numpy(float)))
+        LD[i, inside] = np.interp(grid[inside], lc, np.log(r["D"].to_numpy(float)))
+    ncand = np.isfinite(L).sum(axis=0)
+    win = np.argmin(L, axis=0)
+    ok = ncand >= 2
+    # a winner that is the smallest or largest model among the candidates is an edge effect
+    lo = np.array([Ns[np.isfinite(L[:, j])].min() if ok[j] else np.nan for j in range(n_grid)])
+    hi = np.array([Ns[np.isfinite(L[:, j])].max() if ok[j] else np.nan for j in range(n_grid)])
+    Nw = Ns[win]
+    used = ok & (Nw > lo) & (Nw < hi)
+    table = pd.DataFrame(
+        {"C": np.exp(grid), "N_opt": Nw, "D_opt": np.exp(LD[win, np.arange(n_grid)]), "loss_opt": np.exp(L[win, np.arange(n_grid)]), "used": used}
+    )
+    if used.sum() < 2 or len(np.unique(Nw[used])) < 2:
+        return None
+    u = table[used]
+    a, ni = _loglog(u["C"], u["N_opt"])
+    b, di = _loglog(u["C"], u["D_opt"])
+    return a, b, ni, di, table
+
+
+def parametric(fit) -> dict:
+    """Approach 3 from a Chinchilla ``FitResult``: a = beta/(alpha+beta), b = alpha/(alpha+beta)."""
+    return {"approach": "3", "method": "parametric L(N,D)", "a": fit.a, "b": fit.b, "a_ci": fit.ci.get("a"), "b_ci": fit.ci.get("b")}
+
+
+def compare(runs=None, steps=None, *, bootstrap: int = 0, seed: int = 0, method: str = "parabola") -> pd.DataFrame:
+    """a and b from every approach the data allows, one row each (approach, method, a, b, CIs)."""
+    from scaling.fit.parametric import chinchilla
+
+    rows = []
+    if steps is not None:
+        r = envelope(steps, bootstrap=bootstrap, seed=seed)
+        rows.append({"approach": "1", "method": "envelope", "a": r.a, "b": r.b, "a_ci": r.ci.get("a"), "b_ci": r.ci.get("b")})
+    if runs is not None:
+        for m in (method,) if method else ("parabola", "akima"):
+            r = isoflop(runs, method=m, bootstrap=bootstrap, seed=seed)
+            rows.append({"approach": "2", "method": m, "a": r.a, "b": r.b, "a_ci": r.ci.get("a"), "b_ci": r.ci.get("b")})
+        rows.append(parametric(chinchilla(runs, bootstrap=bootstrap, seed=seed)))
+    return pd.DataFrame(rows)

@@ -1,0 +1,248 @@
+"""Parametric law fits (Chinchilla approach 3, power laws, Kaplan, MoE laws) and their results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scaling.cli import UsageError
+from scaling.fit import io, laws, robust
+
+
+def _percentiles(v: np.ndarray) -> tuple[float, float]:
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.percentile(v, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+@dataclass
+class FitResult:
+    """A fitted law. ``params`` in natural units (A, E, alpha, ...); ``ci`` 95% bootstrap
+    percentile intervals (empty without ``--bootstrap``); ``cov`` the bootstrap covariance of the
+    natural parameters; ``objective`` the summed Huber loss on log residuals.
+
+    For Chinchilla fits ``a``/``b`` are the compute-optimal exponents N_opt ~ C^a, D_opt ~ C^b
+    derived from the fit (approach 3), with ``flops_per_param_token`` k in C = k N D.
+    """
+
+    law: str
+    formula: str
+    params: dict[str, float]
+    objective: float
+    n_points: int
+    n_starts: int
+    n_converged: int
+    converged: bool
+    delta: float
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    cov: dict[str, dict[str, float]] = field(default_factory=dict)
+    n_boot: int = 0
+    n_boot_converged: int = 0
+    a: float | None = None
+    b: float | None = None
+    flops_per_param_token: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    predictions: list[dict] = field(default_factory=list)
+    backtest: dict | None = None
+    law_obj: Any = field(default=None, repr=False)
+    theta: np.ndarray | None = field(default=None, repr=False)
+    boot_theta: np.ndarray | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------ predictions
+    def _frontier(self, theta: np.ndarray, C: np.ndarray):
+        """Compute-optimal N, D, L at FLOPs C for Chinchilla parameters ``theta[S, 5]``."""
+        a_, b_, e_, al, be = (theta[:, i : i + 1] for i in range(5))
+        k = self.flops_per_param_token or 6.0
+        # argmin_N  A N^-al + B (C/(kN))^-be  =>  N_opt = G (C/k)^(be/(al+be))
+        logG = (np.log(al) + a_ - np.log(be) - b_) / (al + be)
+        lc = np.log(C / k)[None]
+        lN = logG + be / (al + be) * lc
+        lD = lc - lN
+        L = np.exp(e_) + np.exp(a_ - al * lN) + np.exp(b_ - be * lD)
+        return np.exp(lN), np.exp(lD), L
+
+    def predict(self, **inputs) -> pd.DataFrame:
+        """Predictions with 95% bootstrap intervals (``*_lo``/``*_hi``; NaN without bootstrap).
+
+        ``predict(N=..., D=...)`` (or the law's own inputs) gives the loss; for a Chinchilla fit
+        ``predict(C=...)`` gives the compute-optimal ``N_opt``, ``D_opt`` and ``loss`` at C FLOPs.
+        """
+        law = self.law_obj
+        arrs = {k: np.atleast_1d(np.asarray(v, dtype=float)) for k, v in inputs.items()}
+        n = max(len(v) for v in arrs.values()) if arrs else 0
+        arrs = {k: np.broadcast_to(v, (n,)).copy() for k, v in arrs.items()}
+        for k, v in arrs.items():
+            if not (np.isfinite(v).all() and (v > 0).all()):
+                raise UsageError(f"predict: {k} must be finite and positive")
+        thetas = [self.theta[None]] + ([self.boot_theta] if self.boot_theta is not None else [])
+        out = pd.DataFrame(arrs)
+        if self.law == "chinchilla" and set(arrs) == {"C"}:
+            cols = ("N_opt", "D_opt", "loss")
+            vals = [self._frontier(th, arrs["C"]) for th in thetas]
+        elif set(law.inputs) <= set(arrs):
+            cols = (law.target,)
+            vals = [(law.predict(th, arrs),) for th in thetas]
+        else:
+            raise UsageError(f"predict: {self.law} needs {', '.join(law.inputs)}" + (" (or C)" if self.law == "chinchilla" else ""))
+        for j, c in enumerate(cols):
+            out[c] = vals[0][j][0]
+            if len(vals) > 1:
+                b = vals[1][j]
+                out[c + "_lo"] = np.nanpercentile(b, 2.5, axis=0)
+                out[c + "_hi"] = np.nanpercentile(b, 97.5, axis=0)
+            else:
+                out[c + "_lo"] = np.nan
+                out[c + "_hi"] = np.nan
+        return out
+
+    def to_dict(self) -> dict:
+        d = {
+            "law": self.law,
+            "formula": self.formula,
+            "params": self.params,
+            "ci": {k: list(v) for k, v in self.ci.items()},
+            "cov": self.cov,
+            "objective": self.objective,
+            "delta": self.delta,
+            "n_points": self.n_points,
+            "n_starts": self.n_starts,
+            "n_converged": self.n_converged,
+            "converged": self.converged,
+            "n_boot": self.n_boot,
+            "n_boot_converged": self.n_boot_converged,
+            "warnings": self.warnings,
+            "notes": self.notes,
+        }
+        if self.a is not None:
+            d.update(a=self.a, b=self.b, flops_per_param_token=self.flops_per_param_token)
+            d["ci"].update({k: list(v) for k, v in self.ci.items() if k in ("a", "b")})
+        if self.predictions:
+            d["predictions"] = self.predictions
+        if self.backtest is not None:
+            d["backtest"] = self.backtest
+        return d
+
+
+def fit_law(
+    law: laws.Law,
+    data,
+    *,
+    delta: float = 1e-3,
+    bootstrap: int = 0,
+    seed: int = 0,
+    starts: np.ndarray | None = None,
+    groups: str | None = None,
+    columns=None,
+    where: str | None = None,
+    notes: list[str] | None = None,
+) -> FitResult:
+    """Fit ``law`` to ``data`` (DataFrame, table path or sweep dir) by Huber-in-log multi-start L-BFGS.
+
+    ``bootstrap``: number of resamples of the runs (rows, or whole ``groups`` of rows) for the
+    95% intervals and covariance. Raises ``UsageError`` on unusable input.
+    """
+    if not (delta > 0):
+        raise UsageError(f"delta: Huber delta must be positive, got {delta}")
+    if bootstrap < 0:
+        raise UsageError(f"--bootstrap: must be >= 0, got {bootstrap}")
+    df, notes0 = io.load_table(data, columns=columns, where=where)
+    notes = list(notes or []) + notes0
+    what = f"--law {law.name}"
+    need = list(law.inputs) + [law.target]
+    io.require(df, need, what=what, min_points=law.n_params + 1)
+    x, y = io.inputs(df, law.inputs), df[law.target].to_numpy(float)
+    ms = robust.fit_multistart(law, x, y, delta=delta, starts=starts)
+    natural = {k: float(v) for k, v in law.natural(ms.theta).items()}
+    res = FitResult(
+        law=law.name,
+        formula=law.formula,
+        params=natural,
+        objective=ms.objective,
+        n_points=len(y),
+        n_starts=ms.n_starts,
+        n_converged=ms.n_converged,
+        converged=ms.converged,
+        delta=delta,
+        warnings=list(ms.warnings),
+        notes=notes,
+        law_obj=law,
+        theta=ms.theta,
+    )
+    if law.name == "chinchilla":
+        al, be = ms.theta[3], ms.theta[4]
+        res.a, res.b = float(be / (al + be)), float(al / (al + be))
+        if "C" in df.columns:
+            res.flops_per_param_token = float(np.median(df["C"] / (df["N"] * df["D"])))
+        else:
+            res.flops_per_param_token = 6.0
+        if al <= 0 or be <= 0:
+            res.warnings.append("an exponent is <= 0: no compute-optimal frontier exists for this fit")
+    if bootstrap:
+        g = df[groups].to_numpy() if groups and groups in df.columns else None
+        th, ok = robust.bootstrap(law, x, y, ms.theta, n_boot=bootstrap, seed=seed, delta=delta, groups=g)
+        res.n_boot, res.n_boot_converged = bootstrap, int(ok.sum())
+        if ok.sum() < 0.9 * bootstrap:
+            res.warnings.append(f"only {int(ok.sum())}/{bootstrap} bootstrap refits converged; intervals use those")
+        th = th[ok] if ok.any() else th
+        res.boot_theta = th
+        nat = law.natural(th)
+        if law.name == "chinchilla":
+            nat["a"] = th[:, 4] / (th[:, 3] + th[:, 4])
+            nat["b"] = th[:, 3] / (th[:, 3] + th[:, 4])
+        res.ci = {k: _percentiles(v) for k, v in nat.items()}
+        names = list(law.natural(ms.theta))
+        M = np.stack([nat[k] for k in names], axis=1)
+        cov = np.cov(M, rowvar=False) if len(M) > 1 else np.full((len(names), len(names)), np.nan)
+        res.cov = {a: {b: float(cov[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+    return res
+
+
+# ------------------------------------------------------------------ public shortcuts
+
+
+def chinchilla(data, **kw) -> FitResult:
+    """``L(N, D) = E + A/N^alpha + B/D^beta`` on columns N (params), D (tokens), loss (nats).
+
+    Default: Epoch's 4,500-start grid, Huber delta 1e-3 summed on log loss. Reports the
+    compute-optimal exponents ``a = beta/(alpha+beta)``, ``b = alpha/(alpha+beta)``.
+    """
+    return fit_law(laws.chinchilla(), data, **kw)
+
+
+def saturating(data, x: str = "C", **kw) -> FitResult:
+    """``L = E + A x^-alpha`` with x = C (FLOPs), N (params) or D (tokens)."""
+    return fit_law(laws.saturating(x), data, **kw)
+
+
+def powerlaw(data, x: str = "C", y: str = "loss", **kw) -> FitResult:
+    """``y = A x^-alpha`` (pure power law, e.g. Kaplan's L(C_min) = (C_c/C)^alpha_C)."""
+    return fit_law(laws.powerlaw(x, y), data, **kw)
+
+
+def kaplan(data, **kw) -> FitResult:
+    """Kaplan et al. 2020 ``L(N, D)``; if the table has no D, the compute law ``L(C) = (C_c/C)^alpha_C``."""
+    df, notes = io.load_table(data, columns=kw.pop("columns", None), where=kw.pop("where", None))
+    if "D" in df.columns and "N" in df.columns:
+        return fit_law(laws.kaplan(), df, notes=notes, **kw)
+    res = fit_law(laws.powerlaw("C", "loss", name="kaplan_c"), df, notes=notes, **kw)
+    # report in Kaplan's parametrisation: L = (C_c / C)^alpha_C, C_c = A^(1/alpha_C)
+    A, al = res.params["A"], res.params["alpha"]
+    res.params["C_c"] = float(A ** (1.0 / al)) if al > 0 else float("nan")
+    res.formula = "L = (C_c/C)^alpha_C = A*C^-alpha"
+    return res
+
+
+def clark(data, **kw) -> FitResult:
+    """Clark et al. 2022 routed law on columns N, E (experts), loss."""
+    return fit_law(laws.clark(), data, **kw)
+
+
+def krajewski(data, **kw) -> FitResult:
+    """Krajewski et al. 2024 fine-grained MoE law on columns N, D, G (granularity), loss."""
+    return fit_law(laws.krajewski(), data, **kw)

@@ -1,0 +1,439 @@
+"""``run(cfg, out_dir)``: one budget-aware training run, resumable, writing
+
+``out_dir/config.json``   the config plus ``resolved`` run facts (corpus hash, params, FLOPs),
+``out_dir/metrics.jsonl`` one row per logged step (the source of truth),
+``out_dir/summary.json``  final figures and the state: done | diverged | failed,
+``out_dir/ckpt/``         orbax checkpoints (train state + data iterator state + metadata).
+
+Budgets: ``flops`` / ``tokens`` / ``steps`` resolve to a step count through
+``scaling.flops.steps_for_budget`` (the schedule ends exactly there). ``seconds``: after
+compilation the step is timed on a throw-away copy of the state, the schedule is sized to
+``floor(seconds / step_time)`` steps (stored in the checkpoint, so a resume keeps it), and the run
+stops at that step or as soon as the training wall time (summed over resumes, compilation,
+evaluation and checkpointing excluded) reaches the budget, whichever comes first.
+
+Divergence is checked at every logging step (that step's loss): a NaN/inf loss, or, after warmup,
+a loss above ``divergence_factor`` times the best logged loss so far, stops the run with state
+``diverged`` and a message; ``run`` then returns normally (a sweep carries on).
+
+Resume is exact: the same compiled step, the restored train state and grain iterator state, and
+metrics rows beyond the restored step dropped, so an interrupted-then-resumed run reproduces the
+uninterrupted one bit for bit (on the same machine and device count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from scaling.config import ConfigError, TrainConfig, config_hash
+from scaling.train import optim
+from scaling.train import step as step_lib
+from scaling.train.checkpoint import Checkpointer
+from scaling.train.metrics import MetricsWriter, WandbMirror, peak_flops, write_json_atomic
+from scaling.train.progress import Progress
+
+# fields that do not change what is computed: a rerun may differ in these
+COSMETIC_FIELDS = ("wandb", "progress")
+WALL_FIELDS = ("wall_s", "tokens_per_s", "mfu", "step_time_s")  # differ between identical runs
+
+
+# ----------------------------------------------------------------------------------------------
+# run directory helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """The ``TrainConfig`` stored in ``run_dir/config.json`` (without the ``resolved`` facts)."""
+    d = json.loads((Path(run_dir) / "config.json").read_text())
+    d.pop("resolved", None)
+    return TrainConfig.from_dict(d)
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    p = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    for k in COSMETIC_FIELDS:
+        d.pop(k, None)
+    return json.loads(json.dumps(d))  # tuples -> lists, as read back from JSON
+
+
+def run_hash(cfg: TrainConfig) -> str:
+    """Hash of everything that affects the computation (not wandb/progress)."""
+    return config_hash(dataclasses.replace(cfg, wandb="off", progress=True))
+
+
+def parse_init_from(text: str) -> tuple[Path, int]:
+    """``"RUN_DIR@STEP"`` -> ``(RUN_DIR/ckpt, STEP)``."""
+    if "@" not in text:
+        raise ConfigError(f"init_from: expected RUN_DIR@STEP, got {text!r}")
+    d, s = text.rsplit("@", 1)
+    try:
+        step = int(s)
+    except ValueError:
+        raise ConfigError(f"init_from: STEP must be an integer in RUN_DIR@STEP, got {s!r}") from None
+    ckpt = Path(d) / "ckpt"
+    if not (ckpt / str(step)).is_dir():
+        raise ConfigError(f"init_from: no checkpoint at step {step} in {ckpt}; save one with checkpoint_at={step} in that run")
+    return ckpt, step
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled steps in ``~/.cache/scaling/jax`` (or ``SCALING_CACHE_DIR/jax``) unless
+    the user configured a cache already: sweeps, resumes and tests recompile the same shapes
+    over and over, and on a small CPU compilation is most of a short run's wall time. A loaded
+    executable is the same binary, so results are unchanged (resumes stay bitwise exact)."""
+    from scaling.train.metrics import CACHE
+
+    if os.environ.get("SCALING_NO_COMPILATION_CACHE") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(CACHE / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _check_out_dir(cfg: TrainConfig, out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"out: cannot write to {out} ({err.strerror or err}); choose another --out") from None
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except ValueError:
+            old = None
+        if isinstance(old, dict):
+            old.pop("resolved", None)
+            for k in COSMETIC_FIELDS:
+                old.pop(k, None)
+        if old != _comparable(cfg):
+            raise ConfigError(f"out: {out} holds a run with a different config; use a new --out or delete that directory")
+
+
+def preflight(cfg: TrainConfig) -> dict:
+    """Checks that need no device work; returns the resolved run facts (steps may be None for a
+    seconds budget). Raises ``ConfigError`` naming the field."""
+    from scaling import flops
+
+    d = cfg.data
+    if d.source == "local_text" and d.path and not Path(d.path).is_dir():
+        raise ConfigError(f"data.path: {d.path} is not a directory; point it at a directory of text files")
+    if d.batch_size % 2:
+        raise ConfigError(f"data.batch_size: must be even (each step splits the batch in two halves for the "
+                          f"gradient-noise statistics), got {d.batch_size}")
+    if cfg.init_from:
+        parse_init_from(cfg.init_from)
+    counts = flops.param_counts(cfg.model)
+    train_fpt = float(flops.train_flops_per_token(cfg.model, d.seq_len))
+    total_steps = None
+    if cfg.budget.kind != "seconds":
+        total_steps = int(flops.steps_for_budget(cfg))
+        if total_steps < 1:
+            one = {"flops": train_fpt * cfg.tokens_per_step, "tokens": cfg.tokens_per_step, "steps": 1}[cfg.budget.kind]
+            raise ConfigError(f"budget.{cfg.budget.kind}: {cfg.budget.value:g} is less than one step "
+                              f"({one:g} {cfg.budget.kind} per step); raise the budget or shrink the model/batch")
+    return {
+        "config_hash": run_hash(cfg),
+        "params": dataclasses.asdict(counts) if dataclasses.is_dataclass(counts) else dict(counts._asdict()),
+        "train_flops_per_token": train_fpt,
+        "forward_flops_per_token": float(flops.forward_flops_per_token(cfg.model, d.seq_len)),
+        "six_n_flops_per_token": float(flops.six_n_flops_per_token(cfg.model)),
+        "tokens_per_step": cfg.tokens_per_step,
+        "total_steps": total_steps,
+        "budget_kind": cfg.budget.kind,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: TrainConfig, out_dir: str | Path) -> dict:
+    """Train ``cfg`` into ``out_dir`` until its budget is spent; return the summary dict.
+
+    Returns at once with the stored summary if the run already finished (done or diverged).
+    Raises ``ConfigError`` for bad input before training; for any other error writes state
+    ``failed`` (with the error) to summary.json and re-raises.
+    """
+    out = Path(out_dir)
+    enable_compilation_cache()
+    _check_out_dir(cfg, out)
+    prev = read_summary(out)
+    if prev and prev.get("state") in ("done", "diverged"):
+        loss = prev.get("final_eval_loss")
+        print(f"{out}: run already {prev['state']} at step {prev.get('steps')} "
+              f"(final eval loss {loss}); nothing to do", file=sys.stderr)
+        return prev
+    resolved = preflight(cfg)
+    session = _Session(cfg, out, resolved)  # ConfigErrors from mesh/data surface here
+    try:
+        return session.train()
+    except (ConfigError,):
+        raise
+    except BaseException as err:
+        session.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        session.close()
+
+
+class _Session:
+    """Everything built for one process's part of a run (mesh, model, optimizer, data)."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, resolved: dict):
+        from scaling import sharding
+        from scaling.data import corpus, loader
+        from scaling.models.transformer import Transformer
+
+        self.cfg, self.out, self.resolved = cfg, out, resolved
+        self.t_start = time.perf_counter()
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        sharding.validate(cfg.model, cfg.data, self.mesh)
+        self.shard_index, self.shard_count = sharding.host_data_shard(self.mesh, cfg.data.batch_size)
+        self.corpus = corpus.corpus_info(cfg.data)
+        resolved["corpus"] = self.corpus
+        self.iterator = loader.make_train_iterator(cfg.data, seed=cfg.seed, process_index=self.shard_index,
+                                                   process_count=self.shard_count)
+        self.eval_data = loader.eval_batches(cfg.data)
+        self._sharding = sharding
+        self.ctx = sharding.mesh_context(self.mesh)
+        self.ctx.__enter__()
+        model = sharding.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)), self.mesh)
+        self.graphdef, params, rest = step_lib.split_model(model)
+        self.params0, self.rest0 = params, rest
+        self.ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint_keep, keep_steps=cfg.checkpoint_at)
+        self.metrics = None
+        self.wandb = None
+        self.progress = None
+        self.summary: dict[str, Any] = {}
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def put(self, batch: dict) -> dict:
+        return self._sharding.shard_batch({k: batch[k] for k in ("inputs", "targets")}, self.mesh)
+
+    def _build_step(self, total_steps: int):
+        tx = optim.make_optimizer(self.cfg.optim, total_steps)
+        self.schedule = optim.make_schedule(self.cfg.optim, total_steps)
+        self.train_step = step_lib.make_train_step(self.graphdef, tx, z_loss_weight=self.cfg.optim.z_loss,
+                                                   lr_schedule=self.schedule)
+        self.eval_step = step_lib.make_eval_step(self.graphdef)
+        opt_state = jax.jit(tx.init)(self.params0)
+        return {"params": self.params0, "rest": self.rest0, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+
+    def _estimate_steps_for_seconds(self, state) -> int:
+        """Time a few compiled steps on a copy of the state (discarded)."""
+        probe = jax.tree.map(jnp.copy, state)
+        batch = self.put(self.eval_data[0] if self.eval_data else next(iter(self.iterator)))
+        probe, m = self.train_step(probe, batch)  # compile
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            probe, m = self.train_step(probe, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+        step_s = float(np.median(times))
+        return max(1, int(self.cfg.budget.seconds // step_s))
+
+    # ---- main ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, out, resolved = self.cfg, self.out, self.resolved
+        # the planned step count: from the budget, or from a previous session (seconds budget)
+        latest_meta = None
+        total_steps = resolved["total_steps"]
+        if total_steps is None:
+            latest_meta = self._peek_meta()
+            total_steps = latest_meta["total_steps"] if latest_meta else None
+        state = self._build_step(total_steps or 1)
+        if total_steps is None:
+            total_steps = self._estimate_steps_for_seconds(state)
+            state = self._build_step(total_steps)
+        resolved["total_steps"] = total_steps
+        self.total_steps = total_steps
+        write_json_atomic(out / "config.json", {**json.loads(cfg.to_json()), "resolved": resolved})
+
+        # restore: own checkpoint, else a branch point of another run, else fresh
+        meta = {"step": 0, "best_loss": None, "train_s": 0.0, "total_steps": total_steps}
+        restored = self.ckpt.restore_latest(state)
+        if restored is not None:
+            step, state, data_state, meta = restored
+            self.iterator.set_state(data_state)
+            print(f"{out}: resuming from checkpoint step {step}/{total_steps}", file=sys.stderr)
+        elif cfg.init_from:
+            ckpt_dir, at = parse_init_from(cfg.init_from)
+            src = Checkpointer(ckpt_dir, read_only=True)
+            state, data_state, src_meta = src.restore(at, state)
+            src.close()
+            self.iterator.set_state(data_state)
+            meta.update(step=at, best_loss=src_meta.get("best_loss"))
+            print(f"{out}: starting from {cfg.init_from}", file=sys.stderr)
+        step = int(meta["step"])
+        best = meta.get("best_loss")
+        best = float(best) if best is not None else math.inf
+        train_s = float(meta.get("train_s", 0.0))
+        if step > total_steps:
+            raise ConfigError(f"init_from: step {step} is beyond this run's {total_steps} steps; raise the budget")
+
+        self.metrics = MetricsWriter(out / "metrics.jsonl", keep_through_step=step)
+        self.wandb = WandbMirror(cfg.wandb, run_dir=out, run_id=resolved["config_hash"], name=cfg.name,
+                                 config={**cfg.to_dict(), "resolved": resolved})
+        self.progress = Progress(total_steps, enabled=cfg.progress)
+        fpt = resolved["train_flops_per_token"]
+        tps_step = cfg.tokens_per_step
+        peak = peak_flops(len(self.mesh.devices.flat))
+        warm = optim.warmup_steps(cfg.optim, total_steps)
+        n_train_tokens = float(self.corpus.get("n_train_tokens") or 0)
+
+        self.summary = self._base_summary(step, total_steps)
+        last_row: dict[str, Any] = {}
+        eval_loss = None
+        seg_t = time.perf_counter()  # start of the current timed training segment
+        seg_step = step
+        session_tokens, session_s = 0, 0.0
+        compiled = False
+
+        def close_segment(now: float) -> float:
+            nonlocal seg_t, seg_step, train_s, session_tokens, session_s
+            dt = now - seg_t
+            if compiled:
+                train_s += dt
+                session_tokens += (step - seg_step) * tps_step
+                session_s += dt
+            return dt
+
+        while step < total_steps:
+            batch = self.put(next(self.iterator))
+            state, m = self.train_step(state, batch)
+            step += 1
+            if not compiled:
+                jax.block_until_ready(m)  # first step = compilation; not counted as training time
+                compiled = True
+                seg_t, seg_step = time.perf_counter(), step
+            logging = step % cfg.log_every == 0 or step == total_steps
+            evaluating = step % cfg.eval_every == 0 or step == total_steps
+            saving = step % cfg.checkpoint_every == 0 or step == total_steps or step in cfg.checkpoint_at
+            over_time = cfg.budget.kind == "seconds" and (train_s + time.perf_counter() - seg_t) >= cfg.budget.seconds
+            if over_time:
+                logging = evaluating = saving = True
+            if not (logging or evaluating or saving):
+                continue
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            seg_steps = step - seg_step
+            dt = close_segment(now)
+            tok_s = seg_steps * tps_step / dt if dt > 0 and seg_steps else float("nan")
+            loss = float(m["loss"])
+            row = {"step": step, "tokens": step * tps_step, "flops": step * tps_step * fpt,
+                   "wall_s": train_s, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak,
+                   "epochs": step * tps_step / n_train_tokens if n_train_tokens else None}
+            row.update({k: float(v) for k, v in m.items()})
+            diverged = None
+            if not math.isfinite(loss):
+                diverged = f"loss is {loss} at step {step}"
+            elif step > warm and loss > cfg.divergence_factor * best:
+                diverged = (f"loss {loss:.4g} at step {step} exceeds divergence_factor={cfg.divergence_factor:g} x "
+                            f"best loss so far {best:.4g}")
+            if math.isfinite(loss):
+                best = min(best, loss)
+            if evaluating and diverged is None:
+                eval_loss = step_lib.evaluate(self.eval_step, state["params"], state["rest"], self.eval_data, self.put)
+                row["eval_loss"] = eval_loss
+                self.progress.message(f"step {step}/{total_steps}: eval loss {eval_loss:.4f} nats")
+            if logging or evaluating:
+                self.metrics.write(row)
+                self.wandb.log(row)
+                last_row = row
+            remaining = (total_steps - step) * (dt / seg_steps if seg_steps else 0.0)
+            self.progress.update(step, loss=loss, tokens_per_s=tok_s, mfu=row["mfu"], eta_s=remaining)
+            if diverged is not None:
+                msg = (f"run diverged: {diverged}; stopped (lower optim.lr={cfg.optim.lr:g}, "
+                       f"or raise divergence_factor)")
+                self.progress.message(msg)
+                print(msg, file=sys.stderr)
+                self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
+                return self.finish("diverged", error=msg)
+            if saving:
+                meta = {"step": step, "best_loss": best if math.isfinite(best) else None, "train_s": train_s,
+                        "total_steps": total_steps, "config_hash": resolved["config_hash"]}
+                self.ckpt.save(step, state, self.iterator.get_state(), meta)
+            if over_time:
+                break
+            seg_t, seg_step = time.perf_counter(), step
+
+        self.progress.close()
+        self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
+        return self.finish("done")
+
+    def _peek_meta(self) -> dict | None:
+        """Metadata of the newest checkpoint (for a seconds budget's planned step count)."""
+        steps = self.ckpt.steps()
+        for s in reversed(steps):
+            p = self.ckpt.directory / str(s) / "meta" / "metadata"
+            try:
+                return json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def _base_summary(self, step: int, total_steps: int) -> dict:
+        r = self.resolved
+        pc = r["params"]
+        return {
+            "state": "running", "error": None, "steps": step, "total_steps": total_steps,
+            "N": pc.get("active_non_embedding"), "N_total": pc.get("total"), "N_active": pc.get("active"),
+            "N_embedding": pc.get("embedding"), "config_hash": r["config_hash"],
+            "corpus_sha256": self.corpus.get("sha256"),
+        }
+
+    def _figures(self, step, last_row, eval_loss, session_tokens, session_s, train_s, peak) -> dict:
+        r = self.resolved
+        tokens = step * r["tokens_per_step"]
+        tok_s = session_tokens / session_s if session_s > 0 else float("nan")
+        n_train = float(self.corpus.get("n_train_tokens") or 0)
+        return {
+            "steps": step, "tokens": tokens, "D": tokens,
+            "flops": tokens * r["train_flops_per_token"], "C": tokens * r["train_flops_per_token"],
+            "flops_6n": tokens * r["six_n_flops_per_token"],
+            "final_eval_loss": eval_loss, "final_train_loss": last_row.get("loss"),
+            "tokens_per_s": tok_s, "mfu": tok_s * r["train_flops_per_token"] / peak,
+            "wall_s": train_s, "total_s": time.perf_counter() - self.t_start,
+            "epochs": tokens / n_train if n_train else None,
+        }
+
+    def finish(self, state: str, error: str | None = None) -> dict:
+        self.summary.update(state=state, error=error)
+        write_json_atomic(self.out / "summary.json", self.summary)
+        if self.wandb is not None:
+            self.wandb.summary(self.summary)
+        return self.summary
+
+    def close(self) -> None:
+        for thing in (self.progress, self.metrics, self.wandb, self.ckpt):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:
+                    pass
+        self.ctx.__exit__(None, None, None)

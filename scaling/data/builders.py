@@ -224,8 +224,17 @@ def local_text_builder(path: str):
 
 def read_split(builder, split: str, feature: str = "text") -> list[bytes]:
     """All values of ``feature`` in ``split``, in record order, via the array_record data source."""
+    return [r[0] for r in read_records(builder, split, (feature,))]
+
+
+def read_records(builder, split: str, features: tuple[str, ...]) -> list[tuple[bytes, ...]]:
+    """``features`` of every record of ``split`` (record order), decoded once, as bytes."""
     src = builder.as_data_source(split=split)
-    return [_as_bytes(src[i][feature]) for i in range(len(src))]
+    out = []
+    for i in range(len(src)):
+        rec = src[i]
+        out.append(tuple(_as_bytes(rec[f]) for f in features))
+    return out
 
 
 def _as_bytes(v) -> bytes:

@@ -93,9 +93,7 @@ def _local(source: str, path: Optional[str], cache_dir: str) -> Corpus:
     # Sort by path so the stream does not depend on the record order tfds chose when writing.
     splits = {}
     for split in ("train", "validation"):
-        paths = builders.read_split(builder, split, "path")
-        texts = builders.read_split(builder, split, "text")
-        splits[split] = [t for _, t in sorted(zip(paths, texts))]
+        splits[split] = [t for _, t in sorted(builders.read_records(builder, split, ("path", "text")))]
     return _from_documents(name, splits["train"], splits["validation"])
 
 

@@ -229,6 +229,7 @@ def test_bad_inputs_name_the_field(data_dir, tmp_path):
     assert err(source="local_text", path=str(small), seq_len=4096).startswith("data.seq_len:")
     assert err(source="local_text", path=str(small), seq_len=8, batch_size=512).startswith("data.batch_size:")
     assert err(source="local_text", path=str(small), seq_len=8, batch_size=4, eval_batches=50).startswith("data.eval_batches:")
+    assert err(source="local_text", path=str(small), seq_len=8, batch_size=4, shuffle_seed=-1).startswith("data.shuffle_seed:")
     # A single file still gets a fixed held-out tail.
     one = _write_text_dir(tmp_path / "one", n_files=1, size=5000)
     info = corpus.corpus_info(DataConfig(source="local_text", path=str(one), seq_len=8, batch_size=2, eval_batches=1))

@@ -17,7 +17,7 @@ single-host global batch.
 
 Why a vectorised batch function instead of ``MapDataset.shuffle().batch()``: grain shuffles
 per element through a Python call chain, measured at ~0.8 ms for a 32 x 129 batch on this
-machine; one numpy gather per batch costs a few tens of microseconds. grain still provides the
+machine; one vectorised numpy gather per batch costs ~0.1-0.16 ms in all. grain still provides the
 dataset, the iterator and its checkpointable state.
 """
 
@@ -114,6 +114,10 @@ def make_train_iterator(cfg: DataConfig, *, seed: int, process_index: int = 0, p
     exactly. Raises ``ConfigError`` for a batch that does not split over hosts or a corpus too
     small for the shapes asked.
     """
+    if int(seed) < 0:
+        raise ConfigError(f"seed: must be >= 0 (it seeds the data order), got {seed}")
+    if cfg.shuffle_seed < 0:
+        raise ConfigError(f"data.shuffle_seed: must be >= 0, got {cfg.shuffle_seed}")
     if not (0 <= process_index < process_count):
         raise ConfigError(f"process_index: {process_index} is not in [0, {process_count})")
     if cfg.batch_size % process_count:

@@ -130,6 +130,7 @@ class FrontierResult:
     backtest: dict | None = None
     boot: np.ndarray | None = field(default=None, repr=False)  # [n_boot, 4]: a, b, n_icpt, d_icpt
     data: pd.DataFrame | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)  # budget index of each row of data
 
     @property
     def params(self) -> dict[str, float]:
@@ -214,6 +215,9 @@ def isoflop(
         df["D"] = df["C"] / (6.0 * df["N"])
         notes.append("no D column: using D = C / (6 N)")
     io.require(df, ["C", "N", "D", "loss"], what=what, min_points=6)
+    if budget_col is None:
+        # a sweep store names each trial's nominal budget; counted FLOPs scatter around it
+        budget_col = next((c for c in ("budget", "bucket") if c in df.columns and pd.api.types.is_numeric_dtype(df[c])), None)
     labels, centers = _budgets(df, budget_col, tol_dex)
     if len(centers) < 2:
         raise UsageError(
@@ -232,7 +236,7 @@ def isoflop(
             "(add model sizes on both sides of the optimum, or name the budget column: budget_col=/--budget-column)"
         )
     a, b, ni, di = fit
-    res = FrontierResult("2", method, a, b, ni, di, m, warnings=warnings, notes=notes, data=df)
+    res = FrontierResult("2", method, a, b, ni, di, m, warnings=warnings, notes=notes, data=df, labels=labels)
     if bootstrap:
         rng = np.random.default_rng(seed)
         N, L, D = (df[c].to_numpy(float) for c in ("N", "loss", "D"))
@@ -286,6 +290,8 @@ def envelope(
             if alt in df.columns:
                 run_col = alt
                 break
+    if "D" not in df.columns and "tokens" in df.columns:
+        df["D"] = df["tokens"]
     if "D" not in df.columns and {"C", "N"} <= set(df.columns):
         df["D"] = df["C"] / (6.0 * df["N"])
     io.require(df, [run_col], what=what, positive=False)

@@ -1,0 +1,222 @@
+"""``scaling fit`` and ``scaling plot``.
+
+    scaling fit TABLE_OR_SWEEP --law chinchilla|powerlaw|isoflop|kaplan|bcrit|clark|krajewski
+        [--bootstrap N] [--holdout-largest K] [--json] [--plot out.png]
+        [--columns N=N_params,D=D_tokens] [--where "epoch_outlier_excluded == 0"]
+    scaling plot SWEEP_OR_TABLE --figure isoflop|frontier|nopt|bcrit|moe --out FILE.png
+
+Bad input raises ``UsageError`` (exit 2) naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+
+from scaling.cli import UsageError
+
+LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "clark", "krajewski")
+FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe")
+
+
+def _common(p) -> None:
+    p.add_argument("input", help="CSV/JSONL table or sweep directory")
+    p.add_argument("--columns", help="renames CANONICAL=SOURCE, e.g. N=N_params,D=D_tokens,C=C_flop")
+    p.add_argument("--where", help='pandas query to keep rows, e.g. "epoch_outlier_excluded == 0"')
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=("parabola", "akima"), default="parabola", help="IsoFLOP minimum (approach 2)")
+    p.add_argument("--budget-column", dest="budget_col", help="column naming each run's compute budget (IsoFLOP)")
+    p.add_argument("--x", default="C", help="input variable of --law powerlaw: C (FLOPs), N or D")
+    p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fit", help="fit a scaling law to runs (table or sweep directory)")
+    _common(p)
+    p.add_argument("--law", required=True, choices=LAWS)
+    p.add_argument("--holdout-largest", dest="holdout", type=int, default=0, metavar="K", help="backtest: refit without the largest K budgets and score them")
+    p.add_argument("--predict", action="append", default=[], metavar="COL=V[,V..]", help="e.g. C=1e21,1e22 or N=1e9 --predict D=2e10")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="PNG", help="save the matching figure")
+    p.set_defaults(func=run_fit)
+
+    q = sub.add_parser("plot", help="scaling-law figures from runs")
+    _common(q)
+    q.add_argument("--figure", required=True, choices=FIGURES)
+    q.add_argument("--out", required=True, metavar="PNG")
+    q.add_argument("--by", default=None, help="MoE figure: group by E (experts) or G (granularity)")
+    q.add_argument("--law", default=None, choices=("clark", "krajewski", "chinchilla"), help="law drawn on the figure")
+    q.set_defaults(func=run_plot)
+
+
+def _predict_inputs(specs: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise UsageError(f"--predict: expected COL=V[,V..], got {spec!r}")
+        k, v = spec.split("=", 1)
+        try:
+            out[k.strip()] = np.array([float(x) for x in v.split(",") if x.strip()])
+        except ValueError:
+            raise UsageError(f"--predict: values of {k} must be numbers, got {v!r}")
+    return out
+
+
+def _fit(args):
+    from scaling.fit import batch, extrapolate, isoflop, parametric
+
+    kw = dict(columns=args.columns, where=args.where)
+    if args.law == "isoflop":
+        res = isoflop.isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, **kw)
+    elif args.law == "bcrit":
+        res = batch.tradeoff(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
+    else:
+        fitters = {
+            "chinchilla": parametric.chinchilla,
+            "powerlaw": lambda d, **k: parametric.saturating(d, x=args.x, **k),
+            "kaplan": parametric.kaplan,
+            "clark": parametric.clark,
+            "krajewski": parametric.krajewski,
+        }
+        res = fitters[args.law](args.input, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta, **kw)
+    if args.predict:
+        inp = _predict_inputs(args.predict)
+        if args.law == "isoflop":
+            if set(inp) != {"C"}:
+                raise UsageError("--predict: an IsoFLOP fit predicts from C only (C=1e21,...)")
+            table = res.predict(inp["C"])
+        elif args.law == "bcrit":
+            if set(inp) != {"loss"}:
+                raise UsageError("--predict: a B_crit fit predicts from loss only (loss=2.5,...)")
+            table = res.predict(inp["loss"])
+        else:
+            table = res.predict(**inp)
+        res.predictions = table.replace({np.nan: None}).to_dict(orient="records")
+    if args.holdout:
+        if args.law == "bcrit":
+            raise UsageError("--holdout-largest: not available for --law bcrit")
+        fkw = {"method": args.method} if args.law == "isoflop" else {"delta": args.delta}
+        if args.law == "powerlaw":
+            raise UsageError("--holdout-largest: use --law chinchilla or isoflop (powerlaw backtest is not wired to --x)")
+        res.backtest = extrapolate.backtest(args.input, args.law, args.holdout, budget_col=args.budget_col, **kw, **fkw)
+    return res
+
+
+def _clean(o):
+    """JSON-safe: numpy scalars -> Python, NaN/inf -> null."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        v = float(o)
+        return v if math.isfinite(v) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
+
+
+def _print_table(d: dict) -> None:
+    print(f"law: {d.get('law')}" + (f"   {d['formula']}" if d.get("formula") else ""))
+    ci = d.get("ci", {})
+    print(f"{'param':>10} {'value':>14} {'95% CI':>30}")
+    for k, v in d.get("params", {}).items():
+        c = ci.get(k)
+        cs = f"[{c[0]:.6g}, {c[1]:.6g}]" if c and None not in c else "-"
+        print(f"{k:>10} {v:>14.6g} {cs:>30}")
+    if d.get("objective") is not None:
+        print(f"objective: {d['objective']:.6g}" + (f"  (Huber delta {d['delta']:g}, summed on log residuals)" if "delta" in d else ""))
+    if "n_starts" in d:
+        print(f"starts: {d['n_starts']} ({d['n_converged']} converged); best start converged: {d['converged']}; points: {d['n_points']}")
+    if d.get("n_boot"):
+        print(f"bootstrap: {d['n_boot']} resamples")
+    if d.get("a") is not None and "a" not in d.get("params", {}):
+        a_ci, b_ci = ci.get("a"), ci.get("b")
+        print(f"compute-optimal: N_opt ~ C^a, a = {d['a']:.4f}" + (f" [{a_ci[0]:.4f}, {a_ci[1]:.4f}]" if a_ci else ""))
+        print(f"                 D_opt ~ C^b, b = {d['b']:.4f}" + (f" [{b_ci[0]:.4f}, {b_ci[1]:.4f}]" if b_ci else ""))
+    for t in d.get("targets", []):
+        print(f"  target L={t['target']:.4g}: S_min={t['S_min']:.4g} steps, E_min={t['E_min']:.4g}, B_crit={t['B_crit']:.4g}")
+    if d.get("table") and d.get("law", "").startswith("isoflop"):
+        for t in d["table"]:
+            n = f"{t['N_opt']:.4g}" if t["N_opt"] is not None else "-"
+            print(f"  C={t['C']:.4g}: N_opt={n} ({t['n_points']} sizes){' ' + t['flag'] if t['flag'] else ''}")
+    for p in d.get("predictions", []):
+        print("prediction: " + ", ".join(f"{k}={v:.5g}" for k, v in p.items() if v is not None))
+    if d.get("backtest"):
+        bt = d["backtest"]
+        keys = [k for k in ("mae", "mape", "max_abs_err", "bias", "mean_abs_log_err_N") if bt.get(k) is not None]
+        print(f"backtest (held out budgets {', '.join(f'{c:.3g}' for c in bt['holdout_budgets'])}): "
+              + ", ".join(f"{k}={bt[k]:.4g}" for k in keys))
+    for n in d.get("notes", []):
+        print(f"note: {n}")
+    for w in d.get("warnings", []):
+        print(f"warning: {w}")
+
+
+def run_fit(args) -> int:
+    res = _fit(args)
+    d = _clean(res.to_dict())
+    if args.plot:
+        _plot_for_fit(args, res)
+        d["plot"] = args.plot
+    if args.json:
+        print(json.dumps(d))
+    else:
+        _print_table(d)
+    return 0
+
+
+def _plot_for_fit(args, res) -> None:
+    from scaling.fit import io, plots
+
+    if args.law == "isoflop":
+        plots.isoflop(res, out=args.plot)
+    elif args.law == "bcrit":
+        plots.bcrit(res, out=args.plot)
+    elif args.law == "chinchilla":
+        df, _ = io.load_table(args.input, columns=args.columns, where=args.where)
+        if "C" not in df.columns:
+            df["C"] = 6.0 * df["N"] * df["D"]
+        plots.frontier(df, res, out=args.plot)
+    elif args.law in ("clark", "krajewski"):
+        df, _ = io.load_table(args.input, columns=args.columns, where=args.where)
+        plots.moe(df, by="E" if args.law == "clark" else "G", fit=res, out=args.plot)
+    else:
+        df, _ = io.load_table(args.input, columns=args.columns, where=args.where)
+        plots.law1d(df, res, out=args.plot)
+
+
+def run_plot(args) -> int:
+    from scaling.fit import batch, io, isoflop, parametric, plots
+
+    kw = dict(columns=args.columns, where=args.where)
+    fig = args.figure
+    if fig in ("isoflop", "nopt"):
+        res = isoflop.isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, **kw)
+        (plots.isoflop if fig == "isoflop" else plots.nopt)(res, out=args.out)
+    elif fig == "frontier":
+        df, _ = io.load_table(args.input, **kw)
+        io.require(df, ["C", "loss", "N"], what="--figure frontier", min_points=1)
+        fit = None
+        if "D" in df.columns:
+            fit = parametric.chinchilla(df, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta)
+        plots.frontier(df, fit, out=args.out)
+    elif fig == "bcrit":
+        plots.bcrit(batch.tradeoff(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw), out=args.out)
+    elif fig == "moe":
+        df, _ = io.load_table(args.input, **kw)
+        by = args.by or ("G" if "G" in df.columns and df["G"].nunique() > 1 else "E")
+        io.require(df, ["N", "loss", by], what="--figure moe", min_points=2)
+        fit = None
+        law = args.law or ("krajewski" if by == "G" and "D" in df.columns else "clark" if by == "E" else None)
+        if law in ("clark", "krajewski"):
+            fit = getattr(parametric, law)(df, delta=args.delta)
+        plots.moe(df, by=by, fit=fit, out=args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0

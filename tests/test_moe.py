@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scaling.config import ConfigError, MeshConfig, ModelConfig, MoEConfig, TrainConfig
+from scaling.models.layers import MLP
 from scaling.models.moe import MoELayer, capacity
 
 
@@ -99,37 +100,13 @@ def test_one_expert_top1_equals_dense_mlp(activation):
 
 
 def _dense_mlp_with_weights(cfg, m):
-    """The dense model's MLP carrying expert 0's weights."""
-    w_in, w_out = m.w_in[0], m.w_out[0]
-    w_gate = None if m.w_gate is None else m.w_gate[0]
-    try:
-        from scaling.models.layers import MLP
-    except ImportError:  # dense layers not written yet: the textbook MLP
-        def mlp(x):
-            h = x @ w_in
-            h = jax.nn.silu(x @ w_gate) * h if w_gate is not None else jax.nn.gelu(h)
-            return h @ w_out
-
-        return mlp
+    """The dense model's MLP (scaling.models.layers.MLP) carrying expert 0's weights."""
     dense = MLP(cfg, rngs=nnx.Rngs(0))
-    _load_dense_weights(dense, w_in, w_gate, w_out)
-    return lambda x: _first(dense(x))
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _load_dense_weights(dense, w_in, w_gate, w_out):
-    params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(dense, nnx.Param))}
-    assert len(params) == (2 if w_gate is None else 3), f"unexpected dense MLP params {list(params)}"
-    for name, var in params.items():
-        if var.shape == w_out.shape and var.shape != w_in.shape:
-            var[...] = w_out
-        elif "gate" in name:
-            var[...] = w_gate
-        else:
-            var[...] = w_in
+    dense.w_in[...] = m.w_in[0]
+    dense.w_out[...] = m.w_out[0]
+    if m.w_gate is not None:
+        dense.w_gate[...] = m.w_gate[0]
+    return lambda x: dense(x)[0]
 
 
 @pytest.mark.parametrize("backend", ["einsum", "ragged_dot"])

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling.config import ModelConfig
+from scaling.models.layers import param
 
 
 def n_selected(capacity: float, seq_len: int) -> int:
@@ -48,11 +49,6 @@ def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean(jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
 
-def _param(rngs: nnx.Rngs, shape, axes, std: float) -> nnx.Param:
-    init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), eager_sharding=False)
-
-
 class MoDBlock(nnx.Module):
     """A routed block: ``(x_BxLxD, **kw) -> (x_BxLxD, aux)`` with only top-k tokens processed."""
 
@@ -62,11 +58,11 @@ class MoDBlock(nnx.Module):
         self.cfg = cfg
         self.block = block
         d = cfg.d_model
-        self.router = _param(rngs, (d,), ("embed",), cfg.init_std)
+        self.router = param(rngs, (d,), ("embed",), cfg.init_std)
         if cfg.mod.causal_aux == "predictor":
             h = max(8, d // 8)
-            self.pred_in = _param(rngs, (d, h), ("embed", None), 1.0 / math.sqrt(d))
-            self.pred_out = _param(rngs, (h,), (None,), 1.0 / math.sqrt(h))
+            self.pred_in = param(rngs, (d, h), ("embed", None), 1.0 / math.sqrt(d))
+            self.pred_out = param(rngs, (h,), (None,), 1.0 / math.sqrt(h))
         else:
             self.pred_in = self.pred_out = None
 

@@ -63,6 +63,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from scaling.config import ModelConfig
+from scaling.models.layers import _out_std, activation_fn, compute_dtype, param
 
 _MAX_LOAD_METRICS = 16  # per-expert load entries only for small expert counts
 
@@ -100,16 +101,6 @@ def resolve_backend(cfg: ModelConfig) -> str:
     if b == "auto":
         return "einsum" if jax.default_backend() == "cpu" else "ragged_dot"
     return b
-
-
-def activation(cfg: ModelConfig):
-    """The MLP nonlinearity of the dense model (kept identical so 1 expert == dense MLP)."""
-    try:  # the dense layers own the definition when they exist
-        from scaling.models.layers import activation_fn  # type: ignore
-
-        return activation_fn(cfg)
-    except ImportError:
-        return jax.nn.gelu
 
 
 def rank_within_expert(e_N: jax.Array, n_experts: int) -> jax.Array:
@@ -152,13 +143,6 @@ def constrain_dispatch(x_GxExCxD: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def _param(rngs: nnx.Rngs, shape, axes, std: float) -> nnx.Param:
-    # Logical axes go in the metadata; placement on a mesh is left to
-    # scaling.sharding.create_sharded_model (no eager sharding at construction).
-    init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), eager_sharding=False)
-
-
 class MoELayer(nnx.Module):
     """Routed experts (+ optional always-on shared experts) in place of a dense MLP.
 
@@ -173,27 +157,28 @@ class MoELayer(nnx.Module):
         self.cfg = cfg
         moe = cfg.moe
         d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_routed
-        std = cfg.init_std
-        self.router = _param(rngs, (d, e), ("embed", None), std)
-        self.w_in = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), std)
-        self.w_gate = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), std) if cfg.activation == "swiglu" else None
-        self.w_out = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), std)
+        std, out_std = cfg.init_std, _out_std(cfg)  # the dense MLP's initialisation
+        swiglu = cfg.activation == "swiglu"
+        self.router = param(rngs, (d, e), ("embed", None), std)
+        self.w_in = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std)
+        self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std) if swiglu else None
+        self.w_out = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std)
         if moe.n_shared_experts:
             fs = moe.n_shared_experts * f
-            self.s_in = _param(rngs, (d, fs), ("embed", "mlp"), std)
-            self.s_gate = _param(rngs, (d, fs), ("embed", "mlp"), std) if cfg.activation == "swiglu" else None
-            self.s_out = _param(rngs, (fs, d), ("mlp", "embed"), std)
+            self.s_in = param(rngs, (d, fs), ("embed", "mlp"), std)
+            self.s_gate = param(rngs, (d, fs), ("embed", "mlp"), std) if swiglu else None
+            self.s_out = param(rngs, (fs, d), ("mlp", "embed"), out_std)
         else:
             self.s_in = self.s_gate = self.s_out = None
 
     # ---- expert computation ----------------------------------------------------------------
     def _dtype(self):
-        return jnp.bfloat16 if self.cfg.dtype == "bfloat16" else jnp.float32
+        return compute_dtype(self.cfg)
 
     def _experts(self, x_GxExCxD: jax.Array) -> jax.Array:
         """Batched expert MLPs over padded slots: [G, E, C, d] -> [G, E, C, d]."""
         dt = self._dtype()
-        act = activation(self.cfg)
+        act = activation_fn(self.cfg)
         x = constrain_dispatch(x_GxExCxD.astype(dt))
         h = jnp.einsum("gecd,edf->gecf", x, self.w_in[...].astype(dt))
         if self.w_gate is not None:
@@ -206,7 +191,7 @@ class MoELayer(nnx.Module):
     def _experts_ragged(self, x_NxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
         """Grouped matmuls over expert-sorted rows: [N, d] -> [N, d]."""
         dt = self._dtype()
-        act = activation(self.cfg)
+        act = activation_fn(self.cfg)
         x = x_NxD.astype(dt)
         h = jax.lax.ragged_dot(x, self.w_in[...].astype(dt), group_sizes_E)
         if self.w_gate is not None:
@@ -222,7 +207,7 @@ class MoELayer(nnx.Module):
         if self.s_gate is not None:
             h = jax.nn.silu(x @ self.s_gate[...].astype(dt)) * h
         else:
-            h = activation(self.cfg)(h)
+            h = activation_fn(self.cfg)(h)
         return h @ self.s_out[...].astype(dt)
 
     # ---- routing -----------------------------------------------------------------------------

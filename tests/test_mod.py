@@ -1,0 +1,158 @@
+"""Mixture-of-depths: equivalence with the dense block, gathered attention equal to a masked
+dense computation in original positions, router losses and metrics, bad configs."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scaling.config import ConfigError, MoDConfig, ModelConfig, MoEConfig
+from scaling.models.layers import Block, rope
+from scaling.models.mod import MoDBlock, n_selected
+from scaling.models.transformer import Transformer
+
+
+def _cfg(**mod):
+    return ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, init_std=0.2, mod=MoDConfig(**mod))
+
+
+def _x(B=2, L=16, D=32, seed=1):
+    return jax.random.normal(jax.random.key(seed), (B, L, D))
+
+
+def _positions(B, L):
+    return jnp.broadcast_to(jnp.arange(L), (B, L))
+
+
+def test_capacity_one_without_router_scaling_equals_dense_block():
+    cfg = _cfg(capacity=1.0, router_scale=False)
+    block = Block(cfg, rngs=nnx.Rngs(0))
+    routed = MoDBlock(cfg, block, rngs=nnx.Rngs(1))
+    x = _x()
+    y_dense, _ = block(x, positions=_positions(2, 16))
+    y_mod, aux = routed(x, positions=_positions(2, 16))
+    np.testing.assert_allclose(np.asarray(y_mod), np.asarray(y_dense), atol=1e-5, rtol=1e-5)
+    assert float(aux["mod/selected_fraction"]) == 1.0
+
+
+def test_capacity_one_transformer_equals_dense_transformer():
+    dense = Transformer(ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2), rngs=nnx.Rngs(0))
+    routed = Transformer(_cfg(capacity=1.0, router_scale=False, every=1), rngs=nnx.Rngs(0))
+    nnx.update(routed.embed, nnx.state(dense.embed))
+    nnx.update(routed.final_norm, nnx.state(dense.final_norm))
+    for rb, db in zip(routed.blocks, dense.blocks):
+        nnx.update(rb.block, nnx.state(db))
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+    np.testing.assert_allclose(np.asarray(routed(tokens)[0]), np.asarray(dense(tokens)[0]), atol=1e-5, rtol=1e-5)
+
+
+def _masked_dense_reference(routed: MoDBlock, x, selected_BxL):
+    """The routed block written as a dense computation: every token's q/k/v at its true
+    position, attention masked to selected keys (causal), the MLP on all tokens, and only the
+    selected tokens' updates (scaled by sigmoid of the router logit) added back."""
+    blk, cfg = routed.block, routed.cfg
+    B, L, D = x.shape
+    H, E = cfg.n_heads, cfg.resolved_head_dim
+    pos = _positions(B, L)
+    h = blk.attn_norm(x)
+    q = rope(jnp.einsum("bld,dhe->blhe", h, blk.attn.wq[...]), pos, cfg.rope_theta)
+    k = rope(jnp.einsum("bld,dhe->blhe", h, blk.attn.wk[...]), pos, cfg.rope_theta)
+    v = jnp.einsum("bld,dhe->blhe", h, blk.attn.wv[...])
+    s = jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(E)
+    allowed = jnp.tril(jnp.ones((L, L), bool))[None, None] & selected_BxL[:, None, None, :]
+    p = jax.nn.softmax(jnp.where(allowed, s, -1e30), axis=-1)
+    a = jnp.einsum("bhqk,bkhe->bqhe", p, v)
+    x1 = x + jnp.einsum("blhe,hed->bld", a, blk.attn.wo[...])
+    y = x1 + blk.mlp(blk.mlp_norm(x1))[0]
+    w = jax.nn.sigmoid(routed.router_logits(x))
+    return jnp.where(selected_BxL[..., None], x + w[..., None] * (y - x), x)
+
+
+@pytest.mark.parametrize("capacity", [0.25, 0.5])
+def test_gathered_block_equals_masked_dense_computation(capacity):
+    cfg = _cfg(capacity=capacity)
+    routed = MoDBlock(cfg, Block(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    x = _x()
+    y, aux = routed(x, positions=_positions(2, 16))
+    k = n_selected(capacity, 16)
+    logits = routed.router_logits(x)
+    kth = jnp.sort(logits, axis=-1)[:, -k][:, None]
+    selected = logits >= kth
+    assert int(selected.sum()) == 2 * k
+    np.testing.assert_allclose(np.asarray(y), np.asarray(_masked_dense_reference(routed, x, selected)), atol=2e-5, rtol=1e-5)
+    assert np.array_equal(np.asarray(y)[~np.asarray(selected)], np.asarray(x)[~np.asarray(selected)])  # skipped: untouched
+    assert float(aux["mod/selected_fraction"]) == pytest.approx(k / 16)
+
+
+def test_router_learns_through_the_output_scale_and_aux_loss_is_bce():
+    cfg = _cfg(capacity=0.25, aux_loss_weight=0.1)
+    routed = MoDBlock(cfg, Block(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    x = _x()
+
+    def out_loss(m):
+        return jnp.mean(m(x, positions=_positions(2, 16))[0] ** 2)
+
+    assert float(jnp.abs(nnx.grad(out_loss)(routed).router[...]).sum()) > 0
+    _, aux = routed(x, positions=_positions(2, 16))
+    logits = np.asarray(routed.router_logits(x), np.float64)
+    member = logits >= np.sort(logits, axis=-1)[:, -4][:, None]
+    bce = np.mean(np.logaddexp(0, logits) - logits * member)
+    assert float(aux["mod/causal_bce"]) == pytest.approx(bce, rel=1e-5)
+    assert float(aux["aux_loss"]) == pytest.approx(0.1 * bce, rel=1e-5)
+    acc = np.mean((logits > 0) == member)
+    assert float(aux["mod/causal_accuracy"]) == pytest.approx(acc)
+    w = 1 / (1 + np.exp(-logits[member]))
+    assert float(aux["mod/router_weight_mean"]) == pytest.approx(w.mean(), rel=1e-5)
+    assert float(aux["mod/router_weight_std"]) == pytest.approx(w.std(), rel=1e-4)
+
+
+def test_predictor_learns_top_k_membership_without_touching_the_model():
+    cfg = _cfg(capacity=0.25, causal_aux="predictor", aux_loss_weight=1.0)
+    routed = MoDBlock(cfg, Block(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    x = _x(B=8)
+    pos = _positions(8, 16)
+
+    def aux_loss(m):
+        return m(x, positions=pos)[1]["aux_loss"]
+
+    grads = nnx.grad(aux_loss)(routed)
+    assert float(jnp.abs(grads.router[...]).sum()) == 0.0  # stop-gradient: routing untouched
+    assert float(jnp.abs(grads.pred_in[...]).sum()) > 0
+    acc0 = float(routed(x, positions=pos)[1]["mod/causal_accuracy"])
+
+    @nnx.jit
+    def sgd(m):
+        g = nnx.grad(aux_loss)(m)
+        m.pred_in[...] -= 0.5 * g.pred_in[...]
+        m.pred_out[...] -= 0.5 * g.pred_out[...]
+
+    for _ in range(150):
+        sgd(routed)
+    acc = float(routed(x, positions=pos)[1]["mod/causal_accuracy"])
+    assert acc > max(acc0, 0.9)
+
+
+def test_mod_over_moe_block_passes_moe_losses_and_metrics():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2,
+                      moe=MoEConfig(n_experts=4, top_k=1, aux_loss_weight=0.5),
+                      mod=MoDConfig(capacity=0.5, aux_loss_weight=0.0))
+    routed = MoDBlock(cfg, Block(cfg, moe=True, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    _, aux = routed(_x(), positions=_positions(2, 16))
+    assert float(aux["aux_loss"]) == pytest.approx(0.5 * float(aux["moe/lb_loss"]) + 1e-3 * float(aux["moe/z_loss"]), rel=1e-5)
+    assert "mod/selected_fraction" in aux and "moe/drop_fraction" in aux
+
+
+@pytest.mark.parametrize("capacity", [0.0, -0.5, 1.5])
+def test_capacity_outside_unit_interval_is_rejected(capacity):
+    with pytest.raises(ConfigError, match=r"^model\.mod\.capacity: must be in \(0, 1\]"):
+        MoDConfig(capacity=capacity)
+
+
+def test_selected_count_rounds_up():
+    assert n_selected(0.125, 128) == 16
+    assert n_selected(0.125, 100) == 13
+    assert n_selected(0.01, 16) == 1
+    assert n_selected(1.0, 16) == 16

@@ -1,0 +1,86 @@
+"""Small helpers shared by the analysis notebooks: paths, the smoke switch, figures, results.
+
+The notebooks import this module from their own directory (``python analysis/X.py`` puts
+``analysis/`` on ``sys.path``; Jupyter and ``jupytext --execute`` run with it as the cwd).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+import scaling
+
+# The repository root of an editable install (``scaling/`` sits in it).
+REPO = Path(scaling.__file__).resolve().parents[1]
+
+
+def smoke() -> bool:
+    """``SCALING_SMOKE=1``: tiny budgets that run in seconds to a minute (used by the tests)."""
+    return os.environ.get("SCALING_SMOKE", "0").strip().lower() in ("1", "true", "yes")
+
+
+def out_dir(notebook: str) -> Path:
+    """Where a notebook writes its figures and ``results.json``: ``$SCALING_ANALYSIS_OUT`` or
+    ``analysis/out/<notebook>/``."""
+    env = os.environ.get("SCALING_ANALYSIS_OUT")
+    path = Path(env) if env else REPO / "analysis" / "out" / notebook
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def runs_dir(notebook: str, sweep: str) -> Path:
+    """Where a notebook's sweep lives: ``$SCALING_RUNS_DIR/<sweep>`` or ``runs/<sweep>`` under the
+    repo (smoke runs go under the output dir so they never mix with a real sweep)."""
+    env = os.environ.get("SCALING_RUNS_DIR")
+    if env:
+        return Path(env) / sweep
+    if smoke():
+        return out_dir(notebook) / "runs" / sweep
+    return REPO / "runs" / sweep
+
+
+def validation_dir() -> Path:
+    """Published-run data: ``$SCALING_VALIDATION_DIR`` or ``../shared/validation`` next to the repo."""
+    return Path(os.environ.get("SCALING_VALIDATION_DIR", REPO.parent / "shared" / "validation"))
+
+
+def save(fig, out: Path, name: str) -> Path:
+    """Write ``fig`` as ``<out>/<name>.png``; shown inline under Jupyter, closed otherwise."""
+    import matplotlib.pyplot as plt
+
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    if "inline" in matplotlib.get_backend():
+        plt.show()
+    else:
+        plt.close(fig)
+    print(f"figure: {path}")
+    return path
+
+
+def _clean(x):
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_results(out: Path, results: dict, name: str = "results.json") -> Path:
+    """Atomically write the notebook's key numbers (NaN -> null)."""
+    path = out / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_clean(results), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    print(f"results: {path}")
+    return path

@@ -1,0 +1,262 @@
+"""Parameters and FLOPs of every architecture: the single source of truth.
+
+Conventions
+-----------
+* A multiply-accumulate is 2 FLOPs. Only matmuls are counted (the element-wise work of norms,
+  activations, softmax, RoPE and the optimizer is left out, as in Kaplan et al. and Chinchilla);
+  ``tests/test_flops.py`` checks the total against XLA's own count of the compiled train step.
+* Attention scores are counted as computed by ``scaling.models.layers.causal_attention``: the
+  full ``L x L`` matrix for ``QK^T`` and for ``softmax(.) V`` (the causal mask does not skip any
+  work), i.e. ``4 * L * H * E`` FLOPs per token per layer. ``causal_attention_flops_per_token``
+  gives the causally halved figure some papers quote (MaxText, Chinchilla's appendix count the
+  causal half; Kaplan drops the ``L`` term entirely) without changing what a run is charged.
+* Training = forward + backward = ``3 x forward`` (the backward pass computes a gradient for
+  both operands of every matmul). The embedding lookup is a gather, not a matmul: 0 FLOPs.
+* Embedding parameters are the vocabulary matrices: the input embedding ``[V, D]`` and, when
+  untied, the output head ``[D, V]`` (tied embeddings are counted once). Everything else,
+  norms included, is non-embedding. ``6N`` uses active non-embedding parameters (Kaplan).
+* Active parameters are those a token touches (routed experts: only its ``top_k * G``).
+
+Structure: per-layer functions take the layer index so each block kind adds its own terms;
+sparse blocks (MoE, MoD) live in the marked section at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scaling.config import ConfigError, ModelConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts (elements). ``active`` counts what one token touches."""
+
+    total: int
+    embedding: int
+    non_embedding: int
+    active: int
+    active_non_embedding: int
+
+
+@dataclass(frozen=True)
+class _Count:
+    total: int
+    active: int
+
+    def __add__(self, other: "_Count") -> "_Count":
+        return _Count(self.total + other.total, self.active + other.active)
+
+
+def _dense(n: int) -> _Count:
+    return _Count(n, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense pieces (shapes exactly as in scaling/models/layers.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _n_mlp_matrices(model: ModelConfig) -> int:
+    return 3 if model.activation == "swiglu" else 2
+
+
+def _dense_mlp_params(model: ModelConfig, d_ff: int) -> int:
+    return _n_mlp_matrices(model) * model.d_model * d_ff
+
+
+def _attention_params(model: ModelConfig) -> int:
+    D, H, K, E = model.d_model, model.n_heads, model.resolved_n_kv_heads, model.resolved_head_dim
+    qk_norm = 2 * E if model.qk_norm else 0
+    return D * H * E + 2 * D * K * E + H * E * D + qk_norm
+
+
+def _block_params(model: ModelConfig, i: int) -> _Count:
+    norms = 2 * model.d_model
+    count = _dense(norms + _attention_params(model)) + _mlp_params(model, i)
+    if model.is_mod_layer(i):
+        count = count + _mod_router_params(model, i)
+    return count
+
+
+def _mlp_params(model: ModelConfig, i: int) -> _Count:
+    if model.is_moe_layer(i):
+        return _moe_mlp_params(model, i)
+    return _dense(_dense_mlp_params(model, model.resolved_d_ff))
+
+
+def param_counts(model: ModelConfig) -> ParamCounts:
+    """Parameter counts of ``Transformer(model)``; equal to the sizes of its ``nnx.Param`` state."""
+    V, D = model.vocab_size, model.d_model
+    embedding = V * D * (1 if model.tie_embeddings else 2)
+    body = _dense(D)  # final norm
+    for i in range(model.n_layers):
+        body = body + _block_params(model, i)
+    return ParamCounts(
+        total=embedding + body.total,
+        embedding=embedding,
+        non_embedding=body.total,
+        active=embedding + body.active,
+        active_non_embedding=body.active,
+    )
+
+
+def _mm(m_in: int, n_out: int) -> float:
+    """FLOPs per token of a ``[.., m_in] x [m_in, n_out]`` matmul."""
+    return 2.0 * m_in * n_out
+
+
+def _attention_projection_flops_per_token(model: ModelConfig) -> float:
+    D, H, K, E = model.d_model, model.n_heads, model.resolved_n_kv_heads, model.resolved_head_dim
+    return _mm(D, H * E) + 2 * _mm(D, K * E) + _mm(H * E, D)
+
+
+def _attention_score_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """``QK^T`` and ``PV`` over the full ``L x L`` matrix (as computed), per token."""
+    return 2 * _mm(model.n_heads * model.resolved_head_dim, seq_len)
+
+
+def _dense_mlp_flops_per_token(model: ModelConfig, d_ff: int) -> float:
+    return _n_mlp_matrices(model) * _mm(model.d_model, d_ff)
+
+
+def _attention_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
+    return _attention_projection_flops_per_token(model) + _attention_score_flops_per_token(model, seq_len)
+
+
+def _mlp_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
+    if model.is_moe_layer(i):
+        return _moe_mlp_flops_per_token(model, i, seq_len)
+    return _dense_mlp_flops_per_token(model, model.resolved_d_ff)
+
+
+def _block_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
+    if model.is_mod_layer(i):
+        return _mod_block_flops_per_token(model, i, seq_len)
+    return _attention_flops_per_token(model, i, seq_len) + _mlp_flops_per_token(model, i, seq_len)
+
+
+def _head_flops_per_token(model: ModelConfig) -> float:
+    return _mm(model.d_model, model.vocab_size)
+
+
+def forward_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Forward-pass FLOPs per token for sequences of ``seq_len`` tokens: every matmul (attention
+    projections, full ``L x L`` scores and values, MLP, output head), 2 FLOPs per MAC."""
+    return sum(_block_flops_per_token(model, i, seq_len) for i in range(model.n_layers)) + _head_flops_per_token(model)
+
+
+def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward)."""
+    return 3.0 * forward_flops_per_token(model, seq_len)
+
+
+def six_n_flops_per_token(model: ModelConfig) -> float:
+    """Kaplan's approximation: ``6 * N`` with N the active non-embedding parameters."""
+    return 6.0 * param_counts(model).active_non_embedding
+
+
+def causal_attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Forward attention-score FLOPs per token with the causal half only (``(L + 1) / 2`` keys
+    per query on average), summed over layers: the figure papers that skip masked scores quote.
+    Not what this implementation computes (see module docstring)."""
+    H_E = model.n_heads * model.resolved_head_dim
+    total = 0.0
+    for i in range(model.n_layers):
+        frac = _mod_token_fraction(model, i, seq_len)
+        keys = (frac * seq_len + 1) / 2
+        total += frac * 2 * _mm(H_E, 1) * keys
+    return total
+
+
+def steps_for_budget(cfg: TrainConfig) -> int:
+    """Training steps that spend ``cfg.budget``: FLOPs (counted as ``train_flops_per_token``),
+    tokens or steps. Wall-clock budgets (``budget.seconds``) are resolved while training and
+    raise ``ValueError`` here. A budget smaller than one step raises ``ConfigError``."""
+    budget = cfg.budget
+    kind = budget.kind
+    per_step_tokens = cfg.tokens_per_step
+    if kind == "steps":
+        return int(budget.steps)
+    if kind == "seconds":
+        raise ValueError("budget.seconds is a wall-clock budget: the number of steps is known only while training")
+    if kind == "tokens":
+        steps = round(budget.tokens / per_step_tokens)
+        if steps < 1:
+            raise ConfigError(
+                f"budget.tokens: {budget.tokens:g} tokens is less than one step ({per_step_tokens} tokens); "
+                "raise budget.tokens or lower data.batch_size / data.seq_len"
+            )
+        return int(steps)
+    per_step_flops = train_flops_per_token(cfg.model, cfg.data.seq_len) * per_step_tokens
+    steps = round(budget.flops / per_step_flops)
+    if steps < 1:
+        raise ConfigError(
+            f"budget.flops: {budget.flops:.3g} FLOPs is less than one training step ({per_step_flops:.3g} FLOPs); "
+            "raise budget.flops or shrink the model / batch"
+        )
+    return int(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse blocks: mixture-of-experts MLPs and mixture-of-depths routing.
+# Shapes and work follow scaling/models/moe.py and scaling/models/mod.py; their helpers
+# (capacity, expert slots, selected tokens) define what is computed.
+# --------------------------------------------------------------------------------------------
+
+
+def _moe_mlp_params(model: ModelConfig, i: int) -> _Count:
+    """Router ``[D, n_routed]`` + routed experts + shared experts. A token touches the router,
+    its ``k_routed`` experts and the shared experts."""
+    moe = model.moe
+    D, f = model.d_model, model.expert_d_ff
+    router = D * moe.n_routed
+    expert = _dense_mlp_params(model, f)
+    shared = moe.n_shared_experts * expert
+    return _Count(router + moe.n_routed * expert + shared, router + moe.k_routed * expert + shared)
+
+
+def _moe_mlp_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
+    """Router matmul + expert MLPs over the slots actually computed (padded capacity slots
+    count; dropless counts exactly ``k_routed``) + shared experts."""
+    from scaling.models.moe import expert_slots_per_token
+
+    moe = model.moe
+    D, f = model.d_model, model.expert_d_ff
+    router = _mm(D, moe.n_routed)
+    experts = expert_slots_per_token(model, seq_len) * _dense_mlp_flops_per_token(model, f)
+    shared = moe.n_shared_experts * _dense_mlp_flops_per_token(model, f)
+    return router + experts + shared
+
+
+def _mod_router_params(model: ModelConfig, i: int) -> _Count:
+    """The MoD router vector ``[D]`` (+ the optional causal predictor MLP, trained on a
+    stop-gradient copy and not on the token's forward path, so not active)."""
+    D = model.d_model
+    router = _dense(D)
+    if model.mod.causal_aux == "predictor":
+        h = max(8, D // 8)
+        router = router + _Count(D * h + h, 0)
+    return router
+
+
+def _mod_token_fraction(model: ModelConfig, i: int, seq_len: int) -> float:
+    """Fraction of a sequence's tokens that enter block ``i`` (1 for unrouted blocks)."""
+    if not model.is_mod_layer(i):
+        return 1.0
+    from scaling.models.mod import n_selected
+
+    return n_selected(model.mod.capacity, seq_len) / seq_len
+
+
+def _mod_block_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
+    """A routed block runs on ``k`` of ``L`` tokens: attention over ``k x k`` scores and the
+    MLP on ``k`` tokens; the router (``D`` MACs) runs on every token. Averaged per token."""
+    k = round(_mod_token_fraction(model, i, seq_len) * seq_len)
+    frac = k / seq_len
+    inner = _attention_flops_per_token(model, i, k) + _mlp_flops_per_token(model, i, k)
+    router = _mm(model.d_model, 1)
+    if model.mod.causal_aux == "predictor":
+        h = max(8, model.d_model // 8)
+        router += _mm(model.d_model, h) + _mm(h, 1)
+    return frac * inner + router

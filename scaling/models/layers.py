@@ -1,0 +1,196 @@
+"""Dense transformer layers (flax nnx): embedding, RMSNorm, RoPE causal attention, MLP, block.
+
+Conventions (nanodo style): shape-suffixed names, ``B`` batch, ``L`` length, ``D`` d_model,
+``H`` query heads, ``K`` key/value heads, ``G = H / K`` query heads per kv head, ``E`` head_dim,
+``F`` MLP hidden size, ``V`` vocabulary.
+
+Parameters are float32 and carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
+``vocab``) through ``nnx.with_partitioning``; ``scaling.sharding`` maps them to mesh axes and
+places them (no eager sharding at construction). Activations are computed in ``cfg.dtype``
+(float32 or bfloat16); norms, softmax and RoPE angles run in float32.
+
+Every matmul here is counted by ``scaling.flops``; if you add or change one, change it there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling.config import ModelConfig
+
+_MASK_VALUE = -1e30  # large finite negative: exp() underflows to exactly 0, no NaN from inf - inf
+
+
+def compute_dtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def activation_fn(cfg: ModelConfig):
+    """The MLP nonlinearity: GELU (tanh approximation) for ``gelu``; SiLU, the gate of SwiGLU,
+    for ``swiglu``. Shared with ``scaling.models.moe`` so one expert equals the dense MLP."""
+    return jax.nn.silu if cfg.activation == "swiglu" else jax.nn.gelu
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float | None) -> nnx.Param:
+    """A float32 parameter with logical axis names; ``std=None`` initialises to ones."""
+    init = nnx.initializers.ones_init() if std is None else nnx.initializers.normal(std)
+    init = nnx.with_partitioning(init, axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), eager_sharding=False)
+
+
+def _out_std(cfg: ModelConfig) -> float:
+    # Residual-branch output projections are scaled down by sqrt(2 * n_layers) (GPT-2), so the
+    # residual stream's variance at init does not grow with depth.
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale`` over the last axis, computed in float32, returned in x's dtype."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str | None, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, (dim,), (axis_name,), None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding ``[V, D]``; ``attend`` gives the tied output head ``x @ embedding.T``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = compute_dtype(cfg)
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+        """float32 logits ``[B, L, V]`` against the embedding matrix (tied head)."""
+        w_VxD = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("bld,vd->blv", x_BxLxD, w_VxD, preferred_element_type=jnp.float32)
+
+
+def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotate-half layout (pairs ``(i, i + E/2)``), float32 angles."""
+    E = x_BxLxNxE.shape[-1]
+    freq_F = theta ** (-jnp.arange(0, E // 2, dtype=jnp.float32) * 2.0 / E)
+    angle_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * freq_F
+    cos = jnp.cos(angle_BxLxF)[:, :, None, :]
+    sin = jnp.sin(angle_BxLxF)[:, :, None, :]
+    x32 = x_BxLxNxE.astype(jnp.float32)
+    x1, x2 = x32[..., : E // 2], x32[..., E // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxNxE.dtype)
+
+
+def causal_attention(q_BxLxKxGxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array) -> jax.Array:
+    """Softmax attention with a causal mask over the full ``L x L`` score matrix (no block is
+    skipped: ``scaling.flops`` counts all ``L^2`` scores). Tokens must be in increasing position
+    order (mixture-of-depths keeps the gathered tokens in their original order).
+
+    Returns ``[B, L, K, G, E]`` in the input dtype; scores and softmax in float32."""
+    L, E = q_BxLxKxGxE.shape[1], q_BxLxKxGxE.shape[-1]
+    q = q_BxLxKxGxE * jnp.asarray(1.0 / math.sqrt(E), q_BxLxKxGxE.dtype)
+    s_BxKxGxLxL = jnp.einsum("bqkge,bske->bkgqs", q, k_BxLxKxE, preferred_element_type=jnp.float32)
+    mask_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
+    s_BxKxGxLxL = jnp.where(mask_LxL, s_BxKxGxLxL, _MASK_VALUE)
+    p = jax.nn.softmax(s_BxKxGxLxL, axis=-1).astype(v_BxLxKxE.dtype)
+    return jnp.einsum("bkgqs,bske->bqkge", p, v_BxLxKxE)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with RoPE and optional qk-norm.
+
+    Parameters: ``wq [D, H, E]``, ``wk, wv [D, K, E]``, ``wo [H, E, D]``; qk-norm scales ``[E]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
+        self.wq = param(rngs, (D, H, E), ("embed", "heads", "kv"), cfg.init_std)
+        self.wk = param(rngs, (D, K, E), ("embed", "heads", "kv"), cfg.init_std)
+        self.wv = param(rngs, (D, K, E), ("embed", "heads", "kv"), cfg.init_std)
+        self.wo = param(rngs, (H, E, D), ("heads", "kv", "embed"), _out_std(cfg))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(E, eps=cfg.norm_eps, axis_name="kv", rngs=rngs)
+            self.k_norm = RMSNorm(E, eps=cfg.norm_eps, axis_name="kv", rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        B, L, _ = x_BxLxD.shape
+        H, K, E = cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
+        dt = x_BxLxD.dtype
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt))
+        k_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, self.wk[...].astype(dt))
+        v_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, self.wv[...].astype(dt))
+        if self.q_norm is not None:
+            q_BxLxHxE = self.q_norm(q_BxLxHxE)
+            k_BxLxKxE = self.k_norm(k_BxLxKxE)
+        q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
+        k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
+        # query head h uses kv head h // G (heads of a group are adjacent)
+        q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
+        o_BxLxKxGxE = causal_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE)
+        o_BxLxHxE = o_BxLxKxGxE.reshape(B, L, H, E)
+        return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.wo[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    """Dense MLP: GELU ``w_out(gelu(x w_in))`` or SwiGLU ``w_out(silu(x w_gate) * x w_in)``.
+
+    ``mlp(x_BxLxD) -> (y_BxLxD, aux)`` (aux empty), the same call as ``moe.MoELayer``.
+    Parameters: ``w_in [D, F]``, ``w_gate [D, F]`` (swiglu only), ``w_out [F, D]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
+        self.cfg = cfg
+        D, F = cfg.d_model, d_ff if d_ff is not None else cfg.resolved_d_ff
+        self.w_in = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
+        self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std) if cfg.activation == "swiglu" else None
+        self.w_out = param(rngs, (F, D), ("mlp", "embed"), _out_std(cfg))
+
+    def __call__(self, x_BxLxD: jax.Array, **_unused) -> tuple[jax.Array, dict]:
+        dt = x_BxLxD.dtype
+        h_BxLxF = x_BxLxD @ self.w_in[...].astype(dt)
+        act = activation_fn(self.cfg)
+        if self.w_gate is not None:
+            h_BxLxF = act(x_BxLxD @ self.w_gate[...].astype(dt)) * h_BxLxF
+        else:
+            h_BxLxF = act(h_BxLxF)
+        return h_BxLxF @ self.w_out[...].astype(dt), {}
+
+
+class Block(nnx.Module):
+    """Pre-LN residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    ``block(x_BxLxD, positions=None) -> (x_BxLxD, aux)``; ``aux`` is the MLP's (MoE metrics and
+    its weighted ``aux_loss``; empty for a dense MLP). With ``moe=True`` the MLP is a
+    ``scaling.models.moe.MoELayer`` (imported lazily, so the dense model has no dependency on it).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, moe: bool = False, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", rngs=rngs)
+        if moe:
+            from scaling.models.moe import MoELayer
+
+            self.mlp = MoELayer(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, positions: jax.Array | None = None, **_unused) -> tuple[jax.Array, dict]:
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions)
+        y_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD))
+        return x_BxLxD + y_BxLxD, aux

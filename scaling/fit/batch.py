@@ -84,7 +84,7 @@ def steps_to_target(steps, targets, *, run_col: str = "run", columns=None, where
     omitted for it.
     """
     df, _ = io.load_table(steps, columns=columns, where=where, steps=True)
-    io.require(df, [run_col], what="steps to target", positive=False)
+    io.require(df, [run_col], what="steps to target", numeric=False)
     io.require(df, ["B", "step", "loss"], what="steps to target", min_points=2, positive=False)
     rows = []
     for _, g in df.groupby(run_col):

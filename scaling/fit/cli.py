@@ -67,11 +67,12 @@ def _predict_inputs(specs: list[str]) -> dict[str, np.ndarray]:
 
 
 def _fit(args):
-    from scaling.fit import batch, extrapolate, isoflop, parametric
+    from scaling.fit import batch, extrapolate, parametric
+    from scaling.fit.isoflop import isoflop as fit_isoflop
 
     kw = dict(columns=args.columns, where=args.where)
     if args.law == "isoflop":
-        res = isoflop.isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, **kw)
+        res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, **kw)
     elif args.law == "bcrit":
         res = batch.tradeoff(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
     else:
@@ -193,12 +194,13 @@ def _plot_for_fit(args, res) -> None:
 
 
 def run_plot(args) -> int:
-    from scaling.fit import batch, io, isoflop, parametric, plots
+    from scaling.fit import batch, io, parametric, plots
+    from scaling.fit.isoflop import isoflop as fit_isoflop
 
     kw = dict(columns=args.columns, where=args.where)
     fig = args.figure
     if fig in ("isoflop", "nopt"):
-        res = isoflop.isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, **kw)
+        res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, **kw)
         (plots.isoflop if fig == "isoflop" else plots.nopt)(res, out=args.out)
     elif fig == "frontier":
         df, _ = io.load_table(args.input, **kw)

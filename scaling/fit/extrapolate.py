@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 
 from scaling.cli import UsageError
-from scaling.fit import io, isoflop
+from scaling.fit import io
+from scaling.fit.isoflop import budget_groups, minima
+from scaling.fit.isoflop import isoflop as fit_isoflop
 
 
 def _holdout_split(df: pd.DataFrame, k: int, budget_col: str | None, tol_dex: float):
@@ -22,7 +24,7 @@ def _holdout_split(df: pd.DataFrame, k: int, budget_col: str | None, tol_dex: fl
         centers = np.unique(df[budget_col].to_numpy(float))
     else:
         io.require(df, ["C"], what="--holdout-largest")
-        labels, centers = isoflop.budget_groups(df["C"].to_numpy(float), tol_dex)
+        labels, centers = budget_groups(df["C"].to_numpy(float), tol_dex)
     if len(centers) <= k:
         raise UsageError(f"--holdout-largest: {len(centers)} compute budget(s); cannot hold out {k} and still fit")
     test = labels >= len(centers) - k
@@ -42,15 +44,15 @@ def backtest(data, law: str = "chinchilla", k: int = 1, *, budget_col: str | Non
     train, test, held = _holdout_split(df, k, budget_col, tol_dex)
     out = {"holdout_budgets": [float(c) for c in held], "n_train": len(train), "n_test": len(test)}
     if law == "isoflop":
-        r = isoflop.isoflop(train, budget_col=budget_col, tol_dex=tol_dex, **fit_kw)
+        r = fit_isoflop(train, budget_col=budget_col, tol_dex=tol_dex, **fit_kw)
         lab, cen = (
             (np.unique(test[budget_col], return_inverse=True)[1], np.unique(test[budget_col]))
             if budget_col
-            else isoflop.budget_groups(test["C"].to_numpy(float), tol_dex)
+            else budget_groups(test["C"].to_numpy(float), tol_dex)
         )
         if "D" not in test.columns:
             test = test.assign(D=test["C"] / (6.0 * test["N"]))
-        obs = isoflop.minima(test, lab, cen, fit_kw.get("method", "parabola"))
+        obs = minima(test, lab, cen, fit_kw.get("method", "parabola"))
         pred = r.predict(obs["C"].to_numpy(float))
         rows = []
         for o, p in zip(obs.itertuples(), pred.itertuples()):

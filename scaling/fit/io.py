@@ -90,7 +90,7 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
     return df.reset_index(drop=True), notes
 
 
-def require(df: pd.DataFrame, cols, *, what: str, min_points: int = 1, positive=True) -> pd.DataFrame:
+def require(df: pd.DataFrame, cols, *, what: str, min_points: int = 1, positive=True, numeric=True) -> pd.DataFrame:
     """Check that ``cols`` exist, are finite and (by default) positive, with enough rows.
 
     ``what`` names the fit in the messages (e.g. ``"--law chinchilla"``).
@@ -102,7 +102,7 @@ def require(df: pd.DataFrame, cols, *, what: str, min_points: int = 1, positive=
         raise UsageError(
             f"{what}: missing column(s) {', '.join(missing)} (have: {have}); map them with --columns {missing[0]}=<name>"
         )
-    for c in cols:
+    for c in cols if numeric else ():
         try:
             v = pd.to_numeric(df[c], errors="raise").to_numpy(dtype=float)
         except (ValueError, TypeError):

@@ -294,7 +294,7 @@ def envelope(
         df["D"] = df["tokens"]
     if "D" not in df.columns and {"C", "N"} <= set(df.columns):
         df["D"] = df["C"] / (6.0 * df["N"])
-    io.require(df, [run_col], what=what, positive=False)
+    io.require(df, [run_col], what=what, numeric=False)
     io.require(df, ["C", "N", "D", "loss"], what=what, min_points=4)
     runs = [g.sort_values("C") for _, g in df.groupby(run_col)]
     if len(runs) < 3:

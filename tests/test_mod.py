@@ -156,3 +156,37 @@ def test_selected_count_rounds_up():
     assert n_selected(0.125, 100) == 13
     assert n_selected(0.01, 16) == 1
     assert n_selected(1.0, 16) == 16
+
+
+def test_mod_train_flops_match_xla_and_show_the_expected_reduction():
+    """12.5% capacity on every other block: XLA's count of the compiled step agrees with the
+    analytic count, and the saving relative to the dense model is the analytic saving."""
+    import dataclasses
+
+    from scaling import flops
+    from test_moe import xla_train_step_flops
+
+    dense = ModelConfig(d_model=128, n_layers=4, n_heads=4)
+    mod = dataclasses.replace(dense, mod=MoDConfig(capacity=0.125, every=2))
+    batch, L = 4, 128
+    a_dense, a_mod = (flops.train_flops_per_token(c, L) * batch * L for c in (dense, mod))
+    x_dense, x_mod = (xla_train_step_flops(c, batch, L) for c in (dense, mod))
+    assert abs(x_mod / a_mod - 1) < 0.10, (x_mod, a_mod)
+    # two of four blocks run on 16 of 128 tokens (attention over 16 x 16): the step costs ~58% of dense
+    block = flops._block_flops_per_token(dense, 0, L)
+    expected = (2 * block + 2 * (0.125 * flops._block_flops_per_token(dense, 0, 16) + 2 * 128) + 2 * 128 * 256) / (
+        4 * block + 2 * 128 * 256)
+    assert a_mod / a_dense == pytest.approx(expected, rel=1e-9)
+    assert expected < 0.6
+    assert x_mod / x_dense == pytest.approx(a_mod / a_dense, rel=0.05)
+
+
+def test_mod_experiment_defaults():
+    import experiments
+    from scaling import flops
+
+    cfg = experiments.get("mod")
+    assert cfg.experiment == "mod" and cfg.model.mod.capacity == 0.125 and cfg.model.mod.every == 2
+    assert [cfg.model.is_mod_layer(i) for i in range(4)] == [False, True, False, True]
+    m = experiments.load("mod").model_for_params(1e5)
+    assert m.mod == cfg.model.mod and abs(flops.param_counts(m).non_embedding / 1e5 - 1) < 0.15

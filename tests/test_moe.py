@@ -344,3 +344,56 @@ def test_expert_parallel_matches_single_device(mesh_shape):
     assert single[-1] < single[0]  # it trained
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
     assert "all-to-all" in hlo  # GSPMD dispatched tokens to experts, not all-gathered weights
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs: the analytic count (scaling.flops) against XLA's count of the compiled train step
+# --------------------------------------------------------------------------------------------
+
+
+def xla_train_step_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
+    """XLA's FLOP count of one compiled step (loss, gradient, SGD update), as in test_flops."""
+    from scaling.models.transformer import Transformer
+
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def loss_fn(p, tokens):
+        logits, aux = nnx.merge(graphdef, p)(tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean() + aux["aux_loss"]
+
+    def step(p, tokens):
+        g = jax.grad(loss_fn)(p, tokens)
+        return jax.tree.map(lambda a, b: a - 1e-3 * b, p, g)
+
+    cost = jax.jit(step).lower(params, jnp.zeros((batch, seq_len), jnp.int32)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [dict(n_experts=4, top_k=2, capacity_factor=1.25), dict(n_experts=4, top_k=1, granularity=2, capacity_factor=1.5, n_shared_experts=1)],
+    ids=["top2-cf1.25", "fine-grained-shared"],
+)
+def test_moe_train_flops_match_xla_cost_analysis(moe):
+    from scaling import flops
+
+    cfg = ModelConfig(d_model=128, n_layers=2, n_heads=4, moe=MoEConfig(**moe))
+    batch, seq_len = 4, 128
+    analytic = flops.train_flops_per_token(cfg, seq_len) * batch * seq_len
+    xla = xla_train_step_flops(cfg, batch, seq_len)
+    assert abs(xla / analytic - 1) < 0.10, (xla, analytic)
+
+
+def test_moe_experiment_defaults_and_active_size_rule():
+    import experiments
+    from scaling import flops
+
+    cfg = experiments.get("moe")
+    assert cfg.experiment == "moe" and cfg.model.moe.n_experts == 8 and cfg.model.moe.top_k == 2
+    assert cfg.model.moe.capacity_factor == 1.25 and cfg.model.moe.every == 1
+    for target in (3e4, 1e5, 1e6):
+        m = experiments.load("moe").model_for_params(target)
+        counts = flops.param_counts(m)
+        assert abs(counts.active_non_embedding / target - 1) < 0.15  # sized by active parameters
+        assert counts.non_embedding > 2.5 * counts.active_non_embedding  # 8 experts held, 2 used

@@ -84,3 +84,13 @@ def write_results(out: Path, results: dict, name: str = "results.json") -> Path:
     os.replace(tmp, path)
     print(f"results: {path}")
     return path
+
+
+def plain_log_ticks(ax, axis: str = "y") -> None:
+    """Plain numbers (2.2, 2.4, ...) instead of 2x10^0 on a log axis spanning less than a decade."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    a.set_major_formatter(ScalarFormatter())
+    a.set_minor_locator(LogLocator(subs=(0.2, 0.4, 0.6, 0.8)))
+    a.set_minor_formatter(ScalarFormatter())

@@ -95,3 +95,24 @@ def test_reproduce_chinchilla(tmp_path):
     # the compute-optimal model at Chinchilla's budget is near Chinchilla itself (70B)
     at = r["at_chinchilla_budget"]
     assert at["N_opt_lo"] < 70e9 < at["N_opt_hi"] and finite(at["loss"]) and 1.9 < at["loss"] < 2.1
+
+
+@pytest.mark.slow
+def test_isoflop_cpu_predicts_before_training(tmp_path):
+    """The smoke IsoFLOP study trains its sweep, registers a prediction at 4x the largest budget
+    before training that model, trains it at that budget and reports the error."""
+    r = run_notebook("isoflop_cpu", tmp_path)
+    assert r["smoke"] and r["n_done"] == r["n_trials"] == 6 and r["budgets"] == [1e10, 3e10]
+    pred = json.loads((tmp_path / "prediction.json").read_text())
+    assert pred == r["prediction"] and pred["made_before_training"]
+    run_dir = tmp_path / "runs" / "isoflop_cpu_prediction"
+    assert pred["made_at_unix"] < (run_dir / "config.json").stat().st_mtime
+    assert pred["C"] == pytest.approx(4 * 3e10)
+    assert pred["loss_lo"] <= pred["loss"] <= pred["loss_hi"] and pred["pi_lo"] < pred["pi_hi"]
+    a = r["actual"]
+    assert a["state"] == "done" and a["C"] == pytest.approx(pred["C"], rel=0.02) and a["N"] == pred["N"]
+    # byte-level losses lie between 0 and ln 256; the tiny models stay well above 1 nat
+    assert 1.0 < a["loss"] < 5.55 and 1.0 < pred["loss"] < 5.55
+    assert r["rel_error"] == pytest.approx((a["loss"] - pred["loss"]) / pred["loss"])
+    assert r["inside_95_ci"] == (pred["loss_lo"] <= a["loss"] <= pred["loss_hi"])
+    assert finite(r["parametric"]["a"], r["parametric"]["params"]["E"])

@@ -1,0 +1,169 @@
+"""End-to-end training through `scaling train` / `loop.run`: learning on the embedded corpus
+within the exact budget, bitwise-exact resume after SIGKILL, corrupt-checkpoint fallback,
+divergence handling, finished-run reruns and WSD branching."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import experiments
+from scaling import flops
+from scaling.cli import main
+from scaling.data import corpus
+from scaling.train import loop
+from scaling.train.loop import WALL_FIELDS
+from scaling.train.metrics import read_jsonl
+
+# a tiny dense model (8 host devices in tests: batch 16 = one row per device per half-batch)
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32", "data.batch_size=16",
+        "data.eval_batches=2", "log_every=5", "eval_every=20", "progress=false"]
+
+
+def tiny_cfg(*extra):
+    return experiments.get("dense").with_overrides([*TINY, *extra])
+
+
+def write_cfg(path: Path, cfg) -> str:
+    path.write_text(cfg.to_json())
+    return str(path)
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if k not in WALL_FIELDS} for r in rows]
+
+
+@pytest.mark.slow
+def test_default_experiment_learns_within_exact_flop_budget(tmp_path, capsys):
+    """~100K-parameter model, 1e12 training FLOPs on the embedded corpus: eval loss well below the
+    unigram entropy (what a model without context can reach), FLOPs within one step of budget."""
+    cfg = experiments.get("dense").with_overrides(["progress=false"])
+    assert cfg.budget.flops == 1e12
+    n = flops.param_counts(cfg.model).non_embedding
+    assert 50_000 <= n <= 200_000
+    rc = main(["train", "--no-progress", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["state"] == "done"
+    h = corpus.corpus_info(cfg.data)["unigram_entropy_nats"]
+    assert summary["final_eval_loss"] < h - 0.5, (summary["final_eval_loss"], h)
+    per_step = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.tokens_per_step
+    assert abs(summary["flops"] - 1e12) <= per_step
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["step"] == summary["steps"] and rows[-1]["flops"] == summary["flops"]
+    assert rows[-1]["eval_loss"] == summary["final_eval_loss"]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps))
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert resolved["corpus"]["sha256"] == summary["corpus_sha256"] and resolved["total_steps"] == summary["steps"]
+    assert loop.load_config(tmp_path / "run") == cfg
+    # the schedule ended exactly at the budget: last logged lr is final_lr_fraction * peak
+    assert rows[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.final_lr_fraction, rel=1e-5)
+    # rerunning a finished run does nothing
+    capsys.readouterr()
+    assert main(["train", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == rows
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bitwise_exact_and_corrupt_latest_falls_back(tmp_path, capsys):
+    cfg = tiny_cfg("budget.steps=100", "checkpoint_every=10", "checkpoint_keep=3")
+    cfg_file = write_cfg(tmp_path / "cfg.json", cfg)
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    # B: a subprocess killed with SIGKILL at a random moment after its second checkpoint
+    proc = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", "--config", cfg_file, "--out", str(b)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = [p for p in (b / "ckpt").glob("*") if p.name.isdigit()] if (b / "ckpt").exists() else []
+        if len(ckpts) >= 2:
+            time.sleep(random.uniform(0.0, 0.5))
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (b / "summary.json").exists(), "the run finished before it could be killed"
+    killed_rows = read_jsonl(b / "metrics.jsonl")
+    assert killed_rows and killed_rows[-1]["step"] < 100
+
+    # A: uninterrupted; then B resumed
+    assert main(["train", "--config", cfg_file, "--out", str(a)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", cfg_file, "--out", str(b)]) == 0
+    assert "resuming from checkpoint step" in capsys.readouterr().err
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    assert sa["state"] == sb["state"] == "done" and sa["steps"] == sb["steps"] == 100
+    assert sa["final_train_loss"] == sb["final_train_loss"]  # bitwise (JSON floats round-trip)
+    assert sa["final_eval_loss"] == sb["final_eval_loss"]
+    rows_a = read_jsonl(a / "metrics.jsonl")
+    assert comparable(rows_a) == comparable(read_jsonl(b / "metrics.jsonl"))
+    assert [r["step"] for r in rows_a] == list(range(5, 101, 5))
+
+    # corrupt the newest checkpoint of A and rerun its last stretch: warn, fall back, same result
+    (a / "summary.json").unlink()
+    latest = a / "ckpt" / "100"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert main(["train", "--config", cfg_file, "--out", str(a)]) == 0
+    assert "resuming from checkpoint step 90" in capsys.readouterr().err
+    assert (a / "ckpt_corrupt" / "100").is_dir()
+    sa2 = json.loads((a / "summary.json").read_text())
+    assert sa2["final_train_loss"] == sa["final_train_loss"] and sa2["final_eval_loss"] == sa["final_eval_loss"]
+    assert comparable(read_jsonl(a / "metrics.jsonl")) == comparable(rows_a)
+
+
+def test_absurd_lr_diverges_cleanly(tmp_path, capsys):
+    cfg_file = write_cfg(tmp_path / "cfg.json", tiny_cfg("optim.lr=1e3", "budget.steps=60", "log_every=1"))
+    rc = main(["train", "--config", cfg_file, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["state"] == "diverged"
+    assert summary["steps"] < 60
+    assert "diverged" in err and "optim.lr" in err and "Traceback" not in err
+    assert "diverged" in summary["error"]
+    # a diverged run is finished: rerunning does nothing
+    assert main(["train", "--config", cfg_file, "--out", str(tmp_path / "run")]) == 0
+    assert "already diverged" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_wsd_branch_equals_independent_run(tmp_path):
+    """A short WSD run branched off a long one at its cooldown start equals the short run trained
+    from scratch (same warmup, same stable LR, same data order)."""
+    wsd = ["optim.schedule=wsd", "optim.warmup_steps=5", "optim.wsd_decay_fraction=0.25"]
+    long = tiny_cfg(*wsd, "budget.steps=60", "checkpoint_at=30")
+    short = tiny_cfg(*wsd, "budget.steps=40")
+    loop.run(long, tmp_path / "long")
+    assert (tmp_path / "long" / "ckpt" / "30").is_dir()  # kept beyond keep-last-k
+    branch = short.with_overrides([f"init_from={tmp_path / 'long'}@30"])
+    sb = loop.run(branch, tmp_path / "branch")
+    ss = loop.run(short, tmp_path / "short")
+    assert sb["state"] == ss["state"] == "done" and sb["steps"] == ss["steps"] == 40
+    assert sb["final_train_loss"] == ss["final_train_loss"]
+    assert sb["final_eval_loss"] == ss["final_eval_loss"]
+    rows_b = [r for r in read_jsonl(tmp_path / "branch" / "metrics.jsonl")]
+    rows_s = [r for r in read_jsonl(tmp_path / "short" / "metrics.jsonl") if r["step"] > 30]
+    assert comparable(rows_b) == comparable(rows_s)
+
+
+@pytest.mark.slow
+def test_seconds_budget_stops_and_schedule_fits(tmp_path):
+    cfg = tiny_cfg("budget.seconds=2", "log_every=1000")
+    s = loop.run(cfg, tmp_path / "run")
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert s["state"] == "done" and 1 <= s["steps"] <= resolved["total_steps"]
+    # either the planned steps were all run or the wall-clock budget was spent
+    assert s["steps"] == resolved["total_steps"] or s["wall_s"] >= 2.0

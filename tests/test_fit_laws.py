@@ -196,7 +196,7 @@ def test_predict_intervals_and_backtest_on_synthetic_chinchilla():
             rows.append({"C": C, "N": N, "D": C / (6 * N)})
     df = pd.DataFrame(rows)
     theta = [np.log(406.4), np.log(410.7), np.log(1.69), 0.34, 0.28]
-    df["loss"] = _noisy(law, theta, df, rng, sigma=0.005)
+    df["loss"] = _noisy(law, theta, {"N": df["N"].to_numpy(), "D": df["D"].to_numpy()}, rng, sigma=0.005)
     r = fit.chinchilla(df, bootstrap=100)
     p = r.predict(N=[1e10], D=[2e11])
     truth = law.predict(np.array(theta), {"N": np.array([1e10]), "D": np.array([2e11])})[0]

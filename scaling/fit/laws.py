@@ -226,12 +226,13 @@ def krajewski() -> LSELaw:
         inputs=("N", "D", "G"),
         target="loss",
         params=(
-            Param("lg", "g", True, (0.0, 5.0, 10.0)),
+            # 648 starts: the Chinchilla-style grid over 7 parameters would be ~10^5
+            Param("lg", "g", True, (0.0, 5.0)),
             Param("gamma", "gamma", False, (0.0, 0.5, 1.0)),
-            Param("la", "a", True, (0.0, 5.0, 10.0, 15.0)),
-            Param("alpha", "alpha", False, (0.0, 0.5, 1.0)),
-            Param("lb", "b", True, (0.0, 5.0, 10.0, 15.0)),
-            Param("beta", "beta", False, (0.0, 0.5, 1.0)),
+            Param("la", "a", True, (0.0, 5.0, 10.0)),
+            Param("alpha", "alpha", False, (0.1, 0.5)),
+            Param("lb", "b", True, (0.0, 5.0, 10.0)),
+            Param("beta", "beta", False, (0.1, 0.5)),
             Param("lc", "c", True, (-1.0, 0.0, 1.0)),
         ),
         features=features,

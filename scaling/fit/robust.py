@@ -12,8 +12,9 @@ rows are independent fits that merely share array operations. Bootstrap resample
 a resample is the same data with integer multiplicity weights ``w[S, n]``.
 
 Stopping rule per row (as scipy's L-BFGS-B): ``max|grad| <= gtol`` or a relative decrease
-``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol``; ``max_iter`` reached or a failed line
-search is reported as not converged.
+``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol``, or a line search along steepest
+descent that fails only because the promised decrease is below float resolution ("precision").
+``max_iter`` reached or any other failed line search is reported as not converged.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ def lbfgs_batched(
         xa, fa, ga = x[act], f[act], g[act]
         wa = w[act] if per_row_w else w
         sh, yh, rh = s_hist[act], y_hist[act], rho[act]
+        empty = ~(rh != 0).any(axis=1)  # no usable history: the direction is steepest descent
         slot = it % m
         # two-loop recursion; empty slots have rho = 0 and contribute nothing
         q = ga.copy()
@@ -276,17 +278,19 @@ def lbfgs_batched(
         n_iter[act] += 1
         gconv = ok & (np.abs(ga).max(axis=1) <= gtol)
         fconv = ok & ((f_old - fa) <= ftol * np.maximum(np.maximum(np.abs(f_old), np.abs(fa)), f_floor))
-        # a failed line search right after a reset means no descent is possible from here
-        ls_fail = failed & reset
-        for mask, name in ((gconv, "gtol"), (fconv & ~gconv, "ftol"), (ls_fail, "line_search")):
+        # a failed line search along steepest descent: no descent is possible from here; if the
+        # decrease the step promised is below float resolution, the row sits at its minimum
+        ls_fail = failed & (reset | empty)
+        tiny = ls_fail & (-slope <= 1e-12 * np.maximum(np.abs(fa), 1e-300))
+        for mask, name in ((gconv, "gtol"), (fconv & ~gconv, "ftol"), (tiny, "precision"), (ls_fail & ~tiny, "line_search")):
             status[act[mask]] = name
             done[act[mask]] = True
         # a failed line search with history: retry from steepest descent next iteration
-        retry = failed & ~reset
+        retry = failed & ~(reset | empty)
         if retry.any():
             rho[act[retry]] = 0.0
             gamma[act[retry]] = 0.0
-    conv = np.isin(status, ["gtol", "ftol"])
+    conv = np.isin(status, ["gtol", "ftol", "precision"])
     return LBFGSResult(x, f, np.abs(g).max(axis=1), conv, n_iter, status.astype(str))
 
 

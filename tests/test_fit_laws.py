@@ -210,3 +210,16 @@ def test_predict_intervals_and_backtest_on_synthetic_chinchilla():
     bt = fit.backtest(df, "chinchilla", k=2)
     assert bt["holdout_budgets"] == pytest.approx(list(budgets[-2:]), rel=1e-6)
     assert bt["n_test"] == 18 and bt["mape"] < 1.5
+
+
+def test_recovers_kaplan_joint_law():
+    law = laws.kaplan()
+    rng = np.random.default_rng(RNG_SEED)
+    n = 120
+    x = {"N": np.exp(rng.uniform(np.log(1e5), np.log(1e10), n)), "D": np.exp(rng.uniform(np.log(1e7), np.log(1e11), n))}
+    # Kaplan et al. 2020 Table 2 joint fit
+    theta = [np.log(6.4e13), np.log(1.8e13), 0.076, 0.103]
+    r = fit.kaplan(pd.DataFrame({**x, "loss": _noisy(law, theta, x, rng)}))
+    assert r.converged
+    assert r.params["alpha_N"] == pytest.approx(0.076, abs=0.01)
+    assert r.params["alpha_D"] == pytest.approx(0.103, abs=0.01)

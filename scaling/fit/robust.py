@@ -40,7 +40,9 @@ def objective(law: Law, theta: np.ndarray, x: dict, log_y: np.ndarray, w: np.nda
     """
     pred, jac = law.value_and_jacobian(theta, x)
     r = log_y[None] - pred
-    f = (w * huber(r, delta)).sum(axis=1)
+    w = 1.0 if w is None else w
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = (w * huber(r, delta)).sum(axis=1)
     psi = w * np.clip(r, -delta, delta)  # d huber / d r
     g = -np.einsum("sn,snp->sp", psi, jac)
     return f, g

@@ -7,16 +7,18 @@ Rule (documented so sweeps are reproducible):
    parameters, the shapes measured in ARCHITECTURE.md: d64 L2, d128 L4), about 90 at 1B
    (GPT-3 XL is d2048 L24, A = 85; Pythia-1B A = 128). Kaplan et al. (2020) find the loss flat
    within a few percent for A between ~20 and ~200, so the rule only has to stay in that range.
-2. **Heads.** ``head_dim`` is fixed by width: ``d_model / 2`` below 32 (two heads),
-   16 below 128, 32 below 512, 64 below 2048, then 128. ``d_model`` is a multiple of it.
+2. **Heads.** ``head_dim`` is fixed by width: ``d_model / 2`` below 64 (two heads, so tiny
+   widths step by 4), 16 below 128, 32 below 512, 64 below 2048, then 128; ``d_model`` is a
+   multiple of it.
    A grouped-query ratio ``n_heads / n_kv_heads`` in ``base`` is kept where it divides.
 3. **Search.** Every ``n_layers`` from 1 to 128 with the two widths bracketing the target in
-   parameters is a candidate (stopping once shapes are 16x thinner than ``A(N)``); counts are exact (``scaling.flops.param_counts``, so activation,
-   ffn_ratio, qk-norm, grouped-query heads, MoE and MoD of ``base`` are honoured). The winner
+   parameters is a candidate (stopping once shapes are 16x thinner than ``A(N)``); counts are
+   exact (``scaling.flops.param_counts``, so activation, ffn_ratio, qk-norm, grouped-query
+   heads, MoE and MoD of ``base`` are honoured). The winner
    minimises ``|log(N / target)| + 0.1 * |log(A / A(N))|``: a shape 2x off the aspect ratio
    costs as much as one ~7% off in parameters. Widths are quantised to the head dimension, so
-   the result typically lands within a few percent of the target (at most ~10% from 10K up;
-   below that a one-layer model cannot be finer).
+   the result typically lands within a few percent of the target (at most ~12% from 20K up;
+   below that a one-layer model cannot be finer: up to ~25%).
 
 Everything else (vocabulary, activation, ffn_ratio, norms, MoE/MoD settings) comes from ``base``;
 ``base.d_ff`` and ``base.head_dim`` are reset so the FFN follows ``ffn_ratio``.
@@ -41,7 +43,7 @@ def target_aspect_ratio(n_params: float) -> float:
 
 def head_dim_for(d_model: int) -> int:
     """Head dimension used at width ``d_model`` (step 2 of the rule)."""
-    if d_model < 32:
+    if d_model < 64:
         return d_model // 2
     for limit, hd in ((128, 16), (512, 32), (2048, 64)):
         if d_model < limit:

@@ -1,0 +1,186 @@
+"""The dense transformer: causality, equivalences (GQA, tied head, RoPE), partitioning
+metadata, bf16 compute, sparse-block hooks; and the family size rule."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scaling import flops
+from scaling.config import MoDConfig, MoEConfig, ModelConfig
+from scaling.models import family, layers
+from scaling.models.transformer import Transformer
+
+SMALL = ModelConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=64)
+
+
+@nnx.jit
+def forward(model, tokens):
+    return model(tokens)
+
+
+def _tokens(B=2, L=16, V=64, seed=0):
+    return jax.random.randint(jax.random.key(seed), (B, L), 0, V, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [SMALL, dataclasses.replace(SMALL, n_kv_heads=2, activation="swiglu", qk_norm=True, tie_embeddings=False)],
+    ids=["gelu-tied", "swiglu-gqa-qknorm-untied"],
+)
+def test_logits_are_causal(cfg):
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens()
+    t = 9
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % cfg.vocab_size)
+    a, aux = forward(model, tokens)
+    b, _ = forward(model, changed)
+    assert a.shape == (2, 16, cfg.vocab_size) and a.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
+    assert float(jnp.max(jnp.abs(a[:, t:] - b[:, t:]))) > 1e-4  # and the future does see it
+    assert float(aux["aux_loss"]) == 0.0
+
+
+def _copy(dst: nnx.Module, src: nnx.Module, transform=lambda path, x: x):
+    src_state = nnx.to_flat_state(nnx.state(src, nnx.Param))
+    dst_state = nnx.state(dst, nnx.Param)
+    flat = nnx.to_flat_state(dst_state)
+    for (path, var), (spath, svar) in zip(flat, src_state):
+        assert path == spath
+        var.set_value(transform(path, svar.get_value()))
+    nnx.update(dst, nnx.from_flat_state(flat))
+
+
+def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
+    gqa_cfg = dataclasses.replace(SMALL, n_kv_heads=2)
+    gqa = Transformer(gqa_cfg, rngs=nnx.Rngs(1))
+    mha = Transformer(SMALL, rngs=nnx.Rngs(2))
+    # query heads 2j and 2j+1 share kv head j: repeat each kv head twice
+    repeat = lambda path, x: jnp.repeat(x, 2, axis=1) if path[-1] in ("wk", "wv") else x
+    _copy(mha, gqa, repeat)
+    tokens = _tokens()
+    np.testing.assert_allclose(np.asarray(forward(gqa, tokens)[0]), np.asarray(forward(mha, tokens)[0]), atol=2e-5, rtol=1e-5)
+
+
+def test_tied_head_equals_untied_head_set_to_embedding_transpose():
+    tied = Transformer(SMALL, rngs=nnx.Rngs(0))
+    untied = Transformer(dataclasses.replace(SMALL, tie_embeddings=False), rngs=nnx.Rngs(0))
+    for name in ("embed", "blocks", "final_norm"):
+        nnx.update(getattr(untied, name), nnx.state(getattr(tied, name), nnx.Param))
+    untied.head.set_value(tied.embed.embedding.get_value().T)
+    tokens = _tokens()
+    np.testing.assert_allclose(np.asarray(forward(tied, tokens)[0]), np.asarray(forward(untied, tokens)[0]), atol=1e-6)
+    assert flops.param_counts(untied.cfg).total - flops.param_counts(SMALL).total == 64 * 32
+
+
+def test_rope_attention_depends_only_on_relative_positions():
+    cfg = dataclasses.replace(SMALL, qk_norm=True)
+    attn = layers.Attention(cfg, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(4), (2, 12, 32))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    run = nnx.jit(lambda a, p: a(x, p))
+    y0 = run(attn, pos)
+    np.testing.assert_allclose(np.asarray(run(attn, pos + 37)), np.asarray(y0), atol=2e-5)
+    # ...while an uneven change of positions changes the output (RoPE is really applied)
+    assert float(jnp.max(jnp.abs(run(attn, pos * 2) - y0))) > 1e-3
+
+
+ALLOWED_AXES = {"embed", "mlp", "heads", "kv", "vocab", "expert", "layers", None}
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dataclasses.replace(SMALL, activation="swiglu", qk_norm=True, tie_embeddings=False, n_kv_heads=2),
+     dataclasses.replace(SMALL, moe=MoEConfig(n_experts=4, top_k=1, every=2), mod=MoDConfig(capacity=0.5, every=2))],
+    ids=["dense", "moe+mod"],
+)
+def test_every_parameter_has_logical_axes(cfg):
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    assert len(flat) > 10
+    for path, var in flat:
+        axes = var.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == var.get_value().ndim, path
+        assert set(axes) <= ALLOWED_AXES, (path, axes)
+    by_name = {path[-1]: var.get_metadata()["out_sharding"] for path, var in flat}
+    assert by_name["embedding"] == ("vocab", "embed")
+    assert by_name["wq"] == ("embed", "heads", "kv") and by_name["wo"] == ("heads", "kv", "embed")
+    if cfg.moe is None:
+        assert by_name["w_in"] == ("embed", "mlp") and by_name["head"] == ("embed", "vocab")
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    f32 = Transformer(SMALL, rngs=nnx.Rngs(0))
+    bf16 = Transformer(dataclasses.replace(SMALL, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    tokens = _tokens()
+    a, b = forward(f32, tokens)[0], forward(bf16, tokens)[0]
+    assert b.dtype == jnp.float32
+    diff = float(jnp.max(jnp.abs(a - b)))
+    assert 0 < diff < 0.05 * float(jnp.max(jnp.abs(a)))  # rounded (bf16 really used), not broken
+
+
+def test_sparse_block_hooks_and_aux_metrics():
+    from scaling.models.mod import MoDBlock
+    from scaling.models.moe import MoELayer
+
+    cfg = dataclasses.replace(SMALL, n_layers=2, moe=MoEConfig(n_experts=4, top_k=2, every=2, aux_loss_weight=0.5, z_loss_weight=0.25))
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert isinstance(model.blocks[0].mlp, layers.MLP) and isinstance(model.blocks[1].mlp, MoELayer)
+    _, aux = forward(model, _tokens())
+    assert "l1/moe/drop_fraction" in aux and not any(k.startswith("l0/") for k in aux)
+    expected = 0.5 * aux["l1/moe/lb_loss"] + 0.25 * aux["l1/moe/z_loss"]
+    np.testing.assert_allclose(float(aux["aux_loss"]), float(expected), rtol=1e-6)
+
+    # MoD at capacity 1 without router scaling selects every token in order: equals the dense model
+    dense = Transformer(SMALL, rngs=nnx.Rngs(5))
+    mod_cfg = dataclasses.replace(SMALL, mod=MoDConfig(capacity=1.0, every=2, router_scale=False))
+    routed = Transformer(mod_cfg, rngs=nnx.Rngs(6))
+    assert isinstance(routed.blocks[1], MoDBlock) and isinstance(routed.blocks[0], layers.Block)
+    for name in ("embed", "final_norm"):
+        nnx.update(getattr(routed, name), nnx.state(getattr(dense, name), nnx.Param))
+    nnx.update(routed.blocks[0], nnx.state(dense.blocks[0], nnx.Param))
+    nnx.update(routed.blocks[1].block, nnx.state(dense.blocks[1], nnx.Param))
+    tokens = _tokens()
+    logits, aux = forward(routed, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(forward(dense, tokens)[0]), atol=1e-5)
+    assert float(aux["l1/mod/selected_fraction"]) == 1.0
+
+
+# ---- family size rule ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_family_hits_targets_from_5k_to_1b(activation):
+    base = ModelConfig(vocab_size=256, activation=activation, n_heads=8, n_kv_heads=4)
+    targets = [5e3 * 2**k for k in range(0, 9)] + [1e7, 1e8, 1e9]  # 5K..1.3M on a 2x grid, then up
+    sizes = []
+    for n in targets:
+        cfg = family.model_for_params(n, base)
+        got = flops.param_counts(cfg).non_embedding
+        sizes.append(got)
+        assert abs(got / n - 1) < (0.25 if n < 2e4 else 0.12), (n, got, cfg.d_model, cfg.n_layers)
+        assert cfg.d_model % cfg.resolved_head_dim == 0 and cfg.n_heads * cfg.resolved_head_dim == cfg.d_model
+        assert cfg.activation == activation and cfg.vocab_size == 256
+        if cfg.n_kv_heads is not None:
+            assert cfg.n_heads // cfg.n_kv_heads == 2  # base's grouping kept
+        if n >= 1e5:  # a sensible aspect ratio once there is room for one
+            assert 8 <= cfg.d_model / cfg.n_layers <= 128, (n, cfg.d_model, cfg.n_layers)
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)  # a 2x grid stays a grid
+    big = family.model_for_params(1e9, base)
+    assert big.d_model >= 1024 and 12 <= big.n_layers <= 40 and big.resolved_head_dim >= 64
+
+
+def test_dense_experiment_default_and_size_rule():
+    import experiments
+
+    cfg = experiments.get("dense")
+    n = flops.param_counts(cfg.model).non_embedding
+    assert 8e4 <= n <= 1.2e5 and cfg.budget.flops == 1e12  # the issue's ~100K model at 1e12
+    sized = experiments.load("dense").model_for_params(3e5)
+    assert math.isclose(flops.param_counts(sized).non_embedding, 3e5, rel_tol=0.12)
+    assert sized.tie_embeddings == cfg.model.tie_embeddings and sized.activation == cfg.model.activation

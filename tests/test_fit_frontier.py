@@ -94,3 +94,14 @@ def test_epoch_chinchilla_isoflop_budgets(validation_dir):
     r = fit.isoflop(sub, columns="N=params,D=tokens,C=budget", budget_col="C")
     # Hoffmann et al. 2022 approach 2: a = 0.49 (Table 2)
     assert r.a == pytest.approx(0.49, abs=0.02)
+
+
+def test_seed_noise_bootstrap_interval_widens_with_noise():
+    runs = isoflop_runs(noise=0.0)
+    narrow = fit.isoflop(runs, method="akima", bootstrap=60, seed_noise=0.0005, seed=2)
+    wide = fit.isoflop(runs, method="akima", bootstrap=60, seed_noise=0.005, seed=2)
+    w = lambda r: r.ci["a"][1] - r.ci["a"][0]
+    assert narrow.ci["a"][0] <= A_TRUE + 0.005 and narrow.ci["a"][1] >= A_TRUE - 0.005
+    assert w(wide) > 3 * w(narrow)
+    with pytest.raises(ValueError, match="seed-noise"):
+        fit.isoflop(runs, seed_noise=-1.0)

@@ -32,6 +32,8 @@ def _common(p) -> None:
     p.add_argument("--budget-column", dest="budget_col", help="column naming each run's compute budget (IsoFLOP)")
     p.add_argument("--x", default="C", help="input variable of --law powerlaw: C (FLOPs), N or D")
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
+    p.add_argument("--seed-noise", dest="seed_noise", type=float, default=0.0,
+                   help="IsoFLOP bootstrap: perturb losses by this relative seed noise instead of resampling runs")
 
 
 def register(sub) -> None:
@@ -72,7 +74,7 @@ def _fit(args):
 
     kw = dict(columns=args.columns, where=args.where)
     if args.law == "isoflop":
-        res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, **kw)
+        res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, seed_noise=args.seed_noise, **kw)
     elif args.law == "bcrit":
         res = batch.tradeoff(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
     else:
@@ -200,7 +202,7 @@ def run_plot(args) -> int:
     kw = dict(columns=args.columns, where=args.where)
     fig = args.figure
     if fig in ("isoflop", "nopt"):
-        res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, **kw)
+        res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, seed_noise=args.seed_noise, **kw)
         (plots.isoflop if fig == "isoflop" else plots.nopt)(res, out=args.out)
     elif fig == "frontier":
         df, _ = io.load_table(args.input, **kw)

@@ -200,6 +200,7 @@ def isoflop(
     seed: int = 0,
     budget_col: str | None = None,
     tol_dex: float = 0.1,
+    seed_noise: float = 0.0,
     columns=None,
     where: str | None = None,
 ) -> FrontierResult:
@@ -207,8 +208,12 @@ def isoflop(
 
     Budgets are clusters of C within ``tol_dex`` decades (or ``budget_col``). Minima at the edge
     of a budget's sampled sizes, or concave parabolas, are reported and left out of the fit.
-    ``bootstrap`` resamples runs within each budget.
+    ``bootstrap`` resamples runs within each budget; with ``seed_noise`` > 0 it instead keeps
+    every run and multiplies each loss by exp(N(0, seed_noise)) (Porian et al. 2024's seed-noise
+    bootstrap; seed_noise ~ the relative loss spread between seeds, e.g. 0.002-0.01).
     """
+    if seed_noise < 0:
+        raise UsageError(f"--seed-noise: must be >= 0, got {seed_noise}")
     df, notes = io.load_table(data, columns=columns, where=where)
     what = "--law isoflop"
     if "D" not in df.columns and "C" in df.columns and "N" in df.columns:
@@ -246,8 +251,13 @@ def isoflop(
         for _ in range(bootstrap):
             mins = []
             for (n_, l_, d_) in per:
-                ix = rng.integers(0, len(n_), len(n_))
-                mins.append(_budget_minimum(n_[ix], l_[ix], d_[ix], method))
+                if seed_noise > 0:
+                    ix = np.arange(len(n_))
+                    l_b = l_ * np.exp(rng.normal(0.0, seed_noise, len(l_)))
+                else:
+                    ix = rng.integers(0, len(n_), len(n_))
+                    l_b = l_[ix]
+                mins.append(_budget_minimum(n_[ix], l_b, d_[ix], method))
             ok = np.array([m[4] == "" and np.isfinite(m[0]) and np.isfinite(m[1]) for m in mins])
             if ok.sum() < 2:
                 continue

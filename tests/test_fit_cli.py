@@ -161,3 +161,21 @@ def test_bench_fit_reports_both_timings(validation_dir, capsys):
     assert d["objective"] == pytest.approx(1.01827403e-3, rel=1e-5)
     assert d["n_starts"] == 4500 and d["scipy_extrapolated"] and d["bootstrap_converged"] == 20
     assert d["speedup_vs_scipy"] == pytest.approx(d["scipy_numgrad_s"] / d["fit_s"], rel=0.05)
+
+
+def test_fit_reads_a_sweep_directory(tmp_path, capsys):
+    pytest.importorskip("scaling.sweep.store")
+    df = runs_table()
+    for i, r in enumerate(df.itertuples()):
+        d = tmp_path / f"t{i:03d}"
+        d.mkdir()
+        state = "diverged" if i == 7 else "done"
+        summary = {"state": state, "N": r.N_params, "D": r.D_tokens, "C": r.C_flop * (1 + 0.02 * ((i % 3) - 1)),
+                   "final_eval_loss": r.loss if state == "done" else None}
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "trial.json").write_text(json.dumps({"trial_id": d.name, "bucket": r.C_flop}))
+    assert main(["fit", str(tmp_path), "--law", "isoflop", "--json"]) == 0
+    out = _json(capsys)
+    assert out["a"] == pytest.approx(A_TRUE, abs=0.02)
+    assert sum(t["n_points"] for t in out["table"]) == len(df) - 1
+    assert any("excluded 1 run(s)" in n for n in out["notes"])

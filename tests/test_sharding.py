@@ -17,7 +17,7 @@ from scaling import sharding as S
 from scaling.config import ConfigError, DataConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
 from scaling.distributed import distributed_plan, initialize_distributed
 
-MODEL = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, d_ff=256)  # every sharded dim divides 8
+MODEL = ModelConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=8, d_ff=256)  # every sharded dim divides 8
 DATA = DataConfig(source="synthetic", batch_size=16, seq_len=16)
 STEPS = 10
 MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1), (1, 1, 8, 1)]
@@ -48,6 +48,7 @@ class Trainer:
         self.graphdef = self.split(nnx.eval_shape(self.make))[0]
         self.step = step.make_train_step(self.graphdef, self.tx, z_loss_weight=1e-4)
         self.batches = _batches()
+        self._compiled = {}
 
     def init(self, mesh):
         model = S.create_sharded_model(self.make, mesh)
@@ -67,7 +68,13 @@ class Trainer:
         losses = []
         with S.mesh_context(mesh):
             for i in steps:
-                state, metrics = self.step(state, S.shard_batch(self.batches[i], mesh))
+                batch = S.shard_batch(self.batches[i], mesh)
+                key = (mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
+                if key not in self._compiled:
+                    # Same HLO and SPMD partitioning as the trainer's jit; LLVM -O0 only halves
+                    # the CPU compile time, which dominates this test.
+                    self._compiled[key] = self.step.lower(state, batch).compile({"xla_backend_optimization_level": 0})
+                state, metrics = self._compiled[key](state, batch)
                 losses.append(float(metrics["loss"]))
         return state, np.array(losses)
 
@@ -106,7 +113,7 @@ def test_every_mesh_trains_like_one_device(trainer, reference, shape):
         ratio = S.per_device_bytes(state[part]) * shrink / reference[part]
         assert abs(ratio - 1) < 0.10, (part, ratio)
     leaf = state["params"]["blocks"][0]["mlp"]["w_in"]
-    assert leaf.sharding.spec == S.logical_to_spec(("embed", "mlp"))
+    assert leaf.sharding.is_equivalent_to(jax.NamedSharding(mesh, S.logical_to_spec(("embed", "mlp"))), 2)
 
 
 @pytest.mark.slow
@@ -121,7 +128,7 @@ def test_checkpoint_saved_on_one_mesh_resumes_on_another(trainer, reference, tmp
     target = trainer.abstract(mesh_b)
     restored, data_state, _ = Checkpointer(tmp_path / "ckpt").restore(5, target)
     w = restored["params"]["embed"]["embedding"]
-    assert w.sharding.spec == S.logical_to_spec(("vocab", "embed")) and w.sharding.mesh.shape == mesh_b.shape
+    assert w.sharding.is_equivalent_to(jax.NamedSharding(mesh_b, S.logical_to_spec(("vocab", "embed"))), 2)
     assert data_state == {"pos": 5}
     _, second = trainer.train(restored, mesh_b, range(5, STEPS))
     np.testing.assert_allclose(np.concatenate([first, second]), reference["losses"], rtol=1e-5)
@@ -249,8 +256,8 @@ def test_nnx_optimizer_state_inherits_parameter_sharding():
     mesh = _mesh((1, 4, 2, 1))
     model = S.create_sharded_model(lambda: Transformer(MODEL, rngs=nnx.Rngs(0)), mesh)
     opt = S.create_sharded_model(lambda: nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param), mesh)
-    mu = opt.opt_state[0].mu["blocks"][1]["attn"]["wo"]
-    assert mu.sharding == model.blocks[1].attn.wo.sharding
+    mu = opt.opt_state[0].mu["blocks"][0]["attn"]["wo"]
+    assert mu.sharding == model.blocks[0].attn.wo.sharding
     assert mu.sharding.spec == S.logical_to_spec(("heads", "kv", "embed"))
     # Adam keeps two moments per parameter; both are divided over fsdp*tensor like the params.
     report = S.memory_report(model, opt, TrainConfig(model=MODEL, data=DATA), mesh)

@@ -97,3 +97,15 @@ def test_steps_to_target_from_logs_then_tradeoff():
     r = fit.tradeoff(st)
     # at every target S scales with S_min(B) by the same factor, so B_noise is the same 256
     assert np.allclose(r.table["B_crit"], B_noise, rtol=0.05)
+
+
+def test_minimum_compute_adjustment_at_b_equal_b_crit_halves_compute():
+    table, _ = tradeoff_table()
+    r = fit.tradeoff(table)
+    L = np.array([2.5, 2.3])
+    bc = r.predict(L)["B_crit"].to_numpy()
+    runs = pd.DataFrame({"loss": L, "B": bc, "C": [1e18, 2e18], "S": [1000.0, 3000.0]})
+    out = fit.to_minimum_compute(runs, r)
+    # at B = B_crit a run spends twice the minimum compute and twice the minimum steps
+    np.testing.assert_allclose(out["C_min"], [0.5e18, 1e18], rtol=1e-9)
+    np.testing.assert_allclose(out["S_min"], [500.0, 1500.0], rtol=1e-9)

@@ -179,3 +179,17 @@ def test_fit_reads_a_sweep_directory(tmp_path, capsys):
     assert out["a"] == pytest.approx(A_TRUE, abs=0.02)
     assert sum(t["n_points"] for t in out["table"]) == len(df) - 1
     assert any("excluded 1 run(s)" in n for n in out["notes"])
+
+
+def test_fit_envelope_from_per_step_logs(tmp_path, capsys):
+    rows = []
+    for i, N in enumerate(np.geomspace(1e7, 1e10, 16)):
+        D = np.geomspace(1e8, 2e12, 60)
+        L = LAW.predict(THETA, {"N": np.full_like(D, N), "D": D})
+        rows += [{"trial_id": f"r{i}", "N": N, "tokens": d, "C": 6 * N * d, "loss": l} for d, l in zip(D, L)]
+    path = _write(tmp_path, pd.DataFrame(rows), "steps.csv")
+    png = tmp_path / "nopt.png"
+    assert main(["fit", path, "--law", "isoflop", "--method", "envelope", "--json", "--plot", str(png)]) == 0
+    d = _json(capsys)
+    assert d["law"] == "isoflop-1" and d["a"] == pytest.approx(A_TRUE, abs=0.03)
+    assert png.stat().st_size > 10_000

@@ -226,3 +226,21 @@ def bcrit_law(table: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0) -> FitR
         features=law.features,
     )
     return fit_law(law, t, bootstrap=bootstrap, seed=seed, delta=10.0)
+
+
+def to_minimum_compute(runs: pd.DataFrame, bcrit: BcritResult) -> pd.DataFrame:
+    """Kaplan et al. 2020 eqs. 5.4-5.5: the steps and compute a run would have needed at
+    ``B << B_crit`` / ``B >> B_crit``: ``S_min = S / (1 + B_crit(L)/B)``, ``C_min = C / (1 + B/B_crit(L))``.
+
+    ``runs`` needs ``loss`` (nats), ``B`` (same unit as the fit) and ``C`` (FLOPs) and/or ``S``
+    (steps). Returns a copy with ``B_crit``, ``C_min``, ``S_min`` added; fit ``L(C_min)`` with
+    ``fit.powerlaw(out, x="C_min")``.
+    """
+    io.require(runs, ["loss", "B"], what="C_min")
+    out = runs.copy()
+    out["B_crit"] = bcrit.predict(out["loss"].to_numpy(float))["B_crit"].to_numpy()
+    if "C" in out:
+        out["C_min"] = out["C"] / (1.0 + out["B"] / out["B_crit"])
+    if "S" in out:
+        out["S_min"] = out["S"] / (1.0 + out["B_crit"] / out["B"])
+    return out

@@ -28,7 +28,9 @@ def _common(p) -> None:
     p.add_argument("--where", help='pandas query to keep rows, e.g. "epoch_outlier_excluded == 0"')
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", choices=("parabola", "akima"), default="parabola", help="IsoFLOP minimum (approach 2)")
+    p.add_argument("--method", choices=("parabola", "akima", "envelope"), default="parabola",
+                   help="--law isoflop: per-budget minimum by parabola or Akima spline (approach 2), or the "
+                   "envelope of per-step loss curves (approach 1; needs per-step logs: a sweep dir or run,C,N,loss rows)")
     p.add_argument("--budget-column", dest="budget_col", help="column naming each run's compute budget (IsoFLOP)")
     p.add_argument("--x", default="C", help="input variable of --law powerlaw: C (FLOPs), N or D")
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
@@ -73,7 +75,11 @@ def _fit(args):
     from scaling.fit.isoflop import isoflop as fit_isoflop
 
     kw = dict(columns=args.columns, where=args.where)
-    if args.law == "isoflop":
+    if args.law == "isoflop" and args.method == "envelope":
+        from scaling.fit.isoflop import envelope
+
+        res = envelope(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
+    elif args.law == "isoflop":
         res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, seed_noise=args.seed_noise, **kw)
     elif args.law == "bcrit":
         res = batch.tradeoff(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
@@ -103,6 +109,8 @@ def _fit(args):
         if args.law == "bcrit":
             raise UsageError("--holdout-largest: not available for --law bcrit")
         fkw = {"method": args.method} if args.law == "isoflop" else {"delta": args.delta}
+        if args.law == "isoflop" and args.method == "envelope":
+            raise UsageError("--holdout-largest: not available with --method envelope")
         if args.law == "powerlaw":
             raise UsageError("--holdout-largest: use --law chinchilla or isoflop (powerlaw backtest is not wired to --x)")
         res.backtest = extrapolate.backtest(args.input, args.law, args.holdout, budget_col=args.budget_col, **kw, **fkw)
@@ -179,7 +187,7 @@ def _plot_for_fit(args, res) -> None:
     from scaling.fit import io, plots
 
     if args.law == "isoflop":
-        plots.isoflop(res, out=args.plot)
+        (plots.nopt if args.method == "envelope" else plots.isoflop)(res, out=args.plot)
     elif args.law == "bcrit":
         plots.bcrit(res, out=args.plot)
     elif args.law == "chinchilla":
@@ -201,7 +209,13 @@ def run_plot(args) -> int:
 
     kw = dict(columns=args.columns, where=args.where)
     fig = args.figure
-    if fig in ("isoflop", "nopt"):
+    if fig == "isoflop" and args.method == "envelope":
+        raise UsageError("--figure isoflop: needs --method parabola or akima (IsoFLOP profiles), not envelope")
+    if fig == "nopt" and args.method == "envelope":
+        from scaling.fit.isoflop import envelope
+
+        plots.nopt(envelope(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw), out=args.out)
+    elif fig in ("isoflop", "nopt"):
         res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, seed_noise=args.seed_noise, **kw)
         (plots.isoflop if fig == "isoflop" else plots.nopt)(res, out=args.out)
     elif fig == "frontier":

@@ -94,3 +94,16 @@ def plain_log_ticks(ax, axis: str = "y") -> None:
     a.set_major_formatter(ScalarFormatter())
     a.set_minor_locator(LogLocator(subs=(0.2, 0.4, 0.6, 0.8)))
     a.set_minor_formatter(ScalarFormatter())
+
+
+def finished(trials_df):
+    """The ``done`` trials of a sweep table (``store.load``); failures are printed with their
+    error, and a sweep with nothing finished stops the notebook (there is nothing to fit)."""
+    bad = trials_df[trials_df["state"].isin(["failed", "diverged"])]
+    for r in bad.itertuples():
+        print(f"trial {r.trial_id}: {r.state}: {r.error}")
+    done = trials_df[trials_df["state"] == "done"].reset_index(drop=True)
+    if done.empty:
+        first = bad["error"].iloc[0] if len(bad) else "no trial ran"
+        raise RuntimeError(f"no trial of the sweep finished ({len(bad)} failed/diverged; first error: {first})")
+    return done

@@ -75,8 +75,7 @@ counts = launch.run_local(RUNS, trials, jobs=JOBS, progress=False)
 print(f"{len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
 
 # %%
-runs = store.load(RUNS)
-runs = runs[runs["state"] == "done"].reset_index(drop=True)
+runs = _nb.finished(store.load(RUNS))
 seq_len = int(runs["seq_len"].iloc[0])
 steps = store.load_steps(RUNS)
 steps = steps[steps["trial_id"].isin(runs["trial_id"])].copy()

@@ -84,7 +84,7 @@ print(f"{len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
 
 # %%
 runs_all = store.load(RUNS)
-runs = runs_all[runs_all["state"] == "done"].reset_index(drop=True)
+runs = _nb.finished(runs_all)
 steps = store.load_steps(RUNS).rename(columns={"tokens": "D"})
 print(f"{len(runs)}/{len(runs_all)} trials done; budgets {sorted(runs['bucket'].unique())}")
 print(runs[["bucket", "shape", "N", "D", "C", "loss", "epochs", "role"]].sort_values(["bucket", "N"]).to_string(index=False))

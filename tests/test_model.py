@@ -79,7 +79,9 @@ def test_tied_head_equals_untied_head_set_to_embedding_transpose():
 
 def test_rope_attention_depends_only_on_relative_positions():
     cfg = dataclasses.replace(SMALL, qk_norm=True)
-    attn = layers.Attention(cfg, rngs=nnx.Rngs(3))
+    rngs = nnx.Rngs(3)
+    with layers.one_draw_init(rngs):
+        attn = layers.Attention(cfg, rngs=rngs)
     x = jax.random.normal(jax.random.key(4), (2, 12, 32))
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
     run = nnx.jit(lambda a, p: a(x, p))

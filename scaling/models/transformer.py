@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling.config import ModelConfig
-from scaling.models.layers import Block, Embed, RMSNorm, compute_dtype, param
+from scaling.models.layers import Block, Embed, RMSNorm, compute_dtype, one_draw_init, param
 
 
 def make_block(cfg: ModelConfig, i: int, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -34,13 +34,14 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = Embed(cfg, rngs=rngs)
-        self.blocks = nnx.List([make_block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", rngs=rngs)
-        if cfg.tie_embeddings:
-            self.head = None
-        else:
-            self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+        with one_draw_init(rngs):  # one random draw for all dense parameters (fast to compile)
+            self.embed = Embed(cfg, rngs=rngs)
+            self.blocks = nnx.List([make_block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+            self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", rngs=rngs)
+            if cfg.tie_embeddings:
+                self.head = None
+            else:
+                self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
     def __call__(self, tokens_BxL: jax.Array, *, train: bool = True) -> tuple[jax.Array, dict]:
         """tokens int32[B, L] -> (logits float32[B, L, V], aux dict of float32 scalars)."""

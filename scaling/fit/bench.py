@@ -10,6 +10,7 @@ timed in the same process so the ratio is measured under the same machine load. 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -67,27 +68,33 @@ def run(args) -> int:
     law = laws.chinchilla()
     grid = law.grid()
     robust.fit_multistart(law, x, y, starts=grid[:8])  # warm imports and thread pool
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ms = robust.fit_multistart(law, x, y)
-    t_fit = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_fit, c_fit = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     _, ok = robust.bootstrap(law, x, y, ms.theta, n_boot=args.bootstrap)
-    t_boot = time.perf_counter() - t0
+    t_boot, c_boot = time.perf_counter() - t0, time.process_time() - c0
     k = max(1, min(args.scipy_starts, len(grid)))
     idx = np.linspace(0, len(grid) - 1, k).round().astype(int)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     f_ref = scipy_reference(x, y, grid[idx])
     t_ref = (time.perf_counter() - t0) * len(grid) / k
+    c_ref = (time.process_time() - c0) * len(grid) / k
     out = {
         "n_points": len(y),
         "n_starts": len(grid),
         "fit_s": round(t_fit, 3),
+        "fit_cpu_s": round(c_fit, 3),
         "objective": ms.objective,
         "n_converged": ms.n_converged,
         "bootstrap_refits": args.bootstrap,
         "bootstrap_s": round(t_boot, 3),
+        "bootstrap_cpu_s": round(c_boot, 3),
         "bootstrap_converged": int(ok.sum()),
         "scipy_numgrad_s": round(t_ref, 2),
+        "scipy_numgrad_cpu_s": round(c_ref, 2),
+        "load_average_1min": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
         "scipy_starts_run": k,
         "scipy_extrapolated": k < len(grid),
         "scipy_best_objective": f_ref,
@@ -96,9 +103,10 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"Chinchilla fit, {len(y)} points, {len(grid)} starts: {t_fit:.2f} s (objective {ms.objective:.6e}, {ms.n_converged} converged)")
-        print(f"{args.bootstrap} bootstrap refits: {t_boot:.2f} s ({int(ok.sum())} converged)")
+        print(f"Chinchilla fit, {len(y)} points, {len(grid)} starts: {t_fit:.2f} s wall, {c_fit:.2f} s CPU "
+              f"(objective {ms.objective:.6e}, {ms.n_converged} converged)")
+        print(f"{args.bootstrap} bootstrap refits: {t_boot:.2f} s wall, {c_boot:.2f} s CPU ({int(ok.sum())} converged)")
         note = f" (ran {k} starts, scaled to {len(grid)})" if k < len(grid) else ""
-        print(f"scipy L-BFGS-B loop, numerical gradients: {t_ref:.1f} s{note}; best objective {f_ref:.6e}")
-        print(f"speed-up vs scipy loop: {t_ref / t_fit:.1f}x")
+        print(f"scipy L-BFGS-B loop, numerical gradients: {t_ref:.1f} s wall, {c_ref:.1f} s CPU{note}; best objective {f_ref:.6e}")
+        print(f"speed-up vs scipy loop: {t_ref / t_fit:.1f}x wall; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0

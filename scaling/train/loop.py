@@ -233,14 +233,12 @@ class _Session:
     def put(self, batch: dict) -> dict:
         return self._sharding.shard_batch({k: batch[k] for k in ("inputs", "targets")}, self.mesh)
 
-    def _build_step(self, total_steps: int):
-        tx = optim.make_optimizer(self.cfg.optim, total_steps)
-        self.schedule = optim.make_schedule(self.cfg.optim, total_steps)
+    def _build_step(self):
+        tx = optim.make_optimizer(self.cfg.optim)
         self.train_step = step_lib.make_train_step(self.graphdef, tx, z_loss_weight=self.cfg.optim.z_loss,
-                                                   lr_schedule=self.schedule)
+                                                   lr_fn=optim.make_lr_fn(self.cfg.optim))
         self.eval_step = step_lib.make_eval_step(self.graphdef)
-        opt_state = jax.jit(tx.init)(self.params0)
-        return {"params": self.params0, "rest": self.rest0, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+        return step_lib.init_state(self.params0, self.rest0, tx)
 
     def _estimate_steps_for_seconds(self, state) -> int:
         """Time a few compiled steps on a copy of the state (discarded)."""
@@ -266,10 +264,9 @@ class _Session:
         if total_steps is None:
             latest_meta = self._peek_meta()
             total_steps = latest_meta["total_steps"] if latest_meta else None
-        state = self._build_step(total_steps or 1)
+        state = self._build_step()
         if total_steps is None:
             total_steps = self._estimate_steps_for_seconds(state)
-            state = self._build_step(total_steps)
         resolved["total_steps"] = total_steps
         self.total_steps = total_steps
         write_json_atomic(out / "config.json", {**json.loads(cfg.to_json()), "resolved": resolved})
@@ -289,6 +286,8 @@ class _Session:
             self.iterator.set_state(data_state)
             meta.update(step=at, best_loss=src_meta.get("best_loss"))
             print(f"{out}: starting from {cfg.init_from}", file=sys.stderr)
+        # the run's own length drives the schedule (a branch restores another run's total)
+        state["total_steps"] = jnp.asarray(total_steps, jnp.int32)
         step = int(meta["step"])
         best = meta.get("best_loss")
         best = float(best) if best is not None else math.inf

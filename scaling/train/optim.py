@@ -33,52 +33,66 @@ from scaling.config import OptimConfig
 EMBEDDING_KEYS = ("embed", "embedding", "tok_embed", "token_embed", "token_embedding", "wte", "wpe")
 
 
+def _round(x):
+    return jnp.floor(x + 0.5)  # half away from zero for x >= 0, same in Python and traced code
+
+
+def _warmup(cfg: OptimConfig, total):
+    w = jnp.float32(cfg.warmup_steps) if cfg.warmup_steps is not None else _round(cfg.warmup_fraction * total)
+    return jnp.clip(w, 0.0, jnp.maximum(total - 1.0, 0.0))
+
+
+def _decay_start(cfg: OptimConfig, total):
+    n_decay = jnp.maximum(1.0, _round(cfg.wsd_decay_fraction * total))
+    return jnp.maximum(_warmup(cfg, total), total - n_decay)
+
+
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     """Number of warmup updates; never more than ``total_steps - 1`` so the run reaches its decay."""
-    w = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_fraction * total_steps))
-    return max(0, min(int(w), total_steps - 1))
+    return int(_warmup(cfg, jnp.float32(total_steps)))
 
 
 def wsd_decay_start(cfg: OptimConfig, total_steps: int) -> int:
     """First step of the WSD cooldown (at least one cooldown step, never inside warmup)."""
-    n_decay = max(1, int(round(cfg.wsd_decay_fraction * total_steps)))
-    return max(warmup_steps(cfg, total_steps), total_steps - n_decay)
+    return int(_decay_start(cfg, jnp.float32(total_steps)))
+
+
+def learning_rate(cfg: OptimConfig, step, total_steps):
+    """LR of update ``step`` (0-based) in a run of ``total_steps`` updates. Both may be traced
+    arrays, so one compiled train step serves every budget (the total is part of the train
+    state, not a compile-time constant: sweeps and resumes reuse the compilation cache)."""
+    s = jnp.asarray(step, jnp.float32)
+    total = jnp.asarray(total_steps, jnp.float32)
+    peak = jnp.float32(cfg.lr)
+    final = peak * jnp.float32(cfg.final_lr_fraction)
+    w = _warmup(cfg, total)
+    last = total - 1.0
+    warm = peak * (s + 1.0) / jnp.maximum(w, 1.0)
+    if cfg.schedule == "constant":
+        after = jnp.full_like(s, peak)
+    elif cfg.schedule in ("cosine", "linear"):
+        p = jnp.clip((s - w) / jnp.maximum(last - w, 1.0), 0.0, 1.0)
+        if cfg.schedule == "cosine":
+            after = final + (peak - final) * 0.5 * (1.0 + jnp.cos(jnp.float32(math.pi) * p))
+        else:
+            after = peak + (final - peak) * p
+    elif cfg.schedule == "wsd":
+        start = _decay_start(cfg, total)
+        n_decay = jnp.maximum(last - start + 1.0, 1.0)
+        # p reaches 1 exactly at the last step; the first cooldown step is already below peak
+        p = jnp.clip((s - start + 1.0) / n_decay, 0.0, 1.0)
+        shape = jnp.sqrt(p) if getattr(cfg, "wsd_cooldown", "linear") == "1-sqrt" else p
+        after = jnp.where(s < start, peak, peak + (final - peak) * shape)
+    else:  # validated by OptimConfig
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    return jnp.where(s < w, warm, after)
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Learning rate (float) as a function of the update index; jittable."""
+    """``learning_rate`` with the total fixed: a plain optax schedule of the update index."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    peak = float(cfg.lr)
-    final = peak * float(cfg.final_lr_fraction)
-    w = warmup_steps(cfg, total_steps)
-    last = total_steps - 1
-    cooldown = getattr(cfg, "wsd_cooldown", "linear")
-    decay_start = wsd_decay_start(cfg, total_steps)
-
-    def schedule(step):
-        s = jnp.asarray(step, jnp.float32)
-        warm = peak * (s + 1.0) / max(w, 1)
-        if cfg.schedule == "constant":
-            after = jnp.full_like(s, peak)
-        elif cfg.schedule in ("cosine", "linear"):
-            span = max(last - w, 1)
-            p = jnp.clip((s - w) / span, 0.0, 1.0)
-            if cfg.schedule == "cosine":
-                after = final + (peak - final) * 0.5 * (1.0 + jnp.cos(math.pi * p))
-            else:
-                after = peak + (final - peak) * p
-        elif cfg.schedule == "wsd":
-            n_decay = max(last - decay_start + 1, 1)
-            # p reaches 1 exactly at the last step; the first cooldown step is already below peak
-            p = jnp.clip((s - decay_start + 1.0) / n_decay, 0.0, 1.0)
-            shape = jnp.sqrt(p) if cooldown == "1-sqrt" else p
-            after = jnp.where(s < decay_start, peak, peak + (final - peak) * shape)
-        else:  # validated by OptimConfig; kept for safety
-            raise ValueError(f"unknown schedule {cfg.schedule!r}")
-        return jnp.where(s < w, warm, after)
-
-    return schedule
+    return lambda step: learning_rate(cfg, step, total_steps)
 
 
 def decay_mask(params):
@@ -93,16 +107,18 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW (+ global-norm clipping) driven by ``make_schedule(cfg, total_steps)``."""
-    adamw = optax.adamw(
-        learning_rate=make_schedule(cfg, total_steps),
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=decay_mask,
-    )
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW without its learning rate: global-norm clipping, Adam scaling, decoupled weight
+    decay. The train step multiplies the result by ``-learning_rate(cfg, step, total_steps)``,
+    which is exactly ``optax.adamw`` (that is the same chain followed by ``scale(-lr)``)."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts += [
+        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+    ]
+    return optax.chain(*parts)
+
+
+def make_lr_fn(cfg: OptimConfig):
+    """``lr_fn(step, total_steps) -> lr`` for ``step.make_train_step``."""
+    return lambda step, total: learning_rate(cfg, step, total)

@@ -65,14 +65,23 @@ def make_loss_fn(graphdef, z_loss_weight: float) -> Callable:
     return loss_fn
 
 
+def init_state(params, rest, tx: optax.GradientTransformation, total_steps: int = 1) -> dict:
+    """Train state ``{"params", "rest", "opt_state", "step", "total_steps"}`` (step/total int32)."""
+    return {"params": params, "rest": rest, "opt_state": jax.jit(tx.init)(params),
+            "step": jnp.zeros((), jnp.int32), "total_steps": jnp.asarray(total_steps, jnp.int32)}
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, z_loss_weight: float,
-                    lr_schedule: Callable | None = None, donate: bool = True) -> Callable:
+                    lr_fn: Callable | None = None, donate: bool = True) -> Callable:
     """Jitted ``step(state, batch) -> (state, metrics)``.
 
-    ``state = {"params", "rest", "opt_state", "step"}``; ``batch = {"inputs", "targets"}`` int32
-    ``[B, L]`` with even ``B``. Metrics (device scalars): ``loss`` (cross-entropy, nats),
-    ``loss_total`` (what is differentiated), ``grad_norm`` (before clipping), ``lr`` (the LR this
-    update used), the four ``gns_*`` statistics and the model's aux metrics.
+    ``state`` from ``init_state``; ``batch = {"inputs", "targets"}`` int32 ``[B, L]`` with even
+    ``B``. ``lr_fn(step, total_steps) -> lr`` scales the optimizer's output by ``-lr`` (with
+    ``tx = optim.make_optimizer(...)`` this is AdamW); ``None`` applies ``tx``'s updates as they
+    are. The LR is computed from the state's traced step and total, so changing the budget does
+    not recompile. Metrics (device scalars): ``loss`` (cross-entropy, nats), ``loss_total`` (what
+    is differentiated), ``grad_norm`` (before clipping), ``lr`` (the LR this update used), the
+    four ``gns_*`` statistics and the model's aux metrics.
     """
     loss_fn = make_loss_fn(graphdef, z_loss_weight)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -93,6 +102,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, z_loss_weight
         g_big_sq = _sq_norm(grads)
         g_small_sq = 0.5 * (_sq_norm(g_a) + _sq_norm(g_b))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        if lr_fn is not None:
+            lr = jnp.asarray(lr_fn(state["step"], state["total_steps"]), jnp.float32)
+            updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
         new_params = optax.apply_updates(params, updates)
         metrics = {k: 0.5 * (m_a[k] + m_b[k]) for k in m_a}
         metrics.update(
@@ -104,9 +116,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, z_loss_weight
             gns_g_small_sq=g_small_sq,
             gns_g_big_sq=g_big_sq,
         )
-        if lr_schedule is not None:
-            metrics["lr"] = jnp.asarray(lr_schedule(state["step"]), jnp.float32)
-        new_state = {"params": new_params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}
+        if lr_fn is not None:
+            metrics["lr"] = lr
+        new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -41,6 +41,7 @@ import os
 import time
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 import numpy as np
 import pandas as pd
 import yaml
@@ -136,6 +137,8 @@ for i, (label, g) in enumerate(arms):
 ax.set_xscale("log")
 ax.set_yscale("log")
 _nb.plain_log_ticks(ax)
+ax.set_xlim(min(moe["C"].min(), mod["C"].min()) / 1.5, max(moe["C"].max(), mod["C"].max()) * 1.5)
+ax.xaxis.set_minor_formatter(NullFormatter())
 ax.set_xlabel("training compute C (FLOPs, counted)")
 ax.set_ylabel("final eval loss (nats/byte)")
 ax.set_title("Best loss per budget (lines) and all runs (dots)")

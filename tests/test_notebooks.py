@@ -136,3 +136,19 @@ def test_critical_batch(tmp_path):
     assert s_min[-1] > s_min[0]
     law = r["bcrit_law"]
     assert law["fitted"] and finite(law["params"]["B_star"], law["params"]["alpha_B"])
+
+
+@pytest.mark.slow
+def test_moe_mod(tmp_path):
+    """The smoke MoE/MoD study: every arm has a loss at the shared budget, MoD trains on more
+    tokens than dense for the same FLOPs and spends fewer FLOPs per forward pass, and the
+    Krajewski law is reported as under-determined rather than forced."""
+    r = run_notebook("moe_mod", tmp_path)
+    arms = {a["arm"]: a for a in r["arms"]}
+    assert set(arms) == {"dense", "MoD 50% capacity", "MoE E=4 G=1", "MoE E=4 G=2"}
+    for a in arms.values():
+        assert a["C"] == pytest.approx(1e10, rel=0.02) and 1.0 < a["best_loss"] < 5.55
+    assert r["krajewski"]["4"]["under_determined"] and r["optimal_granularity"] == []
+    best = {m["variant"]: m for m in r["mod_best_per_budget"]}
+    assert best["mod50"]["D"] > best["dense"]["D"]
+    assert best["mod50"]["fwd_flops_per_seq"] < best["dense"]["fwd_flops_per_seq"]

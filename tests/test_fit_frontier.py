@@ -105,3 +105,14 @@ def test_seed_noise_bootstrap_interval_widens_with_noise():
     assert w(wide) > 3 * w(narrow)
     with pytest.raises(ValueError, match="seed-noise"):
         fit.isoflop(runs, seed_noise=-1.0)
+
+
+def test_near_duplicate_sizes_count_as_one_size():
+    runs = isoflop_runs(noise=0.0)
+    dup = runs.copy()
+    dup["N"] *= 1 + 3e-7  # digitised-table artefact: the same model twice, one worse
+    dup["loss"] += 0.05
+    r0 = fit.isoflop(runs, method="akima")
+    r1 = fit.isoflop(pd.concat([runs, dup]), method="akima")
+    assert (r1.table["n_points"] == 11).all()
+    assert r1.a == pytest.approx(r0.a, abs=1e-9)

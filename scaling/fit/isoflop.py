@@ -71,13 +71,16 @@ def _minimum(logN: np.ndarray, loss: np.ndarray, method: str) -> tuple[float, fl
     raise UsageError(f"--method: unknown IsoFLOP minimum method {method!r} (parabola|akima)")
 
 
-def _best_per_size(N, loss, D):
+def _best_per_size(N, loss, D, rel_tol: float = 1e-3):
     """Several runs at one size (e.g. a learning-rate sweep): keep the lowest loss, as Porian
-    et al. do. Returns arrays sorted by N."""
-    order = np.lexsort((loss, N))
+    et al. do. Sizes within ``rel_tol`` of each other count as one (digitised tables carry
+    near-duplicates such as 4.246096e8 / 4.246099e8, which would make a spline blow up).
+    Returns arrays sorted by N."""
+    order = np.argsort(N, kind="stable")
     N, loss, D = N[order], loss[order], D[order]
-    first = np.r_[True, N[1:] != N[:-1]]
-    return N[first], loss[first], D[first]
+    group = np.cumsum(np.r_[True, np.diff(np.log(N)) > rel_tol])
+    keep = [np.flatnonzero(group == k)[np.argmin(loss[group == k])] for k in np.unique(group)]
+    return N[keep], loss[keep], D[keep]
 
 
 def _budget_minimum(N, loss, D, method):

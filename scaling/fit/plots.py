@@ -91,6 +91,8 @@ def isoflop(result, *, out: str | None = None):
                 ax.plot(np.exp(x), np.exp(Akima1DInterpolator(np.log(N), np.log(L))(x)), color=color, lw=1)
         if row.flag == "" and np.isfinite(row.N_opt):
             ax.scatter([row.N_opt], [row.loss_opt], marker="*", s=120, color=color, edgecolor="k", zorder=5)
+    lo, hi = df["loss"].min(), df["loss"].max()
+    ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("loss (nats/token)")

@@ -172,7 +172,10 @@ def moe(runs: pd.DataFrame, *, by: str = "E", fit=None, out: str | None = None):
     ax.set_yscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"MoE scaling by {by}" + (f": {fit.formula}" if fit is not None else ""), fontsize=9)
+    title = f"MoE scaling by {by}"
+    if fit is not None:
+        title += f": {fit.formula}\n" + ", ".join(f"{k}={_fmt(v)}" for k, v in fit.params.items())
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     return _finish(fig, out)
 

@@ -15,6 +15,8 @@ Precedence (first match wins):
    ``SCALING_PROCESS_ID=i`` (any launcher: ssh, k8s, a hand-written script).
 3. SLURM: ``srun`` with more than one task (``SLURM_NTASKS > 1`` and the step variables JAX's
    SLURM detector reads); coordinator = first node of the step, port from ``JAX_COORDINATOR_PORT``.
+   One task per GPU (JAX's default there) or one task per node (then the task gets all
+   ``SLURM_GPUS_ON_NODE`` GPUs).
 4. TPU/GKE and anything else JAX detects on its own: ``SCALING_DISTRIBUTED=auto``, or
    automatically when ``TPU_WORKER_HOSTNAMES`` names more than one worker or
    ``MEGASCALE_COORDINATOR_ADDRESS`` is set (multi-slice).
@@ -68,7 +70,13 @@ def distributed_plan(env: Mapping[str, str]) -> dict | None:
         return {"coordinator_address": env["SCALING_COORDINATOR"], "num_processes": n, "process_id": pid}
 
     if all(v in env for v in _SLURM_VARS) and _int_env(env, "SLURM_NTASKS") > 1:
-        return {"cluster_detection_method": "slurm"}
+        plan: dict = {"cluster_detection_method": "slurm"}
+        # JAX's SLURM detector gives each task only the GPU numbered by its local rank (one task
+        # per GPU). With one task per node, hand that task all of the node's GPUs instead.
+        nodes = _int_env(env, "SLURM_STEP_NUM_NODES") if "SLURM_STEP_NUM_NODES" in env else None
+        if nodes and _int_env(env, "SLURM_NTASKS") == nodes and env.get("SLURM_GPUS_ON_NODE"):
+            plan["local_device_ids"] = list(range(_int_env(env, "SLURM_GPUS_ON_NODE")))
+        return plan
 
     if mode:  # auto/on: JAX's detectors (Cloud TPU VM metadata, GKE, Open MPI, ...)
         return {}

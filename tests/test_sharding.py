@@ -290,6 +290,12 @@ def test_activation_estimate_scales_with_batch_and_mesh():
       "SLURM_LOCALID": "0"}, None),  # one task: a single-process trial inside SLURM
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[0-1]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
       "SLURM_LOCALID": "0", "SCALING_DISTRIBUTED": "off"}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[0-1]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+      "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8"},
+     {"cluster_detection_method": "slurm", "local_device_ids": list(range(8))}),  # one task per node
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[0-1]", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
+      "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8"},
+     {"cluster_detection_method": "slurm"}),  # one task per GPU: JAX picks GPU SLURM_LOCALID
     ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
     ({"TPU_WORKER_HOSTNAMES": "w0"}, None),
     ({"SCALING_DISTRIBUTED": "auto"}, {}),

@@ -167,3 +167,18 @@ def test_seconds_budget_stops_and_schedule_fits(tmp_path):
     assert s["state"] == "done" and 1 <= s["steps"] <= resolved["total_steps"]
     # either the planned steps were all run or the wall-clock budget was spent
     assert s["steps"] == resolved["total_steps"] or s["wall_s"] >= 2.0
+
+
+def test_error_during_training_marks_failed_and_reraises(tmp_path, monkeypatch):
+    from scaling.train import step as step_lib
+
+    def broken_step(*args, **kwargs):
+        def step(state, batch):
+            raise RuntimeError("simulated device failure")
+        return step
+
+    monkeypatch.setattr(step_lib, "make_train_step", broken_step)
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        loop.run(tiny_cfg("budget.steps=10"), tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["state"] == "failed" and "simulated device failure" in summary["error"]

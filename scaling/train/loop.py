@@ -187,7 +187,14 @@ def run(cfg: TrainConfig, out_dir: str | Path) -> dict:
               f"(final eval loss {loss}); nothing to do", file=sys.stderr)
         return prev
     resolved = preflight(cfg)
-    session = _Session(cfg, out, resolved)  # ConfigErrors from mesh/data surface here
+    try:
+        session = _Session(cfg, out, resolved)  # ConfigErrors from mesh/data surface here
+    except ConfigError:
+        raise
+    except BaseException as err:
+        write_json_atomic(out / "summary.json", {"state": "failed", "error": f"{type(err).__name__}: {err}",
+                                                 "config_hash": resolved["config_hash"]})
+        raise
     try:
         return session.train()
     except (ConfigError,):
@@ -231,7 +238,14 @@ class _Session:
 
     # ---- helpers ---------------------------------------------------------------------------
     def put(self, batch: dict) -> dict:
+        """Host-local train batch -> global sharded arrays."""
         return self._sharding.shard_batch({k: batch[k] for k in ("inputs", "targets")}, self.mesh)
+
+    def put_global(self, batch: dict) -> dict:
+        """A batch every host holds whole (the eval batches): keep this host's row block."""
+        n = batch["inputs"].shape[0] // self.shard_count
+        lo = self.shard_index * n
+        return self.put({k: batch[k][lo:lo + n] for k in ("inputs", "targets")})
 
     def _build_step(self):
         tx = optim.make_optimizer(self.cfg.optim)
@@ -243,7 +257,7 @@ class _Session:
     def _estimate_steps_for_seconds(self, state) -> int:
         """Time a few compiled steps on a copy of the state (discarded)."""
         probe = jax.tree.map(jnp.copy, state)
-        batch = self.put(self.eval_data[0] if self.eval_data else next(iter(self.iterator)))
+        batch = self.put_global(self.eval_data[0])
         probe, m = self.train_step(probe, batch)  # compile
         jax.block_until_ready(m)
         times = []
@@ -357,7 +371,7 @@ class _Session:
             if math.isfinite(loss):
                 best = min(best, loss)
             if evaluating and diverged is None:
-                eval_loss = step_lib.evaluate(self.eval_step, state["params"], state["rest"], self.eval_data, self.put)
+                eval_loss = step_lib.evaluate(self.eval_step, state["params"], state["rest"], self.eval_data, self.put_global)
                 row["eval_loss"] = eval_loss
                 self.progress.message(f"step {step}/{total_steps}: eval loss {eval_loss:.4f} nats")
             if logging or evaluating:

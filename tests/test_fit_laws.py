@@ -160,7 +160,12 @@ def test_recovers_krajewski_form():
     df = pd.DataFrame({**x, "loss": _noisy(law, theta, x, rng)})
     r = fit.krajewski(df)
     for k in ("alpha", "beta", "gamma"):
+        # gamma rides on a term ~10x smaller than a/N^alpha: with 1% noise it is only
+        # determined to a few hundredths (also at n=400), so it gets a wider tolerance
         assert r.params[k] == pytest.approx(t[k], abs=0.01 if k != "gamma" else 0.05), k
+    # the optimiser is not the limit: the fit is at least as good as the truth on these data
+    f_true = robust.objective(law, np.array([theta]), x, np.log(df["loss"].to_numpy()), None, 1e-3)[0][0]
+    assert r.objective <= f_true + 1e-12
 
 
 def test_clark_law_is_exact_on_noiseless_data():

@@ -31,7 +31,8 @@ def _data(path):
     from pathlib import Path
 
     if path is None:
-        path = Path(__file__).resolve().parents[3] / "shared" / "validation" / DEFAULT_DATA
+        root = os.environ.get("SCALING_VALIDATION_DIR") or Path(__file__).resolve().parents[3] / "shared" / "validation"
+        path = Path(root) / DEFAULT_DATA
     path = Path(path)
     if not path.exists():
         raise UsageError(f"--data: {path} not found (the Epoch Chinchilla table is needed for this benchmark)")

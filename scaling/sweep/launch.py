@@ -90,7 +90,7 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
             return {"state": summary["state"], "error": summary.get("error"), "flops": summary.get("flops")}
         desc = store.read_json(d / "trial.json")
         cfg = TrainConfig.from_dict(desc["config"])
-        if cfg.init_from:
+        if desc.get("main"):  # a WSD branch: init_from names the main trial, not a directory
             main_id, step = cfg.init_from.rsplit("@", 1)
             main_state, _ = store.trial_state(sweep_dir / main_id)
             if main_state in ("pending", "running"):
@@ -139,6 +139,8 @@ class Progress:
         self.enabled = enabled
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._last = ""
+        self._last_key: tuple = ()
+        self._last_t = 0.0
 
     def set(self, trial_id: str, state: str) -> None:
         self.state[trial_id] = state
@@ -178,10 +180,14 @@ class Progress:
         if self.tty:
             self.stream.write("\r" + line.ljust(len(self._last)))
             self.stream.flush()
-        elif line != self._last or force:
+            self._last = line
+            return
+        # a log file gets a line when a trial changes state, and every 30 s otherwise
+        key = tuple(sorted(self.counts().items()))
+        if force or key != self._last_key or time.time() - self._last_t >= 30:
             self.stream.write(line + "\n")
             self.stream.flush()
-        self._last = line
+            self._last_key, self._last_t = key, time.time()
 
     def close(self) -> None:
         if self.enabled and self.tty:
@@ -333,6 +339,10 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
                 continue
             tid, st = res["trial_id"], res["state"]
             w.trial = None
+            if st == "waiting" and not (by_id[tid].main in by_id and prog.state[by_id[tid].main] not in store.FINAL):
+                err = f"main run {by_id[tid].main} is not part of this sweep run; run it too (drop --only)"
+                store.mark(sweep_dir, tid, "failed", err)
+                st = "failed"
             if st in ("busy", "waiting"):  # someone else has it / its main run is not finished
                 todo.append(tid)
                 retry_at[tid] = time.time() + 1.0

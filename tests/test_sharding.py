@@ -43,10 +43,11 @@ class Trainer:
         from scaling.train import optim, step
 
         self.make = lambda: Transformer(MODEL, rngs=nnx.Rngs(0))
-        self.tx = optim.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=2), STEPS)
+        ocfg = OptimConfig(lr=1e-2, warmup_steps=2)
+        self.tx = optim.make_optimizer(ocfg)
         self.split = step.split_model
         self.graphdef = self.split(nnx.eval_shape(self.make))[0]
-        self.step = step.make_train_step(self.graphdef, self.tx, z_loss_weight=1e-4)
+        self.step = step.make_train_step(self.graphdef, self.tx, z_loss_weight=1e-4, lr_fn=optim.make_lr_fn(ocfg))
         self.batches = _batches()
         self._compiled = {}
 
@@ -54,7 +55,8 @@ class Trainer:
         model = S.create_sharded_model(self.make, mesh)
         _, params, rest = self.split(model)
         opt_state = S.shard_init(lambda: self.tx.init(params), mesh)
-        return {"params": params, "rest": rest, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+        return {"params": params, "rest": rest, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+                "total_steps": jnp.asarray(STEPS, jnp.int32)}
 
     def abstract(self, mesh):
         """Restore target on ``mesh``: shapes, dtypes and shardings, nothing allocated."""
@@ -62,7 +64,7 @@ class Trainer:
         rest = S.abstract_sharded(lambda: self.split(self.make())[2], mesh)
         opt_state = S.abstract_sharded(lambda: self.tx.init(self.split(self.make())[1]), mesh)
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
-        return {"params": params, "rest": rest, "opt_state": opt_state, "step": step}
+        return {"params": params, "rest": rest, "opt_state": opt_state, "step": step, "total_steps": step}
 
     def train(self, state, mesh, steps: range):
         losses = []

@@ -79,7 +79,6 @@ def _variants(args) -> tuple[object, dict[str, object]]:
 def _prepare(cfg, mesh):
     """Compiled train step and its initial state for ``cfg`` on ``mesh``."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -90,9 +89,10 @@ def _prepare(cfg, mesh):
     with sharding.mesh_context(mesh):
         model = sharding.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), mesh)
         graphdef, params, rest = step_lib.split_model(model)
-        tx = optim.make_optimizer(cfg.optim, 1000)
-        state = {"params": params, "rest": rest, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
-        train_step = step_lib.make_train_step(graphdef, tx, z_loss_weight=cfg.optim.z_loss, donate=False)
+        tx = optim.make_optimizer(cfg.optim)
+        state = step_lib.init_state(params, rest, tx, total_steps=1000)
+        train_step = step_lib.make_train_step(graphdef, tx, z_loss_weight=cfg.optim.z_loss,
+                                              lr_fn=optim.make_lr_fn(cfg.optim))
         rng = np.random.default_rng(0)
         b, l, v = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
         tokens = rng.integers(0, v, size=(b, l + 1), dtype=np.int32)

@@ -35,7 +35,7 @@ def _common(p) -> None:
     p.add_argument("--x", default="C", help="input variable of --law powerlaw: C (FLOPs), N or D")
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
     p.add_argument("--seed-noise", dest="seed_noise", type=float, default=0.0,
-                   help="IsoFLOP bootstrap: perturb losses by this relative seed noise instead of resampling runs")
+                   help="bootstrap by perturbing each loss by this relative seed noise (e.g. 0.005) instead of resampling runs")
 
 
 def register(sub) -> None:
@@ -91,7 +91,7 @@ def _fit(args):
             "clark": parametric.clark,
             "krajewski": parametric.krajewski,
         }
-        res = fitters[args.law](args.input, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta, **kw)
+        res = fitters[args.law](args.input, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta, seed_noise=args.seed_noise, **kw)
     if args.predict:
         inp = _predict_inputs(args.predict)
         if args.law == "isoflop":

@@ -138,6 +138,7 @@ def fit_law(
     seed: int = 0,
     starts: np.ndarray | None = None,
     groups: str | None = None,
+    seed_noise: float = 0.0,
     columns=None,
     where: str | None = None,
     notes: list[str] | None = None,
@@ -145,8 +146,11 @@ def fit_law(
     """Fit ``law`` to ``data`` (DataFrame, table path or sweep dir) by Huber-in-log multi-start L-BFGS.
 
     ``bootstrap``: number of resamples of the runs (rows, or whole ``groups`` of rows) for the
-    95% intervals and covariance. Raises ``UsageError`` on unusable input.
+    95% intervals and covariance; with ``seed_noise`` > 0 (relative loss noise between seeds)
+    the runs are kept and their losses perturbed instead. Raises ``UsageError`` on unusable input.
     """
+    if seed_noise < 0:
+        raise UsageError(f"--seed-noise: must be >= 0, got {seed_noise}")
     if not (delta > 0):
         raise UsageError(f"delta: Huber delta must be positive, got {delta}")
     if bootstrap < 0:
@@ -185,7 +189,7 @@ def fit_law(
             res.warnings.append("an exponent is <= 0: no compute-optimal frontier exists for this fit")
     if bootstrap:
         g = df[groups].to_numpy() if groups and groups in df.columns else None
-        th, ok = robust.bootstrap(law, x, y, ms.theta, n_boot=bootstrap, seed=seed, delta=delta, groups=g)
+        th, ok = robust.bootstrap(law, x, y, ms.theta, n_boot=bootstrap, seed=seed, delta=delta, groups=g, seed_noise=seed_noise)
         res.n_boot, res.n_boot_converged = bootstrap, int(ok.sum())
         if ok.sum() < 0.9 * bootstrap:
             res.warnings.append(f"only {int(ok.sum())}/{bootstrap} bootstrap refits converged; intervals use those")

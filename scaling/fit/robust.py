@@ -39,7 +39,8 @@ def objective(law: Law, theta: np.ndarray, x: dict, log_y: np.ndarray, w: np.nda
     Returns ``f[S]``, ``g[S, P]``.
     """
     pred, jac = law.value_and_jacobian(theta, x)
-    r = log_y[None] - pred
+    log_y, w = _split_rows(log_y, w)
+    r = log_y - pred
     w = 1.0 if w is None else w
     with np.errstate(over="ignore", invalid="ignore"):
         f = (w * huber(r, delta)).sum(axis=1)
@@ -55,6 +56,14 @@ def _term_value(theta, cols, offset):
     for p, col in cols:
         T = T + theta[:, p, None] * col  # col: a float, or a [1, n] row
     return T
+
+
+def _split_rows(log_y, w):
+    """``w`` is ``None``, weights ``[n]`` / ``[S, n]``, or ``[S, n, 2]`` = (weight, shift of log y)
+    per row: the seed-noise bootstrap perturbs the observations rather than resampling them."""
+    if w is not None and np.ndim(w) == 3:
+        return log_y + w[..., 1], w[..., 0]
+    return log_y, w
 
 
 def _objective_lse(terms, log_y, w, delta, theta):
@@ -75,6 +84,7 @@ def _objective_lse(terms, log_y, w, delta, theta):
             u = np.exp(_term_value(theta, cols, offset))
             us.append(u)
             z = z + us[-1]
+        log_y, w = _split_rows(log_y, w)
         r = log_y - np.log(z)
         a = np.abs(r)
         c = np.minimum(a, delta)
@@ -138,7 +148,7 @@ def _chunked(fg, row_elems: int, target_elems: int = 16384):
             w = None  # unweighted: skip two multiplications per point
         if S <= rows:
             return fg(theta, w)
-        per_row = w is not None and np.ndim(w) == 2
+        per_row = w is not None and np.ndim(w) >= 2
         blocks = [(i, min(i + rows, S)) for i in range(0, S, rows)]
         job = lambda b: fg(theta[b[0] : b[1]], w[b[0] : b[1]] if per_row else w)
         # numpy releases the GIL inside ufuncs, so blocks overlap on a second core
@@ -194,7 +204,7 @@ def lbfgs_batched(
     """
     x = np.array(x0, dtype=float, copy=True)
     S, P = x.shape
-    per_row_w = w.ndim == 2
+    per_row_w = w.ndim >= 2
     f, g = fg(x, w)
     s_hist = np.zeros((S, m, P))
     y_hist = np.zeros((S, m, P))
@@ -396,14 +406,22 @@ def bootstrap(
     seed: int = 0,
     delta: float = 1e-3,
     groups: np.ndarray | None = None,
+    seed_noise: float = 0.0,
     max_iter: int = 1000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Refit ``n_boot`` resamples of the runs (all in one batch), each started at ``theta0``.
 
     Returns ``theta[n_boot, P]`` and a ``converged[n_boot]`` mask. Starting from the full-data
-    optimum mirrors Epoch AI (who start every resample from one fixed point).
+    optimum mirrors Epoch AI (who start every resample from one fixed point). With
+    ``seed_noise`` > 0 the runs are kept and each loss is multiplied by exp(N(0, seed_noise))
+    instead (Porian et al. 2024's seed-noise bootstrap).
     """
-    W = resample_weights(len(y), n_boot, seed, groups)
+    if seed_noise > 0:
+        # keep every run, perturb each loss by exp(N(0, seed_noise)): run-to-run seed variance
+        dy = np.random.default_rng(seed).normal(0.0, seed_noise, (n_boot, len(y)))
+        W = np.stack([np.ones_like(dy), dy], axis=2)
+    else:
+        W = resample_weights(len(y), n_boot, seed, groups)
     fg = make_objective(law, x, y, delta)
     x0 = np.repeat(np.asarray(theta0, float)[None], n_boot, axis=0)
     res = lbfgs_batched(fg, x0, W, max_iter=max_iter, gtol=1e-9, ftol=1e-12, f_floor=0.0)

@@ -26,9 +26,10 @@ def smoke() -> bool:
 
 def out_dir(notebook: str) -> Path:
     """Where a notebook writes its figures and ``results.json``: ``$SCALING_ANALYSIS_OUT`` or
-    ``analysis/out/<notebook>/``."""
+    ``analysis/out/<notebook>/`` (``<notebook>_smoke/`` in smoke mode)."""
     env = os.environ.get("SCALING_ANALYSIS_OUT")
-    path = Path(env) if env else REPO / "analysis" / "out" / notebook
+    # smoke results never overwrite a real study's (e.g. its registered prediction)
+    path = Path(env) if env else REPO / "analysis" / "out" / (notebook + ("_smoke" if smoke() else ""))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

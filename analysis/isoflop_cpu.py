@@ -224,6 +224,9 @@ prediction = {
 pred_run_done = (loop.read_summary(PRED_DIR) or {}).get("state") in ("done", "diverged")
 if pred_file.exists() and (pred_run_done or (PRED_DIR / "config.json").exists()):
     old = json.loads(pred_file.read_text())
+    if not np.isclose(old["C"], C_star):
+        raise RuntimeError(f"{pred_file} registers a prediction at C={old['C']:.3g}, this sweep predicts at {C_star:.3g}; "
+                           f"move the old prediction and {PRED_DIR} away first")
     print("a prediction for this run was already registered; keeping it")
     prediction = old
 elif pred_run_done:

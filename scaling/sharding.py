@@ -436,10 +436,12 @@ def _arrays(obj, *filters):
     return obj if obj is not None else {}
 
 
-def memory_report(model, optimizer, cfg, mesh: Mesh) -> dict[str, int]:
+def memory_report(model, optimizer, cfg, mesh: Mesh, compiled=None) -> dict[str, int]:
     """Per-device memory in bytes: ``params`` and ``opt_state`` measured from the sharded arrays'
     addressable shards, ``activations_est`` from ``activation_bytes_estimate``, ``total_est``
-    their sum; also ``params_unsharded`` (one full copy) and ``devices``.
+    their sum; also ``params_unsharded`` (one full copy) and ``devices``. Given the ``compiled``
+    train step (``jitted.lower(...).compile()``), also ``xla_temp``: XLA's own per-device
+    temporary buffer size for one step (activations, gradients, gathered weights), measured.
 
     ``model``: an nnx Module (its ``nnx.Param`` state is counted) or a params pytree;
     ``optimizer``: an ``nnx.Optimizer``, a raw optax state, or ``None``; ``cfg``: the ``TrainConfig``.
@@ -454,6 +456,9 @@ def memory_report(model, optimizer, cfg, mesh: Mesh) -> dict[str, int]:
         "params_unsharded": sum(int(x.nbytes) for x in jax.tree.leaves(params)),
     }
     report["total_est"] = report["params"] + report["opt_state"] + report["activations_est"]
+    analysis = compiled.memory_analysis() if compiled is not None else None
+    if analysis is not None:
+        report["xla_temp"] = int(analysis.temp_size_in_bytes)
     return report
 
 
@@ -462,4 +467,5 @@ def format_memory_report(report: Mapping[str, int]) -> str:
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     return (f"memory/device ({report['devices']} devices): params {mib(report['params'])} MiB, "
             f"opt state {mib(report['opt_state'])} MiB, activations ~{mib(report['activations_est'])} MiB, "
-            f"total ~{mib(report['total_est'])} MiB")
+            f"total ~{mib(report['total_est'])} MiB"
+            + (f" (XLA step temp {mib(report['xla_temp'])} MiB)" if "xla_temp" in report else ""))

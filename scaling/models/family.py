@@ -75,6 +75,14 @@ def shape(base: ModelConfig, n_layers: int, d_model: int) -> ModelConfig:
     return dataclasses.replace(base, n_layers=n_layers, d_model=d_model, n_heads=n_heads, head_dim=None, n_kv_heads=n_kv, d_ff=None)
 
 
+def _valid(base: ModelConfig, d_model: int) -> bool:
+    try:
+        shape(base, 1, d_model)
+    except ConfigError:
+        return False
+    return True
+
+
 def _count(cfg: ModelConfig, which: str) -> int:
     return getattr(param_counts(cfg), which)
 
@@ -90,22 +98,25 @@ def model_for_params(n_non_embedding: float, base: ModelConfig, *, count: str = 
         raise ValueError(f"count must be non_embedding or active_non_embedding, got {count!r}")
     target = float(n_non_embedding)
     aspect = target_aspect_ratio(target)
+    widths = [w for w in _WIDTHS if _valid(base, w)]  # e.g. MoE granularity must divide d_ff
+    if not widths:
+        raise ConfigError("model: no width fits this base model's constraints (check model.moe.granularity)")
     candidates: list[tuple[ModelConfig, int]] = []
     for n_layers in range(1, _MAX_LAYERS + 1):
         # parameters grow monotonically with width: bisect for the widths bracketing the target
-        lo, hi = 0, len(_WIDTHS) - 1
-        if _count(shape(base, n_layers, _WIDTHS[0]), count) > 2 * target and n_layers > 1:
+        lo, hi = 0, len(widths) - 1
+        if _count(shape(base, n_layers, widths[0]), count) > 2 * target and n_layers > 1:
             break  # even the narrowest width is too big at this depth, and deeper only grows
         while lo < hi:
             mid = (lo + hi) // 2
-            if _count(shape(base, n_layers, _WIDTHS[mid]), count) < target:
+            if _count(shape(base, n_layers, widths[mid]), count) < target:
                 lo = mid + 1
             else:
                 hi = mid
         for j in {max(lo - 1, 0), lo}:
-            cfg = shape(base, n_layers, _WIDTHS[j])
+            cfg = shape(base, n_layers, widths[j])
             candidates.append((cfg, _count(cfg, count)))
-        if _WIDTHS[lo] / n_layers < aspect / 16:
+        if widths[lo] / n_layers < aspect / 16:
             break  # deeper shapes only get thinner: a 16x aspect miss never wins the score
 
     def score(cn: tuple[ModelConfig, int]) -> float:

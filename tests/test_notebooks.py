@@ -45,6 +45,26 @@ def run_notebook(name: str, out: Path, timeout: float = 600, **env) -> dict:
     return results
 
 
+def execute_notebook(name: str, out: Path, monkeypatch, timeout: float = 600) -> dict:
+    """Execute ``analysis/<name>.py`` as a Jupyter notebook (jupytext -> nbclient, cwd analysis/)
+    in smoke mode; return its results.json. Each cell's images must be displayed inline."""
+    import jupytext
+    from nbclient import NotebookClient
+
+    for k, v in _env(out).items():
+        monkeypatch.setenv(k, v)  # the kernel inherits this process's environment
+    monkeypatch.delenv("MPLBACKEND")  # the kernel's inline backend
+    nb = jupytext.read(ANALYSIS / f"{name}.py")
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ANALYSIS)}}).execute()
+    shown = sum(any(o.get("output_type") == "display_data" for o in c.get("outputs", [])) for c in nb.cells if c.cell_type == "code")
+    results = json.loads((out / "results.json").read_text())
+    assert shown == len(results["figures"]), "every figure is shown inline in the notebook"
+    for fig in results["figures"]:
+        data = (out / fig).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, f"{name}: figure {fig} missing or empty"
+    return results
+
+
 def finite(*values) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
 
@@ -68,12 +88,13 @@ def test_notebook_converts_to_ipynb(name, tmp_path):
     assert any("SMOKE" in c.source for c in nb.cells if c.cell_type == "code")
 
 
-def test_reproduce_chinchilla(tmp_path):
-    """Approach 3 on Epoch's 240 Chinchilla runs gives the fitting module's asserted numbers
-    (Epoch's Huber/L-BFGS refit), with bootstrap intervals that cover them and Epoch's MLE."""
+def test_reproduce_chinchilla(tmp_path, monkeypatch):
+    """Executed as a Jupyter notebook: Approach 3 on Epoch's 240 Chinchilla runs gives the
+    fitting module's asserted numbers (Epoch's Huber/L-BFGS refit), with bootstrap intervals
+    that cover them and Epoch's MLE."""
     if not (VALIDATION / "chinchilla_epoch_245runs_N_D_C_loss.csv").is_file():
         pytest.skip(f"shared validation data not found at {VALIDATION} (set SCALING_VALIDATION_DIR)")
-    r = run_notebook("reproduce_chinchilla", tmp_path)
+    r = execute_notebook("reproduce_chinchilla", tmp_path, monkeypatch)
     assert r["n_runs"] == 240 and r["n_excluded"] == 5
     p, ci = r["fit"]["params"], r["fit"]["ci95"]
     # the same values and tolerances as tests/test_fit_laws.py::test_reproduces_epoch_chinchilla_refit

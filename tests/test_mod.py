@@ -19,6 +19,11 @@ def _cfg(**mod):
     return ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, init_std=0.2, mod=MoDConfig(**mod))
 
 
+def _fwd(m, x, **kw):
+    """One jitted call (a whole compiled program is several times faster than op-by-op here)."""
+    return nnx.jit(lambda m, x: m(x, **kw))(m, x)
+
+
 def _x(B=2, L=16, D=32, seed=1):
     return jax.random.normal(jax.random.key(seed), (B, L, D))
 
@@ -32,12 +37,13 @@ def test_capacity_one_without_router_scaling_equals_dense_block():
     block = Block(cfg, rngs=nnx.Rngs(0))
     routed = MoDBlock(cfg, block, rngs=nnx.Rngs(1))
     x = _x()
-    y_dense, _ = block(x, positions=_positions(2, 16))
-    y_mod, aux = routed(x, positions=_positions(2, 16))
+    y_dense, _ = _fwd(block, x, positions=_positions(2, 16))
+    y_mod, aux = _fwd(routed, x, positions=_positions(2, 16))
     np.testing.assert_allclose(np.asarray(y_mod), np.asarray(y_dense), atol=1e-5, rtol=1e-5)
     assert float(aux["mod/selected_fraction"]) == 1.0
 
 
+@pytest.mark.slow
 def test_capacity_one_transformer_equals_dense_transformer():
     dense = Transformer(ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2), rngs=nnx.Rngs(0))
     routed = Transformer(_cfg(capacity=1.0, router_scale=False, every=1), rngs=nnx.Rngs(0))
@@ -46,7 +52,7 @@ def test_capacity_one_transformer_equals_dense_transformer():
     for rb, db in zip(routed.blocks, dense.blocks):
         nnx.update(rb.block, nnx.state(db))
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
-    np.testing.assert_allclose(np.asarray(routed(tokens)[0]), np.asarray(dense(tokens)[0]), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(_fwd(routed, tokens)[0]), np.asarray(_fwd(dense, tokens)[0]), atol=1e-5, rtol=1e-5)
 
 
 def _masked_dense_reference(routed: MoDBlock, x, selected_BxL):
@@ -76,13 +82,13 @@ def test_gathered_block_equals_masked_dense_computation(capacity):
     cfg = _cfg(capacity=capacity)
     routed = MoDBlock(cfg, Block(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
     x = _x()
-    y, aux = routed(x, positions=_positions(2, 16))
+    y, aux = _fwd(routed, x, positions=_positions(2, 16))
     k = n_selected(capacity, 16)
     logits = routed.router_logits(x)
     kth = jnp.sort(logits, axis=-1)[:, -k][:, None]
     selected = logits >= kth
     assert int(selected.sum()) == 2 * k
-    np.testing.assert_allclose(np.asarray(y), np.asarray(_masked_dense_reference(routed, x, selected)), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(nnx.jit(_masked_dense_reference)(routed, x, selected)), atol=2e-5, rtol=1e-5)
     assert np.array_equal(np.asarray(y)[~np.asarray(selected)], np.asarray(x)[~np.asarray(selected)])  # skipped: untouched
     assert float(aux["mod/selected_fraction"]) == pytest.approx(k / 16)
 
@@ -95,8 +101,8 @@ def test_router_learns_through_the_output_scale_and_aux_loss_is_bce():
     def out_loss(m):
         return jnp.mean(m(x, positions=_positions(2, 16))[0] ** 2)
 
-    assert float(jnp.abs(nnx.grad(out_loss)(routed).router[...]).sum()) > 0
-    _, aux = routed(x, positions=_positions(2, 16))
+    assert float(jnp.abs(nnx.jit(lambda m: nnx.grad(out_loss)(m))(routed).router[...]).sum()) > 0
+    _, aux = _fwd(routed, x, positions=_positions(2, 16))
     logits = np.asarray(routed.router_logits(x), np.float64)
     member = logits >= np.sort(logits, axis=-1)[:, -4][:, None]
     bce = np.mean(np.logaddexp(0, logits) - logits * member)
@@ -109,6 +115,7 @@ def test_router_learns_through_the_output_scale_and_aux_loss_is_bce():
     assert float(aux["mod/router_weight_std"]) == pytest.approx(w.std(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_predictor_learns_top_k_membership_without_touching_the_model():
     cfg = _cfg(capacity=0.25, causal_aux="predictor", aux_loss_weight=1.0)
     routed = MoDBlock(cfg, Block(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
@@ -118,10 +125,10 @@ def test_predictor_learns_top_k_membership_without_touching_the_model():
     def aux_loss(m):
         return m(x, positions=pos)[1]["aux_loss"]
 
-    grads = nnx.grad(aux_loss)(routed)
+    grads = nnx.jit(lambda m: nnx.grad(aux_loss)(m))(routed)
     assert float(jnp.abs(grads.router[...]).sum()) == 0.0  # stop-gradient: routing untouched
     assert float(jnp.abs(grads.pred_in[...]).sum()) > 0
-    acc0 = float(routed(x, positions=pos)[1]["mod/causal_accuracy"])
+    acc0 = float(_fwd(routed, x, positions=pos)[1]["mod/causal_accuracy"])
 
     @nnx.jit
     def sgd(m):
@@ -131,7 +138,7 @@ def test_predictor_learns_top_k_membership_without_touching_the_model():
 
     for _ in range(150):
         sgd(routed)
-    acc = float(routed(x, positions=pos)[1]["mod/causal_accuracy"])
+    acc = float(_fwd(routed, x, positions=pos)[1]["mod/causal_accuracy"])
     assert acc > max(acc0, 0.9)
 
 
@@ -140,7 +147,7 @@ def test_mod_over_moe_block_passes_moe_losses_and_metrics():
                       moe=MoEConfig(n_experts=4, top_k=1, aux_loss_weight=0.5),
                       mod=MoDConfig(capacity=0.5, aux_loss_weight=0.0))
     routed = MoDBlock(cfg, Block(cfg, moe=True, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
-    _, aux = routed(_x(), positions=_positions(2, 16))
+    _, aux = _fwd(routed, _x(), positions=_positions(2, 16))
     assert float(aux["aux_loss"]) == pytest.approx(0.5 * float(aux["moe/lb_loss"]) + 1e-3 * float(aux["moe/z_loss"]), rel=1e-5)
     assert "mod/selected_fraction" in aux and "moe/drop_fraction" in aux
 
@@ -167,7 +174,7 @@ def test_mod_train_flops_match_xla_and_show_the_expected_reduction():
     from test_moe import xla_train_step_flops
 
     dense = ModelConfig(d_model=128, n_layers=4, n_heads=4)
-    mod = dataclasses.replace(dense, mod=MoDConfig(capacity=0.125, every=2))
+    mod = dataclasses.replace(dense, mod=MoDConfig(capacity=0.125, every=2))  # blocks 1 and 3 routed
     batch, L = 4, 128
     a_dense, a_mod = (flops.train_flops_per_token(c, L) * batch * L for c in (dense, mod))
     x_dense, x_mod = (xla_train_step_flops(c, batch, L) for c in (dense, mod))

@@ -48,7 +48,7 @@ def test_sigkilled_runner_loses_nothing_and_resumes_exactly(tmp_path, env):
     # same-shape, same-budget trials (seeds) share one compiled step through the cache
     f = fps(16, 1)
     raw = {"name": "faults", "experiment": "dense", "set": {**TINY, "checkpoint_every": 25},
-           "buckets": [150 * f], "seeds": [0, 1, 2]}
+           "buckets": [150 * f], "seeds": [0, 1]}
     p = tmp_path / "faults.yaml"
     p.write_text(yaml.safe_dump(raw))
     ref, out = tmp_path / "ref", tmp_path / "faulted"
@@ -59,14 +59,16 @@ def test_sigkilled_runner_loses_nothing_and_resumes_exactly(tmp_path, env):
 
     rng = random.Random(1234)
     kills = 0
-    for _ in range(12):
+    for i in range(8):
         before = metrics_rows(out)
         proc = subprocess.Popen(sweep_cmd(p, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # wait until training is under way in this run, then kill at a random moment
-        deadline = time.time() + 120
-        while proc.poll() is None and metrics_rows(out) <= before and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.5))
+        if i % 2 == 0:  # mid-training: wait until this run trains, then a random moment later
+            deadline = time.time() + 120
+            while proc.poll() is None and metrics_rows(out) <= before and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:  # start-up: imports, manifest, worker spawn, trial set-up, checkpoint restore
+            time.sleep(rng.uniform(0.2, 3.0))
         if proc.poll() is not None:
             break  # finished before we could kill it
         os.kill(proc.pid, signal.SIGKILL)
@@ -79,7 +81,7 @@ def test_sigkilled_runner_loses_nothing_and_resumes_exactly(tmp_path, env):
     assert r.returncode == 0, r.stderr[-2000:]
 
     a, b = store.load(ref).set_index("trial_id"), store.load(out).set_index("trial_id")
-    assert len(b) == 3 and b.index.is_unique and sorted(a.index) == sorted(b.index)
+    assert len(b) == 2 and b.index.is_unique and sorted(a.index) == sorted(b.index)
     assert set(b["state"]) == {"done"}
     # resumed trials end exactly where uninterrupted ones do
     for tid in a.index:
@@ -110,18 +112,17 @@ def test_sigkilled_runner_loses_nothing_and_resumes_exactly(tmp_path, env):
 def test_diverging_and_raising_trials_recorded_and_sweep_goes_on(tmp_path, env):
     f = fps(16, 1)
     sp = spec.parse({"name": "bad", "experiment": "dense", "set": TINY, "buckets": [40 * f],
-                     "variants": {"ok": {}, "broken": {"set": {"init_from": str(tmp_path / "nowhere") + "@5"}}},
-                     "grid": {"lr": [3e-3, 1e3]}})
+                     "variants": {"ok": {}, "absurd_lr": {"set": {"optim.lr": 1e3}},
+                                  "broken": {"set": {"init_from": str(tmp_path / "nowhere") + "@5"}}}})
     ts = spec.trials(sp)
     store.write_manifest(tmp_path / "s", sp, ts)
     counts = launch.run_local(tmp_path / "s", ts, jobs=1, progress=False)
-    df = store.load(tmp_path / "s").set_index(["variant", "lr"])
-    assert counts["done"] == 1 and counts["diverged"] == 1 and counts["failed"] == 2
-    assert df.loc[("ok", 3e-3), "state"] == "done" and df.loc[("ok", 3e-3), "loss"] < 5.0
-    assert df.loc[("ok", 1e3), "state"] == "diverged" and "diverged" in df.loc[("ok", 1e3), "error"]
-    for lr in (3e-3, 1e3):
-        assert df.loc[("broken", lr), "state"] == "failed"
-        assert "init_from" in df.loc[("broken", lr), "error"] and "nowhere" in df.loc[("broken", lr), "error"]
+    df = store.load(tmp_path / "s").set_index("variant")
+    assert counts["done"] == 1 and counts["diverged"] == 1 and counts["failed"] == 1
+    assert df.loc["ok", "state"] == "done" and df.loc["ok", "loss"] < 5.0
+    assert df.loc["absurd_lr", "state"] == "diverged" and "diverged" in df.loc["absurd_lr", "error"]
+    assert df.loc["broken", "state"] == "failed"
+    assert "init_from" in df.loc["broken", "error"] and "nowhere" in df.loc["broken", "error"]
 
 
 @pytest.mark.slow

@@ -71,6 +71,17 @@ def _record_final(sweep_dir: Path, trial_id: str, state: str, error: str | None,
         store.mark(sweep_dir, trial_id, state, error, **extra)
 
 
+def trial_config(sweep_dir: Path, desc: dict) -> TrainConfig:
+    """The config the trainer gets. A WSD branch's ``init_from`` names its main trial
+    (``"<id>@<step>"``, so the trial id does not depend on where the sweep lives); the trainer
+    needs that trial's directory."""
+    cfg = TrainConfig.from_dict(desc["config"])
+    if desc.get("main"):
+        main_id, step = cfg.init_from.rsplit("@", 1)
+        cfg = dataclasses.replace(cfg, init_from=f"{Path(sweep_dir).absolute() / main_id}@{step}")
+    return cfg
+
+
 def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN) -> dict:
     """Train one trial of the sweep under its lock; return ``{"state", "error", "flops"}``.
 
@@ -89,18 +100,15 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
             _record_final(sweep_dir, trial_id, summary["state"], summary.get("error"))
             return {"state": summary["state"], "error": summary.get("error"), "flops": summary.get("flops")}
         desc = store.read_json(d / "trial.json")
-        cfg = TrainConfig.from_dict(desc["config"])
-        if desc.get("main"):  # a WSD branch: init_from names the main trial, not a directory
-            main_id, step = cfg.init_from.rsplit("@", 1)
-            main_state, _ = store.trial_state(sweep_dir / main_id)
+        cfg = trial_config(sweep_dir, desc)
+        if desc.get("main"):  # a WSD branch starts once its main run is done
+            main_state, _ = store.trial_state(sweep_dir / desc["main"])
             if main_state in ("pending", "running"):
                 return {"state": "waiting", "error": None}
             if main_state != "done":
-                err = f"main run {main_id} ended {main_state}; its cooldown branch cannot start"
+                err = f"main run {desc['main']} ended {main_state}; its cooldown branch cannot start"
                 store.mark(sweep_dir, trial_id, "failed", err)
                 return {"state": "failed", "error": err}
-            # the trial id hashes the sweep-relative reference; the trainer needs the directory
-            cfg = dataclasses.replace(cfg, init_from=f"{sweep_dir / main_id}@{step}")
         attempt = 1 + sum(1 for e in store.events(sweep_dir) if e.get("trial_id") == trial_id and e.get("state") == "running")
         store.mark(sweep_dir, trial_id, "running", attempt=attempt)
         try:
@@ -378,7 +386,7 @@ def _submitit_trial(sweep_dir: str, trial_id: str, run_fn: str) -> dict:
         rank, n = 0, 1
     if n > 1 and rank > 0:
         desc = store.read_json(Path(sweep_dir) / trial_id / "trial.json")
-        return {"state": "worker", "summary": _import(run_fn)(TrainConfig.from_dict(desc["config"]), Path(sweep_dir) / trial_id)}
+        return {"state": "worker", "summary": _import(run_fn)(trial_config(Path(sweep_dir), desc), Path(sweep_dir) / trial_id)}
     return run_trial(sweep_dir, trial_id, run_fn)
 
 

@@ -24,6 +24,7 @@ FLOPs per token (``scaling.flops``) and its LR schedule ends at its own budget.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import math
@@ -34,7 +35,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from scaling.config import ConfigError, TrainConfig, apply_overrides, config_hash
+from scaling.config import BudgetConfig, ConfigError, TrainConfig, apply_overrides, config_hash
 
 Strategy = Literal["independent", "wsd_branch"]
 STRATEGIES = ("independent", "wsd_branch")
@@ -351,7 +352,7 @@ def parse(raw: Any, *, default_name: str = "sweep") -> SweepSpec:
         vals = _list(f"sweep.grid.{k}", vals)
         if len(set(map(repr, vals))) != len(vals):
             _fail(f"sweep.grid.{k}", f"repeats a value ({vals}); list each value once")
-        grid.append((ALIASES.get(str(k), str(k)), tuple(vals)))
+        grid.append((str(k), tuple(vals)))
     seeds = tuple(_int(f"sweep.seeds[{i}]", s, minimum=0) for i, s in enumerate(_list("sweep.seeds", d.get("seeds", [0]))))
     if len(set(seeds)) != len(seeds):
         _fail("sweep.seeds", f"repeats a seed ({list(seeds)}); list each seed once")
@@ -424,25 +425,37 @@ class Trial:
         return d
 
 
-def _model_sizer(experiment: str):
-    """The family's size rule ``(n_non_embedding, base_model) -> ModelConfig``: the experiment's
-    own ``model_for_params`` when it has one, else ``scaling.models.family.model_for_params``."""
+@functools.lru_cache(maxsize=4096)
+def _sized(experiment: str, n: float, base):
+    """The family's size rule ``(n_non_embedding, base_model) -> ModelConfig`` (memoised: a grid
+    asks for the same few sizes in many buckets): the experiment's own ``model_for_params`` when
+    it has one, else ``scaling.models.family.model_for_params``."""
     import experiments
 
     fn = getattr(experiments.load(experiment), "model_for_params", None)
-    if fn is not None:
-        params = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if len(params) >= 2 or "base" in inspect.signature(fn).parameters:
-            return lambda n, base: fn(n, base)
-        return lambda n, base: _keep_non_shape(fn(n), base)
-    from scaling.models.family import model_for_params
+    if fn is None:
+        from scaling.models.family import model_for_params
 
-    return model_for_params
+        return model_for_params(n, base)
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) >= 2 or "base" in inspect.signature(fn).parameters:
+        return fn(n, base)
+    return _keep_non_shape(fn(n), base)
+
+
+def _model_sizer(experiment: str):
+    return lambda n, base: _sized(experiment, float(n), base)
 
 
 def _keep_non_shape(sized, base):
     """A size rule that ignores the base model only decides the shape fields."""
     return dataclasses.replace(base, **{k: getattr(sized, k) for k in SHAPE_KEYS})
+
+
+def _tag(key: str) -> str:
+    """Column name of a grid key: the short name (lr, batch, experts -> E, ...) or the key."""
+    path = ALIASES.get(key, key)
+    return TAG_NAMES.get(path, key)
 
 
 def _short(x: float) -> str:
@@ -479,7 +492,7 @@ def _independent(spec: SweepSpec) -> list[Trial]:
         for point in itertools.product(*[vals for _, vals in spec.grid]):
             gitems = list(zip(grid_keys, point))
             gpath = "sweep.grid." + ",".join(f"{k}={v}" for k, v in gitems) if gitems else "sweep.grid"
-            gcfg = _apply(gpath, base, gitems)
+            gcfg = _apply(gpath, base, [(ALIASES.get(k, k), v) for k, v in gitems])
             for seed in spec.seeds:
                 scfg = dataclasses.replace(gcfg, seed=seed)
                 for bi, bucket in enumerate(spec.buckets):
@@ -512,13 +525,13 @@ def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mp
         cfg = dataclasses.replace(scfg, model=model)
     except ConfigError as err:
         raise ConfigError(f"{mpath}: {err}") from None
+    # (a direct replace: apply_overrides re-reads type hints and costs ~10 ms a call)
     if bucket.kind == "flops":
-        cfg = _apply(f"sweep.buckets[{bi}].flops", cfg, {"budget.flops": bucket.value})
+        cfg = dataclasses.replace(cfg, budget=BudgetConfig(flops=bucket.value))
     else:
-        cfg = _apply(f"sweep.buckets[{bi}].accelerator_seconds", cfg,
-                     {"budget.seconds": bucket.value / bucket.resources.devices})
+        cfg = dataclasses.replace(cfg, budget=BudgetConfig(flops=None, seconds=bucket.value / bucket.resources.devices))
     shape = f"d{model.d_model}L{model.n_layers}"
-    tag_str = "_".join(f"{TAG_NAMES.get(k, k.split('.')[-1])}{v}" for k, v in gitems)
+    tag_str = "_".join(f"{_tag(k)}{v}" for k, v in gitems)
     group_name = "_".join(x for x in (spec.name, variant if variant != "default" else "", shape, tag_str, f"s{seed}") if x)
     cfg = dataclasses.replace(cfg, name=f"{group_name}_C{_short(bucket.value)}")
     steps = fps = planned = None
@@ -538,7 +551,7 @@ def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mp
         _fail(where, f"duplicates the trial from {seen[tid]} (same resolved config {tid}); "
               "remove one, widen the isoflop ratio or list distinct sizes")
     seen[tid] = where
-    tags = tuple((TAG_NAMES.get(k, k), v) for k, v in gitems)
+    tags = tuple((_tag(k), v) for k, v in gitems)
     return Trial(id=tid, config=cfg, bucket=bi, budget_kind=bucket.kind, budget=bucket.value, variant=variant,
                  target_params=target, tags=tags, steps=steps, flops_per_step=fps, planned_flops=planned,
                  group=group, resources=bucket.resources)

@@ -8,6 +8,7 @@ applied last.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,9 +16,26 @@ from pathlib import Path
 from scaling.config import ConfigError, TrainConfig
 
 
+EPILOG = """budgets (set exactly one; setting one clears the others):
+  --set budget.flops=1e13    training FLOPs as counted by scaling.flops (default kind)
+  --set budget.tokens=5e6    training tokens
+  --set budget.steps=2000    optimizer steps
+  --set budget.seconds=600   wall-clock training seconds (schedule sized from a timed step)
+The LR schedule always ends exactly at the budget's last step.
+
+writes OUT/config.json, OUT/metrics.jsonl, OUT/summary.json, OUT/ckpt/; rerunning a finished
+run does nothing, rerunning an interrupted one resumes from its latest checkpoint.
+
+example:
+  scaling train --experiment dense --set model.d_model=128 --set model.n_layers=4 \\
+      --set budget.flops=2e11 --out runs/demo
+"""
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train one model until its budget is spent (resumable)",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.replace("``", ""), epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default=None, help="experiment family in experiments/ (default: dense, "
                    "or the 'experiment' field of --config)")
     p.add_argument("--config", metavar="FILE.json", help="TrainConfig as JSON (full or partial)")

@@ -136,6 +136,41 @@ def test_checkpoint_saved_on_one_mesh_resumes_on_another(trainer, reference, tmp
     np.testing.assert_allclose(np.concatenate([first, second]), reference["losses"], rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_moe_model_on_all_four_axes_trains_like_one_device():
+    """Experts over ``expert``, expert hidden over ``tensor``, d_model over ``fsdp`` at once."""
+    from scaling.models.transformer import Transformer
+    from scaling.train import optim, step
+
+    cfg = TrainConfig().with_overrides({
+        "model.d_model": 64, "model.n_layers": 1, "model.n_heads": 8, "model.d_ff": 128, "model.moe": "on",
+        "model.moe.n_experts": 4, "model.moe.top_k": 2, "data.seq_len": 16, "data.batch_size": 16})
+    tx = optim.make_optimizer(cfg.optim)
+    batches = _batches()[:3]
+
+    def run(mesh):
+        S.validate(cfg.model, cfg.data, mesh)
+        with S.mesh_context(mesh):
+            model = S.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), mesh)
+            graphdef, params, rest = step.split_model(model)
+            state = {"params": params, "rest": rest, "opt_state": S.shard_init(lambda: tx.init(params), mesh),
+                     "step": jnp.zeros((), jnp.int32), "total_steps": jnp.asarray(10, jnp.int32)}
+            train = step.make_train_step(graphdef, tx, z_loss_weight=1e-4, lr_fn=optim.make_lr_fn(cfg.optim))
+            losses, compiled = [], None
+            for b in batches:
+                batch = S.shard_batch(b, mesh)
+                compiled = compiled or train.lower(state, batch).compile({"xla_backend_optimization_level": 0})
+                state, metrics = compiled(state, batch)
+                losses.append(float(metrics["loss"]))
+        w = state["params"]["blocks"][0]["mlp"]["w_in"]  # [experts, d_model, expert hidden]
+        return np.array(losses), w
+
+    ref, _ = run(_mesh((1, 1, 1, 1), jax.devices()[:1]))
+    losses, w_in = run(_mesh((1, 2, 2, 2)))
+    np.testing.assert_allclose(losses, ref, rtol=1e-5)
+    assert w_in.addressable_shards[0].data.size == w_in.size // 8  # split over expert x fsdp x tensor
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: clear errors, before any compilation
 # --------------------------------------------------------------------------------------------

@@ -149,3 +149,25 @@ def test_unknown_backend_and_bad_yaml_exit_2(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert cli.main(["sweep", str(tmp_path / "missing.yaml"), "--plan"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_moe_grid_and_seconds_buckets():
+    ts = spec.trials(spec.load("moe_granularity"))
+    combos = {(t.config.model.moe.n_experts, t.config.model.moe.granularity) for t in ts}
+    assert combos == {(e, g) for e in (4, 8) for g in (1, 2, 4)}
+    # fine-grained experts keep the shape and the active parameters (up to the router's d x E G)
+    by = {}
+    for t in ts:
+        m = t.config.model
+        by.setdefault((t.budget, t.target_params), []).append(
+            ((m.d_model, m.n_layers, m.resolved_d_ff), flops.param_counts(m).active_non_embedding))
+    for group in by.values():
+        assert len({shape for shape, _ in group}) == 1
+        active = [a for _, a in group]
+        assert max(active) / min(active) < 1.06
+    # accelerator-seconds buckets become wall-clock budgets per device (Languini-style)
+    sp = spec.parse(base(buckets=[{"accelerator_seconds": 120, "resources": {"gpus_per_node": 4}}], sizes=[4e3]))
+    (t,) = spec.trials(sp)
+    assert t.config.budget.kind == "seconds" and t.config.budget.seconds == 30.0 and t.steps is None
+    with pytest.raises(ConfigError, match="wsd_branch needs FLOP buckets"):
+        spec.trials(sp, "wsd_branch")

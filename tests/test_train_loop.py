@@ -109,6 +109,14 @@ def test_sigkill_resume_is_bitwise_exact_and_corrupt_latest_falls_back(tmp_path,
     assert comparable(rows_a) == comparable(read_jsonl(b / "metrics.jsonl"))
     assert [r["step"] for r in rows_a] == list(range(5, 101, 5))
 
+    # killed after its final checkpoint but before the summary: the rerun trains nothing and
+    # reports the same figures
+    (a / "summary.json").unlink()
+    assert main(["train", "--config", cfg_file, "--out", str(a)]) == 0
+    s_end = json.loads((a / "summary.json").read_text())
+    assert (s_end["final_train_loss"], s_end["final_eval_loss"]) == (sa["final_train_loss"], sa["final_eval_loss"])
+    assert comparable(read_jsonl(a / "metrics.jsonl")) == comparable(rows_a)
+
     # corrupt the newest checkpoint of A and rerun its last stretch: warn, fall back, same result
     (a / "summary.json").unlink()
     latest = a / "ckpt" / "100"

@@ -320,7 +320,7 @@ class _Session:
         n_train_tokens = float(self.corpus.get("n_train_tokens") or 0)
 
         self.summary = self._base_summary(step, total_steps)
-        last_row: dict[str, Any] = {}
+        last_row: dict[str, Any] = self.metrics.kept[-1] if self.metrics.kept else {}
         eval_loss = None
         seg_t = time.perf_counter()  # start of the current timed training segment
         seg_step = step
@@ -396,6 +396,8 @@ class _Session:
             seg_t, seg_step = time.perf_counter(), step
 
         self.progress.close()
+        if eval_loss is None:  # resumed from the final checkpoint: nothing trained, still evaluate
+            eval_loss = step_lib.evaluate(self.eval_step, state["params"], state["rest"], self.eval_data, self.put_global)
         self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
         return self.finish("done")
 

@@ -135,6 +135,7 @@ class MetricsWriter:
     def __init__(self, path: str | Path, *, keep_through_step: int):
         self.path = Path(path)
         rows = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= keep_through_step]
+        self.kept = rows  # rows from earlier sessions, for the summary of a run resumed at its end
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(self.path)

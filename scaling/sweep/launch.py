@@ -148,6 +148,7 @@ class Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._last = ""
         self._last_key: tuple = ()
+        self._final_flops: dict[str, float] = {}
         self._last_t = 0.0
 
     def set(self, trial_id: str, state: str) -> None:
@@ -161,8 +162,10 @@ class Progress:
         for tid, st in self.state.items():
             t = self.trials[tid]
             if st in store.FINAL:
-                s = store.read_json(self.sweep_dir / tid / "summary.json") or {}
-                done = s.get("flops", t.planned_flops or 0.0)
+                if tid not in self._final_flops:  # read once: finished trials do not change
+                    s = store.read_json(self.sweep_dir / tid / "summary.json") or {}
+                    self._final_flops[tid] = s.get("flops", t.planned_flops or 0.0)
+                done = self._final_flops[tid]
             else:
                 rows = store.read_jsonl(self.sweep_dir / tid / "metrics.jsonl")[-1:]
                 done = rows[0].get("flops", 0.0) if rows else 0.0

@@ -18,7 +18,8 @@ from scaling.sweep import launch, spec as spec_mod, store, wsd
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="run a sweep spec (rerun to resume; --plan to only print it)")
     p.add_argument("spec", metavar="SPEC", help="sweep YAML file, or a shipped spec name (quickstart, isoflop_cpu, ...)")
-    p.add_argument("--backend", choices=launch.BACKENDS, default="local")
+    p.add_argument("--backend", choices=launch.BACKENDS, default="local",
+                   help="local: worker processes on this machine (default); slurm: submitit array jobs")
     p.add_argument("--jobs", type=int, default=1, help="local backend: worker processes (default 1)")
     p.add_argument("--plan", action="store_true", help="print the trials and their compute (independent vs WSD-branched) and exit")
     p.add_argument("--only", metavar="FILTER", help="run a subset: key=value terms (bucket=1e12,lr=3e-3) or id substrings, comma-separated")
@@ -26,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--cluster", choices=("auto", "slurm", "local", "debug"), default="auto",
                    help="slurm backend: submitit cluster (auto = SLURM when sbatch exists)")
     p.add_argument("--run-fn", default=launch.DEFAULT_RUN_FN, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true",
+                   help="accepted for clarity: every run resumes (finished trials are skipped, interrupted ones continue)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_sweep)
 

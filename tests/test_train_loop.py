@@ -175,6 +175,11 @@ def test_seconds_budget_stops_and_schedule_fits(tmp_path):
     assert s["state"] == "done" and 1 <= s["steps"] <= resolved["total_steps"]
     # either the planned steps were all run or the wall-clock budget was spent
     assert s["steps"] == resolved["total_steps"] or s["wall_s"] >= 2.0
+    # a resumed seconds-budget run keeps its planned schedule length (from the checkpoint)
+    (tmp_path / "run" / "summary.json").unlink()
+    s2 = loop.run(cfg, tmp_path / "run")
+    again = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert again["total_steps"] == resolved["total_steps"] and s2["steps"] == s["steps"]
 
 
 def test_error_during_training_marks_failed_and_reraises(tmp_path, monkeypatch):

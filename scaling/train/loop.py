@@ -336,7 +336,8 @@ class _Session:
                 session_s += dt
             return dt
 
-        while step < total_steps:
+        time_spent = cfg.budget.kind == "seconds" and train_s >= cfg.budget.seconds  # resumed after the end
+        while step < total_steps and not time_spent:
             batch = self.put(next(self.iterator))
             state, m = self.train_step(state, batch)
             step += 1

@@ -278,6 +278,10 @@ def load(path: str | Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=TRIAL_COLUMNS)
+    for c in ("N", "D", "C", "loss", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
+              "tokens_per_s", "mfu", "wall_s", "epochs"):
+        if c in df:  # summaries write non-finite floats as strings ("nan")
+            df[c] = pd.to_numeric(df[c], errors="coerce")
     cols = [c for c in TRIAL_COLUMNS if c in df.columns] + [c for c in df.columns if c not in TRIAL_COLUMNS]
     return df[cols].reset_index(drop=True)
 
@@ -298,7 +302,13 @@ def load_steps(path: str | Path) -> pd.DataFrame:
         rows = read_jsonl(d / "metrics.jsonl")
         if not rows:
             continue
-        f = pd.DataFrame(rows)
+        # the trainer writes non-finite floats as strings ("nan", "inf"): make them numbers again
+        f = pd.DataFrame(rows).replace({"nan": math.nan, "inf": math.inf, "-inf": -math.inf})
+        for c in f.columns[f.dtypes == object]:
+            try:
+                f[c] = pd.to_numeric(f[c])
+            except (TypeError, ValueError):
+                pass  # a genuinely non-numeric column
         f = f.drop_duplicates(subset="step", keep="last").sort_values("step")
         f.insert(0, "trial_id", desc.get("trial_id", d.name))
         if "flops" in f:

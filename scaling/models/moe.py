@@ -122,13 +122,9 @@ def constrain_dispatch(x_GxExCxD: jax.Array) -> jax.Array:
     sizes = _mesh_axes()
     if not sizes or sizes.get("expert", 1) == 1:
         return x_GxExCxD
-    try:
-        from scaling.sharding import LOGICAL_RULES  # type: ignore
+    from scaling.sharding import LOGICAL_RULES
 
-        rules = dict(LOGICAL_RULES)
-        batch = rules.get("batch", ("data", "fsdp"))
-    except ImportError:
-        batch = ("data", "fsdp")
+    batch = dict(LOGICAL_RULES).get("batch")
     batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
     batch = tuple(a for a in batch if a in sizes and a != "expert" and sizes[a] > 1)
     n_batch = math.prod(sizes[a] for a in batch)

@@ -192,10 +192,15 @@ tt["B_simple/B_crit"] = tt["B_simple"] / tt["B_crit"]
 print(tt[["target", "B_crit", "B_crit_lo", "B_crit_hi", "B_simple", "B_simple/B_crit"]].to_string(index=False))
 
 fig, ax = plt.subplots(figsize=(7.5, 5.2))
-for i, (tid, g) in enumerate(gns.groupby("B")):
+labelled = set()
+for tid, g in gns.groupby("trial_id"):  # one line per run, coloured by its batch size
     g = g[np.isfinite(g["B_simple_tokens"]) & (g["B_simple_tokens"] > 0)]
-    ax.plot(g["loss"], g["B_simple_tokens"], lw=0.6, alpha=0.5, color=cmap(i / max(gns["B"].nunique() - 1, 1)),
-            label=f"B_simple, runs at B = {tid:g}")
+    B = g["B"].iloc[0] if len(g) else None
+    if B is None:
+        continue
+    ax.plot(g["loss"], g["B_simple_tokens"], lw=0.6, alpha=0.5, color=cmap(Bs.index(B) / max(len(Bs) - 1, 1)),
+            label=None if B in labelled else f"B_simple, runs at B = {B:g}")
+    labelled.add(B)
 yerr = np.vstack([tt["B_crit"] - tt["B_crit_lo"], tt["B_crit_hi"] - tt["B_crit"]]).clip(min=0)
 ax.errorbar(tt["target"], tt["B_crit"], yerr=yerr if np.isfinite(yerr).all() else None, fmt="o", color="k",
             capsize=3, zorder=5, label="B_crit per target (trade-off fit, 95% CI)")

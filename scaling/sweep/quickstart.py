@@ -44,6 +44,8 @@ def fit_and_report(sweep_dir: Path, target_C: float, stream=sys.stdout) -> dict:
     from scaling.cli import UsageError
 
     df = store.load(sweep_dir)
+    if "current" in df:  # trials of an earlier version of the spec stay in the store, not in the fit
+        df = df[df["current"].fillna(True).astype(bool)]
     done = df[df["state"] == "done"]
     out: dict = {"target_C": target_C, "n_done": int(len(done))}
     p = lambda *a: print(*a, file=stream)  # noqa: E731

@@ -272,7 +272,7 @@ def load(path: str | Path) -> pd.DataFrame:
         if "d_model" in desc:
             row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
         for k, v in desc.items():  # grid tags beyond the standard columns (e.g. a dotted key)
-            if k not in row and k not in ("config", "resources", "current", "group", "planned_flops"):
+            if k not in row and k not in ("config", "resources", "group", "planned_flops"):
                 row[k] = v
         rows.append(row)
     df = pd.DataFrame(rows)

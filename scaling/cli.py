@@ -70,4 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m scaling.cli` runs this file as __main__, a second copy of the module whose
+    # UsageError would differ from the one subcommands raise: call the imported module's main.
+    from scaling.cli import main as _main
+
+    sys.exit(_main())

@@ -216,6 +216,7 @@ class _Session:
 
         self.cfg, self.out, self.resolved = cfg, out, resolved
         self.t_start = time.perf_counter()
+        sharding.initialize_distributed()  # no-op for a single process; must precede any jax work
         self.mesh = sharding.make_mesh(cfg.mesh)
         sharding.validate(cfg.model, cfg.data, self.mesh)
         self.shard_index, self.shard_count = sharding.host_data_shard(self.mesh, cfg.data.batch_size)
@@ -252,7 +253,7 @@ class _Session:
         self.train_step = step_lib.make_train_step(self.graphdef, tx, z_loss_weight=self.cfg.optim.z_loss,
                                                    lr_fn=optim.make_lr_fn(self.cfg.optim))
         self.eval_step = step_lib.make_eval_step(self.graphdef)
-        return step_lib.init_state(self.params0, self.rest0, tx)
+        return step_lib.init_state(self.params0, self.rest0, tx, mesh=self.mesh)
 
     def _estimate_steps_for_seconds(self, state) -> int:
         """Time a few compiled steps on a copy of the state (discarded)."""

@@ -65,9 +65,17 @@ def make_loss_fn(graphdef, z_loss_weight: float) -> Callable:
     return loss_fn
 
 
-def init_state(params, rest, tx: optax.GradientTransformation, total_steps: int = 1) -> dict:
-    """Train state ``{"params", "rest", "opt_state", "step", "total_steps"}`` (step/total int32)."""
-    return {"params": params, "rest": rest, "opt_state": jax.jit(tx.init)(params),
+def init_state(params, rest, tx: optax.GradientTransformation, total_steps: int = 1, mesh=None) -> dict:
+    """Train state ``{"params", "rest", "opt_state", "step", "total_steps"}`` (step/total int32).
+
+    With a ``mesh`` the optimizer state is created sharded like the parameters; a plain
+    ``jax.jit(tx.init)`` would leave Adam's moments replicated on every device."""
+    if mesh is not None:
+        from scaling import sharding
+        opt_state = sharding.shard_init(lambda: tx.init(params), mesh)
+    else:
+        opt_state = jax.jit(tx.init)(params)
+    return {"params": params, "rest": rest, "opt_state": opt_state,
             "step": jnp.zeros((), jnp.int32), "total_steps": jnp.asarray(total_steps, jnp.int32)}
 
 

@@ -280,6 +280,10 @@ class _Session:
             latest_meta = self._peek_meta()
             total_steps = latest_meta["total_steps"] if latest_meta else None
         state = self._build_step()
+        mem = self._sharding.memory_report(state["params"], state["opt_state"], cfg, self.mesh)
+        resolved["memory_per_device"] = mem
+        if cfg.progress:
+            print(f"{out}: {self._sharding.format_memory_report(mem)}", file=sys.stderr)
         if total_steps is None:
             total_steps = self._estimate_steps_for_seconds(state)
         resolved["total_steps"] = total_steps

@@ -77,32 +77,10 @@ def _variants(args) -> tuple[object, dict[str, object]]:
 
 
 def _prepare(cfg, mesh):
-    """Compiled train step and its initial state for ``cfg`` on ``mesh``."""
-    import jax
-    import numpy as np
-    from flax import nnx
+    """Compiled train step and its initial state for ``cfg`` on ``mesh`` (the trainer's own)."""
+    from scaling.train.bench import prepare_train_step
 
-    from scaling import sharding
-    from scaling.models.transformer import Transformer
-    from scaling.train import optim, step as step_lib
-
-    with sharding.mesh_context(mesh):
-        model = sharding.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), mesh)
-        graphdef, params, rest = step_lib.split_model(model)
-        tx = optim.make_optimizer(cfg.optim)
-        state = step_lib.init_state(params, rest, tx, total_steps=1000)
-        train_step = step_lib.make_train_step(graphdef, tx, z_loss_weight=cfg.optim.z_loss,
-                                              lr_fn=optim.make_lr_fn(cfg.optim))
-        rng = np.random.default_rng(0)
-        b, l, v = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
-        tokens = rng.integers(0, v, size=(b, l + 1), dtype=np.int32)
-        batch = sharding.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
-        t = time.perf_counter()
-        compiled = train_step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t
-        state, m = compiled(state, batch)  # warm-up
-        jax.block_until_ready(m)
-    return compiled, state, batch, compile_s
+    return prepare_train_step(cfg, mesh)
 
 
 def measure(args) -> dict:

@@ -50,13 +50,12 @@ def _peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-def time_train_step(cfg, mesh, *, steps: int) -> dict:
-    """Compile and time the train step of ``cfg`` on ``mesh`` with random tokens.
+def prepare_train_step(cfg, mesh):
+    """Compiled train step of ``cfg`` on ``mesh``, its initial state and a random-token batch.
 
-    Returns ``compile_s``, ``step_s`` (median of ``steps`` timed steps) and ``final_loss``.
+    Returns ``(compiled, state, batch, compile_s)``; one warm-up step has already run.
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -68,7 +67,7 @@ def time_train_step(cfg, mesh, *, steps: int) -> dict:
         model = sharding.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), mesh)
         graphdef, params, rest = step_lib.split_model(model)
         tx = optim.make_optimizer(cfg.optim)
-        state = step_lib.init_state(params, rest, tx, total_steps=1000)
+        state = step_lib.init_state(params, rest, tx, total_steps=1000, mesh=mesh)
         train_step = step_lib.make_train_step(graphdef, tx, z_loss_weight=cfg.optim.z_loss,
                                               lr_fn=optim.make_lr_fn(cfg.optim))
         rng = np.random.default_rng(0)
@@ -78,14 +77,26 @@ def time_train_step(cfg, mesh, *, steps: int) -> dict:
         t = time.perf_counter()
         compiled = train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t
+        state, m = compiled(state, batch)  # warm-up
+        jax.block_until_ready(m)
+    return compiled, state, batch, compile_s
+
+
+def time_train_step(cfg, mesh, *, steps: int) -> dict:
+    """Compile and time the train step of ``cfg`` on ``mesh`` with random tokens.
+
+    Returns ``compile_s``, ``step_s`` (median of ``steps`` timed steps, seconds) and ``final_loss``.
+    """
+    import jax
+    import numpy as np
+
+    compiled, state, batch, compile_s = prepare_train_step(cfg, mesh)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
     return {"compile_s": compile_s, "step_s": float(np.median(times)), "final_loss": float(m["loss"])}
 
 

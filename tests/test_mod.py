@@ -197,3 +197,61 @@ def test_mod_experiment_defaults():
     assert [cfg.model.is_mod_layer(i) for i in range(4)] == [False, True, False, True]
     m = experiments.load("mod").model_for_params(1e5)
     assert m.mod == cfg.model.mod and abs(flops.param_counts(m).non_embedding / 1e5 - 1) < 0.15
+
+
+def test_causal_routing_equals_top_k_when_the_decisions_agree():
+    """Per-token causal decisions that pick exactly the top-k tokens give the gathered block's
+    output: the masked path (selected tokens attend to selected tokens) is the same computation."""
+    cfg = _cfg(capacity=0.25)
+    routed = MoDBlock(cfg, Block(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    B, L, D = 2, 16, 32
+    r = routed.router[...] / jnp.linalg.norm(routed.router[...])
+    noise = _x(B, L, D)
+    noise = noise - jnp.einsum("bld,d->bl", noise, r)[..., None] * r  # orthogonal to the router
+    k = n_selected(0.25, L)
+    chosen = np.zeros((B, L), bool)
+    chosen[0, [1, 5, 9, 14]] = chosen[1, [0, 3, 4, 15]] = True
+    assert chosen.sum(axis=1).tolist() == [k, k]
+    scale = jnp.where(jnp.asarray(chosen), 2.0, -1.0) * (1.0 + jnp.arange(L) / L)
+    x = noise + scale[..., None] * r
+    y_topk, _ = _fwd(routed, x, positions=_positions(B, L))
+    y_causal, aux = _fwd(routed, x, positions=_positions(B, L), mod_routing="causal")
+    np.testing.assert_allclose(np.asarray(y_causal), np.asarray(y_topk), atol=2e-5, rtol=1e-5)
+    assert float(aux["mod/selected_fraction"]) == pytest.approx(k / L)
+    assert float(aux["mod/causal_accuracy"]) == 1.0
+
+
+def _mod_lm(causal_aux="aux_loss"):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, init_std=0.2,
+                      mod=MoDConfig(capacity=0.25, every=1, causal_aux=causal_aux))
+    return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("causal_aux", ["aux_loss", "predictor"])
+def test_causal_routing_makes_logits_independent_of_future_tokens(causal_aux):
+    """Top-k routing over the sequence leaks the future into earlier positions' logits; causal
+    routing does not (what sampling needs)."""
+    model = _mod_lm(causal_aux)
+    B, L, t = 4, 16, 8
+    a = jax.random.randint(jax.random.key(0), (B, L), 0, 64)
+    b = a.at[:, t:].set(jax.random.randint(jax.random.key(1), (B, L - t), 0, 64))
+    for routing, leaks in (("topk", True), ("causal", False)):
+        la, _ = _fwd(model, a, mod_routing=routing)
+        lb, _ = _fwd(model, b, mod_routing=routing)
+        diff = float(jnp.max(jnp.abs(la[:, :t] - lb[:, :t])))
+        assert (diff > 1e-4) if leaks else (diff == 0.0), (routing, diff)
+
+
+def test_greedy_generation_is_consistent_with_a_causal_forward_pass():
+    from scaling.models.sample import generate
+
+    model = _mod_lm()
+    prompt = jax.random.randint(jax.random.key(2), (2, 5), 0, 64)
+    out = generate(model, prompt, 7, key=jax.random.key(3), temperature=0.0)
+    assert out.shape == (2, 12) and np.array_equal(np.asarray(out[:, :5]), np.asarray(prompt))
+    logits, _ = _fwd(model, out, mod_routing="causal")
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 4:11], axis=-1)), np.asarray(out[:, 5:]))
+    sampled = generate(model, prompt, 7, key=jax.random.key(3), temperature=1.0)
+    assert sampled.shape == (2, 12) and int(sampled.min()) >= 0 and int(sampled.max()) < 64
+    with pytest.raises(ValueError, match="mod_routing"):
+        _fwd(model, out, mod_routing="sideways")

@@ -195,3 +195,15 @@ def test_error_during_training_marks_failed_and_reraises(tmp_path, monkeypatch):
         loop.run(tiny_cfg("budget.steps=10"), tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["state"] == "failed" and "simulated device failure" in summary["error"]
+
+
+def test_mod_run_logs_the_causal_routing_eval_loss(tmp_path):
+    """A MoD run evaluates twice: top-k routing as trained, and each token's causal decision (the
+    loss a sampler sees); both land in metrics.jsonl and summary.json."""
+    cfg = experiments.get("mod").with_overrides([*TINY, "model.n_layers=2", "budget.steps=20"])
+    summary = loop.run(cfg, tmp_path / "run")
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+    assert rows and all(np.isfinite(r["eval_loss_causal"]) for r in rows)
+    assert summary["final_eval_loss_causal"] == rows[-1]["eval_loss_causal"]
+    assert summary["final_eval_loss_causal"] != summary["final_eval_loss"]
+    assert 0 < summary["final_eval_loss_causal"] < 10

@@ -21,6 +21,12 @@ per-token decision that does not: ``aux_loss`` adds a binary cross-entropy of th
 against top-k membership (so ``r > 0`` predicts selection), ``predictor`` trains a small MLP on
 the stop-gradient residual stream for the same target (no gradient into the model). The
 decision's accuracy is logged as ``mod/causal_accuracy``; training always uses top-k.
+Called with ``mod_routing="causal"`` (evaluation and ``scaling.models.sample``) the block
+uses that decision instead of top-k: a token is processed when its causal logit is > 0, and
+attends only to earlier processed tokens, exactly as in the gathered computation. That path
+runs the block on every token and masks (no FLOP saving: it exists to measure the loss a
+sampler would see, ``eval_loss_causal``, and to sample), and the number of processed tokens
+per sequence is whatever the decisions give, not ``k``.
 
 Metrics: ``mod/selected_fraction`` (k / L), ``mod/router_weight_mean`` and
 ``mod/router_weight_std`` (the scales applied to the selected tokens), ``mod/causal_bce`` and
@@ -70,28 +76,48 @@ class MoDBlock(nnx.Module):
         """float32[B, L] router logits."""
         return jnp.einsum("bld,d->bl", x_BxLxD.astype(jnp.float32), self.router[...])
 
-    def __call__(self, x_BxLxD: jax.Array, positions: jax.Array | None = None, **kw) -> tuple[jax.Array, dict]:
+    def causal_logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        """float32[B, L] per-token logits of "this token is in the top-k", computed from each
+        token's own residual stream (causal): the router logits (``aux_loss``) or the predictor."""
+        if self.pred_in is None:
+            return self.router_logits(x_BxLxD)
+        xs = jax.lax.stop_gradient(x_BxLxD).astype(jnp.float32)
+        return jax.nn.gelu(xs @ self.pred_in[...]) @ self.pred_out[...]
+
+    def __call__(self, x_BxLxD: jax.Array, positions: jax.Array | None = None, mod_routing: str = "topk",
+                 **kw) -> tuple[jax.Array, dict]:
+        if mod_routing not in ("topk", "causal"):
+            raise ValueError(f"mod_routing must be 'topk' or 'causal', got {mod_routing!r}")
         mod = self.cfg.mod
         B, L, D = x_BxLxD.shape
         k = n_selected(mod.capacity, L)
         logits_BxL = self.router_logits(x_BxLxD)
         _, idx_BxK = jax.lax.top_k(logits_BxL, k)
         idx_BxK = jnp.sort(idx_BxK, axis=-1)  # original order: causal masks and RoPE stay right
-        pos_BxK = idx_BxK if positions is None else jnp.take_along_axis(positions, idx_BxK, axis=1)
-        x_sel = jnp.take_along_axis(x_BxLxD, idx_BxK[..., None], axis=1)
-        out_sel, aux = self.block(x_sel, positions=pos_BxK, **kw)
-        delta = out_sel - x_sel
-        r_BxK = jnp.take_along_axis(logits_BxL, idx_BxK, axis=1)
-        w_BxK = jax.nn.sigmoid(r_BxK) if mod.router_scale else jnp.ones_like(r_BxK)
         rows = jnp.arange(B)[:, None]
-        y = x_BxLxD.at[rows, idx_BxK].add((w_BxK[..., None] * delta).astype(x_BxLxD.dtype))
-
         member_BxL = jnp.zeros((B, L), jnp.float32).at[rows, idx_BxK].set(1.0)
-        if self.pred_in is not None:
-            xs = jax.lax.stop_gradient(x_BxLxD).astype(jnp.float32)
-            causal_logits = jax.nn.gelu(xs @ self.pred_in[...]) @ self.pred_out[...]
+        causal_logits = self.causal_logits(x_BxLxD)
+
+        if mod_routing == "topk":
+            pos_BxK = idx_BxK if positions is None else jnp.take_along_axis(positions, idx_BxK, axis=1)
+            x_sel = jnp.take_along_axis(x_BxLxD, idx_BxK[..., None], axis=1)
+            out_sel, aux = self.block(x_sel, positions=pos_BxK, **kw)
+            delta = out_sel - x_sel
+            r_BxK = jnp.take_along_axis(logits_BxL, idx_BxK, axis=1)
+            w_BxK = jax.nn.sigmoid(r_BxK) if mod.router_scale else jnp.ones_like(r_BxK)
+            y = x_BxLxD.at[rows, idx_BxK].add((w_BxK[..., None] * delta).astype(x_BxLxD.dtype))
+            fraction, w_mean, w_std = jnp.asarray(k / L, jnp.float32), jnp.mean(w_BxK), jnp.std(w_BxK)
         else:
-            causal_logits = logits_BxL
+            sel_BxL = causal_logits > 0
+            out, aux = self.block(x_BxLxD, positions=positions, key_mask=sel_BxL, **kw)
+            w_BxL = jax.nn.sigmoid(logits_BxL) if mod.router_scale else jnp.ones_like(logits_BxL)
+            y = jnp.where(sel_BxL[..., None], x_BxLxD + (w_BxL[..., None] * (out - x_BxLxD)).astype(x_BxLxD.dtype),
+                          x_BxLxD)
+            n_sel = jnp.maximum(jnp.sum(sel_BxL), 1)
+            fraction = jnp.mean(sel_BxL.astype(jnp.float32))
+            w_mean = jnp.sum(jnp.where(sel_BxL, w_BxL, 0.0)) / n_sel
+            w_std = jnp.sqrt(jnp.maximum(jnp.sum(jnp.where(sel_BxL, w_BxL**2, 0.0)) / n_sel - w_mean**2, 0.0))
+
         bce = _bce_with_logits(causal_logits, member_BxL)
         accuracy = jnp.mean(((causal_logits > 0) == (member_BxL > 0)).astype(jnp.float32))
 
@@ -99,9 +125,9 @@ class MoDBlock(nnx.Module):
         inner = aux.pop("aux_loss", jnp.zeros((), jnp.float32))
         weight = 0.0 if mod.causal_aux == "none" else mod.aux_loss_weight
         aux["aux_loss"] = inner + weight * bce
-        aux["mod/selected_fraction"] = jnp.asarray(k / L, jnp.float32)
-        aux["mod/router_weight_mean"] = jnp.mean(w_BxK)
-        aux["mod/router_weight_std"] = jnp.std(w_BxK)
+        aux["mod/selected_fraction"] = fraction
+        aux["mod/router_weight_mean"] = w_mean
+        aux["mod/router_weight_std"] = w_std
         aux["mod/causal_bce"] = bce
         aux["mod/causal_accuracy"] = accuracy
         return y, aux

@@ -43,15 +43,19 @@ class Transformer(nnx.Module):
             else:
                 self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
-    def __call__(self, tokens_BxL: jax.Array, *, train: bool = True) -> tuple[jax.Array, dict]:
-        """tokens int32[B, L] -> (logits float32[B, L, V], aux dict of float32 scalars)."""
+    def __call__(self, tokens_BxL: jax.Array, *, train: bool = True, mod_routing: str = "topk") -> tuple[jax.Array, dict]:
+        """tokens int32[B, L] -> (logits float32[B, L, V], aux dict of float32 scalars).
+
+        ``mod_routing``: how mixture-of-depths blocks pick tokens: ``"topk"`` (training; looks
+        at the whole sequence) or ``"causal"`` (each token's own decision; for evaluation as a
+        sampler would see it and for sampling). Ignored by models without MoD blocks."""
         B, L = tokens_BxL.shape
         positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         x_BxLxD = self.embed(tokens_BxL)
         aux_loss = jnp.zeros((), jnp.float32)
         metrics: dict[str, jax.Array] = {}
         for i, block in enumerate(self.blocks):
-            x_BxLxD, block_aux = block(x_BxLxD, positions=positions_BxL, train=train)
+            x_BxLxD, block_aux = block(x_BxLxD, positions=positions_BxL, train=train, mod_routing=mod_routing)
             for name, value in (block_aux or {}).items():
                 if name == "aux_loss":
                     aux_loss = aux_loss + value

@@ -253,6 +253,11 @@ class _Session:
         self.train_step = step_lib.make_train_step(self.graphdef, tx, z_loss_weight=self.cfg.optim.z_loss,
                                                    lr_fn=optim.make_lr_fn(self.cfg.optim))
         self.eval_step = step_lib.make_eval_step(self.graphdef)
+        mod = self.cfg.model.mod
+        # MoD trains with top-k over the whole sequence, which a sampler cannot use; the loss
+        # under each token's causal decision is logged beside it (eval_loss_causal).
+        self.eval_step_causal = (step_lib.make_eval_step(self.graphdef, mod_routing="causal")
+                                 if mod is not None and mod.causal_aux != "none" else None)
         return step_lib.init_state(self.params0, self.rest0, tx, mesh=self.mesh)
 
     def _estimate_steps_for_seconds(self, state) -> int:
@@ -327,6 +332,7 @@ class _Session:
         self.summary = self._base_summary(step, total_steps)
         last_row: dict[str, Any] = self.metrics.kept[-1] if self.metrics.kept else {}
         eval_loss = None
+        eval_causal = None
         seg_t = time.perf_counter()  # start of the current timed training segment
         seg_step = step
         session_tokens, session_s = 0, 0.0
@@ -379,7 +385,12 @@ class _Session:
             if evaluating and diverged is None:
                 eval_loss = step_lib.evaluate(self.eval_step, state["params"], state["rest"], self.eval_data, self.put_global)
                 row["eval_loss"] = eval_loss
-                self.progress.message(f"step {step}/{total_steps}: eval loss {eval_loss:.4f} nats")
+                extra = ""
+                if self.eval_step_causal is not None:
+                    eval_causal = self._evaluate_causal(state)
+                    row["eval_loss_causal"] = eval_causal
+                    extra = f" (causal MoD routing {eval_causal:.4f})"
+                self.progress.message(f"step {step}/{total_steps}: eval loss {eval_loss:.4f} nats{extra}")
             if logging or evaluating:
                 self.metrics.write(row)
                 self.wandb.log(row)
@@ -404,8 +415,15 @@ class _Session:
         self.progress.close()
         if eval_loss is None:  # resumed from the final checkpoint: nothing trained, still evaluate
             eval_loss = step_lib.evaluate(self.eval_step, state["params"], state["rest"], self.eval_data, self.put_global)
+            if self.eval_step_causal is not None:
+                eval_causal = self._evaluate_causal(state)
         self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
+        if self.eval_step_causal is not None:
+            self.summary["final_eval_loss_causal"] = eval_causal
         return self.finish("done")
+
+    def _evaluate_causal(self, state) -> float:
+        return step_lib.evaluate(self.eval_step_causal, state["params"], state["rest"], self.eval_data, self.put_global)
 
     def _peek_meta(self) -> dict | None:
         """Metadata of the newest checkpoint (for a seconds budget's planned step count)."""

@@ -132,12 +132,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, z_loss_weight
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(graphdef) -> Callable:
-    """Jitted ``eval_step(params, rest, batch) -> (sum of token cross-entropies (nats), n_tokens)``."""
+def make_eval_step(graphdef, mod_routing: str = "topk") -> Callable:
+    """Jitted ``eval_step(params, rest, batch) -> (sum of token cross-entropies (nats), n_tokens)``.
+
+    ``mod_routing="causal"`` evaluates mixture-of-depths blocks with per-token causal decisions
+    (the loss a sampler sees) instead of training's top-k over the sequence."""
 
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        logits, _ = model(batch["inputs"], train=False)
+        logits, _ = model(batch["inputs"], train=False, mod_routing=mod_routing)
         logits = logits.astype(jnp.float32)
         log_z = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]

@@ -25,6 +25,7 @@ COMMANDS = {
     "quickstart": "scaling.sweep.cli",
     "fit": "scaling.fit.cli",
     "plot": "scaling.fit.cli",
+    "sample": "scaling.train.sample_cli",
     "bench": "scaling.bench",
 }
 

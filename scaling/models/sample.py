@@ -16,12 +16,13 @@ from flax import nnx
 
 
 def generate(model: nnx.Module, prompt_BxP: jax.Array, n_new: int, *, key: jax.Array, temperature: float = 1.0,
-             mod_routing: str = "causal") -> jax.Array:
+             context: int | None = None, mod_routing: str = "causal") -> jax.Array:
     """Extend int32 ``prompt_BxP`` by ``n_new`` tokens; returns int32 ``[B, P + n_new]``.
 
     ``temperature`` 0 is greedy (argmax); otherwise tokens are drawn from softmax(logits / T).
-    Every sequence must fit the model's training context only in the sense of RoPE (positions
-    beyond it extrapolate); nothing enforces it.
+    ``context`` (tokens): the model sees at most this many of the latest tokens (a sliding
+    window; use the training ``seq_len`` so positions never exceed what the model was trained
+    on); ``None`` = the whole sequence.
     """
     if n_new < 0:
         raise ValueError(f"n_new must be >= 0, got {n_new}")
@@ -30,12 +31,18 @@ def generate(model: nnx.Module, prompt_BxP: jax.Array, n_new: int, *, key: jax.A
     B, P = prompt_BxP.shape
     if P < 1:
         raise ValueError("the prompt needs at least one token")
-    buf = jnp.zeros((B, P + n_new), jnp.int32).at[:, :P].set(prompt_BxP.astype(jnp.int32))
+    total = P + n_new
+    window = total if context is None else min(int(context), total)
+    if window < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    buf = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt_BxP.astype(jnp.int32))
 
     @nnx.jit
     def step(model, buf, t, key):
-        logits_BxLxV, _ = model(buf, train=False, mod_routing=mod_routing)
-        last_BxV = jax.lax.dynamic_index_in_dim(logits_BxLxV, t - 1, axis=1, keepdims=False)
+        start = jnp.maximum(t - window, 0)  # the window ends at token t-1 (or starts at 0)
+        seen = jax.lax.dynamic_slice_in_dim(buf, start, window, axis=1)
+        logits_BxLxV, _ = model(seen, train=False, mod_routing=mod_routing)
+        last_BxV = jax.lax.dynamic_index_in_dim(logits_BxLxV, t - 1 - start, axis=1, keepdims=False)
         if temperature == 0:
             tok = jnp.argmax(last_BxV, axis=-1)
         else:

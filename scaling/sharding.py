@@ -14,7 +14,7 @@ Typical use (what ``train.loop`` does)::
     with mesh_context(mesh):
         model = create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(seed)), mesh)
         opt = create_sharded_model(lambda: nnx.Optimizer(model, tx, wrt=nnx.Param), mesh)
-        batch = shard_batch(host_batch, mesh)       # P(("data", "fsdp"), None)
+        batch = shard_batch(host_batch, mesh)       # P(("data", "fsdp", "expert"), None)
         loss = train_step(model, opt, batch)
 """
 
@@ -37,8 +37,10 @@ AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "expert")
 
 # Logical axis -> mesh axis, in priority order (flax's rule semantics: a logical axis takes its
 # mesh axes only if no earlier dimension of the same array already took them).
-# - batch over data x fsdp: FSDP is data parallelism whose parameters are gathered per layer,
-#   so the batch must be split over both axes or fsdp devices would repeat the same work.
+# - batch over data x fsdp x expert: FSDP is data parallelism whose parameters are gathered per
+#   layer, and expert devices hold different experts but would otherwise repeat attention and
+#   every dense layer on the same rows (GShard/MaxText split the batch over them too; the MoE
+#   dispatch then moves tokens from batch shards to expert shards with an all-to-all).
 # - embed over fsdp: the model dimension appears in every weight, so sharding it over fsdp
 #   divides every parameter (and its Adam moments) by fsdp. In activations [batch, length,
 #   embed] fsdp is already taken by batch, so embed stays unsharded there (rule order).
@@ -50,7 +52,7 @@ AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "expert")
 # - length and layers unsharded: no sequence/pipeline parallelism (sequences here are short;
 #   layers are a Python loop or a scan whose stacked axis must stay whole).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -159,7 +161,7 @@ def _axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
 
 
 def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
-    """``("batch", "length", "embed")`` -> ``P(("data", "fsdp"), None, None)`` (flax rule
+    """``("batch", "length", "embed")`` -> ``P(("data", "fsdp", "expert"), None, None)`` (flax rule
     semantics: rules in priority order; a mesh axis is used at most once per array)."""
     return logical_to_mesh_axes(tuple(names), rules)
 
@@ -344,16 +346,16 @@ def create_sharded_model(make: Callable[[], Any], mesh: Mesh, rules=LOGICAL_RULE
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a ``[B, L]`` token batch: rows over ``data`` x ``fsdp``, replicated over
-    ``tensor`` and ``expert``."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+    """Sharding of a ``[B, L]`` token batch: rows over ``data`` x ``fsdp`` x ``expert`` (the
+    ``batch`` rule), replicated over ``tensor``."""
+    return NamedSharding(mesh, P(_as_tuple(dict(LOGICAL_RULES)["batch"]), None))
 
 
 def host_data_shard(mesh: Mesh, global_batch: int) -> tuple[int, int]:
     """``(shard_index, shard_count)`` of the global batch this process must load.
 
     Equal to ``(process_index, process_count)`` when every host owns distinct batch rows; when
-    a ``tensor``/``expert`` group spans hosts, those hosts load the same rows (fewer shards).
+    a ``tensor`` group spans hosts, those hosts load the same rows (fewer shards).
     Raises ``ConfigError`` if a host's rows are not one contiguous block.
     """
     index_map = batch_sharding(mesh).devices_indices_map((global_batch, 1))
@@ -366,7 +368,7 @@ def host_data_shard(mesh: Mesh, global_batch: int) -> tuple[int, int]:
         lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
         if sum(e - s for s, e in spans) != hi - lo:
             raise ConfigError(f"mesh: process {p} would hold non-contiguous batch rows; "
-                              f"order the mesh so each host's devices are adjacent on data x fsdp")
+                              f"order the mesh so each host's devices are adjacent on data x fsdp x expert")
         blocks[p] = (lo, hi)
     starts = sorted({b for b in blocks.values()})
     return starts.index(blocks[jax.process_index()]), len(starts)
@@ -409,11 +411,11 @@ def activation_bytes_estimate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh
     softmax) ``2 H L``, MLP hidden ``2 f`` (GELU: pre/post activation) or ``3 f`` (SwiGLU), the
     last three divided over ``tensor``; MoE layers count ``k G`` routed expert hiddens times the
     capacity factor. Plus float32 logits and their gradient ``2 V`` per token over ``tensor``.
-    Tokens per device = ``B L / (data x fsdp)``.
+    Tokens per device = ``B L / (data x fsdp x expert)``.
     """
     sizes = {a: 1 for a in AXES} | _axis_sizes(mesh)
     m = model_cfg
-    tokens = data_cfg.batch_size * data_cfg.seq_len / (sizes["data"] * sizes["fsdp"])
+    tokens = data_cfg.batch_size * data_cfg.seq_len / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
     width = 2 if m.dtype == "bfloat16" else 4
     hd, t = m.resolved_head_dim, sizes["tensor"]
     per_mult = 3 if m.activation == "swiglu" else 2

@@ -260,8 +260,10 @@ def test_logical_rules_map_params_and_activations():
     assert S.logical_to_spec(("embed", "heads", "kv")) == jax.P("fsdp", "tensor", None)
     assert S.logical_to_spec(("expert", "embed", "mlp")) == jax.P("expert", "fsdp", "tensor")
     # In activations the batch already holds fsdp, so embed stays whole (a mesh axis once per array).
-    assert S.logical_to_spec(("batch", "length", "embed")) == jax.P(("data", "fsdp"), None, None)
-    assert S.logical_to_spec(("batch", "length", "heads", "kv")) == jax.P(("data", "fsdp"), None, "tensor", None)
+    assert S.logical_to_spec(("batch", "length", "embed")) == jax.P(("data", "fsdp", "expert"), None, None)
+    # batch rows go over the expert axis too, so expert devices do not repeat attention
+    assert S.batch_sharding(S.make_mesh(MeshConfig(data=2, expert=4))).spec == jax.P(("data", "fsdp", "expert"), None)
+    assert S.logical_to_spec(("batch", "length", "heads", "kv")) == jax.P(("data", "fsdp", "expert"), None, "tensor", None)
 
 
 def test_batches_are_split_over_data_and_fsdp():

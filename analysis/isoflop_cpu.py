@@ -308,7 +308,7 @@ ax.set_xlabel("training compute C (FLOPs, counted)")
 ax.set_ylabel("final eval loss (nats/byte)")
 _nb.plain_log_ticks(ax)
 ax.set_title(f"Extrapolation to {PREDICT_FACTOR:g}× the largest budget (C = {C_star:.2g} FLOPs)")
-ax.legend(fontsize=7)
+ax.legend(fontsize=7, loc="lower left")
 _nb.save(fig, OUT, "prediction_vs_actual")
 FIGURES.append("prediction_vs_actual.png")
 
@@ -337,21 +337,73 @@ results = {
     "stage": "trained",
     "figures": FIGURES,
 }
-_nb.write_results(OUT, results)
 print(approaches.to_string(index=False))
+
+# %% [markdown]
+# ## After the outcome: is the miss a bias of the recipe?
+# Everything in this section was added *after* the trained loss was known; it does not change the
+# registered prediction. Two checks of the recipe (approach 3 on all budgets):
+# a **backtest** (fit on the budgets up to 1/4 of the largest, predict the largest budget's runs,
+# which we have) and the same fit on **windows of the upper budgets only**, each predicting the
+# trained model. If the fitted law drifts with the window, one Chinchilla form does not hold
+# across the sweep's two decades, and the window should be chosen by backtest before predicting.
+
+# %%
+posthoc = {"backtest": [], "windows": []}
+largest = float(runs["bucket"].max())
+bt_train = runs[runs["bucket"] <= largest / PREDICT_FACTOR]
+bt_test = runs[runs["bucket"] == largest]
+bt = determined(fit.chinchilla, bt_train) if bt_train["bucket"].nunique() >= 3 else None
+if bt is not None:
+    q = bt.predict(N=bt_test["N"], D=bt_test["D"])["loss"].to_numpy()
+    for (_, r), qi in zip(bt_test.iterrows(), q):
+        posthoc["backtest"].append({"shape": r["shape"], "actual": float(r["loss"]), "predicted": float(qi),
+                                    "rel_error": float((r["loss"] - qi) / qi)})
+    print(f"backtest: fit on C <= {largest / PREDICT_FACTOR:.2g} ({len(bt_train)} runs), predict the {len(bt_test)} runs at {largest:.2g}:")
+    print(pd.DataFrame(posthoc["backtest"]).to_string(index=False))
+budgets = sorted(runs["bucket"].unique())
+for lo in budgets[: max(0, len(budgets) - 3)][::3]:
+    sub = runs[runs["bucket"] >= lo]
+    q = determined(fit.chinchilla, sub)
+    if q is None:
+        continue
+    val = float(q.predict(N=[prediction["N"]], D=[prediction["D"]])["loss"].iloc[0])
+    posthoc["windows"].append({"C_min": float(lo), "n_runs": len(sub), **{k: float(v) for k, v in q.params.items()},
+                               "predicted": val, "rel_error": (actual - val) / val})
+if posthoc["windows"]:
+    print(f"approach 3 on budgets >= C_min, predicting {prediction['shape']} at {C_star:.2g} (actual {actual:.4f}):")
+    print(pd.DataFrame(posthoc["windows"]).to_string(index=False))
+results["posthoc"] = posthoc
+_nb.write_results(OUT, results)
 
 # %% [markdown]
 # ## Conclusion
 #
 # The numbers above (and `results.json`) are what this run measured; the full study is run with
-# `SCALING_SMOKE=0` (see `docs/analysis.md`). What to read from it:
+# `SCALING_SMOKE=0` (see `docs/analysis.md`). In smoke mode (two budgets, three sizes) the fits
+# are under-determined and the numbers only check that the pipeline runs end to end.
 #
-# * The IsoFLOP profiles are convex with interior minima at most budgets, and approaches 1-3 give
-#   the exponent a of N_opt ∝ C^a side by side with bootstrap intervals; on this byte-level CPU
-#   corpus the data-vs-parameters split need not be Chinchilla's a ≈ b ≈ 0.5.
-# * The prediction at 4× the largest budget was registered in `prediction.json` before the
-#   model was trained; the figure `prediction_vs_actual.png` shows it against the trained loss.
-#   The target is the actual loss inside the 95% interval and within 2% of the point prediction;
-#   `results.json` says whether it was met (`inside_95_ci`, `inside_95_pi`, `within_2pct`).
-# * In smoke mode (two budgets, three sizes) the fits are under-determined and the numbers only
-#   check that the pipeline runs end to end.
+# **The full study, run once on 2026-11-29** (65 trials, 13 budgets 1e11-1e13 FLOPs, 5 shapes
+# per budget, WSD-branched: 7.1e13 FLOPs of training, 51 minutes with 2 workers on the
+# 2-core CPU; the prediction run took 30 minutes):
+#
+# * The IsoFLOP profiles are convex with interior minima at 12 of 13 budgets (1e11 sits at the
+#   smallest shape and is left out). The compute-optimal size grows faster than Chinchilla's
+#   a ≈ 0.5 here: approach 2 gives N_opt ∝ C^0.76 (95% CI 0.62-0.80; Akima 0.72), approach 3
+#   0.64 (0.53-0.72), approach 1 0.48 (0.33-0.63; it reads the training loss before the WSD
+#   cooldown, so it is the least reliable). For models this small the attention and output head
+#   make C far from 6ND, so a + b ≠ 1 in approach 2 (0.76 + 0.40).
+# * **Pre-registered prediction** (written to `prediction.json` before training, 09:37 UTC): at
+#   C* = 4e13 FLOPs, shape d80L3 (N = 231K non-embedding parameters, D = 21.3M tokens),
+#   **L = 1.0252 nats/byte**, 95% bootstrap interval [1.0018, 1.0792], 95% prediction interval
+#   with run noise [0.9603, 1.0944].
+# * **Trained: 1.0599 nats/byte**, +3.4% from the point prediction: inside both 95% intervals,
+#   but not within the 2% target.
+# * After the outcome (section above, not used for the prediction): the approach-3 fit on all
+#   budgets put the irreducible loss E at 0 (its initialisation-grid boundary; the notebook
+#   printed that warning before training). Refitting on the upper budgets only moves E to 0.77 and
+#   alpha from 0.18 to 0.47, and predicts the trained model within 0.2% (C >= 1e12) or 1.6%
+#   (C >= 3.2e12). A backtest of the same recipe (fit on C <= 2.5e12, predict the 1e13 runs) was
+#   off by -0.7% to -10%. So one Chinchilla law does not describe the whole two-decade range
+#   of these 5K-550K-parameter byte-level models. The lesson for the next pre-registration:
+#   choose the fit window by backtest before predicting, rather than fitting every budget.

@@ -308,7 +308,7 @@ ax.set_xlabel("training compute C (FLOPs, counted)")
 ax.set_ylabel("final eval loss (nats/byte)")
 _nb.plain_log_ticks(ax)
 ax.set_title(f"Extrapolation to {PREDICT_FACTOR:g}× the largest budget (C = {C_star:.2g} FLOPs)")
-ax.legend(fontsize=7, loc="upper right")
+ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below the axes: the data fill the plot
 _nb.save(fig, OUT, "prediction_vs_actual")
 FIGURES.append("prediction_vs_actual.png")
 

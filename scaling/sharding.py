@@ -345,10 +345,15 @@ def create_sharded_model(make: Callable[[], Any], mesh: Mesh, rules=LOGICAL_RULE
 # --------------------------------------------------------------------------------------------
 
 
+def batch_axes(rules=LOGICAL_RULES) -> tuple[str, ...]:
+    """Mesh axes the batch rows are split over (the ``batch`` rule: data x fsdp x expert)."""
+    return _as_tuple(dict(rules)["batch"])
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a ``[B, L]`` token batch: rows over ``data`` x ``fsdp`` x ``expert`` (the
-    ``batch`` rule), replicated over ``tensor``."""
-    return NamedSharding(mesh, P(_as_tuple(dict(LOGICAL_RULES)["batch"]), None))
+    """Sharding of a ``[B, L]`` token batch: rows over ``batch_axes()``, replicated over
+    ``tensor``."""
+    return NamedSharding(mesh, P(batch_axes(), None))
 
 
 def host_data_shard(mesh: Mesh, global_batch: int) -> tuple[int, int]:
@@ -415,7 +420,7 @@ def activation_bytes_estimate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh
     """
     sizes = {a: 1 for a in AXES} | _axis_sizes(mesh)
     m = model_cfg
-    tokens = data_cfg.batch_size * data_cfg.seq_len / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
+    tokens = data_cfg.batch_size * data_cfg.seq_len / math.prod(sizes[a] for a in batch_axes())
     width = 2 if m.dtype == "bfloat16" else 4
     hd, t = m.resolved_head_dim, sizes["tensor"]
     per_mult = 3 if m.activation == "swiglu" else 2

@@ -76,24 +76,18 @@ def _variants(args) -> tuple[object, dict[str, object]]:
     return dense, variants
 
 
-def _prepare(cfg, mesh):
-    """Compiled train step and its initial state for ``cfg`` on ``mesh`` (the trainer's own)."""
-    from scaling.train.bench import prepare_train_step
-
-    return prepare_train_step(cfg, mesh)
-
-
 def measure(args) -> dict:
     import jax
     import numpy as np
 
     from scaling import flops, sharding
     from scaling.config import MeshConfig
+    from scaling.train.bench import prepare_train_step  # the trainer's own step, state and sharding
 
     dense, variants = _variants(args)
     mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     cfgs = {"dense": dense, **variants}
-    prepared = {name: _prepare(cfg, mesh) for name, cfg in cfgs.items()}
+    prepared = {name: prepare_train_step(cfg, mesh) for name, cfg in cfgs.items()}
     states = {name: p[1] for name, p in prepared.items()}
     times: dict[str, list[float]] = {name: [] for name in cfgs}
     for _ in range(args.steps):

@@ -332,7 +332,7 @@ class _Session:
         self.summary = self._base_summary(step, total_steps)
         last_row: dict[str, Any] = self.metrics.kept[-1] if self.metrics.kept else {}
         eval_loss = None
-        eval_causal = None
+        evals: dict[str, float] = {}
         seg_t = time.perf_counter()  # start of the current timed training segment
         seg_step = step
         session_tokens, session_s = 0, 0.0
@@ -383,13 +383,10 @@ class _Session:
             if math.isfinite(loss):
                 best = min(best, loss)
             if evaluating and diverged is None:
-                eval_loss = step_lib.evaluate(self.eval_step, state["params"], state["rest"], self.eval_data, self.put_global)
-                row["eval_loss"] = eval_loss
-                extra = ""
-                if self.eval_step_causal is not None:
-                    eval_causal = self._evaluate_causal(state)
-                    row["eval_loss_causal"] = eval_causal
-                    extra = f" (causal MoD routing {eval_causal:.4f})"
+                evals = self._evaluate(state)
+                row.update(evals)
+                eval_loss = evals["eval_loss"]
+                extra = f" (causal MoD routing {evals['eval_loss_causal']:.4f})" if "eval_loss_causal" in evals else ""
                 self.progress.message(f"step {step}/{total_steps}: eval loss {eval_loss:.4f} nats{extra}")
             if logging or evaluating:
                 self.metrics.write(row)
@@ -414,16 +411,18 @@ class _Session:
 
         self.progress.close()
         if eval_loss is None:  # resumed from the final checkpoint: nothing trained, still evaluate
-            eval_loss = step_lib.evaluate(self.eval_step, state["params"], state["rest"], self.eval_data, self.put_global)
-            if self.eval_step_causal is not None:
-                eval_causal = self._evaluate_causal(state)
+            evals = self._evaluate(state)
+            eval_loss = evals["eval_loss"]
         self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
-        if self.eval_step_causal is not None:
-            self.summary["final_eval_loss_causal"] = eval_causal
+        if "eval_loss_causal" in evals:
+            self.summary["final_eval_loss_causal"] = evals["eval_loss_causal"]
         return self.finish("done")
 
-    def _evaluate_causal(self, state) -> float:
-        return step_lib.evaluate(self.eval_step_causal, state["params"], state["rest"], self.eval_data, self.put_global)
+    def _evaluate(self, state) -> dict[str, float]:
+        """Mean eval cross-entropy (nats/token): ``eval_loss``, plus ``eval_loss_causal`` for MoD."""
+        steps = {"eval_loss": self.eval_step, "eval_loss_causal": self.eval_step_causal}
+        return {name: step_lib.evaluate(fn, state["params"], state["rest"], self.eval_data, self.put_global)
+                for name, fn in steps.items() if fn is not None}
 
     def _peek_meta(self) -> dict | None:
         """Metadata of the newest checkpoint (for a seconds budget's planned step count)."""

@@ -44,7 +44,7 @@ import yaml
 
 import _nb
 from scaling import fit
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 from scaling.sweep import launch, spec as spec_mod, store
 
 SMOKE = _nb.smoke()

@@ -50,7 +50,7 @@ import _nb
 import experiments
 from scaling import flops
 from scaling import fit
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 from scaling.sweep import launch, spec as spec_mod, store
 from scaling.train import loop
 

@@ -1,9 +1,23 @@
 """``scaling bench KIND``: speed figures. Each kind lives beside the code it measures and
-exposes ``add_arguments(parser)`` and ``run(args) -> int``."""
+exposes ``add_arguments(parser, kind)`` and either ``measure(args) -> dict`` with
+``report(out)`` (this module prints the dict for ``--json``, else calls ``report``) or its own
+``run(args) -> int``."""
 
 from __future__ import annotations
 
 import importlib
+import json
+
+
+def _run(mod, args) -> int:
+    if not hasattr(mod, "report"):
+        return mod.run(args)
+    out = mod.measure(args)
+    if getattr(args, "json", False):
+        print(json.dumps(out, indent=2))
+    else:
+        mod.report(out)
+    return 0
 
 KINDS = {
     "train": "scaling.train.bench",
@@ -27,4 +41,4 @@ def register(sub) -> None:
         kp = kinds.add_parser(kind, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else kind)
         kp.add_argument("--json", action="store_true", help="print one JSON object")
         mod.add_arguments(kp, kind)
-        kp.set_defaults(func=lambda args, _m=mod: _m.run(args))
+        kp.set_defaults(func=lambda args, _m=mod: _run(_m, args))

@@ -1,20 +1,18 @@
 """The ``scaling`` command. Each subcommand lives beside the code it drives and registers
 itself through a ``register(subparsers)`` function, imported only when needed.
 
-Errors: a ``ConfigError`` or ``UsageError`` anywhere becomes one line on stderr and exit 2.
+Errors: any ``scaling.errors.ScalingError`` (``ConfigError``, ``UsageError``, ``RunDirBusy``,
+...) anywhere becomes one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
-from scaling.config import ConfigError
-
-
-class UsageError(ValueError):
-    """Bad command-line or file input; reported as one line with exit status 2."""
+from scaling.errors import EXIT_USAGE, ConfigError, ScalingError, UsageError  # noqa: F401  (re-exported)
 
 
 # subcommand -> module that defines register(subparsers)
@@ -61,18 +59,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (ConfigError, UsageError) as err:
+    except ScalingError as err:
         print(f"scaling {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `scaling sweep --plan | head`: the reader left; not an error
+        _silence_stdout()
+        return 0
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"scaling {args.command}: error: {err.strerror}{where}; free space and run the same command again "
+              f"(runs resume from their last checkpoint)", file=sys.stderr)
+        return 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
     return int(rc or 0)
 
 
-if __name__ == "__main__":
-    # `python -m scaling.cli` runs this file as __main__, a second copy of the module whose
-    # UsageError would differ from the one subcommands raise: call the imported module's main.
-    from scaling.cli import main as _main
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    import os
 
-    sys.exit(_main())
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,9 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-
-class ConfigError(ValueError):
-    """A bad configuration value. ``str(err)`` is one line naming the field and the fix."""
+from scaling.errors import ConfigError  # noqa: F401  (re-exported: the config's own error type)
 
 
 def _fail(path: str, msg: str) -> None:
@@ -352,6 +350,12 @@ class TrainConfig:
         if not (self.divergence_factor > 1.0):
             _fail("divergence_factor", f"must be > 1, got {self.divergence_factor!r}")
         _one_of("wandb", self.wandb, ("off", "offline", "online"))
+        need = self.data.synthetic_vocab if self.data.source == "synthetic" else 256  # byte tokens
+        if self.model.vocab_size < need:
+            what = (f"data.synthetic_vocab={need} symbols" if self.data.source == "synthetic"
+                    else f"{need} byte tokens for data.source={self.data.source}")
+            _fail("model.vocab_size", f"{self.model.vocab_size} is below the data's vocabulary ({what}); "
+                                      f"set model.vocab_size >= {need}")
         if self.model.moe is not None and self.mesh.expert not in (1, -1) and self.model.moe.n_routed % self.mesh.expert:
             _fail("mesh.expert", f"expert axis {self.mesh.expert} must divide the number of experts {self.model.moe.n_routed}")
 
@@ -471,6 +475,27 @@ def _build(cls, d: dict, prefix: str):
         _fail(prefix + unknown[0], f"unknown field; known fields: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in d.items()}
     return cls(**kwargs)
+
+
+def coerce_field(path: str, value: Any, cls=None) -> Any:
+    """``value`` converted to the type of the dotted field ``path`` of ``cls`` (TrainConfig by
+    default), as ``--set`` would: ``"1e-3"`` -> ``0.001`` for ``optim.lr``. ConfigError naming
+    the field for an unknown path or a value of the wrong type."""
+    cls = cls or TrainConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        hints = _hints(cls)
+        if part not in hints:
+            known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+            raise ConfigError(f"{here}: unknown field; known fields: {known}")
+        if i == len(parts) - 1:
+            return _coerce(here, hints[part], value)
+        tp, _ = _strip_optional(hints[part])
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{here}: is a value, not a section; use {here}=VALUE")
+        cls = tp
+    raise ConfigError(f"{path}: empty field name")
 
 
 def _parse_override(item: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ sparse blocks (MoE, MoD) live in the marked section at the end.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from scaling.config import ConfigError, ModelConfig, TrainConfig
@@ -200,9 +201,37 @@ def steps_for_budget(cfg: TrainConfig) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Sparse blocks: mixture-of-experts MLPs and mixture-of-depths routing.
-# Shapes and work follow scaling/models/moe.py and scaling/models/mod.py; their helpers
-# (capacity, expert slots, selected tokens) define what is computed.
+# The three helpers below define the work the sparse layers do; scaling/models/moe.py and
+# scaling/models/mod.py import them from here, so counts and computation cannot drift apart.
 # --------------------------------------------------------------------------------------------
+
+
+def capacity(cfg: ModelConfig, group_size: int) -> int:
+    """MoE slots per expert per routing group: ``ceil(capacity_factor * S * k / n_routed)``, at
+    most ``S`` (an expert never needs more slots than the group has tokens); ``S`` for dropless."""
+    moe = cfg.moe
+    if moe.router == "dropless":
+        return group_size
+    c = math.ceil(moe.capacity_factor * group_size * moe.k_routed / moe.n_routed)
+    return max(1, min(group_size, c))
+
+
+def expert_slots_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Expert-MLP evaluations computed per token (the FLOP multiplier of one expert MLP).
+
+    Capacity modes compute every padded slot: ``n_routed * C / S``. Dropless counts exactly
+    ``k_routed`` (what ``ragged_dot`` does; the CPU einsum backend computes more, see
+    ``scaling/models/moe.py``).
+    """
+    moe = cfg.moe
+    if moe.router == "dropless":
+        return float(moe.k_routed)
+    return moe.n_routed * capacity(cfg, seq_len) / seq_len
+
+
+def n_selected(capacity: float, seq_len: int) -> int:
+    """MoD: tokens per sequence that enter a routed block: ``ceil(capacity * L)`` (at least 1)."""
+    return max(1, min(seq_len, math.ceil(capacity * seq_len - 1e-9)))
 
 
 def _moe_mlp_params(model: ModelConfig, i: int) -> _Count:
@@ -219,8 +248,6 @@ def _moe_mlp_params(model: ModelConfig, i: int) -> _Count:
 def _moe_mlp_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
     """Router matmul + expert MLPs over the slots actually computed (padded capacity slots
     count; dropless counts exactly ``k_routed``) + shared experts."""
-    from scaling.models.moe import expert_slots_per_token
-
     moe = model.moe
     D, f = model.d_model, model.expert_d_ff
     router = _mm(D, moe.n_routed)
@@ -244,8 +271,6 @@ def _mod_token_fraction(model: ModelConfig, i: int, seq_len: int) -> float:
     """Fraction of a sequence's tokens that enter block ``i`` (1 for unrouted blocks)."""
     if not model.is_mod_layer(i):
         return 1.0
-    from scaling.models.mod import n_selected
-
     return n_selected(model.mod.capacity, seq_len) / seq_len
 
 

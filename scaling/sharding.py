@@ -437,6 +437,52 @@ def activation_bytes_estimate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh
     return int(total)
 
 
+def memory_estimate(cfg, mesh: Mesh) -> int:
+    """Bytes per device a training step needs, from the config alone (before anything is
+    allocated): float32 parameters, their gradients and two Adam moments (``16`` bytes per
+    parameter) divided over the parameter-sharding axes (``fsdp x tensor x expert``), plus
+    ``activation_bytes_estimate``. A first-order figure, for the pre-compile memory check."""
+    from scaling import flops
+
+    sizes = {a: 1 for a in AXES} | _axis_sizes(mesh)
+    params = flops.param_counts(cfg.model).total
+    shards = sizes["fsdp"] * sizes["tensor"] * sizes["expert"]
+    return int(16 * params / shards + activation_bytes_estimate(cfg.model, cfg.data, mesh))
+
+
+def available_memory_per_device(mesh: Mesh) -> int | None:
+    """Bytes one device of ``mesh`` can use: the accelerator's own limit, or on CPU the host's
+    available memory shared by this host's devices of the mesh. ``None`` when unknown."""
+    dev = mesh.devices.flat[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: line.split()[1] for line in f}
+        avail = int(info["MemAvailable"]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    return avail // max(1, local)
+
+
+def check_memory(cfg, mesh: Mesh) -> None:
+    """Raise ``ConfigError`` before any allocation when the step's estimated memory exceeds
+    what a device has. ``SCALING_SKIP_MEMORY_CHECK=1`` (``scaling train --skip-memory-check``)
+    skips it, for when the estimate is known to be pessimistic."""
+    import os
+
+    if os.environ.get("SCALING_SKIP_MEMORY_CHECK"):
+        return
+    need, have = memory_estimate(cfg, mesh), available_memory_per_device(mesh)
+    if have is not None and need > have:
+        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        raise ConfigError(f"model: a training step needs about {gib(need)} per device (parameters, gradients, Adam "
+                          f"state, activations) but {gib(have)} is available; shrink the model or batch, shard it "
+                          f"(--mesh fsdp=N), or pass --skip-memory-check")
+
+
 def _arrays(obj, *filters):
     if isinstance(obj, nnx.Pytree):  # Module, Optimizer
         return nnx.state(obj, *filters)

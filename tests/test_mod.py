@@ -12,6 +12,7 @@ from flax import nnx
 from scaling.config import ConfigError, MoDConfig, ModelConfig, MoEConfig
 from scaling.models.layers import Block, rope
 from scaling.models.mod import MoDBlock, n_selected
+from scaling.models.moe import MoELayer
 from scaling.models.transformer import Transformer
 
 
@@ -146,7 +147,7 @@ def test_mod_over_moe_block_passes_moe_losses_and_metrics():
     cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2,
                       moe=MoEConfig(n_experts=4, top_k=1, aux_loss_weight=0.5),
                       mod=MoDConfig(capacity=0.5, aux_loss_weight=0.0))
-    routed = MoDBlock(cfg, Block(cfg, moe=True, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    routed = MoDBlock(cfg, Block(cfg, mlp=MoELayer, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
     _, aux = _fwd(routed, _x(), positions=_positions(2, 16))
     assert float(aux["aux_loss"]) == pytest.approx(0.5 * float(aux["moe/lb_loss"]) + 1e-3 * float(aux["moe/z_loss"]), rel=1e-5)
     assert "mod/selected_fraction" in aux and "moe/drop_fraction" in aux

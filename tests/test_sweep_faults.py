@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from scaling.sweep import launch, spec, store
+from scaling.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"data.seq_len": 32, "data.batch_size": 8, "data.eval_batches": 2, "model.d_model": 16,
@@ -40,7 +41,7 @@ def sweep_cmd(spec_path, out):
 
 
 def metrics_rows(out: Path) -> int:
-    return sum(len(store.read_jsonl(p)) for p in out.glob("*/metrics.jsonl"))
+    return sum(len(read_jsonl(p)) for p in out.glob("*/metrics.jsonl"))
 
 
 @pytest.mark.slow

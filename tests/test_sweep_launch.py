@@ -11,6 +11,8 @@ import pytest
 
 from scaling import cli, flops
 from scaling.sweep import launch, spec, store
+from scaling.files import read_json, read_jsonl, write_json_atomic
+from scaling.lease import RunLease
 
 HERE = Path(__file__).resolve().parent
 FAKE = "test_sweep_launch:fake_run"
@@ -39,7 +41,7 @@ def fake_run(cfg, out_dir):
     summary = {"state": state, "error": err, "steps": steps, "tokens": d, "D": d, "flops": d * fpt, "C": d * fpt,
                "N": n, "N_total": flops.param_counts(cfg.model).total, "final_eval_loss": E + A / n**ALPHA + B / d**BETA,
                "tokens_per_s": 1e5, "wall_s": 1.0}
-    store.write_json(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -109,7 +111,7 @@ def test_running_trial_is_locked_and_stale_running_is_pending(tmp_path):
     (t,) = start(tmp_path, sp)
     store.mark(tmp_path, t.id, "running")  # a runner that was SIGKILLed mid-trial
     assert store.trial_state(tmp_path / t.id)[0] == "pending"
-    with store.TrialLock(tmp_path / t.id):
+    with RunLease(tmp_path / t.id):
         assert store.trial_state(tmp_path / t.id)[0] == "running"
         assert launch.run_trial(tmp_path, t.id, FAKE)["state"] == "busy"
     assert launch.run_trial(tmp_path, t.id, FAKE)["state"] == "done"
@@ -117,12 +119,12 @@ def test_running_trial_is_locked_and_stale_running_is_pending(tmp_path):
 
 def test_atomic_json_never_torn(tmp_path):
     p = tmp_path / "x.json"
-    store.write_json(p, {"a": 1})
-    store.write_json(p, {"a": 2, "b": list(range(1000))})
-    assert store.read_json(p)["a"] == 2
+    write_json_atomic(p, {"a": 1})
+    write_json_atomic(p, {"a": 2, "b": list(range(1000))})
+    assert read_json(p)["a"] == 2
     assert [q.name for q in tmp_path.iterdir()] == ["x.json"]  # no temp files left behind
     (tmp_path / "m.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": ')  # killed mid-line
-    assert store.read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}, {"step": 2}]
+    assert read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}, {"step": 2}]
 
 
 @pytest.mark.parametrize("cluster", ["debug", "local"])

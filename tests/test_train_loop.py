@@ -20,7 +20,7 @@ from scaling.cli import main
 from scaling.data import corpus
 from scaling.train import loop
 from scaling.train.loop import WALL_FIELDS
-from scaling.train.metrics import read_jsonl
+from scaling.files import read_jsonl
 
 # a tiny dense model (8 host devices in tests: batch 16 = one row per device per half-batch)
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32", "data.batch_size=16",

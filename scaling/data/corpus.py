@@ -192,7 +192,8 @@ def corpus_info(cfg: DataConfig) -> dict:
     Keys: ``name``, ``source``, ``sha256`` (content hash of the train and eval token streams),
     ``n_train_tokens``, ``n_eval_tokens``, ``n_documents``, ``vocab_size``,
     ``unigram_entropy_nats`` (of the training tokens), ``windows_per_epoch`` (training sequences
-    of ``seq_len + 1`` tokens), ``steps_per_epoch`` (windows / batch_size, a float), ``tokenizer``;
+    of ``seq_len + 1`` tokens), ``steps_per_epoch`` (windows / batch_size, a float), ``tokenizer``,
+    ``tokenizer_sha256`` (``tokenize.fingerprint``);
     for synthetic also ``entropy_rate_nats`` (exact) and ``stationary_entropy_nats``.
     """
     c = load(cfg)
@@ -206,6 +207,8 @@ def corpus_info(cfg: DataConfig) -> dict:
         "n_documents": c.n_documents,
         "vocab_size": c.vocab_size,
         "tokenizer": "bytes" if cfg.source != "synthetic" else "identity",
+        "tokenizer_sha256": (tokenize.fingerprint(tokenize.get_tokenizer("bytes")) if cfg.source != "synthetic"
+                             else hashlib.sha256(f"identity:{c.vocab_size}".encode()).hexdigest()),
         "unigram_entropy_nats": c.unigram_entropy_nats,
         "windows_per_epoch": n_windows,
         "steps_per_epoch": n_windows / cfg.batch_size,

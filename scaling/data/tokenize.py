@@ -47,11 +47,22 @@ TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"bytes": ByteTokenizer}
 
 def get_tokenizer(name: str = "bytes") -> Tokenizer:
     """The tokenizer registered under ``name`` (only ``bytes`` ships today)."""
-    from scaling.config import ConfigError
+    from scaling.errors import ConfigError
 
     if name not in TOKENIZERS:
         raise ConfigError(f"data.tokenizer: unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
     return TOKENIZERS[name]()
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 (hex) that changes whenever the tokenizer's mapping could: of its
+    ``fingerprint_bytes()`` (a trained tokenizer's model file) when it has one, else of its
+    name and vocabulary size (the built-in, parameter-free tokenizers)."""
+    import hashlib
+
+    data = getattr(tokenizer, "fingerprint_bytes", None)
+    blob = data() if callable(data) else f"{tokenizer.name}:{tokenizer.vocab_size}".encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -6,7 +6,7 @@ with canonical columns ``N`` (parameters), ``D`` (tokens), ``C`` (FLOPs), ``loss
 where relevant, ``B`` (batch size), ``S`` (steps), ``E`` (experts), ``G`` (granularity).
 Every fitter takes ``columns="N=N_params,D=D_tokens"`` (renames) and ``where="..."`` (pandas
 query). Rows whose ``state`` is not ``done`` are dropped with a note. Bad input raises
-``scaling.cli.UsageError`` (a ``ValueError``) naming the problem.
+``scaling.errors.UsageError`` (a ``ValueError``) naming the problem.
 
 Parametric laws (Huber delta 1e-3 on log residuals, summed; batched multi-start L-BFGS with
 analytic gradients; ``bootstrap=N`` resamples runs for 95% percentile intervals + covariance):

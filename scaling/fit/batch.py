@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 from scaling.fit import io, laws
 from scaling.fit.parametric import FitResult, fit_law
 
@@ -157,11 +157,7 @@ class BcritResult:
             "warnings": self.warnings,
             "notes": self.notes,
         }
-        if self.predictions:
-            d["predictions"] = self.predictions
-        if self.backtest is not None:
-            d["backtest"] = self.backtest
-        return d
+        return io.with_results(d, self)
 
 
 def tradeoff(table, *, bootstrap: int = 0, seed: int = 0, delta: float = 1e-3, columns=None, where=None) -> BcritResult:

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 
 DEFAULT_DATA = "chinchilla_epoch_245runs_N_D_C_loss.csv"
 

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 
 LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "clark", "krajewski")
 FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe")
@@ -34,6 +34,8 @@ def _common(p) -> None:
     p.add_argument("--budget-column", dest="budget_col", help="column naming each run's compute budget (IsoFLOP)")
     p.add_argument("--x", default="C", help="input variable of --law powerlaw: C (FLOPs), N or D")
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
+    p.add_argument("--allow-mixed-schema", dest="allow_mixed_schema", action="store_true",
+                   help="fit runs written under different schema versions together (refused by default)")
     p.add_argument("--seed-noise", dest="seed_noise", type=float, default=0.0,
                    help="bootstrap by perturbing each loss by this relative seed noise (e.g. 0.005) instead of resampling runs")
 
@@ -170,7 +172,16 @@ def _print_table(d: dict) -> None:
         print(f"warning: {w}")
 
 
+def _with_source_options(args) -> None:
+    """Wrap ``args.input`` so every fitter below reads it with the command's reading options."""
+    if getattr(args, "allow_mixed_schema", False):
+        from scaling.fit import io
+
+        args.input = io.Source(args.input, allow_mixed_schema=True)
+
+
 def run_fit(args) -> int:
+    _with_source_options(args)
     res = _fit(args)
     d = _clean(res.to_dict())
     if args.plot:
@@ -207,6 +218,7 @@ def run_plot(args) -> int:
     from scaling.fit import batch, io, parametric, plots
     from scaling.fit.isoflop import isoflop as fit_isoflop
 
+    _with_source_options(args)
     kw = dict(columns=args.columns, where=args.where)
     fig = args.figure
     if fig == "isoflop" and args.method == "envelope":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 from scaling.fit import io
 from scaling.fit.isoflop import budget_groups, minima
 from scaling.fit.isoflop import isoflop as fit_isoflop

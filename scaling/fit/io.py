@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 
 
 def parse_columns(spec: str | dict | None) -> dict[str, str]:
@@ -31,23 +31,38 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
     return out
 
 
-def read_table(src, *, steps: bool = False) -> pd.DataFrame:
+class Source:
+    """A table path with reading options, accepted wherever a fitter takes ``data``:
+    ``fit.chinchilla(io.Source("runs/x", allow_mixed_schema=True))``."""
+
+    def __init__(self, path, *, allow_mixed_schema: bool = False):
+        self.path = path
+        self.allow_mixed_schema = allow_mixed_schema
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False) -> pd.DataFrame:
     """A DataFrame from a DataFrame, a ``.csv``/``.jsonl``/``.json`` file or a sweep directory.
 
-    A sweep directory is read with ``scaling.sweep.store.load`` (one row per trial), or
-    ``store.load_steps`` (one row per logged step) when ``steps`` is true.
+    A sweep or run directory is read with ``scaling.runs.load`` (one row per trial), or
+    ``runs.load_steps`` (one row per logged step) when ``steps`` is true; runs written under
+    different schema versions are refused unless ``allow_mixed_schema``.
     """
     if isinstance(src, pd.DataFrame):
         return src.copy()
+    if isinstance(src, Source):
+        allow_mixed_schema = allow_mixed_schema or src.allow_mixed_schema
+        src = src.path
     path = Path(src)
     if not path.exists():
         raise UsageError(f"input: {path} does not exist (give a CSV/JSONL table or a sweep directory)")
     if path.is_dir():
-        try:
-            from scaling.sweep import store
-        except ImportError as err:  # the sweep module is optional for fitting
-            raise UsageError(f"input: {path} is a directory but scaling.sweep.store is unavailable ({err})")
-        return store.load_steps(path) if steps else store.load(path)
+        from scaling import runs  # the store's table format (pandas + json), not the sweep code
+
+        read = runs.load_steps if steps else runs.load
+        return read(path, allow_mixed=allow_mixed_schema)
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -61,12 +76,13 @@ def read_table(src, *, steps: bool = False) -> pd.DataFrame:
     raise UsageError(f"input: unsupported file type {suffix!r} for {path} (use .csv, .jsonl or a sweep directory)")
 
 
-def load_table(src, *, columns=None, where: str | None = None, steps: bool = False) -> tuple[pd.DataFrame, list[str]]:
+def load_table(src, *, columns=None, where: str | None = None, steps: bool = False,
+               allow_mixed_schema: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Read ``src``, apply ``--columns`` renames, the ``--where`` filter and the run-state filter.
 
     Returns the table and a list of notes (e.g. how many diverged runs were excluded).
     """
-    df = read_table(src, steps=steps)
+    df = read_table(src, steps=steps, allow_mixed_schema=allow_mixed_schema)
     notes: list[str] = []
     renames = parse_columns(columns)
     missing = [v for v in renames.values() if v not in df.columns]
@@ -74,10 +90,12 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
         raise UsageError(f"--columns: source column(s) {missing} not in the table (have: {', '.join(map(str, df.columns))})")
     df = df.rename(columns={v: k for k, v in renames.items()})
     if where:
-        try:
-            df = df.query(where)
-        except Exception as err:  # pandas raises many types for a bad expression
-            raise UsageError(f"--where: cannot apply {where!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        from scaling.fit import where as where_lib  # our own parser: a filter never runs code
+
+        n_before = len(df)
+        df = where_lib.apply(df, where)
+        if n_before and df.empty:
+            raise UsageError(f"--where: {where!r} keeps none of the {n_before} rows; loosen the filter")
         notes.append(f"--where {where!r}: {len(df)} rows kept")
     if "state" in df.columns:
         bad = df["state"].astype(str) != "done"
@@ -120,3 +138,12 @@ def require(df: pd.DataFrame, cols, *, what: str, min_points: int = 1, positive=
 
 def inputs(df: pd.DataFrame, cols) -> dict[str, np.ndarray]:
     return {c: df[c].to_numpy(dtype=float) for c in cols}
+
+
+def with_results(d: dict, result) -> dict:
+    """``d`` (a fit's ``to_dict``) with the result's ``predictions`` and ``backtest`` when set."""
+    if getattr(result, "predictions", None):
+        d["predictions"] = result.predictions
+    if getattr(result, "backtest", None) is not None:
+        d["backtest"] = result.backtest
+    return d

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 from scaling.fit import io
 
 
@@ -177,11 +177,7 @@ class FrontierResult:
             "warnings": self.warnings,
             "notes": self.notes,
         }
-        if self.predictions:
-            d["predictions"] = self.predictions
-        if self.backtest is not None:
-            d["backtest"] = self.backtest
-        return d
+        return io.with_results(d, self)
 
 
 def _fit_minima(df, labels, centers, method):

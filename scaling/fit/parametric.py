@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scaling.cli import UsageError
+from scaling.errors import UsageError
 from scaling.fit import io, laws, robust
 
 
@@ -122,11 +122,7 @@ class FitResult:
         if self.a is not None:
             d.update(a=self.a, b=self.b, flops_per_param_token=self.flops_per_param_token)
             d["ci"].update({k: list(v) for k, v in self.ci.items() if k in ("a", "b")})
-        if self.predictions:
-            d["predictions"] = self.predictions
-        if self.backtest is not None:
-            d["backtest"] = self.backtest
-        return d
+        return io.with_results(d, self)
 
 
 def fit_law(

@@ -18,7 +18,6 @@ a machine whose load changes during the run biases both sides alike.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 DEFAULTS = {"d_model": 128, "n_layers": 4, "n_heads": 4, "seq_len": 256, "batch_size": 16, "vocab_size": 256}
@@ -82,7 +81,7 @@ def measure(args) -> dict:
 
     from scaling import flops, sharding
     from scaling.config import MeshConfig
-    from scaling.train.bench import prepare_train_step  # the trainer's own step, state and sharding
+    from scaling.train.timing import prepare_train_step  # the trainer's own step, state and sharding
 
     dense, variants = _variants(args)
     mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
@@ -113,11 +112,8 @@ def measure(args) -> dict:
     return out
 
 
-def run(args) -> int:
-    out = measure(args)
-    if getattr(args, "json", False):
-        print(json.dumps(out, indent=2))
-        return 0
+def report(out: dict) -> None:
+    """Print ``measure``'s figures as a table (``--json`` prints the dict instead)."""
     s = out["shape"]
     target = "MoE capacity mode <= 1.6x dense" if out["kind"] == "moe" else "MoD <= 0.75x dense"
     print(f"backend {out['backend']}; d{s['d_model']} L{s['n_layers']} seq {s['seq_len']} batch {s['batch_size']}; "
@@ -126,4 +122,3 @@ def run(args) -> int:
     for name, m in out["models"].items():
         print(f"{name:<24}{m['params_total']:>12,}{m['params_active']:>12,}{m['step_s'] * 1e3:>10.1f}"
               f"{m['ratio_to_dense']:>9.2f}{m['flops_ratio_to_dense']:>9.2f}{m['compile_s']:>11.1f}")
-    return 0

@@ -227,20 +227,16 @@ class Block(nnx.Module):
     """Pre-LN residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
 
     ``block(x_BxLxD, positions=None) -> (x_BxLxD, aux)``; ``aux`` is the MLP's (MoE metrics and
-    its weighted ``aux_loss``; empty for a dense MLP). With ``moe=True`` the MLP is a
-    ``scaling.models.moe.MoELayer`` (imported lazily, so the dense model has no dependency on it).
+    its weighted ``aux_loss``; empty for a dense MLP). ``mlp`` is the MLP's class (called
+    ``mlp(cfg, rngs=rngs)``, e.g. ``scaling.models.moe.MoELayer``; default the dense ``MLP``). It
+    is built after the attention, so parameters are drawn in the same order for every MLP kind.
     """
 
-    def __init__(self, cfg: ModelConfig, *, moe: bool = False, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, mlp=None, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", rngs=rngs)
-        if moe:
-            from scaling.models.moe import MoELayer
-
-            self.mlp = MoELayer(cfg, rngs=rngs)
-        else:
-            self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = (mlp or MLP)(cfg, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array, positions: jax.Array | None = None, key_mask: jax.Array | None = None,
                  **_unused) -> tuple[jax.Array, dict]:

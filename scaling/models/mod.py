@@ -43,12 +43,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling.config import ModelConfig
+from scaling.flops import n_selected  # noqa: F401  (the counted work)
 from scaling.models.layers import param
-
-
-def n_selected(capacity: float, seq_len: int) -> int:
-    """Tokens per sequence that enter a routed block: ``ceil(capacity * L)`` (at least 1)."""
-    return max(1, min(seq_len, math.ceil(capacity * seq_len - 1e-9)))
 
 
 def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:

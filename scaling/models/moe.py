@@ -63,6 +63,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from scaling.config import ModelConfig
+from scaling.flops import capacity, expert_slots_per_token  # noqa: F401  (the counted work)
 from scaling.models.layers import _out_std, activation_fn, compute_dtype, param
 
 _MAX_LOAD_METRICS = 16  # per-expert load entries only for small expert counts
@@ -71,28 +72,6 @@ _MAX_LOAD_METRICS = 16  # per-expert load entries only for small expert counts
 # --------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------
-
-
-def capacity(cfg: ModelConfig, group_size: int) -> int:
-    """Slots per expert per group: ``ceil(capacity_factor * S * k / n_routed)``, at most ``S``
-    (an expert never needs more slots than the group has tokens)."""
-    moe = cfg.moe
-    if moe.router == "dropless":
-        return group_size
-    c = math.ceil(moe.capacity_factor * group_size * moe.k_routed / moe.n_routed)
-    return max(1, min(group_size, c))
-
-
-def expert_slots_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Expert-MLP evaluations computed per token (the FLOP multiplier of one expert MLP).
-
-    Capacity modes compute every padded slot: ``n_routed * C / S``. Dropless counts exactly
-    ``k_routed`` (what ``ragged_dot`` does; the CPU einsum backend computes more, see module doc).
-    """
-    moe = cfg.moe
-    if moe.router == "dropless":
-        return float(moe.k_routed)
-    return moe.n_routed * capacity(cfg, seq_len) / seq_len
 
 
 def resolve_backend(cfg: ModelConfig) -> str:

@@ -21,7 +21,12 @@ from scaling.models.layers import Block, Embed, RMSNorm, compute_dtype, one_draw
 def make_block(cfg: ModelConfig, i: int, *, rngs: nnx.Rngs) -> nnx.Module:
     """Block ``i``: MoE MLP where ``cfg.is_moe_layer(i)``, wrapped in mixture-of-depths routing
     where ``cfg.is_mod_layer(i)``. Every block is called ``block(x, positions=...) -> (x, aux)``."""
-    block = Block(cfg, moe=cfg.is_moe_layer(i), rngs=rngs)
+    mlp = None
+    if cfg.is_moe_layer(i):
+        from scaling.models.moe import MoELayer
+
+        mlp = MoELayer
+    block = Block(cfg, mlp=mlp, rngs=rngs)
     if cfg.is_mod_layer(i):
         from scaling.models.mod import MoDBlock
 

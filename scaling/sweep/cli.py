@@ -79,7 +79,7 @@ def plan_text(sp, trial_list: list) -> str:
 
 
 def cmd_sweep(args) -> int:
-    from scaling.cli import UsageError
+    from scaling.errors import UsageError
 
     if args.jobs < 1:
         raise UsageError(f"--jobs: must be >= 1, got {args.jobs}")
@@ -91,6 +91,8 @@ def cmd_sweep(args) -> int:
         print(plan_text(sp, chosen))
         return 0
     out = Path(args.out or Path("runs") / sp.name)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} is a file, not a directory; give a directory for the sweep")
     store.write_manifest(out, sp, all_trials, spec_path=str(path))
     print(f"sweep {sp.name}: {len(chosen)} trials -> {out}", file=sys.stderr)
     if args.backend == "local":
@@ -127,7 +129,7 @@ def status_table(df) -> str:
 
 def cmd_status(args) -> int:
     m = store.read_manifest(args.sweep_dir)
-    df = store.load(args.sweep_dir)
+    df = store.load(args.sweep_dir, allow_mixed=True)  # status shows every trial; fits refuse a mix
     if not args.all and "current" in df:
         df = df[df["current"].fillna(True).astype(bool)]
     print(f"sweep {m['name']} ({m['strategy']}): {len(df)} trials")

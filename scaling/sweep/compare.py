@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from scaling.files import write_json_atomic
 from scaling.sweep import launch, spec as spec_mod, store, wsd
 
 
@@ -34,7 +35,7 @@ def run_both(spec_path: str, out: Path, jobs: int = 1, progress: bool = True) ->
 
 def fit_a(sweep_dir: Path) -> dict:
     from scaling import fit
-    from scaling.cli import UsageError
+    from scaling.errors import UsageError
 
     df = store.load(sweep_dir)
     try:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     summary = {"a_independent": res["independent"]["a"], "a_wsd_branch": res["wsd_branch"]["a"], "a_difference": diff,
                "max_abs_loss_difference": loss_diff,
                "compute_ratio": res["wsd_branch"]["planned_flops"] / res["independent"]["planned_flops"], "detail": res}
-    store.write_json(out / "compare.json", summary)
+    write_json_atomic(out / "compare.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "detail"}, indent=2))
     fitted = (f"|a_branched - a_independent| = {abs(diff):.3f} ({'within' if abs(diff) <= 0.05 else 'outside'} +-0.05)"
               if diff == diff else "a not fitted (see compare.json)")

@@ -30,8 +30,14 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from scaling import faults
 from scaling.config import TrainConfig
+from scaling.errors import RunDirBusy
+from scaling.files import read_json, read_jsonl
+from scaling.lease import RunLease
+from scaling.progress import ProgressLine
 from scaling.sweep import store
+from scaling.train.cache import enable_compilation_cache
 
 DEFAULT_RUN_FN = "scaling.train.loop:run"
 BACKENDS = ("local", "slurm")
@@ -40,23 +46,6 @@ BACKENDS = ("local", "slurm")
 # --------------------------------------------------------------------------------------------
 # One trial (runs inside a worker process or a submitit job)
 # --------------------------------------------------------------------------------------------
-
-
-def compilation_cache_dir() -> Path:
-    """``$SCALING_JAX_CACHE`` or ``~/.cache/scaling/jax``: shared by all workers and sweeps."""
-    return Path(os.environ.get("SCALING_JAX_CACHE") or Path.home() / ".cache" / "scaling" / "jax")
-
-
-def setup_compilation_cache() -> None:
-    """Persist every compiled executable (even fast compiles: tiny models compile in well under
-    the default 1 s threshold, and a sweep compiles the same shape many times)."""
-    import jax
-
-    path = compilation_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def _import(spec: str) -> Callable:
@@ -83,7 +72,7 @@ def trial_config(sweep_dir: Path, desc: dict) -> TrainConfig:
 
 
 def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN) -> dict:
-    """Train one trial of the sweep under its lock; return ``{"state", "error", "flops"}``.
+    """Train one trial of the sweep under its lease (``scaling.lease``); return ``{"state", "error", "flops"}``.
 
     ``state`` is done/diverged/failed, ``busy`` (another live process holds it), or ``waiting``
     (a WSD branch whose main run has not finished). Never raises for a failing trial.
@@ -91,15 +80,15 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
     sweep_dir = Path(sweep_dir).absolute()
     d = sweep_dir / trial_id
     try:
-        lock = store.TrialLock(d).__enter__()
-    except store.Busy:
+        lock = RunLease(d).__enter__()
+    except RunDirBusy:
         return {"state": "busy", "error": None}
     try:
-        summary = store.read_json(d / "summary.json") or {}
+        summary = read_json(d / "summary.json") or {}
         if summary.get("state") in store.FINAL:
             _record_final(sweep_dir, trial_id, summary["state"], summary.get("error"))
             return {"state": summary["state"], "error": summary.get("error"), "flops": summary.get("flops")}
-        desc = store.read_json(d / "trial.json")
+        desc = read_json(d / "trial.json")
         cfg = trial_config(sweep_dir, desc)
         if desc.get("main"):  # a WSD branch starts once its main run is done
             main_state, _ = store.trial_state(sweep_dir / desc["main"])
@@ -135,21 +124,18 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
 
 
 class Progress:
-    """Counts of trial states and FLOPs spent vs. planned, printed as one live line (a carriage
-    return on a terminal, one line per change otherwise)."""
+    """Counts of trial states and FLOPs spent vs. planned, shown as one live line
+    (``scaling.progress.ProgressLine``)."""
 
     def __init__(self, sweep_dir: Path, trials: list, stream=None, enabled: bool = True):
         self.sweep_dir = sweep_dir
         self.trials = {t.id: t for t in trials}
         self.planned = sum(t.planned_flops or 0.0 for t in trials)
         self.state = {t.id: store.trial_state(sweep_dir / t.id)[0] for t in trials}
-        self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._last = ""
+        self.display = ProgressLine(None, enabled=enabled, stream=stream, interval_s=30.0)
         self._last_key: tuple = ()
         self._final_flops: dict[str, float] = {}
-        self._last_t = 0.0
 
     def set(self, trial_id: str, state: str) -> None:
         self.state[trial_id] = state
@@ -163,11 +149,11 @@ class Progress:
             t = self.trials[tid]
             if st in store.FINAL:
                 if tid not in self._final_flops:  # read once: finished trials do not change
-                    s = store.read_json(self.sweep_dir / tid / "summary.json") or {}
+                    s = read_json(self.sweep_dir / tid / "summary.json") or {}
                     self._final_flops[tid] = s.get("flops", t.planned_flops or 0.0)
                 done = self._final_flops[tid]
             else:
-                rows = store.read_jsonl(self.sweep_dir / tid / "metrics.jsonl")[-1:]
+                rows = read_jsonl(self.sweep_dir / tid / "metrics.jsonl")[-1:]
                 done = rows[0].get("flops", 0.0) if rows else 0.0
             if t.branch_step and t.flops_per_step:
                 done = max(0.0, done - t.branch_step * t.flops_per_step)
@@ -185,25 +171,15 @@ class Progress:
                 f"{counts['pending']} | compute {self.spent():.3g}/{self.planned:.3g} FLOPs ({100 * frac:.0f}%)")
 
     def show(self, force: bool = False) -> None:
+        """Redraw the line; a log file gets one when a trial changes state, else every 30 s."""
         if not self.enabled:
             return
-        line = self.line()
-        if self.tty:
-            self.stream.write("\r" + line.ljust(len(self._last)))
-            self.stream.flush()
-            self._last = line
-            return
-        # a log file gets a line when a trial changes state, and every 30 s otherwise
         key = tuple(sorted(self.counts().items()))
-        if force or key != self._last_key or time.time() - self._last_t >= 30:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self._last_key, self._last_t = key, time.time()
+        self.display.update(self.line(), force=force or key != self._last_key)
+        self._last_key = key
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.display.close()
 
     def counts(self) -> dict:
         out = {s: 0 for s in store.STATES}
@@ -238,7 +214,7 @@ def worker_main(sweep_dir: str, run_fn: str) -> int:
     ``<trial>/log.txt``, write one JSON result line per trial to the original stdout."""
     _die_with_parent()
     proto = os.fdopen(os.dup(1), "w", buffering=1)
-    setup_compilation_cache()
+    enable_compilation_cache()
     for line in sys.stdin:
         tid = line.strip()
         if not tid:
@@ -309,6 +285,7 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
     workers = [_Worker(i, sweep_dir, run_fn, events) for i in range(min(jobs, len(todo)))]
     retry_at: dict[str, float] = {}
     idle_deaths = 0
+    n_results = 0
 
     def ready(tid: str) -> bool:
         t = by_id[tid]
@@ -348,6 +325,8 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
                     w.trial = None
                 workers[workers.index(w)] = _Worker(w.idx, sweep_dir, run_fn, events)
                 continue
+            n_results += 1
+            faults.point("sweep_result", n_results)
             tid, st = res["trial_id"], res["state"]
             w.trial = None
             if st == "waiting" and not (by_id[tid].main in by_id and prog.state[by_id[tid].main] not in store.FINAL):
@@ -381,14 +360,14 @@ def _submitit_trial(sweep_dir: str, trial_id: str, run_fn: str) -> dict:
     ``jax.distributed``); only rank 0 touches the store."""
     import submitit
 
-    setup_compilation_cache()
+    enable_compilation_cache()
     try:
         env = submitit.JobEnvironment()
         rank, n = env.global_rank, env.num_tasks
     except RuntimeError:  # DebugExecutor runs in-process without a job environment
         rank, n = 0, 1
     if n > 1 and rank > 0:
-        desc = store.read_json(Path(sweep_dir) / trial_id / "trial.json")
+        desc = read_json(Path(sweep_dir) / trial_id / "trial.json")
         return {"state": "worker", "summary": _import(run_fn)(trial_config(Path(sweep_dir), desc), Path(sweep_dir) / trial_id)}
     return run_trial(sweep_dir, trial_id, run_fn)
 
@@ -413,6 +392,9 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
     import submitit
 
     sweep_dir = Path(sweep_dir).absolute()
+    from scaling.sweep.spec import slurm_value
+
+    job_name = slurm_value("--out", sweep_dir.name)  # the job name is an #SBATCH line too
     prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
     executor = submitit.AutoExecutor(folder=sweep_dir / ".submitit" / "%j", cluster=cluster)
     todo = [t for t in trials if prog.state[t.id] not in store.FINAL]
@@ -424,7 +406,7 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
                 groups.setdefault(t.resources, []).append(t)
             jobs = []
             for res, group in groups.items():
-                executor.update_parameters(name=f"{sweep_dir.name}", **slurm_parameters(res))
+                executor.update_parameters(name=job_name, **slurm_parameters(res))
                 ids = [t.id for t in group]
                 futures = executor.map_array(_submitit_trial, [str(sweep_dir)] * len(ids), ids, [run_fn] * len(ids))
                 jobs.extend(zip(ids, futures))

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from scaling.files import write_json_atomic
 from scaling.sweep import launch, spec as spec_mod, store
 
 SMOKE = {  # seconds, not minutes: checks the install end to end (fits may report too few minima)
@@ -41,7 +42,7 @@ def fit_and_report(sweep_dir: Path, target_C: float, stream=sys.stdout) -> dict:
     laws and the compute-optimal N, D at ``target_C`` FLOPs. A fit that cannot be made (too few
     budgets with an interior minimum, ...) is reported, not raised."""
     from scaling import fit
-    from scaling.cli import UsageError
+    from scaling.errors import UsageError
 
     df = store.load(sweep_dir)
     if "current" in df:  # trials of an earlier version of the spec stay in the store, not in the fit
@@ -80,7 +81,7 @@ def fit_and_report(sweep_dir: Path, target_C: float, stream=sys.stdout) -> dict:
     except (UsageError, ValueError) as err:
         out["chinchilla"] = {"error": str(err)}
         p(f"approach 3 (parametric): not fitted: {err}")
-    store.write_json(sweep_dir / "fits.json", out)
+    write_json_atomic(sweep_dir / "fits.json", out)
     plots = sorted(q.name for q in sweep_dir.glob("*.png"))
     if plots:
         p(f"plots: {', '.join(str(sweep_dir / n) for n in plots)}")

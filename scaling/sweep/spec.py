@@ -28,6 +28,7 @@ import functools
 import inspect
 import itertools
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from scaling.config import BudgetConfig, ConfigError, TrainConfig, apply_overrides, config_hash
+from scaling.config import BudgetConfig, ConfigError, TrainConfig, apply_overrides, coerce_field, config_hash
 
 Strategy = Literal["independent", "wsd_branch"]
 STRATEGIES = ("independent", "wsd_branch")
@@ -291,6 +292,35 @@ def _parse_sizes(path: str, v: Any) -> Sizes:
     return Sizes("isoflop", isoflop=IsoFlopGrid(n=n, ratio=ratio, center=center, law=law, tokens_per_param=tpp))
 
 
+# Values that reach submitit become lines of a generated sbatch script: a newline would start
+# a shell command there, so control characters are refused at spec load (and so by --plan).
+_SLURM_PARTITION = re.compile(r"[A-Za-z0-9_.,-]+")
+_SLURM_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _slurm_partition(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not _SLURM_PARTITION.fullmatch(v):
+        _fail(path, f"a SLURM partition is letters, digits and _.,- only (comma-separated names), got {v!r}")
+    return v
+
+
+def _slurm_key(path: str, k: Any) -> str:
+    if not isinstance(k, str) or not _SLURM_KEY.fullmatch(k):
+        _fail(path, f"{k!r} is not a SLURM option name (letters, digits, _ and -, e.g. constraint)")
+    return k
+
+
+def slurm_value(path: str, v: Any) -> Any:
+    if isinstance(v, bool) or isinstance(v, (int, float)):
+        return v
+    if not isinstance(v, str):
+        _fail(path, f"must be a string or a number, got {type(v).__name__}")
+    if _CONTROL.search(v):
+        _fail(path, f"must be one line without control characters (it becomes an #SBATCH line), got {v!r}")
+    return v
+
+
 def _parse_resources(path: str, v: Any, base: Resources | None = None) -> Resources:
     d = _mapping(path, v)
     names = tuple(f.name for f in dataclasses.fields(Resources))
@@ -304,9 +334,10 @@ def _parse_resources(path: str, v: Any, base: Resources | None = None) -> Resour
         elif k == "mem_gb":
             kw[k] = _number(f"{path}.{k}", x)
         elif k == "partition":
-            kw[k] = str(x)
+            kw[k] = _slurm_partition(f"{path}.{k}", x)
         elif k == "extra":
-            kw[k] = tuple(sorted(_mapping(f"{path}.extra", x).items()))
+            kw[k] = tuple(sorted((_slurm_key(f"{path}.extra", e), slurm_value(f"{path}.extra.{e}", y))
+                                 for e, y in _mapping(f"{path}.extra", x).items()))
     kw["extra"] = tuple(tuple(e) for e in kw["extra"])
     return Resources(**kw)
 
@@ -350,8 +381,17 @@ def parse(raw: Any, *, default_name: str = "sweep") -> SweepSpec:
     grid = []
     for k, vals in _mapping("sweep.grid", d.get("grid") or {}).items():
         vals = _list(f"sweep.grid.{k}", vals)
-        if len(set(map(repr, vals))) != len(vals):
-            _fail(f"sweep.grid.{k}", f"repeats a value ({vals}); list each value once")
+        field_path = ALIASES.get(str(k), str(k))
+        # YAML reads 1e-3 as a string: give every value the field's type before comparing or
+        # hashing, so 1e-3 and 0.001 are one value (and the lr column stays numeric)
+        try:
+            typed = [coerce_field(field_path, v) for v in vals]
+        except ConfigError as err:
+            _fail(f"sweep.grid.{k}", str(err))
+        if len(set(map(repr, typed))) != len(typed):
+            dup = next(v for i, v in enumerate(typed) if repr(v) in map(repr, typed[:i]))
+            _fail(f"sweep.grid.{k}", f"repeats a value ({vals} are {typed}: {dup!r} twice); list each value once")
+        vals = typed
         grid.append((str(k), tuple(vals)))
     seeds = tuple(_int(f"sweep.seeds[{i}]", s, minimum=0) for i, s in enumerate(_list("sweep.seeds", d.get("seeds", [0]))))
     if len(set(seeds)) != len(seeds):

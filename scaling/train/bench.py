@@ -14,12 +14,10 @@ this module sets itself when jax has not started yet.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
 import sys
-import time
 
 REFERENCE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "seq_len": 256, "batch_size": 16, "vocab_size": 256}
 
@@ -50,56 +48,6 @@ def _peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-def prepare_train_step(cfg, mesh):
-    """Compiled train step of ``cfg`` on ``mesh``, its initial state and a random-token batch.
-
-    Returns ``(compiled, state, batch, compile_s)``; one warm-up step has already run.
-    """
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from scaling import sharding
-    from scaling.models.transformer import Transformer
-    from scaling.train import optim, step as step_lib
-
-    with sharding.mesh_context(mesh):
-        model = sharding.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), mesh)
-        graphdef, params, rest = step_lib.split_model(model)
-        tx = optim.make_optimizer(cfg.optim)
-        state = step_lib.init_state(params, rest, tx, total_steps=1000, mesh=mesh)
-        train_step = step_lib.make_train_step(graphdef, tx, z_loss_weight=cfg.optim.z_loss,
-                                              lr_fn=optim.make_lr_fn(cfg.optim))
-        rng = np.random.default_rng(0)
-        b, l, v = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
-        tokens = rng.integers(0, v, size=(b, l + 1), dtype=np.int32)
-        batch = sharding.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
-        t = time.perf_counter()
-        compiled = train_step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t
-        state, m = compiled(state, batch)  # warm-up
-        jax.block_until_ready(m)
-    return compiled, state, batch, compile_s
-
-
-def time_train_step(cfg, mesh, *, steps: int) -> dict:
-    """Compile and time the train step of ``cfg`` on ``mesh`` with random tokens.
-
-    Returns ``compile_s``, ``step_s`` (median of ``steps`` timed steps, seconds) and ``final_loss``.
-    """
-    import jax
-    import numpy as np
-
-    compiled, state, batch, compile_s = prepare_train_step(cfg, mesh)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return {"compile_s": compile_s, "step_s": float(np.median(times)), "final_loss": float(m["loss"])}
-
-
 def measure(args) -> dict:
     mesh_cfg = None
     if args.mesh:
@@ -114,6 +62,7 @@ def measure(args) -> dict:
     from scaling import flops, sharding
     from scaling.config import MeshConfig, TrainConfig
     from scaling.train.metrics import measure_matmul_flops
+    from scaling.train.timing import time_train_step
 
     cfg = TrainConfig().with_overrides({
         "model.d_model": args.d_model, "model.n_layers": args.n_layers, "model.n_heads": REFERENCE["n_heads"],
@@ -155,11 +104,8 @@ def measure(args) -> dict:
     return out
 
 
-def run(args) -> int:
-    out = measure(args)
-    if getattr(args, "json", False):
-        print(json.dumps(out, indent=2))
-        return 0
+def report(out: dict) -> None:
+    """Print ``measure``'s figures as a table (``--json`` prints the dict instead)."""
     m = out["model"]
     print(f"backend {out['backend']} ({out['device_kind']}, {out['cpu_count']} cores)")
     print(f"float32 matmul peak      {out['matmul_peak_flops'] / 1e9:8.1f} GFLOP/s")
@@ -174,4 +120,3 @@ def run(args) -> int:
     if "mesh" in out:
         print(f"sharded step on {out['mesh']}: {out['sharded_step_s'] * 1e3:.1f} ms "
               f"({out['sharded_over_single']:.2f}x single device)")
-    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def register(sub) -> None:
     p.add_argument("--wandb", choices=("off", "offline", "online"), default=None,
                    help="mirror metrics to wandb (online needs WANDB_API_KEY; default: the config's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="train even when the estimated memory per device exceeds what the device has")
     p.set_defaults(func=main)
 
 
@@ -61,7 +64,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _read_config_file(path: str) -> dict:
-    from scaling.cli import UsageError
+    from scaling.errors import UsageError
 
     try:
         d = json.loads(Path(path).read_text())
@@ -71,21 +74,31 @@ def _read_config_file(path: str) -> dict:
         raise UsageError(f"--config: {path} is not valid JSON ({err})") from None
     if not isinstance(d, dict):
         raise UsageError(f"--config: {path} must hold a JSON object of TrainConfig fields")
-    d.pop("resolved", None)  # a run's config.json carries resolved facts
-    return d
+    from scaling.schema import config_fields
+
+    return config_fields(d)  # a run's config.json also records facts about the run
 
 
 def build_config(args) -> TrainConfig:
     """TrainConfig from the parsed ``scaling train`` arguments (ConfigError/UsageError on bad input)."""
     import experiments
 
+    from scaling.errors import UsageError
+
     file_cfg = _read_config_file(args.config) if args.config else {}
-    name = args.experiment or file_cfg.get("experiment") or "dense"
+    in_file = file_cfg.get("experiment")
+    if args.experiment and in_file and args.experiment != in_file:
+        raise UsageError(f"--experiment: {args.experiment} disagrees with experiment={in_file!r} in {args.config}; "
+                         f"drop one of them (the label is stored with the run)")
+    name = args.experiment or in_file or "dense"
     cfg = experiments.get(name)
     if file_cfg:
         flat = _flatten(file_cfg)
         # a budget in the file replaces the family's (a budget has exactly one kind)
         budget = {k: v for k, v in flat.items() if k.startswith("budget.") and v is not None}
+        if len(budget) > 1:
+            raise UsageError(f"--config: {args.config} sets {len(budget)} budgets ({', '.join(sorted(budget))}); "
+                             f"a run has exactly one budget kind: keep one")
         rest = {k: v for k, v in flat.items() if not k.startswith("budget.")}
         cfg = cfg.with_overrides(rest)
         if budget:
@@ -104,6 +117,8 @@ def main(args) -> int:
     from scaling.train import loop
 
     cfg = build_config(args)
+    if getattr(args, "skip_memory_check", False):
+        os.environ["SCALING_SKIP_MEMORY_CHECK"] = "1"
     summary = loop.run(cfg, args.out)
     state = summary.get("state")
     loss = summary.get("final_eval_loss")

@@ -23,6 +23,7 @@ uninterrupted one bit for bit (on the same machine and device count).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,12 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scaling import faults, schema
 from scaling.config import ConfigError, TrainConfig, config_hash
+from scaling.errors import LeaseLost
+from scaling.files import read_json, write_json_atomic
+from scaling.lease import RunLease
+from scaling.progress import ProgressLine, train_text
 from scaling.train import optim
 from scaling.train import step as step_lib
+from scaling.train.cache import enable_compilation_cache
 from scaling.train.checkpoint import Checkpointer
-from scaling.train.metrics import MetricsWriter, WandbMirror, peak_flops, write_json_atomic
-from scaling.train.progress import Progress
+from scaling.train.metrics import MetricsWriter, WandbMirror, peak_flops
 
 # fields that do not change what is computed: a rerun may differ in these
 COSMETIC_FIELDS = ("wandb", "progress")
@@ -55,18 +61,15 @@ WALL_FIELDS = ("wall_s", "tokens_per_s", "mfu", "step_time_s")  # differ between
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
-    """The ``TrainConfig`` stored in ``run_dir/config.json`` (without the ``resolved`` facts)."""
+    """The ``TrainConfig`` stored in ``run_dir/config.json`` (without the recorded facts:
+    ``resolved``, ``schema_version``, ``provenance``)."""
     d = json.loads((Path(run_dir) / "config.json").read_text())
-    d.pop("resolved", None)
-    return TrainConfig.from_dict(d)
+    return TrainConfig.from_dict(schema.config_fields(d))
 
 
 def read_summary(run_dir: str | Path) -> dict | None:
-    p = Path(run_dir) / "summary.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
+    s = read_json(Path(run_dir) / "summary.json")
+    return s if isinstance(s, dict) else None
 
 
 def _comparable(cfg: TrainConfig) -> dict:
@@ -96,20 +99,7 @@ def parse_init_from(text: str) -> tuple[Path, int]:
     return ckpt, step
 
 
-def enable_compilation_cache() -> None:
-    """Persist compiled steps in ``~/.cache/scaling/jax`` (or ``SCALING_CACHE_DIR/jax``) unless
-    the user configured a cache already: sweeps, resumes and tests recompile the same shapes
-    over and over, and on a small CPU compilation is most of a short run's wall time. A loaded
-    executable is the same binary, so results are unchanged (resumes stay bitwise exact)."""
-    from scaling.train.metrics import CACHE
-
-    if os.environ.get("SCALING_NO_COMPILATION_CACHE") or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(CACHE / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _check_out_dir(cfg: TrainConfig, out: Path) -> None:
+def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -117,6 +107,9 @@ def _check_out_dir(cfg: TrainConfig, out: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"out: cannot write to {out} ({err.strerror or err}); choose another --out") from None
+
+
+def _check_same_config(cfg: TrainConfig, out: Path) -> None:
     cfg_path = out / "config.json"
     if cfg_path.exists():
         try:
@@ -124,7 +117,7 @@ def _check_out_dir(cfg: TrainConfig, out: Path) -> None:
         except ValueError:
             old = None
         if isinstance(old, dict):
-            old.pop("resolved", None)
+            old = schema.config_fields(old)
             for k in COSMETIC_FIELDS:
                 old.pop(k, None)
         if old != _comparable(cfg):
@@ -153,7 +146,14 @@ def preflight(cfg: TrainConfig) -> dict:
             one = {"flops": train_fpt * cfg.tokens_per_step, "tokens": cfg.tokens_per_step, "steps": 1}[cfg.budget.kind]
             raise ConfigError(f"budget.{cfg.budget.kind}: {cfg.budget.value:g} is less than one step "
                               f"({one:g} {cfg.budget.kind} per step); raise the budget or shrink the model/batch")
+    warnings = []
+    if total_steps is not None and cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps > total_steps:
+        warnings.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} is longer than the run's {total_steps} steps, so "
+                        f"the learning rate never reaches optim.lr={cfg.optim.lr:g}; lower it or raise the budget")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     return {
+        "warnings": warnings,
         "config_hash": run_hash(cfg),
         "params": dataclasses.asdict(counts) if dataclasses.is_dataclass(counts) else dict(counts._asdict()),
         "train_flops_per_token": train_fpt,
@@ -174,31 +174,47 @@ def run(cfg: TrainConfig, out_dir: str | Path) -> dict:
     """Train ``cfg`` into ``out_dir`` until its budget is spent; return the summary dict.
 
     Returns at once with the stored summary if the run already finished (done or diverged).
-    Raises ``ConfigError`` for bad input before training; for any other error writes state
-    ``failed`` (with the error) to summary.json and re-raises.
+    The run directory's lease (``scaling.lease``) is held throughout (by process 0 of a
+    multi-host run): a second trainer on a busy directory raises ``RunDirBusy`` before it writes
+    anything. Raises ``ConfigError`` for bad input before training; for any other error writes
+    state ``failed`` (with the error) to summary.json and re-raises.
     """
     out = Path(out_dir)
     enable_compilation_cache()
-    _check_out_dir(cfg, out)
+    _check_writable(out)
     prev = read_summary(out)
     if prev and prev.get("state") in ("done", "diverged"):
         loss = prev.get("final_eval_loss")
         print(f"{out}: run already {prev['state']} at step {prev.get('steps')} "
               f"(final eval loss {loss}); nothing to do", file=sys.stderr)
         return prev
+    from scaling import sharding
+
+    process_index, _ = sharding.initialize_distributed()  # no-op for one process; before any jax work
+    lease = RunLease(out, join=True) if process_index == 0 else contextlib.nullcontext()
+    with lease as held:
+        return _run_leased(cfg, out, held)
+
+
+def _run_leased(cfg: TrainConfig, out: Path, lease: RunLease | None) -> dict:
+    _check_same_config(cfg, out)
+    prev = read_summary(out)  # another trainer may have finished it while we waited for the lease
+    if prev and prev.get("state") in ("done", "diverged"):
+        return prev
     resolved = preflight(cfg)
     try:
-        session = _Session(cfg, out, resolved)  # ConfigErrors from mesh/data surface here
+        session = _Session(cfg, out, resolved, lease)  # ConfigErrors from mesh/data surface here
     except ConfigError:
         raise
     except BaseException as err:
         write_json_atomic(out / "summary.json", {"state": "failed", "error": f"{type(err).__name__}: {err}",
-                                                 "config_hash": resolved["config_hash"]})
+                                                 "config_hash": resolved["config_hash"],
+                                                 "schema_version": schema.SCHEMA_VERSION})
         raise
     try:
         return session.train()
-    except (ConfigError,):
-        raise
+    except (ConfigError, LeaseLost):
+        raise  # bad input, or the directory is someone else's now: write nothing
     except BaseException as err:
         session.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
@@ -209,16 +225,17 @@ def run(cfg: TrainConfig, out_dir: str | Path) -> dict:
 class _Session:
     """Everything built for one process's part of a run (mesh, model, optimizer, data)."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, resolved: dict):
+    def __init__(self, cfg: TrainConfig, out: Path, resolved: dict, lease: RunLease | None = None):
         from scaling import sharding
         from scaling.data import corpus, loader
         from scaling.models.transformer import Transformer
 
         self.cfg, self.out, self.resolved = cfg, out, resolved
+        self.lease = lease
         self.t_start = time.perf_counter()
-        sharding.initialize_distributed()  # no-op for a single process; must precede any jax work
         self.mesh = sharding.make_mesh(cfg.mesh)
         sharding.validate(cfg.model, cfg.data, self.mesh)
+        sharding.check_memory(cfg, self.mesh)  # one line instead of an XLA out-of-memory traceback
         self.shard_index, self.shard_count = sharding.host_data_shard(self.mesh, cfg.data.batch_size)
         self.corpus = corpus.corpus_info(cfg.data)
         resolved["corpus"] = self.corpus
@@ -293,7 +310,10 @@ class _Session:
             total_steps = self._estimate_steps_for_seconds(state)
         resolved["total_steps"] = total_steps
         self.total_steps = total_steps
-        write_json_atomic(out / "config.json", {**json.loads(cfg.to_json()), "resolved": resolved})
+        self._check_lease()
+        write_json_atomic(out / "config.json", {**json.loads(cfg.to_json()), "resolved": resolved,
+                                                "schema_version": schema.SCHEMA_VERSION,
+                                                "provenance": schema.provenance(self.corpus)})
 
         # restore: own checkpoint, else a branch point of another run, else fresh
         meta = {"step": 0, "best_loss": None, "train_s": 0.0, "total_steps": total_steps}
@@ -322,7 +342,7 @@ class _Session:
         self.metrics = MetricsWriter(out / "metrics.jsonl", keep_through_step=step)
         self.wandb = WandbMirror(cfg.wandb, run_dir=out, run_id=resolved["config_hash"], name=cfg.name,
                                  config={**cfg.to_dict(), "resolved": resolved})
-        self.progress = Progress(total_steps, enabled=cfg.progress)
+        self.progress = ProgressLine(total_steps, enabled=cfg.progress)
         fpt = resolved["train_flops_per_token"]
         tps_step = cfg.tokens_per_step
         peak = peak_flops(len(self.mesh.devices.flat))
@@ -352,6 +372,7 @@ class _Session:
             batch = self.put(next(self.iterator))
             state, m = self.train_step(state, batch)
             step += 1
+            faults.point("train_step", step)
             if not compiled:
                 jax.block_until_ready(m)  # first step = compilation; not counted as training time
                 compiled = True
@@ -393,7 +414,7 @@ class _Session:
                 self.wandb.log(row)
                 last_row = row
             remaining = (total_steps - step) * (dt / seg_steps if seg_steps else 0.0)
-            self.progress.update(step, loss=loss, tokens_per_s=tok_s, mfu=row["mfu"], eta_s=remaining)
+            self.progress.update(train_text(loss=loss, tokens_per_s=tok_s, mfu=row["mfu"], eta_s=remaining), n=step)
             if diverged is not None:
                 msg = (f"run diverged: {diverged}; stopped (lower optim.lr={cfg.optim.lr:g}, "
                        f"or raise divergence_factor)")
@@ -402,6 +423,7 @@ class _Session:
                 self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
                 return self.finish("diverged", error=msg)
             if saving:
+                self._check_lease()
                 meta = {"step": step, "best_loss": best if math.isfinite(best) else None, "train_s": train_s,
                         "total_steps": total_steps, "config_hash": resolved["config_hash"]}
                 self.ckpt.save(step, state, self.iterator.get_state(), meta)
@@ -460,9 +482,20 @@ class _Session:
             "epochs": tokens / n_train if n_train else None,
         }
 
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
+
     def finish(self, state: str, error: str | None = None) -> dict:
-        self.summary.update(state=state, error=error)
-        write_json_atomic(self.out / "summary.json", self.summary)
+        self._check_lease()
+        self.summary.update(state=state, error=error, schema_version=schema.SCHEMA_VERSION)
+        try:
+            write_json_atomic(self.out / "summary.json", self.summary)
+        except OSError as err:
+            if state != "failed":
+                raise
+            # recording a failure must not bury it (e.g. the disk is full): say it in one line
+            print(f"{self.out}: could not record state failed in summary.json ({err.strerror or err})", file=sys.stderr)
         if self.wandb is not None:
             self.wandb.summary(self.summary)
         return self.summary

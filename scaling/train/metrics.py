@@ -10,7 +10,8 @@ MFU = achieved model FLOP/s (counted training FLOPs per token x tokens/s, from
 2. on GPU/TPU, ``PEAK_TABLE`` below (vendor dense bf16 peaks per chip, times the device count;
    float32 runs on those chips therefore report MFU against the bf16 peak, as MaxText does),
 3. on CPU, a float32 matmul benchmark (best of a few 2048^3 matmuls on one device, i.e. all the
-   cores XLA's thread pool uses), measured once and cached in ``~/.cache/scaling/peak_flops.json``
+   cores XLA's thread pool uses), measured once and cached in ``peak_flops.json`` under
+   ``scaling.train.cache.cache_root()`` (``~/.cache/scaling``),
    keyed by backend, device kind and core count.
 """
 
@@ -22,7 +23,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from scaling.files import JsonlAppender, write_json_atomic
+from scaling.train.cache import cache_root
 
 # dense bf16 FLOP/s per chip, vendor figures
 PEAK_TABLE = {
@@ -38,7 +41,6 @@ PEAK_TABLE = {
     "nvidia b200": 2250e12,
 }
 
-CACHE = Path(os.environ.get("SCALING_CACHE_DIR", Path.home() / ".cache" / "scaling"))
 
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -79,7 +81,7 @@ def peak_flops(n_devices: int | None = None) -> float:
     if _PEAK is not None:
         return _PEAK
     key = f"{devices[0].platform}|{kind}|{os.cpu_count()}"
-    path = CACHE / "peak_flops.json"
+    path = cache_root() / "peak_flops.json"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -88,10 +90,7 @@ def peak_flops(n_devices: int | None = None) -> float:
         # CPU: host devices share the same cores, so one device's matmul peak is the machine's
         cached[key] = measure_matmul_flops()
         try:
-            CACHE.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cached))
-            tmp.replace(path)
+            write_json_atomic(path, cached)
         except OSError:
             pass
     _PEAK = float(cached[key])
@@ -99,61 +98,28 @@ def peak_flops(n_devices: int | None = None) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# metrics.jsonl and summary.json
+# metrics.jsonl (the format and its reader/writer live in scaling.files)
 # ----------------------------------------------------------------------------------------------
 
 
-def _clean(v: Any) -> Any:
-    """JSON-safe scalar: NaN/inf become strings so the file stays valid JSON for every reader."""
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
-    p = Path(path)
-    if not p.exists():
-        return rows
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break  # a torn last line from a killed process
-    return rows
-
-
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl``. On open, rows with ``step > keep_through_step`` (and any
-    torn trailing line) are dropped so a resumed run never duplicates rows."""
+    """Appends rows to ``metrics.jsonl``. On open (a resume), every valid row with
+    ``step <= keep_through_step`` is kept, rows beyond it are dropped (they will be logged
+    again), and unreadable lines are skipped, counted and moved to ``metrics.jsonl.bad``."""
 
     def __init__(self, path: str | Path, *, keep_through_step: int):
-        self.path = Path(path)
-        rows = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= keep_through_step]
-        self.kept = rows  # rows from earlier sessions, for the summary of a run resumed at its end
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(self.path)
-        self._f = open(self.path, "a")
+        def keep(row: dict) -> bool:
+            step = row.get("step", 0)
+            return not isinstance(step, (int, float)) or step <= keep_through_step
+
+        self._out, self.kept = JsonlAppender.resume(path, keep=keep)
+        self.path = self._out.path
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._f.flush()
+        self._out.write(row)
 
     def close(self) -> None:
-        self._f.close()
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    p = Path(path)
-    tmp = p.with_suffix(p.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({k: _clean(v) for k, v in obj.items()}, indent=2, sort_keys=True) + "\n")
-    tmp.replace(p)
+        self._out.close()
 
 
 class WandbMirror:

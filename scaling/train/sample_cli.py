@@ -33,7 +33,7 @@ def load_model(run_dir: str | Path):
     import jax
     from flax import nnx
 
-    from scaling.cli import UsageError
+    from scaling.errors import UsageError
     from scaling.config import TrainConfig
     from scaling.models.transformer import Transformer
     from scaling.train import optim, step as step_lib
@@ -44,8 +44,9 @@ def load_model(run_dir: str | Path):
         d = json.loads((run / "config.json").read_text())
     except OSError:
         raise UsageError(f"RUN_DIR: no config.json in {run} (is it a run directory from scaling train?)") from None
-    d.pop("resolved", None)
-    cfg = TrainConfig.from_dict(d)
+    from scaling.schema import config_fields
+
+    cfg = TrainConfig.from_dict(config_fields(d))
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns that read-only managers do not save
     ckpt = Checkpointer(run / "ckpt", read_only=True)
     if ckpt.latest_step() is None:
@@ -63,7 +64,7 @@ def main(args) -> int:
     import jax
     import numpy as np
 
-    from scaling.cli import UsageError
+    from scaling.errors import UsageError
     from scaling.data.tokenize import get_tokenizer
     from scaling.models.sample import generate
 

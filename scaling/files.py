@@ -1,0 +1,208 @@
+"""The two on-disk formats of every run and sweep directory, with one owner each.
+
+- **JSON files** (``config.json``, ``summary.json``, ``manifest.json``, ``trial.json``,
+  ``status.json``) are written atomically by ``write_json_atomic``: a temp file in the same
+  directory, written, fsynced, then renamed over the target. A reader sees the old file or the
+  new one, never half of one; a kill leaves at most a ``.*.tmp`` file beside it. Files get the
+  process umask's permissions (0644 under the usual 022), so teammates on a shared disk can read.
+- **JSON lines** (``metrics.jsonl``, ``events.jsonl``): one object per line, appended with one
+  ``write`` per line. ``read_jsonl`` skips and counts lines that are not a JSON object (a torn
+  last line from a kill, garbage from a bad disk or a hand edit) and never stops early, so a
+  bad line never hides the valid rows after it.
+
+Non-finite floats are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` so every file stays
+strict JSON; readers (``scaling.runs``) turn them back into floats.
+
+Standard library only: the numpy-only fitter reads through this module too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy scalars as Python numbers, tuples/sets as lists and non-finite floats
+    as strings (recursively), so ``json.dumps`` writes strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        try:
+            x = x.item()
+        except (TypeError, ValueError):
+            return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def dumps_line(row: dict) -> str:
+    """One JSONL line (with its newline) for ``row``."""
+    return json.dumps(jsonable(row), allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic whole-file writes
+# --------------------------------------------------------------------------------------------
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (temp file + fsync + rename); the temp file is
+    removed on any failure. Permissions follow the umask, like any file ``open`` creates."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make the rename durable (best effort: not every filesystem lets a directory be fsynced)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON (sorted keys, non-finite floats as strings) atomically."""
+    text = json.dumps(jsonable(obj), indent=indent, sort_keys=True, allow_nan=False) + "\n"
+    write_bytes_atomic(path, text.encode())
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The parsed JSON file, or ``None`` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# JSON lines
+# --------------------------------------------------------------------------------------------
+
+
+class Rows(list):
+    """The valid rows of a JSONL file (a plain ``list`` of dicts) plus ``bad``: the 1-based
+    line numbers that were skipped, and ``bad_lines``: their text."""
+
+    def __init__(self, rows: Iterable[dict] = (), bad: list[int] | None = None, bad_lines: list[str] | None = None):
+        super().__init__(rows)
+        self.bad = list(bad or [])
+        self.bad_lines = list(bad_lines or [])
+
+
+def read_jsonl(path: str | Path) -> Rows:
+    """Every line of ``path`` that is a JSON object, in file order; other non-blank lines are
+    skipped and counted in ``.bad``. A missing file is empty."""
+    rows, bad, bad_lines = [], [], []
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return Rows()
+    for i, raw in enumerate(data.split(b"\n"), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:  # includes UnicodeDecodeError
+            obj = None
+        if isinstance(obj, dict):
+            rows.append(obj)
+        else:
+            bad.append(i)
+            bad_lines.append(raw.decode("utf-8", "replace"))
+    return Rows(rows, bad, bad_lines)
+
+
+def _ends_without_newline(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one row with a single ``O_APPEND`` write. A torn last line left by a killed writer
+    is first closed with a newline, so it can never swallow this row."""
+    line = dumps_line(row).encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        if _ends_without_newline(fd):
+            line = b"\n" + line
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
+    """Replace ``path`` by ``rows`` (one per line) atomically."""
+    write_bytes_atomic(path, "".join(dumps_line(r) for r in rows).encode())
+
+
+class JsonlAppender:
+    """An open JSONL file for one writer that appends many rows (the trainer's metrics).
+
+    ``JsonlAppender.resume(path, keep=pred)`` first rewrites the file atomically with the valid
+    rows for which ``keep(row)`` is true (a resumed run drops the rows it will log again) and
+    moves unreadable lines to ``<path>.bad`` (appended, never lost), with a one-line notice.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = open(self.path, "a+")
+        if self._f.tell() and _ends_without_newline(self._f.fileno()):
+            self._f.write("\n")
+
+    @classmethod
+    def resume(cls, path: str | Path, keep) -> tuple["JsonlAppender", Rows]:
+        path = Path(path)
+        rows = read_jsonl(path)
+        kept = Rows([r for r in rows if keep(r)], rows.bad, rows.bad_lines)
+        if rows.bad:
+            with open(path.with_name(path.name + ".bad"), "a") as f:
+                f.write("".join(line + "\n" for line in rows.bad_lines))
+            where = ", ".join(map(str, rows.bad[:5])) + (" ..." if len(rows.bad) > 5 else "")
+            print(f"{path}: skipped {len(rows.bad)} unreadable line(s) (line {where}); kept every valid row, "
+                  f"the bad lines are in {path.name}.bad", file=sys.stderr)
+        if path.exists() or kept:
+            write_jsonl_atomic(path, kept)
+        return cls(path), kept
+
+    def write(self, row: dict) -> None:
+        self._f.write(dumps_line(row))
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

@@ -1,0 +1,267 @@
+"""The one run-directory lock: a lease file that says who trains a directory, and until when.
+
+``<run dir>/lock`` holds JSON ``{host, pid, pid_start, token, acquired, heartbeat,
+stale_after_s}``. The holder rewrites ``heartbeat`` every ``stale_after_s / 4`` seconds from a
+background thread. A lease is **live** while its heartbeat is younger than ``stale_after_s``
+and, when it was written on this host, its process still exists (same PID and start time, so a
+reused PID does not count). A lease that is not live is **stale** and the next process to ask
+takes it over with a one-line notice. This works on a local disk and on NFS, where a kernel
+``flock`` alone is not enough: a lock held by a process on another host, or a dead host, is
+judged by its heartbeat.
+
+Who uses it: ``scaling train`` (``scaling.train.loop.run``) on its ``--out`` and the sweep
+workers on each trial directory (the same process may take the same directory again: leases
+are re-entrant within a process). Readers (``scaling.runs.load``, ``scaling status``) call
+``holder``/``is_live`` and never take the lease.
+
+Races: creating the lease uses ``O_CREAT | O_EXCL``, so of two processes one wins. Taking over
+a stale lease and the holder's heartbeat rewrites happen under an ``flock`` on ``lock.guard``,
+and each re-reads the lease first, so a heartbeat never overwrites a lease that another
+process took over (the old holder then learns it ``lost`` the lease and stops writing).
+
+``SCALING_LEASE_STALE_S`` sets the staleness timeout (seconds, default 120).
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from scaling.errors import LeaseLost, RunDirBusy
+from scaling.files import write_json_atomic
+
+LEASE = "lock"
+GUARD = "lock.guard"
+DEFAULT_STALE_S = 120.0
+
+
+def stale_after_s() -> float:
+    """Seconds after its last heartbeat that a lease counts as stale (``SCALING_LEASE_STALE_S``)."""
+    try:
+        return max(1e-3, float(os.environ.get("SCALING_LEASE_STALE_S", DEFAULT_STALE_S)))
+    except ValueError:
+        return DEFAULT_STALE_S
+
+
+def _pid_start(pid: int) -> str | None:
+    """The process start time in clock ticks since boot (Linux ``/proc``), to tell a reused PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the name in (...) may hold spaces
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    except OSError:
+        return False
+    now = _pid_start(pid)
+    return start is None or now is None or now == start
+
+
+def holder(run_dir: str | Path) -> dict | None:
+    """The lease in ``run_dir`` as written (or ``None``: no lease, or an unreadable one such as
+    the empty ``lock`` file of an older version). Reads only."""
+    try:
+        d = json.loads((Path(run_dir) / LEASE).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and "pid" in d else None
+
+
+def why_stale(lease: dict | None, *, now: float | None = None) -> str | None:
+    """``None`` when ``lease`` is live, else why it is not (for the take-over notice)."""
+    if lease is None:
+        return "no readable lease"
+    now = time.time() if now is None else now
+    age = now - float(lease.get("heartbeat", 0))
+    limit = float(lease.get("stale_after_s") or stale_after_s())
+    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease["pid"]), lease.get("pid_start")):
+        return "its process is gone"
+    if age > limit:
+        return f"last heartbeat {age:.0f} s ago (stale after {limit:g} s)"
+    return None
+
+
+def is_live(lease: dict | None) -> bool:
+    return why_stale(lease) is None
+
+
+def is_running(run_dir: str | Path) -> bool:
+    """Whether a live process holds ``run_dir``'s lease (reads the lease file only)."""
+    return is_live(holder(run_dir))
+
+
+def _younger_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
+
+
+# leases held by this process: resolved dir -> RunLease (re-entrant)
+_HELD: dict[str, "RunLease"] = {}
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _guard(run_dir: Path):
+    fd = os.open(run_dir / GUARD, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class RunLease:
+    """``with RunLease(run_dir):`` hold ``run_dir``'s lease; raises ``RunDirBusy`` (exit 2 from
+    the CLI: "run directory is in use by PID n on HOST") when a live process holds it, this one
+    included. With ``join=True`` a lease this process already holds is joined instead (the
+    trainer inside a sweep worker that leased the trial); it is released with the outermost.
+
+    ``lost`` becomes true if another process took the lease over (this one was judged stale,
+    e.g. it was stopped for longer than the timeout); ``check()`` raises ``LeaseLost`` then, and
+    writers call it before they write.
+    """
+
+    def __init__(self, run_dir: str | Path, *, join: bool = False, quiet: bool = False):
+        self.dir = Path(run_dir)
+        self.join = join
+        self.quiet = quiet
+        self._key = str(self.dir.absolute().resolve())
+        self._depth = 0
+        self._token: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    # ---- acquire / release -------------------------------------------------------------
+    def __enter__(self) -> "RunLease":
+        with _HELD_LOCK:
+            held = _HELD.get(self._key)
+            if held is not None:
+                if not self.join:
+                    raise RunDirBusy(self.dir, holder(self.dir) or {"pid": os.getpid(), "host": socket.gethostname()})
+                held._depth += 1
+                self._outer = held
+                return held
+            self._outer = None
+        self._acquire()
+        with _HELD_LOCK:
+            _HELD[self._key] = self
+        self._depth = 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        target = self._outer or self
+        target._depth -= 1
+        if target._depth == 0:
+            with _HELD_LOCK:
+                _HELD.pop(target._key, None)
+            target._release()
+
+    def _lease(self, heartbeat: float) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+                "token": self._token, "acquired": self._acquired, "heartbeat": heartbeat,
+                "stale_after_s": stale_after_s(), "argv": " ".join(sys.argv)[:300]}
+
+    def _acquire(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / LEASE
+        self._token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
+        self._acquired = time.time()
+        for _ in range(100):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                seen = holder(self.dir)
+                if seen is not None and is_live(seen):
+                    raise RunDirBusy(self.dir, seen) from None
+                if seen is None and _younger_than(path, 2.0):  # another process is writing it now
+                    time.sleep(0.05)
+                    continue
+                self._take_over(seen)
+                continue
+            try:
+                os.write(fd, json.dumps(self._lease(time.time())).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._thread = threading.Thread(target=self._beat, name=f"lease:{self.dir.name}", daemon=True)
+            self._thread.start()
+            return
+        raise RunDirBusy(self.dir, holder(self.dir))  # the lease kept changing hands
+
+    def _take_over(self, seen: dict | None) -> None:
+        """Remove the stale lease ``seen`` unless it changed meanwhile (then the caller looks again)."""
+        raw = self.dir / LEASE
+        with _guard(self.dir):
+            now = holder(self.dir)
+            if now != seen:
+                return
+            if seen is None:
+                try:  # an unreadable lease (older empty flock file or a torn write): only if still so
+                    if raw.exists() and holder(self.dir) is None:
+                        raw.unlink()
+                except FileNotFoundError:
+                    pass
+                return
+            try:
+                raw.unlink()
+            except FileNotFoundError:
+                return
+        if not self.quiet:
+            print(f"{self.dir}: took over a stale lease of PID {seen.get('pid')} on {seen.get('host')} "
+                  f"({why_stale(seen)})", file=sys.stderr)
+
+    def _beat(self) -> None:
+        interval = stale_after_s() / 4
+        while not self._stop.wait(interval):
+            if not self.heartbeat():
+                return
+
+    def heartbeat(self) -> bool:
+        """Refresh the lease's heartbeat; False (and ``lost``) when another process holds it now."""
+        with _guard(self.dir):
+            now = holder(self.dir)
+            if now is None or now.get("token") != self._token:
+                self.lost = True
+                return False
+            write_json_atomic(self.dir / LEASE, self._lease(time.time()), indent=None)
+        return True
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` when this process no longer holds the lease."""
+        target = self._outer or self
+        if target.lost:
+            raise LeaseLost(f"{self.dir}: another process took over this run directory's lease "
+                            f"(this one was judged stale); stopping without writing")
+
+    def _release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            with _guard(self.dir):
+                now = holder(self.dir)
+                if now is not None and now.get("token") == self._token:
+                    (self.dir / LEASE).unlink()
+        except OSError:
+            pass  # the directory went away; nothing to release

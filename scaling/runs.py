@@ -1,0 +1,185 @@
+"""Reading run and sweep directories into tables: the owner of the fitted columns.
+
+This module reads the files the trainer and the sweep store write (``manifest.json``,
+``trial.json``, ``summary.json``, ``metrics.jsonl``, the ``lock`` lease) and never their code,
+so the numpy-only fitter (``scaling.fit``) can read a sweep without importing jax or the sweep
+runner. It never takes a lock: a trial is ``running`` when its lease (``scaling.lease``) is live.
+
+The fitted columns are defined here and nowhere else:
+
+- ``N``: active non-embedding parameters (``summary.json`` ``N``; planned count before it ran),
+- ``D``: training tokens, ``C``: counted training FLOPs (``scaling.flops`` convention),
+- ``loss``: the final mean held-out cross-entropy, nats per token (``summary.json``
+  ``final_eval_loss``),
+- ``schema_version``: the version (``scaling.schema``) the figures were written under.
+
+Layout read (see ``scaling.sweep.store`` for the writer)::
+
+    runs/<sweep>/manifest.json, events.jsonl, <trial-id>/{trial.json, status.json, config.json,
+    metrics.jsonl, summary.json, lock, ckpt/}
+
+A single run directory (``scaling train --out``) reads as a one-row table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from scaling import lease, schema
+from scaling.errors import SchemaError, UsageError
+from scaling.files import read_json, read_jsonl
+
+STATES = ("pending", "running", "done", "diverged", "failed")
+FINAL = ("done", "diverged")
+MANIFEST = "manifest.json"
+
+TRIAL_COLUMNS = ["trial_id", "state", "error", "N", "D", "C", "loss", "N_total", "N_active", "N_embedding", "flops_6n",
+                 "bucket", "bucket_kind", "variant", "experiment", "shape", "d_model", "n_layers", "n_heads", "batch",
+                 "seq_len", "lr", "E", "G", "capacity", "seed", "target_params", "steps", "final_train_loss",
+                 "tokens_per_s", "mfu", "wall_s", "epochs", "role", "main", "branch_step", "name", "schema_version"]
+
+STEP_COLUMNS = ["trial_id", "step", "tokens", "flops", "C", "loss", "eval_loss", "lr", "grad_norm", "gns_b_small",
+                "gns_b_big", "gns_g_small_sq", "gns_g_big_sq", "tokens_per_s", "wall_s"]
+
+
+def trial_state(trial_dir: str | Path) -> tuple[str, str | None]:
+    """``(state, error)`` of a trial or run directory: ``done``/``diverged`` when its
+    ``summary.json`` says so (final), ``running`` while a live process holds its lease,
+    ``failed`` when the last attempt raised (the error is kept), else ``pending`` (never
+    started, or interrupted: its checkpoints resume it). Reads files only."""
+    d = Path(trial_dir)
+    summary = read_json(d / "summary.json") or {}
+    if summary.get("state") in FINAL:
+        return summary["state"], summary.get("error")
+    if lease.is_running(d):
+        return "running", None
+    status = read_json(d / "status.json") or {}
+    if status.get("state") == "failed" or summary.get("state") == "failed":
+        return "failed", status.get("error") or summary.get("error")
+    return "pending", None
+
+
+def _trial_dirs(path: Path) -> Iterator[tuple[Path, dict]]:
+    """(trial_dir, description) for a sweep dir (via its manifest) or a single run dir."""
+    m = read_json(path / MANIFEST)
+    if m is not None:
+        for row in m["trials"]:
+            yield path / row["trial_id"], row
+    elif (path / "summary.json").exists() or (path / "config.json").exists():
+        yield path, read_json(path / "trial.json") or {"trial_id": path.name}
+    else:
+        for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+            if (sub / "trial.json").exists() or (sub / "summary.json").exists():
+                yield sub, read_json(sub / "trial.json") or {"trial_id": sub.name}
+
+
+def _nan(x):
+    return math.nan if x is None else x
+
+
+def _measured_version(d: Path, summary: dict) -> float:
+    """Schema version of a trial that has written figures (NaN for one that has not)."""
+    if summary:
+        return float(schema.version_of(summary))
+    cfg = read_json(d / "config.json")
+    return float(schema.version_of(cfg)) if cfg else math.nan
+
+
+def check_schema(df: pd.DataFrame, *, allow_mixed: bool = False, where: str = "table") -> None:
+    """Raise ``SchemaError`` when ``df``'s measured rows come from more than one schema version."""
+    if allow_mixed or "schema_version" not in df or df.empty:
+        return
+    runs = df.drop_duplicates("trial_id") if "trial_id" in df else df
+    counts = pd.to_numeric(runs["schema_version"], errors="coerce").dropna().astype(int).value_counts().sort_index()
+    if len(counts) > 1:
+        parts = " and ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in counts.items())
+        raise SchemaError(f"schema_version: {where} mixes runs written under schema versions {parts}, whose "
+                          f"figures may be defined differently; rerun the old runs, or load them together with "
+                          f"allow_mixed=True (scaling fit/plot --allow-mixed-schema)")
+
+
+def load(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
+    """One row per trial: ``N`` (active non-embedding params), ``D`` (training tokens), ``C``
+    (counted training FLOPs), ``loss`` (final eval loss, nats), ``state``, ``schema_version``
+    and the trial's settings (bucket FLOPs, shape, batch, lr, E, G, capacity, seed, ...). Trials
+    that are not done carry their planned N and NaN for D, C and loss; fitters keep
+    ``state == "done"``. Raises ``SchemaError`` when trials of different schema versions meet,
+    unless ``allow_mixed``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such sweep directory")
+    rows = []
+    for d, desc in _trial_dirs(path):
+        s = read_json(d / "summary.json") or {}
+        state, error = trial_state(d)
+        row = {k: desc.get(k) for k in TRIAL_COLUMNS if k in desc}
+        row.update(trial_id=desc.get("trial_id", d.name), state=state, error=error,
+                   N=s.get("N", desc.get("N_planned")), N_total=s.get("N_total", desc.get("N_total")),
+                   N_active=s.get("N_active"), N_embedding=s.get("N_embedding"),
+                   D=_nan(s.get("D", s.get("tokens"))), C=_nan(s.get("C", s.get("flops"))),
+                   loss=_nan(s.get("final_eval_loss")), flops_6n=_nan(s.get("flops_6n")),
+                   final_train_loss=_nan(s.get("final_train_loss")), tokens_per_s=_nan(s.get("tokens_per_s")),
+                   mfu=_nan(s.get("mfu")), wall_s=_nan(s.get("wall_s")), epochs=_nan(s.get("epochs")),
+                   steps=s.get("steps", desc.get("steps")), schema_version=_measured_version(d, s))
+        if "d_model" in desc:
+            row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
+        for k, v in desc.items():  # grid tags beyond the standard columns (e.g. a dotted key)
+            if k not in row and k not in ("config", "resources", "group", "planned_flops"):
+                row[k] = v
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=TRIAL_COLUMNS)
+    for c in ("N", "D", "C", "loss", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
+              "tokens_per_s", "mfu", "wall_s", "epochs", "schema_version"):
+        if c in df:  # summaries write non-finite floats as strings ("nan")
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    check_schema(df, allow_mixed=allow_mixed, where=str(path))
+    cols = [c for c in TRIAL_COLUMNS if c in df.columns] + [c for c in df.columns if c not in TRIAL_COLUMNS]
+    return df[cols].reset_index(drop=True)
+
+
+def load_steps(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
+    """One row per logged step of every trial: ``trial_id, step, tokens, flops`` (= ``C``,
+    cumulative training FLOPs), ``loss``, ``eval_loss`` (NaN off eval steps), ``lr``, the
+    gradient-noise-scale statistics, plus the trial's ``N, batch, bucket, peak_lr, seed, shape,
+    schema_version``. A step logged twice (a resumed run repeating steps after its last
+    checkpoint) appears once: the last write wins. Unreadable lines are skipped
+    (``scaling.files.read_jsonl``)."""
+    path = Path(path)
+    frames = []
+    for d, desc in _trial_dirs(path):
+        rows = read_jsonl(d / "metrics.jsonl")
+        if not rows:
+            continue
+        # the trainer writes non-finite floats as strings ("nan", "inf"): make them numbers again
+        f = pd.DataFrame(rows).replace({"nan": math.nan, "inf": math.inf, "-inf": -math.inf})
+        for c in f.columns[f.dtypes == object]:
+            try:
+                f[c] = pd.to_numeric(f[c])
+            except (TypeError, ValueError):
+                pass  # a genuinely non-numeric column
+        f = f.drop_duplicates(subset="step", keep="last").sort_values("step")
+        f.insert(0, "trial_id", desc.get("trial_id", d.name))
+        if "flops" in f:
+            f["C"] = f["flops"]
+        s = read_json(d / "summary.json") or {}
+        for k, v in (("N", s.get("N", desc.get("N_planned"))), ("batch", desc.get("batch")), ("bucket", desc.get("bucket")),
+                     ("peak_lr", desc.get("lr")), ("seed", desc.get("seed")), ("variant", desc.get("variant")),
+                     ("shape", f"d{desc['d_model']}L{desc['n_layers']}" if "d_model" in desc else None),
+                     ("schema_version", _measured_version(d, s))):
+            f[k] = v
+        frames.append(f)
+    if not frames:
+        return pd.DataFrame(columns=STEP_COLUMNS)
+    df = pd.concat(frames, ignore_index=True)
+    for c in STEP_COLUMNS:
+        if c not in df:
+            df[c] = math.nan
+    check_schema(df, allow_mixed=allow_mixed, where=str(path))
+    cols = STEP_COLUMNS + [c for c in df.columns if c not in STEP_COLUMNS]
+    return df[cols].reset_index(drop=True)

@@ -1,0 +1,92 @@
+"""What a run directory's numbers mean: the schema version, and where a run came from.
+
+``SCHEMA_VERSION`` changes whenever the meaning of a recorded figure changes (e.g. how the
+fitted ``loss`` column is defined for sparse models, or a new unit), so runs measured before and
+after cannot be fitted together by accident: ``scaling.runs.load`` refuses a table that mixes
+versions unless asked (``allow_mixed=True``).
+
+History (bump the number and add a line; never reuse one):
+
+1. first wave: ``config.json`` without ``schema_version`` or ``provenance`` (read as 1).
+2. ``config.json`` and ``summary.json`` carry ``schema_version``; ``config.json`` carries
+   ``provenance``. Figures are defined as in version 1.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import subprocess
+from pathlib import Path
+
+SCHEMA_VERSION = 2
+UNVERSIONED = 1  # what a run directory without a schema_version field was written under
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def source_revision() -> dict:
+    """``{"git_commit", "git_dirty"}`` of the checkout this package runs from, when it runs
+    from a git checkout (an editable install), else Nones. Two seconds at most."""
+    root = Path(__file__).resolve().parents[1]
+    out = {"git_commit": None, "git_dirty": None}
+    if not (root / ".git").exists():
+        return out
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=2)
+        if rev.returncode == 0:
+            out["git_commit"] = rev.stdout.strip()
+            st = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "scaling"],
+                                capture_output=True, text=True, timeout=2)
+            out["git_dirty"] = bool(st.stdout.strip()) if st.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _software() -> dict:
+    return {"scaling": _version("scaling"), **{p: _version(p) for p in PACKAGES}}
+
+
+def provenance(corpus: dict | None = None) -> dict:
+    """Where a run came from: package versions (``scaling`` and the JAX stack), the git commit
+    of the source when it is a checkout, and the corpus and tokenizer hashes (sha256 hex) from
+    ``scaling.data.corpus.corpus_info``."""
+    corpus = corpus or {}
+    return {
+        "versions": dict(_software()),
+        **source_revision(),
+        "corpus_sha256": corpus.get("sha256"),
+        "tokenizer": corpus.get("tokenizer"),
+        "tokenizer_sha256": corpus.get("tokenizer_sha256"),
+    }
+
+
+# keys of config.json that record facts about a run rather than configure it
+RECORD_KEYS = ("schema_version", "provenance", "resolved")
+
+
+def config_fields(config_json: dict) -> dict:
+    """A run's ``config.json`` without the recorded facts: the ``TrainConfig`` fields only."""
+    return {k: v for k, v in config_json.items() if k not in RECORD_KEYS}
+
+
+def version_of(record: dict | None) -> int:
+    """The schema version a ``config.json`` or ``summary.json`` dict was written under."""
+    if not record:
+        return UNVERSIONED
+    try:
+        return int(record.get("schema_version", UNVERSIONED))
+    except (TypeError, ValueError):
+        return UNVERSIONED

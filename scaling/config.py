@@ -477,24 +477,32 @@ def _build(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _walk(cls, key: str):
+    """Yield ``(path, part, hint, section_class_or_None, is_last)`` along the dotted ``key`` of
+    dataclass ``cls``, raising ConfigError for an unknown field or a value used as a section."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        hints = _hints(cls)
+        if part not in hints:
+            known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+            raise ConfigError(f"{path}: unknown field; known fields: {known}")
+        last = i == len(parts) - 1
+        tp, _ = _strip_optional(hints[part])
+        if not last and not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{path}: is a value, not a section; use {path}=VALUE")
+        yield path, part, hints[part], cls, (None if last else tp)
+        if not last:
+            cls = tp
+
+
 def coerce_field(path: str, value: Any, cls=None) -> Any:
     """``value`` converted to the type of the dotted field ``path`` of ``cls`` (TrainConfig by
     default), as ``--set`` would: ``"1e-3"`` -> ``0.001`` for ``optim.lr``. ConfigError naming
     the field for an unknown path or a value of the wrong type."""
-    cls = cls or TrainConfig
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        here = ".".join(parts[: i + 1])
-        hints = _hints(cls)
-        if part not in hints:
-            known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
-            raise ConfigError(f"{here}: unknown field; known fields: {known}")
-        if i == len(parts) - 1:
-            return _coerce(here, hints[part], value)
-        tp, _ = _strip_optional(hints[part])
-        if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"{here}: is a value, not a section; use {here}=VALUE")
-        cls = tp
+    for here, _, hint, _, section in _walk(cls or TrainConfig, path):
+        if section is None:
+            return _coerce(here, hint, value)
     raise ConfigError(f"{path}: empty field name")
 
 
@@ -518,19 +526,10 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
     items = list(overrides.items()) if isinstance(overrides, dict) else [_parse_override(s) for s in overrides]
     d = dataclasses.asdict(cfg)
     for key, value in items:
-        parts = key.split(".")
-        cls = type(cfg)
         node = d
-        for i, part in enumerate(parts):
-            path = ".".join(parts[: i + 1])
-            hints = _hints(cls)
-            if part not in hints:
-                known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
-                raise ConfigError(f"{path}: unknown field; known fields: {known}")
-            tp, _ = _strip_optional(hints[part])
-            last = i == len(parts) - 1
-            if last:
-                coerced = _coerce(path, hints[part], value)
+        for path, part, hint, cls, section in _walk(type(cfg), key):
+            if section is None:
+                coerced = _coerce(path, hint, value)
                 if dataclasses.is_dataclass(coerced):
                     coerced = dataclasses.asdict(coerced)
                 if cls is BudgetConfig and coerced is not None:
@@ -538,12 +537,9 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
                         node[f.name] = None
                 node[part] = coerced
             else:
-                if not dataclasses.is_dataclass(tp):
-                    raise ConfigError(f"{path}: is a value, not a section; use {path}=VALUE")
                 if node.get(part) is None:
-                    node[part] = dataclasses.asdict(tp())
+                    node[part] = dataclasses.asdict(section())
                 node = node[part]
-                cls = tp
     return _build(type(cfg), d, "")
 
 

@@ -11,8 +11,9 @@ import argparse
 import errno
 import importlib
 import sys
+import warnings
 
-from scaling.errors import EXIT_USAGE, ConfigError, ScalingError, UsageError  # noqa: F401  (re-exported)
+from scaling.errors import EXIT_USAGE, CheckpointWarning, ConfigError, ScalingError, UsageError  # noqa: F401  (re-exported)
 
 
 # subcommand -> module that defines register(subparsers)
@@ -48,8 +49,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the console as one line; those the code already printed, not again."""
+    if issubclass(category, CheckpointWarning):
+        return ""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning
     first = next((a for a in argv if not a.startswith("-")), None)
     only = first if first in COMMANDS else None
     parser = build_parser(only)

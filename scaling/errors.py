@@ -47,5 +47,9 @@ class CheckpointCorrupt(RuntimeError):
     trainer catches it, quarantines the step and falls back to an older one."""
 
 
+class CheckpointWarning(RuntimeWarning):
+    """A checkpoint step was unusable and set aside; the trainer also prints it as one line."""
+
+
 # The exit status the CLI gives every ScalingError.
 EXIT_USAGE = 2

@@ -1,11 +1,12 @@
 """Fitting scaling laws: from logged runs to laws with intervals, frontiers and backtests.
 
 Depends only on numpy, scipy, pandas and matplotlib (plots, imported on use). Inputs are a
-pandas DataFrame, a CSV/JSONL path, or a sweep directory (read with ``scaling.sweep.store``),
+pandas DataFrame, a CSV/JSONL path, or a sweep directory (read with ``scaling.runs``),
 with canonical columns ``N`` (parameters), ``D`` (tokens), ``C`` (FLOPs), ``loss`` (nats) and,
 where relevant, ``B`` (batch size), ``S`` (steps), ``E`` (experts), ``G`` (granularity).
-Every fitter takes ``columns="N=N_params,D=D_tokens"`` (renames) and ``where="..."`` (pandas
-query). Rows whose ``state`` is not ``done`` are dropped with a note. Bad input raises
+Every fitter takes ``columns="N=N_params,D=D_tokens"`` (renames) and ``where="..."`` (a row
+filter of comparisons and and/or/not, ``scaling.fit.where``; never evaluated as Python). Rows
+whose ``state`` is not ``done`` are dropped with a note. Bad input raises
 ``scaling.errors.UsageError`` (a ``ValueError``) naming the problem.
 
 Parametric laws (Huber delta 1e-3 on log residuals, summed; batched multi-start L-BFGS with

@@ -25,7 +25,7 @@ FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe")
 def _common(p) -> None:
     p.add_argument("input", help="CSV/JSONL table or sweep directory")
     p.add_argument("--columns", help="renames CANONICAL=SOURCE, e.g. N=N_params,D=D_tokens,C=C_flop")
-    p.add_argument("--where", help='pandas query to keep rows, e.g. "epoch_outlier_excluded == 0"')
+    p.add_argument("--where", help='rows to keep: column comparisons joined by and/or/not, e.g. "epoch_outlier_excluded == 0 and N > 1e8"')
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", choices=("parabola", "akima", "envelope"), default="parabola",

@@ -30,7 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from scaling import faults
-from scaling.errors import CheckpointCorrupt
+from scaling.errors import CheckpointCorrupt, CheckpointWarning
 from scaling.files import read_json, write_json_atomic
 
 ITEMS = ("state", "data", "meta")
@@ -178,7 +178,7 @@ class Checkpointer:
         msg = (f"checkpoint step {step} in {self.directory} is unreadable "
                f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
                f"moved to {dest} and falling back to the previous checkpoint")
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, CheckpointWarning, stacklevel=3)
         print(f"warning: {msg}", file=sys.stderr)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():

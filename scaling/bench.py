@@ -21,6 +21,7 @@ def _run(mod, args) -> int:
 
 KINDS = {
     "train": "scaling.train.bench",
+    "hparams": "scaling.train.bench_hparams",
     "moe": "scaling.models.bench",
     "mod": "scaling.models.bench",
     "fit": "scaling.fit.bench",

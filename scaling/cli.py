@@ -25,6 +25,7 @@ COMMANDS = {
     "fit": "scaling.fit.cli",
     "plot": "scaling.fit.cli",
     "sample": "scaling.train.sample_cli",
+    "eval": "scaling.train.eval_cli",
     "bench": "scaling.bench",
 }
 
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `scaling sweep --plan | head`: the reader left; not an error
-        _silence_stdout()
+    except BrokenPipeError:
+        if not _stdout_is_broken():
+            raise  # some other pipe (a worker's): a real failure
+        _silence_stdout()  # `scaling sweep --plan | head`: the reader left; not an error
         return 0
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -89,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
     return int(rc or 0)
+
+
+def _stdout_is_broken() -> bool:
+    """Whether stdout is a pipe whose reader has gone."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _silence_stdout() -> None:

@@ -185,6 +185,12 @@ class ModelConfig:
         assert self.moe is not None
         return int(self.resolved_d_ff * self.moe.expert_size) // self.moe.granularity
 
+    @property
+    def causal_eval(self) -> bool:
+        """Whether the model's evaluation (``train=False``, causal MoD routing) lets no token
+        see later ones: false only for expert-choice MoE, whose experts pick among all tokens."""
+        return self.moe is None or self.moe.router != "expert_choice"
+
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and (i + 1) % self.moe.every == 0
 
@@ -210,7 +216,10 @@ class DataConfig:
     text_feature: str = "text"
     seq_len: int = 128
     batch_size: int = 32
-    eval_batches: int = 8  # fixed held-out batches evaluated at each eval
+    # the held-out set: this many tokens (rounded down to whole sequences), the same for every
+    # batch size, mesh and host count; None = min(2^18, the whole held-out split)
+    eval_tokens: Optional[int] = None
+    eval_batches: Optional[int] = None  # replaced by eval_tokens; must be left unset (older configs: ignored)
     shuffle_seed: int = 0
     # synthetic source: a seeded Markov chain over `synthetic_vocab` symbols whose transition
     # rows are Zipf(`synthetic_zipf`) over a random permutation; its entropy rate is exact.
@@ -220,10 +229,13 @@ class DataConfig:
 
     def __post_init__(self):
         _one_of("data.source", self.source, ("stdlib", "local_text", "tfds", "synthetic"))
-        for name in ("seq_len", "batch_size", "eval_batches", "synthetic_vocab", "synthetic_tokens"):
+        for name in ("seq_len", "batch_size", "synthetic_vocab", "synthetic_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 _fail(f"data.{name}", f"must be a positive integer, got {v!r}")
+        if self.eval_tokens is not None and (not isinstance(self.eval_tokens, int) or self.eval_tokens < self.seq_len):
+            _fail("data.eval_tokens", f"must be a whole number of at least one sequence ({self.seq_len} tokens), "
+                                      f"got {self.eval_tokens!r}")
         if self.source == "local_text" and not self.path:
             _fail("data.path", "data.source=local_text needs data.path=<directory of text files>")
         if self.source == "tfds" and not self.tfds_name:
@@ -526,6 +538,9 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
     items = list(overrides.items()) if isinstance(overrides, dict) else [_parse_override(s) for s in overrides]
     d = dataclasses.asdict(cfg)
     for key, value in items:
+        if key.endswith("data.eval_batches") and value not in (None, "none", "null"):
+            raise ConfigError("data.eval_batches: replaced by data.eval_tokens, one held-out set for every batch size "
+                              "(e.g. data.eval_tokens=65536)")
         node = d
         for path, part, hint, cls, section in _walk(type(cfg), key):
             if section is None:

@@ -175,8 +175,9 @@ class JsonlAppender:
     """An open JSONL file for one writer that appends many rows (the trainer's metrics).
 
     ``JsonlAppender.resume(path, keep=pred)`` first rewrites the file atomically with the valid
-    rows for which ``keep(row)`` is true (a resumed run drops the rows it will log again) and
-    moves unreadable lines to ``<path>.bad`` (appended, never lost), with a one-line notice.
+    rows for which ``keep(row)`` is true (a resumed run drops the rows it will log again; they
+    are appended to ``<path>.rolled_back``) and moves unreadable lines to ``<path>.bad``
+    (appended, never lost), with a one-line notice.
     """
 
     def __init__(self, path: str | Path):
@@ -190,6 +191,10 @@ class JsonlAppender:
         path = Path(path)
         rows = read_jsonl(path)
         kept = Rows([r for r in rows if keep(r)], rows.bad, rows.bad_lines)
+        rolled_back = [r for r in rows if not keep(r)]
+        if rolled_back:  # logged after the checkpoint the run resumes from: kept aside, not lost
+            with open(path.with_name(path.name + ".rolled_back"), "a") as f:
+                f.write("".join(dumps_line(r) for r in rolled_back))
         if rows.bad:
             with open(path.with_name(path.name + ".bad"), "a") as f:
                 f.write("".join(line + "\n" for line in rows.bad_lines))

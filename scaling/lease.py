@@ -14,10 +14,14 @@ workers on each trial directory (the same process may take the same directory ag
 are re-entrant within a process). Readers (``scaling.runs.load``, ``scaling status``) call
 ``holder``/``is_live`` and never take the lease.
 
-Races: creating the lease uses ``O_CREAT | O_EXCL``, so of two processes one wins. Taking over
-a stale lease and the holder's heartbeat rewrites happen under an ``flock`` on ``lock.guard``,
-and each re-reads the lease first, so a heartbeat never overwrites a lease that another
-process took over (the old holder then learns it ``lost`` the lease and stops writing).
+Races: a lease is written to a temp file and hard-linked into place, so it appears whole and
+of two processes one wins. Taking over a stale lease and the holder's heartbeat rewrites happen
+under an ``flock`` on ``lock.guard``, and each re-reads the lease (and its inode and mtime)
+first, so a heartbeat never overwrites a lease that another process took over, and a take-over
+never removes a lease that changed meanwhile. The old holder learns it ``lost`` the lease (at
+its next heartbeat or ``check()``) and stops writing. "Its process is gone" is judged only
+within one host, boot and PID namespace; otherwise by the heartbeat's age, which assumes the
+hosts' clocks agree to well within the timeout.
 
 ``SCALING_LEASE_STALE_S`` sets the staleness timeout (seconds, default 120).
 
@@ -61,7 +65,34 @@ def _pid_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the name in (...) may hold spaces
 
 
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _same_pid_space(lease: dict) -> bool:
+    """Whether this process can see the lease holder's PID: same host, same boot and same PID
+    namespace (containers that share a hostname have PID namespaces of their own)."""
+    if lease.get("host") != socket.gethostname():
+        return False
+    for key, here in (("boot_id", _read("/proc/sys/kernel/random/boot_id")), ("pid_ns", _pid_namespace())):
+        if lease.get(key) is not None and here is not None and lease[key] != here:
+            return False
+    return True
+
+
 def _pid_alive(pid: int, start: str | None) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -81,7 +112,13 @@ def holder(run_dir: str | Path) -> dict | None:
         d = json.loads((Path(run_dir) / LEASE).read_text())
     except (OSError, ValueError):
         return None
-    return d if isinstance(d, dict) and "pid" in d else None
+    if not isinstance(d, dict):
+        return None
+    try:
+        d["pid"], d["heartbeat"] = int(d["pid"]), float(d.get("heartbeat", 0))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return d
 
 
 def why_stale(lease: dict | None, *, now: float | None = None) -> str | None:
@@ -91,7 +128,7 @@ def why_stale(lease: dict | None, *, now: float | None = None) -> str | None:
     now = time.time() if now is None else now
     age = now - float(lease.get("heartbeat", 0))
     limit = float(lease.get("stale_after_s") or stale_after_s())
-    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease["pid"]), lease.get("pid_start")):
+    if _same_pid_space(lease) and not _pid_alive(lease["pid"], lease.get("pid_start")):
         return "its process is gone"
     if age > limit:
         return f"last heartbeat {age:.0f} s ago (stale after {limit:g} s)"
@@ -105,13 +142,6 @@ def is_live(lease: dict | None) -> bool:
 def is_running(run_dir: str | Path) -> bool:
     """Whether a live process holds ``run_dir``'s lease (reads the lease file only)."""
     return is_live(holder(run_dir))
-
-
-def _younger_than(path: Path, seconds: float) -> bool:
-    try:
-        return time.time() - path.stat().st_mtime < seconds
-    except OSError:
-        return False
 
 
 # leases held by this process: resolved dir -> RunLease (re-entrant)
@@ -137,8 +167,9 @@ class RunLease:
     trainer inside a sweep worker that leased the trial); it is released with the outermost.
 
     ``lost`` becomes true if another process took the lease over (this one was judged stale,
-    e.g. it was stopped for longer than the timeout); ``check()`` raises ``LeaseLost`` then, and
-    writers call it before they write.
+    e.g. it was stopped for longer than the timeout) or if no heartbeat could be written for
+    half the timeout; ``check()`` (which also re-reads the lease file) raises ``LeaseLost``
+    then, and writers call it before they write.
     """
 
     def __init__(self, run_dir: str | Path, *, join: bool = False, quiet: bool = False):
@@ -147,9 +178,11 @@ class RunLease:
         self.quiet = quiet
         self._key = str(self.dir.absolute().resolve())
         self._depth = 0
+        self._outer: RunLease | None = None
         self._token: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_beat = 0.0
         self.lost = False
 
     # ---- acquire / release -------------------------------------------------------------
@@ -162,23 +195,24 @@ class RunLease:
                 held._depth += 1
                 self._outer = held
                 return held
-            self._outer = None
-        self._acquire()
-        with _HELD_LOCK:
+            self._acquire()
             _HELD[self._key] = self
-        self._depth = 1
+            self._depth = 1
         return self
 
     def __exit__(self, *exc) -> None:
         target = self._outer or self
-        target._depth -= 1
-        if target._depth == 0:
-            with _HELD_LOCK:
+        with _HELD_LOCK:
+            target._depth -= 1
+            last = target._depth == 0
+            if last:
                 _HELD.pop(target._key, None)
+        if last:
             target._release()
 
     def _lease(self, heartbeat: float) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+                "boot_id": _read("/proc/sys/kernel/random/boot_id"), "pid_ns": _pid_namespace(),
                 "token": self._token, "acquired": self._acquired, "heartbeat": heartbeat,
                 "stale_after_s": stale_after_s(), "argv": " ".join(sys.argv)[:300]}
 
@@ -188,54 +222,59 @@ class RunLease:
         self._token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
         self._acquired = time.time()
         for _ in range(100):
+            # the lease appears whole or not at all: written to a temp file, then linked into
+            # place (link fails if the name exists, on a local disk and on NFS alike)
+            tmp = self.dir / f".{LEASE}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            tmp.write_text(json.dumps(self._lease(time.time())))
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                os.link(tmp, path)
+                created = True
             except FileExistsError:
-                seen = holder(self.dir)
-                if seen is not None and is_live(seen):
-                    raise RunDirBusy(self.dir, seen) from None
-                if seen is None and _younger_than(path, 2.0):  # another process is writing it now
-                    time.sleep(0.05)
-                    continue
-                self._take_over(seen)
-                continue
-            try:
-                os.write(fd, json.dumps(self._lease(time.time())).encode())
-                os.fsync(fd)
+                created = False
             finally:
-                os.close(fd)
-            self._thread = threading.Thread(target=self._beat, name=f"lease:{self.dir.name}", daemon=True)
-            self._thread.start()
-            return
+                tmp.unlink(missing_ok=True)
+            if created:
+                self._last_beat = time.monotonic()
+                self._thread = threading.Thread(target=self._beat, name=f"lease:{self.dir.name}", daemon=True)
+                self._thread.start()
+                return
+            seen = holder(self.dir)
+            if seen is not None and is_live(seen):
+                raise RunDirBusy(self.dir, seen) from None
+            self._take_over(seen)
         raise RunDirBusy(self.dir, holder(self.dir))  # the lease kept changing hands
 
     def _take_over(self, seen: dict | None) -> None:
         """Remove the stale lease ``seen`` unless it changed meanwhile (then the caller looks again)."""
         raw = self.dir / LEASE
+        try:
+            before = raw.stat()
+        except FileNotFoundError:
+            return
         with _guard(self.dir):
-            now = holder(self.dir)
-            if now != seen:
-                return
-            if seen is None:
-                try:  # an unreadable lease (older empty flock file or a torn write): only if still so
-                    if raw.exists() and holder(self.dir) is None:
-                        raw.unlink()
-                except FileNotFoundError:
-                    pass
-                return
             try:
-                raw.unlink()
+                now_stat = raw.stat()
             except FileNotFoundError:
                 return
-        if not self.quiet:
+            if (now_stat.st_ino, now_stat.st_mtime_ns) != (before.st_ino, before.st_mtime_ns) or holder(self.dir) != seen:
+                return  # someone else took it over, or its holder beat: look again
+            if seen is None and not _flock_free(raw):
+                raise RunDirBusy(self.dir, {"pid": "?", "host": "(an older scaling version holding it)"})
+            raw.unlink()
+        if not self.quiet and seen is not None:
             print(f"{self.dir}: took over a stale lease of PID {seen.get('pid')} on {seen.get('host')} "
                   f"({why_stale(seen)})", file=sys.stderr)
 
     def _beat(self) -> None:
         interval = stale_after_s() / 4
         while not self._stop.wait(interval):
-            if not self.heartbeat():
-                return
+            try:
+                if not self.heartbeat():
+                    return
+            except Exception:  # a full disk, NFS trouble: try again, give up after half the timeout
+                if time.monotonic() - self._last_beat > stale_after_s() / 2:
+                    self.lost = True
+                    return
 
     def heartbeat(self) -> bool:
         """Refresh the lease's heartbeat; False (and ``lost``) when another process holds it now."""
@@ -245,11 +284,15 @@ class RunLease:
                 self.lost = True
                 return False
             write_json_atomic(self.dir / LEASE, self._lease(time.time()), indent=None)
+        self._last_beat = time.monotonic()
         return True
 
     def check(self) -> None:
-        """Raise ``LeaseLost`` when this process no longer holds the lease."""
+        """Raise ``LeaseLost`` when this process no longer holds the lease (reads the lease file)."""
         target = self._outer or self
+        if not target.lost:
+            now = holder(target.dir)
+            target.lost = now is None or now.get("token") != target._token
         if target.lost:
             raise LeaseLost(f"{self.dir}: another process took over this run directory's lease "
                             f"(this one was judged stale); stopping without writing")
@@ -265,3 +308,20 @@ class RunLease:
                     (self.dir / LEASE).unlink()
         except OSError:
             pass  # the directory went away; nothing to release
+
+
+def _flock_free(path: Path) -> bool:
+    """Whether no process of an older version holds its kernel lock on ``path`` (those wrote an
+    empty ``lock`` file and held ``flock`` on it while training)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

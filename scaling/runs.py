@@ -9,9 +9,14 @@ The fitted columns are defined here and nowhere else:
 
 - ``N``: active non-embedding parameters (``summary.json`` ``N``; planned count before it ran),
 - ``D``: training tokens, ``C``: counted training FLOPs (``scaling.flops`` convention),
-- ``loss``: the final mean held-out cross-entropy, nats per token (``summary.json``
-  ``final_eval_loss``),
-- ``schema_version``: the version (``scaling.schema``) the figures were written under.
+- ``loss``: the final mean held-out cross-entropy, nats per token, as a sampler sees the model
+  (``summary.json`` ``final_eval_loss``; causal MoD routing, MoE without dropping),
+  ``loss_se``: its standard error over the held-out chunks, ``causal``: false for
+  expert-choice MoE (the fitter leaves such rows out unless asked),
+- ``schema_version``: the version (``scaling.schema``) the figures were written under,
+- ``n_seeds``, ``loss_seed_std``: how many finished runs share the configuration but the seed,
+  and the standard deviation of their ``loss`` (the training noise; ``loss_se`` is the
+  held-out-set noise of one run).
 
 Layout read (see ``scaling.sweep.store`` for the writer)::
 
@@ -23,6 +28,8 @@ A single run directory (``scaling train --out``) reads as a one-row table.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -40,7 +47,8 @@ MANIFEST = "manifest.json"
 TRIAL_COLUMNS = ["trial_id", "state", "error", "N", "D", "C", "loss", "N_total", "N_active", "N_embedding", "flops_6n",
                  "bucket", "bucket_kind", "variant", "experiment", "shape", "d_model", "n_layers", "n_heads", "batch",
                  "seq_len", "lr", "E", "G", "capacity", "seed", "target_params", "steps", "final_train_loss",
-                 "tokens_per_s", "mfu", "wall_s", "epochs", "role", "main", "branch_step", "name", "schema_version"]
+                 "tokens_per_s", "mfu", "wall_s", "epochs", "role", "main", "branch_step", "name", "schema_version",
+                 "causal", "loss_se"]
 
 STEP_COLUMNS = ["trial_id", "step", "tokens", "flops", "C", "loss", "eval_loss", "lr", "grad_norm", "gns_b_small",
                 "gns_b_big", "gns_g_small_sq", "gns_g_big_sq", "tokens_per_s", "wall_s"]
@@ -66,7 +74,9 @@ def trial_state(trial_dir: str | Path) -> tuple[str, str | None]:
 def _trial_dirs(path: Path) -> Iterator[tuple[Path, dict]]:
     """(trial_dir, description) for a sweep dir (via its manifest) or a single run dir."""
     m = read_json(path / MANIFEST)
-    if m is not None:
+    if isinstance(m, dict):
+        if not isinstance(m.get("trials"), list):
+            raise UsageError(f"{path / MANIFEST}: no 'trials' list; not a manifest written by scaling sweep")
         for row in m["trials"]:
             yield path / row["trial_id"], row
     elif (path / "summary.json").exists() or (path / "config.json").exists():
@@ -75,6 +85,18 @@ def _trial_dirs(path: Path) -> Iterator[tuple[Path, dict]]:
         for sub in sorted(p for p in path.iterdir() if p.is_dir()):
             if (sub / "trial.json").exists() or (sub / "summary.json").exists():
                 yield sub, read_json(sub / "trial.json") or {"trial_id": sub.name}
+
+
+def _with_rescored(d: Path, summary: dict) -> dict:
+    """The summary with ``scaling eval``'s re-scored figures (``rescored.json``) in place of
+    the old ones when those are of the current schema version and the summary's are not."""
+    r = read_json(d / "rescored.json")
+    if not isinstance(r, dict) or summary.get("state") != "done":
+        return summary
+    if schema.version_of(r) != schema.SCHEMA_VERSION or schema.version_of(summary) == schema.SCHEMA_VERSION:
+        return summary
+    keys = ("final_eval_loss", "final_eval_loss_se", "eval_sha256", "eval_tokens", "causal", "schema_version")
+    return {**summary, **{k: r.get(k) for k in keys}, "rescored": True}
 
 
 def _nan(x):
@@ -94,6 +116,8 @@ def check_schema(df: pd.DataFrame, *, allow_mixed: bool = False, where: str = "t
     if allow_mixed or "schema_version" not in df or df.empty:
         return
     runs = df.drop_duplicates("trial_id") if "trial_id" in df else df
+    if "state" in runs:  # only measured runs count: a failed or pending trial is not fitted
+        runs = runs[runs["state"].astype(str).isin(FINAL)]
     counts = pd.to_numeric(runs["schema_version"], errors="coerce").dropna().astype(int).value_counts().sort_index()
     if len(counts) > 1:
         parts = " and ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in counts.items())
@@ -114,19 +138,24 @@ def load(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
         raise UsageError(f"{path}: no such sweep directory")
     rows = []
     for d, desc in _trial_dirs(path):
-        s = read_json(d / "summary.json") or {}
+        s = _with_rescored(d, read_json(d / "summary.json") or {})
         state, error = trial_state(d)
         row = {k: desc.get(k) for k in TRIAL_COLUMNS if k in desc}
         row.update(trial_id=desc.get("trial_id", d.name), state=state, error=error,
                    N=s.get("N", desc.get("N_planned")), N_total=s.get("N_total", desc.get("N_total")),
                    N_active=s.get("N_active"), N_embedding=s.get("N_embedding"),
                    D=_nan(s.get("D", s.get("tokens"))), C=_nan(s.get("C", s.get("flops"))),
-                   loss=_nan(s.get("final_eval_loss")), flops_6n=_nan(s.get("flops_6n")),
+                   loss=_nan(s.get("final_eval_loss")), loss_se=_nan(s.get("final_eval_loss_se")),
+                   flops_6n=_nan(s.get("flops_6n")),
                    final_train_loss=_nan(s.get("final_train_loss")), tokens_per_s=_nan(s.get("tokens_per_s")),
                    mfu=_nan(s.get("mfu")), wall_s=_nan(s.get("wall_s")), epochs=_nan(s.get("epochs")),
-                   steps=s.get("steps", desc.get("steps")), schema_version=_measured_version(d, s))
+                   steps=s.get("steps", desc.get("steps")), schema_version=_measured_version(d, s),
+                   causal=s.get("causal"), rescored=bool(s.get("rescored", False)))
         if "d_model" in desc:
             row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
+        if isinstance(desc.get("config"), dict):  # trials that differ only in their seed share a group
+            rest = {k: v for k, v in desc["config"].items() if k not in ("seed", "name")}
+            row["seed_group"] = hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
         for k, v in desc.items():  # grid tags beyond the standard columns (e.g. a dotted key)
             if k not in row and k not in ("config", "resources", "group", "planned_flops"):
                 row[k] = v
@@ -134,13 +163,27 @@ def load(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=TRIAL_COLUMNS)
-    for c in ("N", "D", "C", "loss", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
+    for c in ("N", "D", "C", "loss", "loss_se", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
               "tokens_per_s", "mfu", "wall_s", "epochs", "schema_version"):
         if c in df:  # summaries write non-finite floats as strings ("nan")
             df[c] = pd.to_numeric(df[c], errors="coerce")
     check_schema(df, allow_mixed=allow_mixed, where=str(path))
+    df = _seed_spread(df)
     cols = [c for c in TRIAL_COLUMNS if c in df.columns] + [c for c in df.columns if c not in TRIAL_COLUMNS]
     return df[cols].reset_index(drop=True)
+
+
+def _seed_spread(df: pd.DataFrame) -> pd.DataFrame:
+    """``n_seeds`` (finished runs of the same configuration but the seed) and ``loss_seed_std``
+    (their sample standard deviation of ``loss``, nats; NaN below two seeds) on every row."""
+    if "seed_group" not in df:
+        df["n_seeds"], df["loss_seed_std"] = 1, math.nan
+        return df
+    done = df["state"].isin(["done"]) & df["loss"].notna()
+    stats = df[done].groupby("seed_group")["loss"].agg(["count", "std"])
+    df["n_seeds"] = df["seed_group"].map(stats["count"]).fillna(0).astype(int)
+    df["loss_seed_std"] = df["seed_group"].map(stats["std"]).astype(float)
+    return df
 
 
 def load_steps(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
@@ -163,6 +206,8 @@ def load_steps(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
                 f[c] = pd.to_numeric(f[c])
             except (TypeError, ValueError):
                 pass  # a genuinely non-numeric column
+        if "step" not in f:
+            continue  # no logged steps (rows of another kind)
         f = f.drop_duplicates(subset="step", keep="last").sort_values("step")
         f.insert(0, "trial_id", desc.get("trial_id", d.name))
         if "flops" in f:

@@ -10,6 +10,14 @@ History (bump the number and add a line; never reuse one):
 1. first wave: ``config.json`` without ``schema_version`` or ``provenance`` (read as 1).
 2. ``config.json`` and ``summary.json`` carry ``schema_version``; ``config.json`` carries
    ``provenance``. Figures are defined as in version 1.
+3. One held-out set (``data.eval_tokens``, default the whole split up to 2^18 tokens, in fixed
+   chunks) for every batch size and mesh, instead of ``eval_batches x batch_size`` sequences:
+   ``loss`` (``final_eval_loss``) is a mean over a different set than in versions 1-2.
+   ``summary.json`` adds ``final_eval_loss_se``, ``eval_sha256`` and ``eval_tokens``.
+   And the fitted loss is causal, as a sampler sees the model: MoD with each token's own
+   routing decision (the top-k number, which looks ahead, is ``final_eval_loss_topk``), MoE
+   token choice evaluated without dropping; ``causal`` is false for expert-choice MoE, whose
+   rows fits leave out unless asked.
 
 Standard library only.
 """
@@ -21,7 +29,7 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UNVERSIONED = 1  # what a run directory without a schema_version field was written under
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")

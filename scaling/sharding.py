@@ -350,6 +350,12 @@ def batch_axes(rules=LOGICAL_RULES) -> tuple[str, ...]:
     return _as_tuple(dict(rules)["batch"])
 
 
+def batch_rows_multiple(mesh: Mesh) -> int:
+    """Rows a batch must be a multiple of to split over ``mesh``: the product of the batch axes."""
+    sizes = dict(mesh.shape)
+    return int(math.prod(sizes.get(a, 1) for a in batch_axes()))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a ``[B, L]`` token batch: rows over ``batch_axes()``, replicated over
     ``tensor``."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from scaling.config import ConfigError, DataConfig
+from scaling.config import ConfigError, DataConfig, TrainConfig
 from scaling.data import builders, corpus, loader
 from scaling.data.synthetic import MarkovZipf
 from scaling.data.tokenize import SEPARATOR
@@ -88,10 +88,25 @@ def test_stdlib_corpus_size_entropy_split_and_concurrent_build(data_dir, tmp_pat
     assert (c.train == SEPARATOR).sum() == len(train_paths)
 
 
-def test_eval_batches_fixed_and_from_held_out_split(data_dir):
-    cfg = DataConfig(seq_len=64, batch_size=8, eval_batches=3)
+def test_one_held_out_set_for_every_batch_size(data_dir):
+    sets = {b: loader.eval_set(DataConfig(seq_len=128, batch_size=b)) for b in (8, 32, 128)}
+    assert len({s.sha256 for s in sets.values()}) == 1  # the same tokens scored at every batch size
+    s = sets[128]
+    n_windows = len(corpus.window_starts(corpus.load(DataConfig()).eval.size, 128, corpus.load(DataConfig()).chain_len))
+    assert s.n_sequences == min(n_windows, loader.DEFAULT_EVAL_TOKENS // 128) and s.n_tokens == 128 * s.n_sequences
+    assert [len(c["inputs"]) for c in s.chunks[:-1]] == [loader.EVAL_CHUNK] * (len(s.chunks) - 1)
+    small = loader.eval_set(DataConfig(seq_len=128, batch_size=8, eval_tokens=128 * 40))
+    assert small.n_sequences == 40 and [len(c["inputs"]) for c in small.chunks] == [32, 8]
+    padded = loader.pad_rows(small.chunks[1], 16)
+    assert padded["inputs"].shape == (16, 128) and padded["weights"].sum() == 8 * 128
+    with pytest.raises(ConfigError, match=r"^data\.eval_tokens: .* more than the held-out split"):
+        loader.eval_set(DataConfig(seq_len=128, eval_tokens=10**9))
+    with pytest.raises(ConfigError, match=r"^data\.eval_batches: replaced by data\.eval_tokens"):
+        TrainConfig().with_overrides(["data.eval_batches=8"])
+
+    cfg = DataConfig(seq_len=64, batch_size=8, eval_tokens=64 * 24)
     a, b = loader.eval_batches(cfg), loader.eval_batches(cfg)
-    assert len(a) == 3 and a[0]["inputs"].shape == (8, 64) and a[0]["inputs"].dtype == np.int32
+    assert len(a) == 1 and a[0]["inputs"].shape == (24, 64) and a[0]["inputs"].dtype == np.int32
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
         np.testing.assert_array_equal(x["inputs"][:, 1:], x["targets"][:, :-1])
@@ -109,7 +124,7 @@ def test_eval_batches_fixed_and_from_held_out_split(data_dir):
 
 def test_exact_resume_across_epochs_and_epoch_coverage(data_dir, tmp_path):
     root = _write_text_dir(tmp_path / "txt", n_files=6, size=2000)
-    cfg = DataConfig(source="local_text", path=str(root), seq_len=32, batch_size=8, eval_batches=1)
+    cfg = DataConfig(source="local_text", path=str(root), seq_len=32, batch_size=8, eval_tokens=256)
     info = corpus.corpus_info(cfg)
     assert info["n_train_tokens"] + info["n_eval_tokens"] == 6 * 2001
     W = info["windows_per_epoch"]
@@ -187,7 +202,7 @@ class TinyTestCorpus(tfds.core.GeneratorBasedBuilder):
 def test_tfds_named_dataset_source(data_dir, tmp_path):
     TinyTestCorpus(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     cfg = DataConfig(source="tfds", tfds_name="tiny_test_corpus", path=str(tmp_path), text_feature="body",
-                     seq_len=16, batch_size=4, eval_batches=2)
+                     seq_len=16, batch_size=4, eval_tokens=16 * 8)
     info = corpus.corpus_info(cfg)
     docs = {i: f"document {i}: " + "lorem ipsum " * (5 + i % 7) for i in range(44)}
     assert info["n_train_tokens"] == sum(len(docs[i]) + 1 for i in range(40))
@@ -198,11 +213,11 @@ def test_tfds_named_dataset_source(data_dir, tmp_path):
     b = next(loader.make_train_iterator(cfg, seed=0))
     assert b["inputs"].shape == (4, 16)
     assert all(r.astype(np.uint8).tobytes() in c.train.tobytes() for r in b["inputs"])
-    assert len(loader.eval_batches(cfg)) == 2
+    assert len(loader.eval_batches(cfg)) == 1 and len(loader.eval_batches(cfg)[0]["inputs"]) == 8
     # On a cluster the trainer has only the prepared files, not the builder's code.
     code = ("from scaling.config import DataConfig; from scaling.data import corpus; "
             f"print(corpus.corpus_info(DataConfig(source='tfds', tfds_name='tiny_test_corpus', path={str(tmp_path)!r}, "
-            "text_feature='body', seq_len=16, batch_size=4, eval_batches=2))['sha256'])")
+            "text_feature='body', seq_len=16, batch_size=4, eval_tokens=128))['sha256'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == info["sha256"]
@@ -228,11 +243,11 @@ def test_bad_inputs_name_the_field(data_dir, tmp_path):
     small = _write_text_dir(tmp_path / "small", n_files=2, size=300)
     assert err(source="local_text", path=str(small), seq_len=4096).startswith("data.seq_len:")
     assert err(source="local_text", path=str(small), seq_len=8, batch_size=512).startswith("data.batch_size:")
-    assert err(source="local_text", path=str(small), seq_len=8, batch_size=4, eval_batches=50).startswith("data.eval_batches:")
+    assert err(source="local_text", path=str(small), seq_len=8, batch_size=4, eval_tokens=8 * 500).startswith("data.eval_tokens:")
     assert err(source="local_text", path=str(small), seq_len=8, batch_size=4, shuffle_seed=-1).startswith("data.shuffle_seed:")
     # A single file still gets a fixed held-out tail.
     one = _write_text_dir(tmp_path / "one", n_files=1, size=5000)
-    info = corpus.corpus_info(DataConfig(source="local_text", path=str(one), seq_len=8, batch_size=2, eval_batches=1))
+    info = corpus.corpus_info(DataConfig(source="local_text", path=str(one), seq_len=8, batch_size=2, eval_tokens=8))
     assert info["n_eval_tokens"] > 0 and info["n_train_tokens"] + info["n_eval_tokens"] == 5000 + 2
 
 
@@ -243,7 +258,7 @@ def test_bad_inputs_name_the_field(data_dir, tmp_path):
 
 def test_synthetic_entropy_rate_is_exact(data_dir):
     cfg = DataConfig(source="synthetic", synthetic_vocab=32, synthetic_zipf=1.1, synthetic_tokens=2_000_000,
-                     seq_len=128, batch_size=32, eval_batches=4)
+                     seq_len=128, batch_size=32, eval_tokens=128 * 128)
     info = corpus.corpus_info(cfg)
     chain = MarkovZipf(32, 1.1, corpus.SYNTHETIC_SEED)
     P = chain.transition

@@ -24,7 +24,7 @@ from scaling.train.loop import WALL_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32", "data.batch_size=16",
-        "data.eval_batches=2", "log_every=5", "eval_every=20", "progress=false"]
+        "data.eval_tokens=1024", "log_every=5", "eval_every=20", "progress=false"]
 
 
 def comparable(rows):
@@ -146,7 +146,7 @@ def test_sweep_runner_killed_at_a_seeded_point_loses_nothing(tmp_path):
     from scaling import flops
     from scaling.config import ModelConfig
 
-    sweep_tiny = {"data.seq_len": 32, "data.batch_size": 8, "data.eval_batches": 2, "model.d_model": 16,
+    sweep_tiny = {"data.seq_len": 32, "data.batch_size": 8, "data.eval_tokens": 512, "model.d_model": 16,
                   "model.n_layers": 1, "model.n_heads": 2, "log_every": 5, "eval_every": 20, "checkpoint_every": 10}
     per_step = flops.train_flops_per_token(ModelConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2), 32) * 8 * 32
     raw = {"name": "seeded", "experiment": "dense", "set": sweep_tiny, "buckets": [40 * per_step], "seeds": [0, 1, 2]}
@@ -194,6 +194,28 @@ def test_where_cannot_execute_code(tmp_path, capsys, expr, command):
     assert not pwned.exists()
 
 
+@pytest.mark.parametrize("expr", ["~" * 500 + "(N > 1)", "not " * 500 + "N > 1", "N > " + "-" * 500 + "1",
+                                  "(" * 3000 + "N > 1" + ")" * 3000, "\ud800 > 1", "N > 'x'", "N" * 20000])
+def test_where_never_tracebacks(expr):
+    import pandas as pd
+
+    from scaling.errors import UsageError
+    from scaling.fit import where
+
+    with pytest.raises(UsageError, match="^--where: "):
+        where.apply(pd.DataFrame({"N": [1.0, 2.0]}), expr)
+
+
+def test_where_reads_nullable_columns():
+    import pandas as pd
+
+    from scaling.fit import where
+
+    df = pd.DataFrame({"i": pd.array([1, None, 3], dtype="Int64"), "s": pd.array(["a", None, "b"], dtype="string")})
+    assert list(where.row_mask(df, "i in [1, 3]")) == [True, False, True]
+    assert list(where.row_mask(df, "s != 'b' and i >= 1")) == [True, False, False]
+
+
 def test_where_keeps_what_it_says_and_refuses_an_empty_result(tmp_path, capsys):
     from scaling.fit import io
 
@@ -208,6 +230,7 @@ def test_where_keeps_what_it_says_and_refuses_an_empty_result(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("resources", [
+    {"extra": {"output": "/tmp/elsewhere"}},
     {"partition": "gpu\ntouch {x}\n#"},
     {"extra": {"comment": "ok\ntouch {x}"}},
     {"extra": {"comment\ntouch {x}": "1"}},
@@ -223,6 +246,33 @@ def test_sweep_resources_cannot_inject_shell_lines(tmp_path, capsys, resources):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sweep.resources." in err[0]
     assert not x.exists()
+
+
+def test_slurm_paths_and_python_built_resources_are_checked_too(tmp_path):
+    from scaling.config import ConfigError
+    from scaling.sweep import launch, spec
+
+    with pytest.raises(ConfigError, match="must be one line"):
+        launch.run_slurm(tmp_path / "a\ntouch x" / "sweep", [], cluster="debug", progress=False)
+    bad = spec.Resources(extra=(("comment", "a\nb"),))
+    with pytest.raises(ConfigError, match="resources.extra.comment"):
+        launch.slurm_parameters(bad)
+
+
+def test_a_restore_failure_with_intact_checksums_keeps_the_checkpoint(tmp_path, reference, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    (out / "summary.json").unlink()
+
+    def exhausted(self, *a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while restoring")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", exhausted)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        loop.run(tiny(), out)
+    assert (out / "ckpt" / "40").is_dir() and not (out / "ckpt_corrupt").exists()  # nothing set aside
 
 
 # ---------------------------------------------------------------------------------------------

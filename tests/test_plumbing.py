@@ -30,7 +30,7 @@ from scaling.train.loop import WALL_FIELDS
 
 PKG = Path(__file__).resolve().parents[1] / "scaling"
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32", "data.batch_size=16",
-        "data.eval_batches=2", "log_every=5", "eval_every=20", "progress=false"]
+        "data.eval_tokens=1024", "log_every=5", "eval_every=20", "progress=false"]
 
 
 def comparable(rows):
@@ -333,3 +333,48 @@ def test_one_progress_display_writes_throttled_plain_lines_to_a_log():
     line.update("[sweep] 0/2 finished")
     line.update("[sweep] 1/2 finished", force=True)  # a state change always shows
     assert sweep.getvalue().splitlines() == ["[sweep] 0/2 finished", "[sweep] 1/2 finished"]
+
+
+def test_a_holder_that_cannot_heartbeat_knows_it_lost_the_lease(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALING_LEASE_STALE_S", "0.4")  # heartbeat every 0.1 s, lost after 0.2 s
+    d = tmp_path / "run"
+    with RunLease(d) as held:
+        def full(*a, **k):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(lease_lib, "write_json_atomic", full)
+        deadline = time.time() + 5
+        while not held.lost and time.time() < deadline:
+            time.sleep(0.05)
+        assert held.lost
+        with pytest.raises(LeaseLost):
+            held.check()
+
+
+def test_check_rereads_the_lease_and_old_flock_files_are_respected(tmp_path):
+    d = tmp_path / "run"
+    with RunLease(d) as held:
+        held.check()
+        write_json_atomic(d / "lock", {**lease_lib.holder(d), "token": "someone-else"})
+        with pytest.raises(LeaseLost):  # no heartbeat needed: check() reads the file
+            held.check()
+    # an older version's empty lock file, still flocked by its trainer: busy; once free: taken
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "lock").write_text("")
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(legacy / 'lock')!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match="older scaling version"):
+            RunLease(legacy).__enter__()
+    finally:
+        p.kill()
+        p.wait()
+    with RunLease(legacy):
+        assert lease_lib.holder(legacy)["pid"] == os.getpid()

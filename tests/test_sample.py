@@ -16,7 +16,7 @@ from scaling.train import loop
 from scaling.train.sample_cli import load_model
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32", "data.batch_size=16",
-        "data.eval_batches=1", "log_every=5", "eval_every=10", "progress=false", "budget.steps=10"]
+        "data.eval_tokens=512", "log_every=5", "eval_every=10", "progress=false", "budget.steps=10"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from scaling.sweep import launch, spec, store
 from scaling.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"data.seq_len": 32, "data.batch_size": 8, "data.eval_batches": 2, "model.d_model": 16,
+TINY = {"data.seq_len": 32, "data.batch_size": 8, "data.eval_tokens": 512, "model.d_model": 16,
         "model.n_layers": 1, "model.n_heads": 2, "log_every": 5, "eval_every": 20, "checkpoint_every": 10}
 
 

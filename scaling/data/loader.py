@@ -23,7 +23,9 @@ dataset, the iterator and its checkpointable state.
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from dataclasses import dataclass
 
 import grain
 import numpy as np
@@ -89,11 +91,11 @@ def _check(cfg: DataConfig, c: corpus_lib.Corpus, n_train_windows: int, n_eval_w
             f"data.batch_size: {cfg.batch_size} exceeds the {n_train_windows} training sequences of "
             f"corpus {c.name} at seq_len {cfg.seq_len}; use a smaller batch or a larger corpus"
         )
-    need = cfg.eval_batches * cfg.batch_size
-    if n_eval_windows < need:
+    if cfg.eval_tokens is not None and cfg.eval_tokens // cfg.seq_len > n_eval_windows:
         raise ConfigError(
-            f"data.eval_batches: {cfg.eval_batches} batches of {cfg.batch_size} need {need} held-out "
-            f"sequences but corpus {c.name} has {n_eval_windows} at seq_len {cfg.seq_len}; lower it"
+            f"data.eval_tokens: {cfg.eval_tokens} tokens is more than the held-out split of corpus {c.name} "
+            f"({n_eval_windows} sequences = {n_eval_windows * cfg.seq_len} tokens at seq_len {cfg.seq_len}); "
+            f"lower it or leave it unset (the whole split, at most {DEFAULT_EVAL_TOKENS})"
         )
 
 
@@ -138,15 +140,55 @@ def host_slice(batch: dict[str, np.ndarray], process_index: int, process_count: 
     return {k: v[process_index * n : (process_index + 1) * n] for k, v in batch.items()}
 
 
-def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:
-    """The fixed held-out batches: ``data.eval_batches`` dicts of int32[batch_size, seq_len].
+DEFAULT_EVAL_TOKENS = 2**18  # held-out tokens when data.eval_tokens is unset (or the whole split)
+EVAL_CHUNK = 32  # sequences per held-out chunk: fixed, so the chunks do not depend on batch or mesh
 
-    Windows are spread evenly over the whole held-out split (not just its first documents) and
-    are the same on every call, in every run with the same data settings.
-    """
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The held-out set: ``chunks`` of ``EVAL_CHUNK`` sequences (the last may be shorter), each
+    ``{"inputs", "targets"}`` int32[n, L]; ``sha256`` of the token ids scored (the windows of
+    ``L + 1`` tokens, int32, in order); ``n_sequences``; ``n_tokens`` (= scored targets)."""
+
+    chunks: list
+    sha256: str
+    n_sequences: int
+    n_tokens: int
+
+    def describe(self) -> dict:
+        return {"sha256": self.sha256, "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
+                "chunk_sequences": EVAL_CHUNK, "n_chunks": len(self.chunks)}
+
+
+def eval_set(cfg: DataConfig) -> EvalSet:
+    """The fixed held-out set: ``data.eval_tokens // seq_len`` windows (default: the whole
+    held-out split, at most ``DEFAULT_EVAL_TOKENS`` tokens), spread evenly over the split, cut
+    into chunks of ``EVAL_CHUNK`` sequences. It depends on the data settings and ``seq_len``
+    only: every batch size, mesh and host count scores the same tokens (see ``sha256``)."""
     c, _, starts = _windows(cfg)
-    n = cfg.eval_batches * cfg.batch_size
+    want = cfg.eval_tokens if cfg.eval_tokens is not None else DEFAULT_EVAL_TOKENS
+    n = max(1, min(len(starts), want // cfg.seq_len))
     pick = (np.arange(n, dtype=np.int64) * len(starts)) // n
     w = c.eval[starts[pick][:, None] + np.arange(cfg.seq_len + 1)].astype(np.int32)
-    w = w.reshape(cfg.eval_batches, cfg.batch_size, cfg.seq_len + 1)
-    return [{"inputs": b[:, :-1].copy(), "targets": b[:, 1:].copy()} for b in w]
+    chunks = [{"inputs": w[i:i + EVAL_CHUNK, :-1].copy(), "targets": w[i:i + EVAL_CHUNK, 1:].copy()}
+              for i in range(0, n, EVAL_CHUNK)]
+    return EvalSet(chunks, hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(), n, n * cfg.seq_len)
+
+
+def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:
+    """The held-out chunks of ``eval_set(cfg)`` (the same on every call and in every run with
+    the same data settings)."""
+    return eval_set(cfg).chunks
+
+
+def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """``batch`` with zero rows appended up to a multiple of ``multiple`` rows and a
+    ``weights`` float32[n, L] array (1 for real tokens, 0 for padding), so any mesh can score
+    a chunk and padding never counts."""
+    n = batch["inputs"].shape[0]
+    extra = -n % multiple
+    out = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    weights = np.ones(out["inputs"].shape, np.float32)
+    weights[n:] = 0.0
+    out["weights"] = weights
+    return out

@@ -10,6 +10,7 @@ Bad input raises ``UsageError`` (exit 2) naming the problem.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -20,6 +21,16 @@ from scaling.errors import UsageError
 
 LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "clark", "krajewski")
 FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe")
+
+
+def _noise(text: str):
+    """``--seed-noise``: a relative noise (float) or ``measured`` (each run's own)."""
+    if text == "measured":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'measured', got {text!r}") from None
 
 
 def _common(p) -> None:
@@ -36,8 +47,11 @@ def _common(p) -> None:
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
     p.add_argument("--allow-mixed-schema", dest="allow_mixed_schema", action="store_true",
                    help="fit runs written under different schema versions together (refused by default)")
-    p.add_argument("--seed-noise", dest="seed_noise", type=float, default=0.0,
-                   help="bootstrap by perturbing each loss by this relative seed noise (e.g. 0.005) instead of resampling runs")
+    p.add_argument("--allow-noncausal", dest="allow_noncausal", action="store_true",
+                   help="keep runs whose loss looks at later tokens (expert-choice MoE); left out by default")
+    p.add_argument("--seed-noise", dest="seed_noise", type=_noise, default=0.0,
+                   help="bootstrap by perturbing each loss by this relative seed noise (e.g. 0.005), or by each run's "
+                   "measured noise ('measured': loss_seed_std or loss_se), instead of resampling runs")
 
 
 def register(sub) -> None:
@@ -174,10 +188,11 @@ def _print_table(d: dict) -> None:
 
 def _with_source_options(args) -> None:
     """Wrap ``args.input`` so every fitter below reads it with the command's reading options."""
-    if getattr(args, "allow_mixed_schema", False):
+    mixed, noncausal = getattr(args, "allow_mixed_schema", False), getattr(args, "allow_noncausal", False)
+    if mixed or noncausal:
         from scaling.fit import io
 
-        args.input = io.Source(args.input, allow_mixed_schema=True)
+        args.input = io.Source(args.input, allow_mixed_schema=mixed, allow_noncausal=noncausal)
 
 
 def run_fit(args) -> int:

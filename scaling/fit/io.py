@@ -35,9 +35,10 @@ class Source:
     """A table path with reading options, accepted wherever a fitter takes ``data``:
     ``fit.chinchilla(io.Source("runs/x", allow_mixed_schema=True))``."""
 
-    def __init__(self, path, *, allow_mixed_schema: bool = False):
+    def __init__(self, path, *, allow_mixed_schema: bool = False, allow_noncausal: bool = False):
         self.path = path
         self.allow_mixed_schema = allow_mixed_schema
+        self.allow_noncausal = allow_noncausal
 
     def __str__(self) -> str:
         return str(self.path)
@@ -77,11 +78,15 @@ def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False) ->
 
 
 def load_table(src, *, columns=None, where: str | None = None, steps: bool = False,
-               allow_mixed_schema: bool = False) -> tuple[pd.DataFrame, list[str]]:
-    """Read ``src``, apply ``--columns`` renames, the ``--where`` filter and the run-state filter.
+               allow_mixed_schema: bool = False, allow_noncausal: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Read ``src``, apply ``--columns`` renames, the ``--where`` filter, the run-state filter
+    and the causality filter (runs whose ``causal`` is false, i.e. expert-choice MoE whose
+    loss looks at later tokens, are left out unless ``allow_noncausal``).
 
     Returns the table and a list of notes (e.g. how many diverged runs were excluded).
     """
+    if isinstance(src, Source):
+        allow_noncausal = allow_noncausal or src.allow_noncausal
     df = read_table(src, steps=steps, allow_mixed_schema=allow_mixed_schema)
     notes: list[str] = []
     renames = parse_columns(columns)
@@ -97,6 +102,15 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
         if n_before and df.empty:
             raise UsageError(f"--where: {where!r} keeps none of the {n_before} rows; loosen the filter")
         notes.append(f"--where {where!r}: {len(df)} rows kept")
+    if "causal" in df.columns and not allow_noncausal:
+        leaky = df["causal"].astype(object).map(lambda v: v is False or v == 0 or str(v).lower() == "false")
+        if leaky.all() and len(df):
+            raise UsageError("causal: every run's loss looks at later tokens (expert-choice MoE); "
+                             "fit them anyway with --allow-noncausal")
+        if leaky.any():
+            notes.append(f"excluded {int(leaky.sum())} run(s) whose loss is not causal (expert-choice MoE); "
+                         f"--allow-noncausal keeps them")
+            df = df[~leaky]
     if "state" in df.columns:
         bad = df["state"].astype(str) != "done"
         if bad.all() and len(df):

@@ -211,6 +211,8 @@ def isoflop(
     every run and multiplies each loss by exp(N(0, seed_noise)) (Porian et al. 2024's seed-noise
     bootstrap; seed_noise ~ the relative loss spread between seeds, e.g. 0.002-0.01).
     """
+    if isinstance(seed_noise, str):
+        raise UsageError("--seed-noise: 'measured' is for parametric laws (chinchilla, powerlaw, ...); give a number for --law isoflop")
     if seed_noise < 0:
         raise UsageError(f"--seed-noise: must be >= 0, got {seed_noise}")
     df, notes = io.load_table(data, columns=columns, where=where)

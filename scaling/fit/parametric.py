@@ -125,6 +125,21 @@ class FitResult:
         return io.with_results(d, self)
 
 
+def measured_noise(df: pd.DataFrame, target: str = "loss") -> np.ndarray:
+    """Relative noise of each run's ``target`` for the seed-noise bootstrap
+    (``seed_noise="measured"``): the larger of the seed-to-seed spread ``loss_seed_std`` (when
+    two or more seeds ran) and the held-out standard error ``loss_se``, over the loss."""
+    cols = [c for c in ("loss_seed_std", "loss_se") if c in df.columns]
+    if not cols:
+        raise UsageError("--seed-noise measured: the table has neither loss_se nor loss_seed_std "
+                         "(runs of schema version 3 or later record them); give a number instead")
+    sigma = np.fmax.reduce([pd.to_numeric(df[c], errors="coerce").to_numpy(float) for c in cols])
+    if np.isnan(sigma).any():
+        raise UsageError(f"--seed-noise measured: {int(np.isnan(sigma).sum())} run(s) have no measured noise; "
+                         f"give a number instead")
+    return sigma / df[target].to_numpy(float)
+
+
 def fit_law(
     law: laws.Law,
     data,
@@ -145,8 +160,8 @@ def fit_law(
     95% intervals and covariance; with ``seed_noise`` > 0 (relative loss noise between seeds)
     the runs are kept and their losses perturbed instead. Raises ``UsageError`` on unusable input.
     """
-    if seed_noise < 0:
-        raise UsageError(f"--seed-noise: must be >= 0, got {seed_noise}")
+    if not isinstance(seed_noise, str) and seed_noise < 0:
+        raise UsageError(f"--seed-noise: must be >= 0 or 'measured', got {seed_noise}")
     if not (delta > 0):
         raise UsageError(f"delta: Huber delta must be positive, got {delta}")
     if bootstrap < 0:
@@ -157,6 +172,7 @@ def fit_law(
     need = list(law.inputs) + [law.target]
     io.require(df, need, what=what, min_points=law.n_params + 1)
     x, y = io.inputs(df, law.inputs), df[law.target].to_numpy(float)
+    noise = measured_noise(df, law.target) if isinstance(seed_noise, str) else seed_noise
     ms = robust.fit_multistart(law, x, y, delta=delta, starts=starts)
     natural = {k: float(v) for k, v in law.natural(ms.theta).items()}
     res = FitResult(
@@ -185,7 +201,7 @@ def fit_law(
             res.warnings.append("an exponent is <= 0: no compute-optimal frontier exists for this fit")
     if bootstrap:
         g = df[groups].to_numpy() if groups and groups in df.columns else None
-        th, ok = robust.bootstrap(law, x, y, ms.theta, n_boot=bootstrap, seed=seed, delta=delta, groups=g, seed_noise=seed_noise)
+        th, ok = robust.bootstrap(law, x, y, ms.theta, n_boot=bootstrap, seed=seed, delta=delta, groups=g, seed_noise=noise)
         res.n_boot, res.n_boot_converged = bootstrap, int(ok.sum())
         if ok.sum() < 0.9 * bootstrap:
             res.warnings.append(f"only {int(ok.sum())}/{bootstrap} bootstrap refits converged; intervals use those")

@@ -406,7 +406,7 @@ def bootstrap(
     seed: int = 0,
     delta: float = 1e-3,
     groups: np.ndarray | None = None,
-    seed_noise: float = 0.0,
+    seed_noise: float | np.ndarray = 0.0,
     max_iter: int = 1000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Refit ``n_boot`` resamples of the runs (all in one batch), each started at ``theta0``.
@@ -416,9 +416,11 @@ def bootstrap(
     ``seed_noise`` > 0 the runs are kept and each loss is multiplied by exp(N(0, seed_noise))
     instead (Porian et al. 2024's seed-noise bootstrap).
     """
-    if seed_noise > 0:
+    noise = np.asarray(seed_noise, float)
+    if np.any(noise > 0):
         # keep every run, perturb each loss by exp(N(0, seed_noise)): run-to-run seed variance
-        dy = np.random.default_rng(seed).normal(0.0, seed_noise, (n_boot, len(y)))
+        # (a scalar, or one relative noise per run, e.g. measured)
+        dy = np.random.default_rng(seed).normal(0.0, 1.0, (n_boot, len(y))) * noise
         W = np.stack([np.ones_like(dy), dy], axis=2)
     else:
         W = resample_weights(len(y), n_boot, seed, groups)

@@ -61,9 +61,9 @@ class _Eval:
         v = self.value(node)
         if not isinstance(v, pd.Series):
             _fail(self.expr, "the filter must compare a column")
-        if v.dtype != bool:
+        if not pd.api.types.is_bool_dtype(v.dtype):
             _fail(self.expr, "the filter must be a comparison, not a bare value")
-        return v
+        return _as_mask(v, self.df.index)
 
     def value(self, node: ast.AST):
         if isinstance(node, ast.BoolOp):
@@ -117,7 +117,7 @@ class _Eval:
             if isinstance(op, (ast.In, ast.NotIn)):
                 if not isinstance(left, pd.Series) or not isinstance(right, list):
                     _fail(self.expr, "'in' needs a column on the left and a list on the right")
-                m = left.isin(right)
+                m = _as_mask(left.isin(right), self.df.index)
                 if any(isinstance(x, float) and math.isnan(x) for x in right):
                     m = m | left.isna()
                 m = ~m if isinstance(op, ast.NotIn) else m
@@ -127,10 +127,9 @@ class _Eval:
                 if isinstance(left, list) or isinstance(right, list):
                     _fail(self.expr, "a list can only follow 'in'")
                 try:
-                    m = _COMPARE[type(op)](left, right)
-                except TypeError as err:
-                    raise UsageError(f"--where: cannot compare in {self.expr!r} ({err})") from None
-                m = pd.Series(np.asarray(m, dtype=bool), index=self.df.index)
+                    m = _as_mask(_COMPARE[type(op)](left, right), self.df.index)
+                except (TypeError, ValueError) as err:
+                    raise UsageError(f"--where: cannot compare in {self.expr!r} ({str(err).splitlines()[0]})") from None
             else:
                 _fail(self.expr, f"operator {type(op).__name__} is not allowed")
             out = m if out is None else (out & m)
@@ -138,10 +137,33 @@ class _Eval:
         return out
 
 
+MAX_DEPTH = 64  # nesting deeper than any real filter: refused before it can exhaust the stack
+
+
+def _as_mask(m, index) -> pd.Series:
+    """A plain bool Series (missing values of nullable columns count as False)."""
+    if isinstance(m, pd.Series):
+        return m.astype("boolean").fillna(False).astype(bool)
+    return pd.Series(np.asarray(m, dtype=bool), index=index)
+
+
+def _depth(node: ast.AST) -> int:
+    return 1 + max((_depth(c) for c in ast.iter_child_nodes(node)), default=0)
+
+
 def row_mask(df: pd.DataFrame, expr: str) -> pd.Series:
     """Boolean Series over ``df``'s rows for the filter ``expr`` (see the module docstring)."""
-    node, quoted = _parse(expr)
-    return _Eval(df, expr, quoted).mask(node)
+    if not isinstance(expr, str) or len(expr) > 10_000:
+        raise UsageError("--where: give a filter string of at most 10,000 characters")
+    try:
+        node, quoted = _parse(expr)
+        if _depth(node) > MAX_DEPTH:
+            _fail(expr, f"nesting deeper than {MAX_DEPTH} levels")
+        return _Eval(df, expr, quoted).mask(node)
+    except UsageError:
+        raise
+    except (RecursionError, MemoryError, ValueError, TypeError, UnicodeError) as err:
+        raise UsageError(f"--where: cannot evaluate {expr[:200]!r} ({type(err).__name__})") from None
 
 
 def apply(df: pd.DataFrame, expr: str) -> pd.DataFrame:

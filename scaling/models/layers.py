@@ -239,7 +239,7 @@ class Block(nnx.Module):
         self.mlp = (mlp or MLP)(cfg, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array, positions: jax.Array | None = None, key_mask: jax.Array | None = None,
-                 **_unused) -> tuple[jax.Array, dict]:
+                 train: bool = True, **_unused) -> tuple[jax.Array, dict]:
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions, key_mask)
-        y_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD))
+        y_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD), train=train)
         return x_BxLxD + y_BxLxD, aux

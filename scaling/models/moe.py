@@ -256,8 +256,13 @@ class MoELayer(nnx.Module):
         return y, taken
 
     # ---- forward -------------------------------------------------------------------------------
-    def __call__(self, x_BxLxD: jax.Array, **_unused) -> tuple[jax.Array, dict]:
-        """x: [B, L, d] -> (y: [B, L, d] in x's dtype, aux dict of float32 scalars)."""
+    def __call__(self, x_BxLxD: jax.Array, train: bool = True, **_unused) -> tuple[jax.Array, dict]:
+        """x: [B, L, d] -> (y: [B, L, d] in x's dtype, aux dict of float32 scalars).
+
+        ``train=False`` (evaluation, sampling): token choice drops nothing (every expert has
+        ``C = S`` slots), so a token's output depends only on its own routing, as it does for a
+        sampler that routes one new token at a time; with capacity, a token's later choices
+        depend on how many later tokens chose the same expert. Expert choice stays non-causal."""
         cfg, moe = self.cfg, self.cfg.moe
         B, L, D = x_BxLxD.shape
         E = moe.n_routed
@@ -274,7 +279,7 @@ class MoELayer(nnx.Module):
             if moe.router == "dropless" and resolve_backend(cfg) == "ragged_dot":
                 y, keep, e_GxN = self._dropless_ragged(x_BxLxD, probs)
             else:
-                y, keep, e_GxN = self._token_choice(x_BxLxD, probs, capacity(cfg, L))
+                y, keep, e_GxN = self._token_choice(x_BxLxD, probs, capacity(cfg, L) if train else L)
             load = jnp.mean(jax.nn.one_hot(e_GxN, E, dtype=jnp.float32), axis=(0, 1))  # f_i
             mean_prob = jnp.mean(probs, axis=(0, 1))  # P_i
             lb_loss = E * jnp.sum(load * mean_prob)

@@ -32,7 +32,7 @@ from typing import Callable
 
 from scaling import faults
 from scaling.config import TrainConfig
-from scaling.errors import RunDirBusy
+from scaling.errors import LeaseLost, RunDirBusy
 from scaling.files import read_json, read_jsonl
 from scaling.lease import RunLease
 from scaling.progress import ProgressLine
@@ -102,6 +102,8 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
         store.mark(sweep_dir, trial_id, "running", attempt=attempt)
         try:
             summary = _import(run_fn)(cfg, d)
+        except LeaseLost:  # another runner owns the trial now: write nothing into it
+            return {"state": "busy", "error": None}
         except Exception as err:  # recorded, and the sweep goes on
             traceback.print_exc()
             msg = f"{type(err).__name__}: {err}".splitlines()[0][:500]
@@ -257,8 +259,11 @@ class _Worker:
 
     def give(self, trial_id: str) -> None:
         self.trial = trial_id
-        self.proc.stdin.write(trial_id + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(trial_id + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # the worker died just now: its EOF event records the trial and replaces it
+            pass
 
     def stop(self) -> None:
         try:
@@ -373,7 +378,11 @@ def _submitit_trial(sweep_dir: str, trial_id: str, run_fn: str) -> dict:
 
 
 def slurm_parameters(res) -> dict:
-    """submitit AutoExecutor parameters for a ``Resources`` block."""
+    """submitit AutoExecutor parameters for a ``Resources`` block (its values checked again
+    here, since a block can be built in Python without the spec parser)."""
+    from scaling.sweep.spec import check_resources
+
+    check_resources(res)
     p = {"timeout_min": res.timeout_min, "nodes": res.nodes, "tasks_per_node": res.tasks_per_node,
          "cpus_per_task": res.cpus_per_task, "gpus_per_node": res.gpus_per_node}
     if res.mem_gb:
@@ -394,7 +403,9 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
     sweep_dir = Path(sweep_dir).absolute()
     from scaling.sweep.spec import slurm_value
 
-    job_name = slurm_value("--out", sweep_dir.name)  # the job name is an #SBATCH line too
+    # the job name and the log folder (under the sweep directory) become #SBATCH lines too
+    job_name = slurm_value("--out", sweep_dir.name)
+    slurm_value("--out", str(sweep_dir))
     prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
     executor = submitit.AutoExecutor(folder=sweep_dir / ".submitit" / "%j", cluster=cluster)
     todo = [t for t in trials if prog.state[t.id] not in store.FINAL]

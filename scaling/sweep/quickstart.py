@@ -19,7 +19,7 @@ from scaling.sweep import launch, spec as spec_mod, store
 SMOKE = {  # seconds, not minutes: checks the install end to end (fits may report too few minima)
     "name": "quickstart_smoke",
     "set": {"data.seq_len": 64, "data.batch_size": 8, "eval_every": 50, "checkpoint_every": 100,
-            "data.eval_batches": 2},
+            "data.eval_tokens": 1024},
     "sizes": {"isoflop": {"n": 3, "ratio": 2, "center": {"params": 8e3, "flops": 3e10, "exponent": 0.5}}},
     "buckets": [1e10, 3e10],
 }

@@ -308,6 +308,8 @@ def _slurm_partition(path: str, v: Any) -> str:
 def _slurm_key(path: str, k: Any) -> str:
     if not isinstance(k, str) or not _SLURM_KEY.fullmatch(k):
         _fail(path, f"{k!r} is not a SLURM option name (letters, digits, _ and -, e.g. constraint)")
+    if k in RESERVED_SLURM:
+        _fail(f"{path}.{k}", f"is set by the sweep runner itself (logs, arrays, signals); remove it")
     return k
 
 
@@ -319,6 +321,19 @@ def slurm_value(path: str, v: Any) -> Any:
     if _CONTROL.search(v):
         _fail(path, f"must be one line without control characters (it becomes an #SBATCH line), got {v!r}")
     return v
+
+
+# sbatch options submitit sets itself (logs, arrays, signals): overriding them breaks the runner
+RESERVED_SLURM = ("output", "error", "array", "signal", "open-mode", "open_mode", "job-name", "job_name", "wrap")
+
+
+def check_resources(res: "Resources", path: str = "resources") -> None:
+    """ConfigError unless every value of ``res`` that reaches an #SBATCH line is safe."""
+    if res.partition is not None:
+        _slurm_partition(f"{path}.partition", res.partition)
+    for k, v in res.extra:
+        _slurm_key(f"{path}.extra", k)
+        slurm_value(f"{path}.extra.{k}", v)
 
 
 def _parse_resources(path: str, v: Any, base: Resources | None = None) -> Resources:

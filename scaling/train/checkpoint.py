@@ -110,6 +110,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Save all three items at ``step`` (blocking), then record its checksums. A failed save
         (e.g. a full disk) leaves no orbax temporary directory behind."""
+        (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)  # never judge new files by old sums
         try:
             self._save(step, state, data_state, meta)
         except BaseException:
@@ -168,6 +169,10 @@ class Checkpointer:
                 except Exception as err:  # orbax raises many kinds for truncated/corrupt files
                     if self.read_only:
                         raise
+                    if not isinstance(err, CheckpointCorrupt) and (self.checksum_dir / f"{step}.json").exists():
+                        # the files match their checksums: not corruption (out of memory, a
+                        # changed state structure, I/O trouble); keep the step and say so
+                        raise
                     self._quarantine(step, err)
         finally:
             absl.setLevel(level)
@@ -175,14 +180,16 @@ class Checkpointer:
     def _quarantine(self, step: int, err: Exception) -> None:
         step_dir = self.directory / str(step)
         dest = self.directory.parent / "ckpt_corrupt" / str(step)
+        n = 1
+        while dest.exists():  # never overwrite an earlier quarantined copy
+            dest = dest.with_name(f"{step}.{n}")
+            n += 1
         msg = (f"checkpoint step {step} in {self.directory} is unreadable "
                f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
                f"moved to {dest} and falling back to the previous checkpoint")
         warnings.warn(msg, CheckpointWarning, stacklevel=3)
         print(f"warning: {msg}", file=sys.stderr)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
         shutil.move(str(step_dir), str(dest))
         (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)
         self._manager.close()

@@ -207,6 +207,8 @@ def _run_leased(cfg: TrainConfig, out: Path, lease: RunLease | None) -> dict:
     except ConfigError:
         raise
     except BaseException as err:
+        if lease is not None:
+            lease.check()  # LeaseLost: the directory is someone else's now, write nothing
         write_json_atomic(out / "summary.json", {"state": "failed", "error": f"{type(err).__name__}: {err}",
                                                  "config_hash": resolved["config_hash"],
                                                  "schema_version": schema.SCHEMA_VERSION})
@@ -241,7 +243,12 @@ class _Session:
         resolved["corpus"] = self.corpus
         self.iterator = loader.make_train_iterator(cfg.data, seed=cfg.seed, process_index=self.shard_index,
                                                    process_count=self.shard_count)
-        self.eval_data = loader.eval_batches(cfg.data)
+        self.eval = loader.eval_set(cfg.data)
+        self.eval_data = self.eval.chunks
+        resolved["eval_set"] = self.eval.describe()
+        # every chunk is padded (zero-weight rows) to rows the mesh and the hosts can split
+        self._eval_rows = math.lcm(sharding.batch_rows_multiple(self.mesh), self.shard_count)
+        self._pad_rows = loader.pad_rows
         self._sharding = sharding
         self.ctx = sharding.mesh_context(self.mesh)
         self.ctx.__enter__()
@@ -256,31 +263,35 @@ class _Session:
 
     # ---- helpers ---------------------------------------------------------------------------
     def put(self, batch: dict) -> dict:
-        """Host-local train batch -> global sharded arrays."""
-        return self._sharding.shard_batch({k: batch[k] for k in ("inputs", "targets")}, self.mesh)
+        """Host-local batch -> global sharded arrays (inputs, targets and eval weights)."""
+        keys = [k for k in ("inputs", "targets", "weights") if k in batch]
+        return self._sharding.shard_batch({k: batch[k] for k in keys}, self.mesh)
 
     def put_global(self, batch: dict) -> dict:
-        """A batch every host holds whole (the eval batches): keep this host's row block."""
+        """A held-out chunk every host holds whole: padded to rows the mesh can split, then
+        this host's row block."""
+        batch = self._pad_rows(batch, self._eval_rows)
         n = batch["inputs"].shape[0] // self.shard_count
         lo = self.shard_index * n
-        return self.put({k: batch[k][lo:lo + n] for k in ("inputs", "targets")})
+        return self.put({k: v[lo:lo + n] for k, v in batch.items()})
 
     def _build_step(self):
-        tx = optim.make_optimizer(self.cfg.optim)
-        self.train_step = step_lib.make_train_step(self.graphdef, tx, z_loss_weight=self.cfg.optim.z_loss,
-                                                   lr_fn=optim.make_lr_fn(self.cfg.optim))
-        self.eval_step = step_lib.make_eval_step(self.graphdef)
+        tx = optim.make_optimizer(self.cfg.optim)  # the state's structure; the step traces the values
+        self.train_step = step_lib.make_traced_train_step(self.graphdef, self.cfg.optim, self.cfg.model)
         mod = self.cfg.model.mod
-        # MoD trains with top-k over the whole sequence, which a sampler cannot use; the loss
-        # under each token's causal decision is logged beside it (eval_loss_causal).
-        self.eval_step_causal = (step_lib.make_eval_step(self.graphdef, mod_routing="causal")
-                                 if mod is not None and mod.causal_aux != "none" else None)
+        # MoD trains with top-k over the whole sequence, which looks at later tokens and which a
+        # sampler cannot use: the stored loss is each token's causal decision; the top-k number
+        # is logged beside it as eval_loss_topk. MoE evaluates without dropping (causal).
+        self.eval_step = step_lib.make_eval_step(self.graphdef, mod_routing="causal" if mod is not None else "topk")
+        self.eval_step_topk = step_lib.make_eval_step(self.graphdef) if mod is not None else None
         return step_lib.init_state(self.params0, self.rest0, tx, mesh=self.mesh)
 
     def _estimate_steps_for_seconds(self, state) -> int:
         """Time a few compiled steps on a copy of the state (discarded)."""
         probe = jax.tree.map(jnp.copy, state)
-        batch = self.put_global(self.eval_data[0])
+        rows = self.cfg.data.batch_size // self.shard_count  # a batch of the training shape
+        zeros = np.zeros((rows, self.cfg.data.seq_len), np.int32)
+        batch = self.put({"inputs": zeros, "targets": zeros})
         probe, m = self.train_step(probe, batch)  # compile
         jax.block_until_ready(m)
         times = []
@@ -407,9 +418,10 @@ class _Session:
                 evals = self._evaluate(state)
                 row.update(evals)
                 eval_loss = evals["eval_loss"]
-                extra = f" (causal MoD routing {evals['eval_loss_causal']:.4f})" if "eval_loss_causal" in evals else ""
+                extra = f" (top-k MoD routing, looks ahead: {evals['eval_loss_topk']:.4f})" if "eval_loss_topk" in evals else ""
                 self.progress.message(f"step {step}/{total_steps}: eval loss {eval_loss:.4f} nats{extra}")
             if logging or evaluating:
+                self._check_lease()
                 self.metrics.write(row)
                 self.wandb.log(row)
                 last_row = row
@@ -436,15 +448,22 @@ class _Session:
             evals = self._evaluate(state)
             eval_loss = evals["eval_loss"]
         self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
-        if "eval_loss_causal" in evals:
-            self.summary["final_eval_loss_causal"] = evals["eval_loss_causal"]
+        self.summary["final_eval_loss_se"] = evals.get("eval_loss_se")
+        if "eval_loss_topk" in evals:
+            self.summary["final_eval_loss_topk"] = evals["eval_loss_topk"]
         return self.finish("done")
 
     def _evaluate(self, state) -> dict[str, float]:
-        """Mean eval cross-entropy (nats/token): ``eval_loss``, plus ``eval_loss_causal`` for MoD."""
-        steps = {"eval_loss": self.eval_step, "eval_loss_causal": self.eval_step_causal}
-        return {name: step_lib.evaluate(fn, state["params"], state["rest"], self.eval_data, self.put_global)
-                for name, fn in steps.items() if fn is not None}
+        """Mean held-out cross-entropy (nats/token) as a sampler sees the model, ``eval_loss``,
+        and its standard error over the chunks, ``eval_loss_se``; for MoD also the top-k
+        routing number ``eval_loss_topk`` (it looks at later tokens)."""
+        out = {}
+        out["eval_loss"], out["eval_loss_se"] = step_lib.evaluate_chunks(
+            self.eval_step, state["params"], state["rest"], self.eval_data, self.put_global)
+        if self.eval_step_topk is not None:
+            out["eval_loss_topk"] = step_lib.evaluate_chunks(
+                self.eval_step_topk, state["params"], state["rest"], self.eval_data, self.put_global)[0]
+        return out
 
     def _peek_meta(self) -> dict | None:
         """Metadata of the newest checkpoint (for a seconds budget's planned step count)."""
@@ -464,7 +483,8 @@ class _Session:
             "state": "running", "error": None, "steps": step, "total_steps": total_steps,
             "N": pc.get("active_non_embedding"), "N_total": pc.get("total"), "N_active": pc.get("active"),
             "N_embedding": pc.get("embedding"), "config_hash": r["config_hash"],
-            "corpus_sha256": self.corpus.get("sha256"),
+            "corpus_sha256": self.corpus.get("sha256"), "eval_sha256": self.eval.sha256,
+            "eval_tokens": self.eval.n_tokens, "causal": self.cfg.model.causal_eval,
         }
 
     def _figures(self, step, last_row, eval_loss, session_tokens, session_s, train_s, peak) -> dict:

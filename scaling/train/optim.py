@@ -37,14 +37,48 @@ def _round(x):
     return jnp.floor(x + 0.5)  # half away from zero for x >= 0, same in Python and traced code
 
 
-def _warmup(cfg: OptimConfig, total):
-    w = jnp.float32(cfg.warmup_steps) if cfg.warmup_steps is not None else _round(cfg.warmup_fraction * total)
+# Hyperparameters that enter the compiled train step as values (``hparams``), so one compilation
+# serves a whole grid of them at one shape. The schedule kind, the WSD cooldown shape and whether
+# gradients are clipped at all stay static: they change the program, not a number in it.
+HPARAMS = ("lr", "final_lr_fraction", "warmup_steps", "warmup_fraction", "wsd_decay_fraction", "weight_decay",
+           "b1", "b2", "eps", "grad_clip", "z_loss")
+
+
+AUX_HPARAMS = ("moe_aux_loss_weight", "moe_z_loss_weight", "mod_aux_loss_weight")
+
+
+def hparams(cfg: OptimConfig, model_cfg=None) -> dict:
+    """The traced hyperparameters of ``cfg`` as float32 scalars (``warmup_steps`` -1 = unset:
+    ``warmup_fraction`` of the run applies); given ``model_cfg``, also ``AUX_HPARAMS``, the
+    weights of the MoE load-balance and router z-losses and of the MoD causal BCE (0 when the
+    model has no such layer, or ``causal_aux="none"``)."""
+    import numpy as np
+
+    values = {name: getattr(cfg, name) for name in HPARAMS}
+    values["warmup_steps"] = -1.0 if cfg.warmup_steps is None else cfg.warmup_steps
+    if model_cfg is not None:
+        moe, mod = model_cfg.moe, model_cfg.mod
+        values["moe_aux_loss_weight"] = moe.aux_loss_weight if moe is not None else 0.0
+        values["moe_z_loss_weight"] = moe.z_loss_weight if moe is not None else 0.0
+        values["mod_aux_loss_weight"] = mod.aux_loss_weight if mod is not None and mod.causal_aux != "none" else 0.0
+    return {k: np.float32(v) for k, v in values.items()}
+
+
+def _h(cfg: OptimConfig, hp, name: str):
+    return hp[name] if hp is not None else getattr(cfg, name)
+
+
+def _warmup(cfg: OptimConfig, total, hp=None):
+    if hp is None:
+        w = jnp.float32(cfg.warmup_steps) if cfg.warmup_steps is not None else _round(cfg.warmup_fraction * total)
+    else:
+        w = jnp.where(hp["warmup_steps"] >= 0, hp["warmup_steps"], _round(hp["warmup_fraction"] * total))
     return jnp.clip(w, 0.0, jnp.maximum(total - 1.0, 0.0))
 
 
-def _decay_start(cfg: OptimConfig, total):
-    n_decay = jnp.maximum(1.0, _round(cfg.wsd_decay_fraction * total))
-    return jnp.maximum(_warmup(cfg, total), total - n_decay)
+def _decay_start(cfg: OptimConfig, total, hp=None):
+    n_decay = jnp.maximum(1.0, _round(_h(cfg, hp, "wsd_decay_fraction") * total))
+    return jnp.maximum(_warmup(cfg, total, hp), total - n_decay)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
@@ -57,15 +91,16 @@ def wsd_decay_start(cfg: OptimConfig, total_steps: int) -> int:
     return int(_decay_start(cfg, jnp.float32(total_steps)))
 
 
-def learning_rate(cfg: OptimConfig, step, total_steps):
+def learning_rate(cfg: OptimConfig, step, total_steps, hp=None):
     """LR of update ``step`` (0-based) in a run of ``total_steps`` updates. Both may be traced
     arrays, so one compiled train step serves every budget (the total is part of the train
-    state, not a compile-time constant: sweeps and resumes reuse the compilation cache)."""
+    state, not a compile-time constant: sweeps and resumes reuse the compilation cache). With
+    ``hp`` (``hparams(cfg)``, possibly traced) the peak, warmup, decay fractions come from it."""
     s = jnp.asarray(step, jnp.float32)
     total = jnp.asarray(total_steps, jnp.float32)
-    peak = jnp.float32(cfg.lr)
-    final = peak * jnp.float32(cfg.final_lr_fraction)
-    w = _warmup(cfg, total)
+    peak = jnp.asarray(_h(cfg, hp, "lr"), jnp.float32)
+    final = peak * jnp.asarray(_h(cfg, hp, "final_lr_fraction"), jnp.float32)
+    w = _warmup(cfg, total, hp)
     last = total - 1.0
     warm = peak * (s + 1.0) / jnp.maximum(w, 1.0)
     if cfg.schedule == "constant":
@@ -77,7 +112,7 @@ def learning_rate(cfg: OptimConfig, step, total_steps):
         else:
             after = peak + (final - peak) * p
     elif cfg.schedule == "wsd":
-        start = _decay_start(cfg, total)
+        start = _decay_start(cfg, total, hp)
         n_decay = jnp.maximum(last - start + 1.0, 1.0)
         # p reaches 1 exactly at the last step; the first cooldown step is already below peak
         p = jnp.clip((s - start + 1.0) / n_decay, 0.0, 1.0)
@@ -107,14 +142,16 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, hp=None) -> optax.GradientTransformation:
     """AdamW without its learning rate: global-norm clipping, Adam scaling, decoupled weight
     decay. The train step multiplies the result by ``-learning_rate(cfg, step, total_steps)``,
-    which is exactly ``optax.adamw`` (that is the same chain followed by ``scale(-lr)``)."""
-    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    which is exactly ``optax.adamw`` (that is the same chain followed by ``scale(-lr)``). With
+    ``hp`` (traced values, inside the compiled step) the clip norm, betas, eps and weight decay
+    come from it; the state's structure is the same either way."""
+    parts = [optax.clip_by_global_norm(_h(cfg, hp, "grad_clip"))] if cfg.grad_clip > 0 else []
     parts += [
-        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_adam(b1=_h(cfg, hp, "b1"), b2=_h(cfg, hp, "b2"), eps=_h(cfg, hp, "eps")),
+        optax.add_decayed_weights(_h(cfg, hp, "weight_decay"), mask=decay_mask),
     ]
     return optax.chain(*parts)
 

@@ -49,14 +49,36 @@ def _sq_norm(tree) -> jax.Array:
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
 
 
-def make_loss_fn(graphdef, z_loss_weight: float) -> Callable:
-    """``loss_fn(params, rest, inputs_BxL, targets_BxL) -> (loss, (ce, aux))``."""
+# model aux metrics (suffixes of the per-layer names) -> the hparam that weights them in the loss
+AUX_TERMS = {"/moe/lb_loss": "moe_aux_loss_weight", "/moe/z_loss": "moe_z_loss_weight",
+             "/mod/causal_bce": "mod_aux_loss_weight"}
+
+
+def weighted_aux_loss(aux: dict, weights: dict) -> jax.Array:
+    """The model's auxiliary loss rebuilt from its unweighted per-layer terms with ``weights``
+    (traced values): ``sum_i w_lb lb_i + w_z z_i + w_mod bce_i``, what the layers compute with
+    their configured weights."""
+    total = jnp.zeros((), jnp.float32)
+    for name, value in aux.items():
+        for suffix, key in AUX_TERMS.items():
+            if name.endswith(suffix):
+                total = total + weights[key] * jnp.asarray(value, jnp.float32)
+    return total
+
+
+def make_loss_fn(graphdef, z_loss_weight: float, aux_weights: dict | None = None) -> Callable:
+    """``loss_fn(params, rest, inputs_BxL, targets_BxL) -> (loss, (ce, aux))``. With
+    ``aux_weights`` (traced) the MoE/MoD auxiliary losses are weighted by them instead of the
+    weights compiled into the layers."""
 
     def loss_fn(params, rest, inputs, targets):
         model = nnx.merge(graphdef, params, rest)
         logits, aux = model(inputs, train=True)
         ce, z_sq = cross_entropy(logits, targets)
-        aux_loss = jnp.asarray(aux.get("aux_loss", 0.0), jnp.float32)
+        if aux_weights is None:
+            aux_loss = jnp.asarray(aux.get("aux_loss", 0.0), jnp.float32)
+        else:
+            aux_loss = weighted_aux_loss(aux, aux_weights)
         loss = ce + z_loss_weight * z_sq + aux_loss
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if k != "aux_loss"}
         metrics.update(aux_loss=aux_loss, z_sq=z_sq)
@@ -79,9 +101,48 @@ def init_state(params, rest, tx: optax.GradientTransformation, total_steps: int 
             "step": jnp.zeros((), jnp.int32), "total_steps": jnp.asarray(total_steps, jnp.int32)}
 
 
+def _update(graphdef, state, batch, tx, z_loss_weight, lr, aux_weights=None):
+    """One update of ``state`` on ``batch`` (the body shared by both step builders)."""
+    loss_fn = make_loss_fn(graphdef, z_loss_weight, aux_weights)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    params, rest = state["params"], state["rest"]
+    inputs, targets = batch["inputs"], batch["targets"]
+    b, l = inputs.shape
+    if b % 2:
+        raise ValueError(f"global batch must be even for the noise-scale split, got {b}")
+    # [B, L] -> [B/2, 2, L]: half h is rows h, h+2, h+4, ... (device-local under data sharding)
+    x2 = inputs.reshape(b // 2, 2, l)
+    y2 = targets.reshape(b // 2, 2, l)
+    halves = [grad_fn(params, rest, x2[:, h], y2[:, h]) for h in (0, 1)]
+    (loss_a, (ce_a, m_a)), g_a = halves[0]
+    (loss_b, (ce_b, m_b)), g_b = halves[1]
+    grads = jax.tree.map(lambda u, v: 0.5 * (u + v), g_a, g_b)
+    g_big_sq = _sq_norm(grads)
+    g_small_sq = 0.5 * (_sq_norm(g_a) + _sq_norm(g_b))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    if lr is not None:
+        lr = jnp.asarray(lr, jnp.float32)
+        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {k: 0.5 * (m_a[k] + m_b[k]) for k in m_a}
+    metrics.update(
+        loss=0.5 * (ce_a + ce_b),
+        loss_total=0.5 * (loss_a + loss_b),
+        grad_norm=jnp.sqrt(g_big_sq),
+        gns_b_small=jnp.float32(b // 2),
+        gns_b_big=jnp.float32(b),
+        gns_g_small_sq=g_small_sq,
+        gns_g_big_sq=g_big_sq,
+    )
+    if lr is not None:
+        metrics["lr"] = lr
+    new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, metrics
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, z_loss_weight: float,
                     lr_fn: Callable | None = None, donate: bool = True) -> Callable:
-    """Jitted ``step(state, batch) -> (state, metrics)``.
+    """Jitted ``step(state, batch) -> (state, metrics)`` with its hyperparameters compiled in.
 
     ``state`` from ``init_state``; ``batch = {"inputs", "targets"}`` int32 ``[B, L]`` with even
     ``B``. ``lr_fn(step, total_steps) -> lr`` scales the optimizer's output by ``-lr`` (with
@@ -89,54 +150,72 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, z_loss_weight
     are. The LR is computed from the state's traced step and total, so changing the budget does
     not recompile. Metrics (device scalars): ``loss`` (cross-entropy, nats), ``loss_total`` (what
     is differentiated), ``grad_norm`` (before clipping), ``lr`` (the LR this update used), the
-    four ``gns_*`` statistics and the model's aux metrics.
+    four ``gns_*`` statistics and the model's aux metrics. The trainer uses
+    ``make_traced_train_step``, which takes the hyperparameters as values instead.
     """
-    loss_fn = make_loss_fn(graphdef, z_loss_weight)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch):
-        params, rest = state["params"], state["rest"]
-        inputs, targets = batch["inputs"], batch["targets"]
-        b, l = inputs.shape
-        if b % 2:
-            raise ValueError(f"global batch must be even for the noise-scale split, got {b}")
-        # [B, L] -> [B/2, 2, L]: half h is rows h, h+2, h+4, ... (device-local under data sharding)
-        x2 = inputs.reshape(b // 2, 2, l)
-        y2 = targets.reshape(b // 2, 2, l)
-        halves = [grad_fn(params, rest, x2[:, h], y2[:, h]) for h in (0, 1)]
-        (loss_a, (ce_a, m_a)), g_a = halves[0]
-        (loss_b, (ce_b, m_b)), g_b = halves[1]
-        grads = jax.tree.map(lambda u, v: 0.5 * (u + v), g_a, g_b)
-        g_big_sq = _sq_norm(grads)
-        g_small_sq = 0.5 * (_sq_norm(g_a) + _sq_norm(g_b))
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        if lr_fn is not None:
-            lr = jnp.asarray(lr_fn(state["step"], state["total_steps"]), jnp.float32)
-            updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
-        new_params = optax.apply_updates(params, updates)
-        metrics = {k: 0.5 * (m_a[k] + m_b[k]) for k in m_a}
-        metrics.update(
-            loss=0.5 * (ce_a + ce_b),
-            loss_total=0.5 * (loss_a + loss_b),
-            grad_norm=jnp.sqrt(g_big_sq),
-            gns_b_small=jnp.float32(b // 2),
-            gns_b_big=jnp.float32(b),
-            gns_g_small_sq=g_small_sq,
-            gns_g_big_sq=g_big_sq,
-        )
-        if lr_fn is not None:
-            metrics["lr"] = lr
-        new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
-        return new_state, metrics
+        lr = lr_fn(state["step"], state["total_steps"]) if lr_fn is not None else None
+        return _update(graphdef, state, batch, tx, z_loss_weight, lr)
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+class TrainStep:
+    """``step(state, batch) -> (state, metrics)`` whose hyperparameters (``optim.HPARAMS``) are
+    arguments of the compiled program, not constants in it: every learning rate, warmup, weight
+    decay, Adam beta/eps, clip norm and z-loss weight at one shape shares one compilation (and
+    one persistent-cache entry). ``with_hparams(cfg)`` gives the same compiled step with other
+    values; ``lower(state, batch)`` is jax's, for ahead-of-time compilation."""
+
+    def __init__(self, jitted, hp: dict):
+        self._jitted = jitted
+        self.hparams = hp
+
+    def __call__(self, state, batch):
+        return self._jitted(state, batch, self.hparams)
+
+    def lower(self, state, batch):
+        return _Lowered(self._jitted.lower(state, batch, self.hparams), self.hparams)
+
+    def with_hparams(self, optim_cfg, model_cfg=None) -> "TrainStep":
+        from scaling.train import optim
+
+        return TrainStep(self._jitted, optim.hparams(optim_cfg, model_cfg))
+
+
+class _Lowered:
+    def __init__(self, lowered, hp):
+        self._lowered, self._hp = lowered, hp
+
+    def compile(self):
+        compiled, hp = self._lowered.compile(), self._hp
+        return lambda state, batch: compiled(state, batch, hp)
+
+
+def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool = True) -> TrainStep:
+    """The trainer's step: AdamW (``optim.make_optimizer``) and the schedule
+    (``optim.learning_rate``) of ``optim_cfg`` with every number in ``optim.HPARAMS`` (and, given
+    ``model_cfg``, the MoE/MoD aux-loss weights) passed to the compiled program as a value (see
+    ``TrainStep``); metrics as ``make_train_step``."""
+    from scaling.train import optim
+
+    traced_aux = model_cfg is not None
+
+    def step(state, batch, hp):
+        tx = optim.make_optimizer(optim_cfg, hp)
+        lr = optim.learning_rate(optim_cfg, state["step"], state["total_steps"], hp)
+        return _update(graphdef, state, batch, tx, hp["z_loss"], lr, hp if traced_aux else None)
+
+    return TrainStep(jax.jit(step, donate_argnums=(0,) if donate else ()), optim.hparams(optim_cfg, model_cfg))
 
 
 def make_eval_step(graphdef, mod_routing: str = "topk") -> Callable:
     """Jitted ``eval_step(params, rest, batch) -> (sum of token cross-entropies (nats), n_tokens)``.
 
-    ``mod_routing="causal"`` evaluates mixture-of-depths blocks with per-token causal decisions
-    (the loss a sampler sees) instead of training's top-k over the sequence."""
+    ``batch`` may carry ``weights`` float32[B, L] (0 for padding rows, ``data.loader.pad_rows``);
+    both sums are then weighted. ``mod_routing="causal"`` evaluates mixture-of-depths blocks with
+    per-token causal decisions (the loss a sampler sees) instead of training's top-k."""
 
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
@@ -144,16 +223,34 @@ def make_eval_step(graphdef, mod_routing: str = "topk") -> Callable:
         logits = logits.astype(jnp.float32)
         log_z = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
-        return jnp.sum(log_z - tgt), jnp.float32(tgt.size)
+        w = batch.get("weights")
+        if w is None:
+            return jnp.sum(log_z - tgt), jnp.float32(tgt.size)
+        return jnp.sum((log_z - tgt) * w), jnp.sum(w)
 
     return jax.jit(eval_step)
 
 
 def evaluate(eval_step: Callable, params, rest, batches: list[dict[str, Any]], put: Callable) -> float:
     """Mean cross-entropy (nats/token) over the fixed eval batches."""
-    total, count = 0.0, 0.0
-    for batch in batches:
-        s, n = eval_step(params, rest, put(batch))
-        total += float(s)
-        count += float(n)
-    return total / max(count, 1.0)
+    return evaluate_chunks(eval_step, params, rest, batches, put)[0]
+
+
+def evaluate_chunks(eval_step: Callable, params, rest, chunks: list[dict[str, Any]], put: Callable) -> tuple[float, float]:
+    """``(mean, standard error)`` of the cross-entropy (nats/token) over held-out ``chunks``.
+
+    The mean is over all tokens; the standard error is that of a token-weighted mean of the
+    chunk means (``sqrt(k / (k - 1) * sum w_i^2 (m_i - m)^2) / sum w_i``, ``k`` chunks; NaN
+    for one chunk), the sampling noise of the held-out estimate."""
+    sums, counts = [], []
+    for chunk in chunks:
+        s, n = eval_step(params, rest, put(chunk))
+        sums.append(float(s))
+        counts.append(float(n))
+    total, count = sum(sums), max(sum(counts), 1.0)
+    mean = total / count
+    k = len(chunks)
+    if k < 2:
+        return mean, float("nan")
+    dev = sum((c * (s / max(c, 1.0) - mean)) ** 2 for s, c in zip(sums, counts))
+    return mean, (k / (k - 1) * dev) ** 0.5 / count

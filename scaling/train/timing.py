@@ -29,8 +29,7 @@ def prepare_train_step(cfg, mesh):
         graphdef, params, rest = step_lib.split_model(model)
         tx = optim.make_optimizer(cfg.optim)
         state = step_lib.init_state(params, rest, tx, total_steps=1000, mesh=mesh)
-        train_step = step_lib.make_train_step(graphdef, tx, z_loss_weight=cfg.optim.z_loss,
-                                              lr_fn=optim.make_lr_fn(cfg.optim))
+        train_step = step_lib.make_traced_train_step(graphdef, cfg.optim, cfg.model)
         rng = np.random.default_rng(0)
         b, l, v = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
         tokens = rng.integers(0, v, size=(b, l + 1), dtype=np.int32)

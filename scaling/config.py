@@ -188,8 +188,12 @@ class ModelConfig:
     @property
     def causal_eval(self) -> bool:
         """Whether the model's evaluation (``train=False``, causal MoD routing) lets no token
-        see later ones: false only for expert-choice MoE, whose experts pick among all tokens."""
-        return self.moe is None or self.moe.router != "expert_choice"
+        see later ones: false for expert-choice MoE, whose experts pick among all tokens, and
+        for MoD with ``causal_aux="none"``, which trains no causal decision (its top-k loss is
+        stored instead)."""
+        if self.moe is not None and self.moe.router == "expert_choice":
+            return False
+        return self.mod is None or self.mod.causal_aux != "none"
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and (i + 1) % self.moe.every == 0
@@ -538,7 +542,7 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
     items = list(overrides.items()) if isinstance(overrides, dict) else [_parse_override(s) for s in overrides]
     d = dataclasses.asdict(cfg)
     for key, value in items:
-        if key.endswith("data.eval_batches") and value not in (None, "none", "null"):
+        if key.endswith("data.eval_batches") and value is not None and str(value).lower() not in ("none", "null"):
             raise ConfigError("data.eval_batches: replaced by data.eval_tokens, one held-out set for every batch size "
                               "(e.g. data.eval_tokens=65536)")
         node = d

@@ -95,6 +95,8 @@ def _with_rescored(d: Path, summary: dict) -> dict:
         return summary
     if schema.version_of(r) != schema.SCHEMA_VERSION or schema.version_of(summary) == schema.SCHEMA_VERSION:
         return summary
+    if r.get("step") != summary.get("steps"):  # re-scored before the run finished: not its final figures
+        return summary
     keys = ("final_eval_loss", "final_eval_loss_se", "eval_sha256", "eval_tokens", "causal", "schema_version")
     return {**summary, **{k: r.get(k) for k in keys}, "rescored": True}
 
@@ -155,6 +157,8 @@ def load(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
             row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
         if isinstance(desc.get("config"), dict):  # trials that differ only in their seed share a group
             rest = {k: v for k, v in desc["config"].items() if k not in ("seed", "name")}
+            if isinstance(rest.get("init_from"), str):  # a WSD branch names its seed's main run: keep the step
+                rest["init_from"] = rest["init_from"].rsplit("@", 1)[-1]
             row["seed_group"] = hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
         for k, v in desc.items():  # grid tags beyond the standard columns (e.g. a dotted key)
             if k not in row and k not in ("config", "resources", "group", "planned_flops"):

@@ -16,8 +16,9 @@ History (bump the number and add a line; never reuse one):
    ``summary.json`` adds ``final_eval_loss_se``, ``eval_sha256`` and ``eval_tokens``.
    And the fitted loss is causal, as a sampler sees the model: MoD with each token's own
    routing decision (the top-k number, which looks ahead, is ``final_eval_loss_topk``), MoE
-   token choice evaluated without dropping; ``causal`` is false for expert-choice MoE, whose
-   rows fits leave out unless asked.
+   token choice evaluated without dropping; ``causal`` is false for expert-choice MoE and for
+   MoD with ``causal_aux="none"`` (which trains no causal decision: its top-k loss is stored),
+   rows that fits leave out unless asked. A run directory of an older version is not resumed.
 
 Standard library only.
 """

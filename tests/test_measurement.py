@@ -86,6 +86,37 @@ def test_moe_and_mod_aux_weights_are_traced_too():
     assert traced._jitted._cache_size() == 1
 
 
+def test_a_traced_step_refuses_settings_it_compiled_in():
+    model = Transformer(ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2), rngs=nnx.Rngs(0))
+    graphdef, _, _ = step_lib.split_model(model)
+    base = OptimConfig(schedule="cosine", grad_clip=1.0)
+    traced = step_lib.make_traced_train_step(graphdef, base)
+    traced.with_hparams(dataclasses.replace(base, lr=0.1, grad_clip=0.5))  # numbers: fine
+    for other in (dataclasses.replace(base, schedule="wsd"), dataclasses.replace(base, grad_clip=0.0)):
+        with pytest.raises(ValueError, match="build a new step"):
+            traced.with_hparams(other)
+
+
+def test_runs_of_older_schema_are_not_resumed_and_branches_group_by_seed(tmp_path):
+    from scaling.config import ConfigError
+
+    cfg = experiments.get("dense").with_overrides([*TINY, "budget.steps=4"])
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**cfg.to_dict(), "schema_version": 2}))
+    with pytest.raises(ConfigError, match="written under schema version 2"):
+        loop.run(cfg, d)
+    trials = []
+    for seed in range(3):  # WSD branches of three seeds' main runs, all branching at step 40
+        tid = f"b{seed}"
+        trials.append({"trial_id": tid, "seed": seed, "config": {"seed": seed, "init_from": f"main{seed}@40"}})
+        write_json_atomic(tmp_path / "s" / tid / "summary.json", {"state": "done", "final_eval_loss": 2.0 + 0.01 * seed,
+                                                                "schema_version": schema.SCHEMA_VERSION})
+    write_json_atomic(tmp_path / "s" / "manifest.json", {"name": "s", "strategy": "wsd_branch", "trials": trials})
+    df = runs.load(tmp_path / "s")
+    assert list(df["n_seeds"]) == [3, 3, 3] and df["loss_seed_std"].iloc[0] == pytest.approx(0.01)
+
+
 # ---------------------------------------------------------------------------------------------
 # causality of the evaluated model
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +158,7 @@ def test_evaluation_never_looks_at_later_tokens(kind):
 
 def test_expert_choice_is_marked_non_causal_and_left_out_of_fits(tmp_path, capsys):
     assert not ModelConfig(moe=MoEConfig(router="expert_choice")).causal_eval
+    assert not ModelConfig(mod=MoDConfig(causal_aux="none")).causal_eval
     trials = []
     for i, causal in enumerate([True, True, True, True, False]):
         tid = f"t{i}"

@@ -172,7 +172,7 @@ def fit_law(
     need = list(law.inputs) + [law.target]
     io.require(df, need, what=what, min_points=law.n_params + 1)
     x, y = io.inputs(df, law.inputs), df[law.target].to_numpy(float)
-    noise = measured_noise(df, law.target) if isinstance(seed_noise, str) else seed_noise
+    noise = measured_noise(df, law.target) if isinstance(seed_noise, str) and bootstrap else seed_noise
     ms = robust.fit_multistart(law, x, y, delta=delta, starts=starts)
     natural = {k: float(v) for k, v in law.natural(ms.theta).items()}
     res = FitResult(

@@ -276,7 +276,10 @@ class MoELayer(nnx.Module):
             drop = jnp.mean((taken == 0).astype(jnp.float32))
             load = jnp.full((E,), 1.0 / E, jnp.float32)  # each expert takes exactly C tokens
         else:
-            if moe.router == "dropless" and resolve_backend(cfg) == "ragged_dot":
+            # evaluation drops nothing: on accelerators the exact grouped matmul does k expert-MLPs
+            # per token; the padded C = S einsum (CPU) computes n_routed of them
+            no_drop_ragged = not train and moe.router == "token_choice" and jax.default_backend() != "cpu"
+            if (moe.router == "dropless" and resolve_backend(cfg) == "ragged_dot") or no_drop_ragged:
                 y, keep, e_GxN = self._dropless_ragged(x_BxLxD, probs)
             else:
                 y, keep, e_GxN = self._token_choice(x_BxLxD, probs, capacity(cfg, L) if train else L)

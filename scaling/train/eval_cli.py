@@ -26,7 +26,8 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="re-score a run's newest checkpoint on the current held-out set",
                        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR", help="a run directory written by scaling train / scaling sweep")
-    p.add_argument("--tokens", type=int, default=None, help="held-out tokens to score (default: the trainer's default)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="held-out tokens to score (default: the run's data.eval_tokens, else the trainer's default)")
     p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                    help="another data.* setting for the held-out text, e.g. --data source=local_text")
     p.set_defaults(func=main)
@@ -46,7 +47,7 @@ def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] =
     if tokens is not None and tokens < 1:
         raise UsageError(f"--tokens: must be >= 1, got {tokens}")
     cfg, model, step = load_model(run_dir)
-    overrides = {"data.eval_batches": None, "data.eval_tokens": tokens}
+    overrides = {"data.eval_batches": None, "data.eval_tokens": tokens if tokens is not None else cfg.data.eval_tokens}
     for item in data:
         if "=" not in item:
             raise UsageError(f"--data: expected KEY=VALUE (a data.* field), got {item!r}")
@@ -55,7 +56,8 @@ def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] =
     data_cfg = cfg.with_overrides(overrides).data
     ev = loader.eval_set(data_cfg)
     graphdef, params, rest = step_lib.split_model(model)
-    eval_step = step_lib.make_eval_step(graphdef, mod_routing="causal" if cfg.model.mod is not None else "topk")
+    causal_mod = cfg.model.mod is not None and cfg.model.mod.causal_aux != "none"
+    eval_step = step_lib.make_eval_step(graphdef, mod_routing="causal" if causal_mod else "topk")
     mean, se = step_lib.evaluate_chunks(eval_step, params, rest, ev.chunks, put=lambda chunk: chunk)
     out = {"schema_version": schema.SCHEMA_VERSION, "final_eval_loss": mean, "final_eval_loss_se": se,
            "eval_sha256": ev.sha256, "eval_tokens": ev.n_tokens, "step": step, "causal": cfg.model.causal_eval,

@@ -116,6 +116,10 @@ def _check_same_config(cfg: TrainConfig, out: Path) -> None:
             old = json.loads(cfg_path.read_text())
         except ValueError:
             old = None
+        if isinstance(old, dict) and schema.version_of(old) != schema.SCHEMA_VERSION:
+            raise ConfigError(f"out: {out} was written under schema version {schema.version_of(old)} (this is "
+                              f"{schema.SCHEMA_VERSION}: see scaling/schema.py); finish it with the version that "
+                              f"started it, re-score it with `scaling eval {out}`, or use a new --out")
         if isinstance(old, dict):
             old = schema.config_fields(old)
             for k in COSMETIC_FIELDS:
@@ -282,8 +286,9 @@ class _Session:
         # MoD trains with top-k over the whole sequence, which looks at later tokens and which a
         # sampler cannot use: the stored loss is each token's causal decision; the top-k number
         # is logged beside it as eval_loss_topk. MoE evaluates without dropping (causal).
-        self.eval_step = step_lib.make_eval_step(self.graphdef, mod_routing="causal" if mod is not None else "topk")
-        self.eval_step_topk = step_lib.make_eval_step(self.graphdef) if mod is not None else None
+        causal_mod = mod is not None and mod.causal_aux != "none"  # "none" trains no causal decision
+        self.eval_step = step_lib.make_eval_step(self.graphdef, mod_routing="causal" if causal_mod else "topk")
+        self.eval_step_topk = step_lib.make_eval_step(self.graphdef) if causal_mod else None
         return step_lib.init_state(self.params0, self.rest0, tx, mesh=self.mesh)
 
     def _estimate_steps_for_seconds(self, state) -> int:

@@ -168,9 +168,10 @@ class TrainStep:
     one persistent-cache entry). ``with_hparams(cfg)`` gives the same compiled step with other
     values; ``lower(state, batch)`` is jax's, for ahead-of-time compilation."""
 
-    def __init__(self, jitted, hp: dict):
+    def __init__(self, jitted, hp: dict, static: tuple | None = None):
         self._jitted = jitted
         self.hparams = hp
+        self._static = static
 
     def __call__(self, state, batch):
         return self._jitted(state, batch, self.hparams)
@@ -179,9 +180,16 @@ class TrainStep:
         return _Lowered(self._jitted.lower(state, batch, self.hparams), self.hparams)
 
     def with_hparams(self, optim_cfg, model_cfg=None) -> "TrainStep":
+        """The same compiled step with ``optim_cfg``'s (and ``model_cfg``'s aux) values. Raises
+        ``ValueError`` when a setting compiled into the program differs (schedule kind, WSD
+        cooldown shape, clipping on/off, traced aux weights or not)."""
         from scaling.train import optim
 
-        return TrainStep(self._jitted, optim.hparams(optim_cfg, model_cfg))
+        static = _static_settings(optim_cfg, model_cfg)
+        if self._static is not None and static != self._static:
+            raise ValueError(f"with_hparams: {static} differs from the compiled step's {self._static} "
+                             f"(schedule, cooldown, clipping on/off, aux weights traced); build a new step")
+        return TrainStep(self._jitted, optim.hparams(optim_cfg, model_cfg), self._static)
 
 
 class _Lowered:
@@ -207,7 +215,15 @@ def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool 
         lr = optim.learning_rate(optim_cfg, state["step"], state["total_steps"], hp)
         return _update(graphdef, state, batch, tx, hp["z_loss"], lr, hp if traced_aux else None)
 
-    return TrainStep(jax.jit(step, donate_argnums=(0,) if donate else ()), optim.hparams(optim_cfg, model_cfg))
+    return TrainStep(jax.jit(step, donate_argnums=(0,) if donate else ()), optim.hparams(optim_cfg, model_cfg),
+                     _static_settings(optim_cfg, model_cfg))
+
+
+def _static_settings(optim_cfg, model_cfg) -> tuple:
+    """What a traced step compiles in: the schedule kind, the WSD cooldown shape, whether it
+    clips, whether the aux weights are traced."""
+    return (optim_cfg.schedule, getattr(optim_cfg, "wsd_cooldown", "linear"), optim_cfg.grad_clip > 0,
+            model_cfg is not None)
 
 
 def make_eval_step(graphdef, mod_routing: str = "topk") -> Callable:

@@ -190,8 +190,9 @@ class JsonlAppender:
     def resume(cls, path: str | Path, keep) -> tuple["JsonlAppender", Rows]:
         path = Path(path)
         rows = read_jsonl(path)
-        kept = Rows([r for r in rows if keep(r)], rows.bad, rows.bad_lines)
-        rolled_back = [r for r in rows if not keep(r)]
+        kept, rolled_back = Rows([], rows.bad, rows.bad_lines), []
+        for r in rows:
+            (kept if keep(r) else rolled_back).append(r)
         if rolled_back:  # logged after the checkpoint the run resumes from: kept aside, not lost
             with open(path.with_name(path.name + ".rolled_back"), "a") as f:
                 f.write("".join(dumps_line(r) for r in rolled_back))

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from scaling.errors import LeaseLost, RunDirBusy
-from scaling.files import write_json_atomic
+from scaling.files import read_json, write_json_atomic
 
 LEASE = "lock"
 GUARD = "lock.guard"
@@ -108,10 +108,7 @@ def _pid_alive(pid: int, start: str | None) -> bool:
 def holder(run_dir: str | Path) -> dict | None:
     """The lease in ``run_dir`` as written (or ``None``: no lease, or an unreadable one such as
     the empty ``lock`` file of an older version). Reads only."""
-    try:
-        d = json.loads((Path(run_dir) / LEASE).read_text())
-    except (OSError, ValueError):
-        return None
+    d = read_json(Path(run_dir) / LEASE)
     if not isinstance(d, dict):
         return None
     try:

@@ -403,9 +403,10 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
     sweep_dir = Path(sweep_dir).absolute()
     from scaling.sweep.spec import slurm_value
 
-    # the job name and the log folder (under the sweep directory) become #SBATCH lines too
-    job_name = slurm_value("--out", sweep_dir.name)
+    # the job name and the log folder (under the sweep directory) become #SBATCH lines too:
+    # checking the whole path covers both
     slurm_value("--out", str(sweep_dir))
+    job_name = sweep_dir.name
     prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
     executor = submitit.AutoExecutor(folder=sweep_dir / ".submitit" / "%j", cluster=cluster)
     todo = [t for t in trials if prog.state[t.id] not in store.FINAL]

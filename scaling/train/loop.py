@@ -248,11 +248,12 @@ class _Session:
         self.iterator = loader.make_train_iterator(cfg.data, seed=cfg.seed, process_index=self.shard_index,
                                                    process_count=self.shard_count)
         self.eval = loader.eval_set(cfg.data)
-        self.eval_data = self.eval.chunks
         resolved["eval_set"] = self.eval.describe()
-        # every chunk is padded (zero-weight rows) to rows the mesh and the hosts can split
-        self._eval_rows = math.lcm(sharding.batch_rows_multiple(self.mesh), self.shard_count)
-        self._pad_rows = loader.pad_rows
+        # every chunk is padded (zero-weight rows) to rows the mesh and the hosts can split; the
+        # set is fixed, so it is placed on the devices once, at the first evaluation
+        rows = math.lcm(sharding.batch_rows_multiple(self.mesh), self.shard_count)
+        self._eval_host = [loader.pad_rows(c, rows) for c in self.eval.chunks]
+        self._eval_device: list[dict] | None = None
         self._sharding = sharding
         self.ctx = sharding.mesh_context(self.mesh)
         self.ctx.__enter__()
@@ -272,9 +273,7 @@ class _Session:
         return self._sharding.shard_batch({k: batch[k] for k in keys}, self.mesh)
 
     def put_global(self, batch: dict) -> dict:
-        """A held-out chunk every host holds whole: padded to rows the mesh can split, then
-        this host's row block."""
-        batch = self._pad_rows(batch, self._eval_rows)
+        """A batch every host holds whole (a padded held-out chunk): this host's row block."""
         n = batch["inputs"].shape[0] // self.shard_count
         lo = self.shard_index * n
         return self.put({k: v[lo:lo + n] for k, v in batch.items()})
@@ -462,12 +461,15 @@ class _Session:
         """Mean held-out cross-entropy (nats/token) as a sampler sees the model, ``eval_loss``,
         and its standard error over the chunks, ``eval_loss_se``; for MoD also the top-k
         routing number ``eval_loss_topk`` (it looks at later tokens)."""
+        if self._eval_device is None:
+            self._eval_device = [self.put_global(c) for c in self._eval_host]
+        placed = lambda chunk: chunk  # noqa: E731
         out = {}
         out["eval_loss"], out["eval_loss_se"] = step_lib.evaluate_chunks(
-            self.eval_step, state["params"], state["rest"], self.eval_data, self.put_global)
+            self.eval_step, state["params"], state["rest"], self._eval_device, placed)
         if self.eval_step_topk is not None:
             out["eval_loss_topk"] = step_lib.evaluate_chunks(
-                self.eval_step_topk, state["params"], state["rest"], self.eval_data, self.put_global)[0]
+                self.eval_step_topk, state["params"], state["rest"], self._eval_device, placed)[0]
         return out
 
     def _peek_meta(self) -> dict | None:

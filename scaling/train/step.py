@@ -247,11 +247,6 @@ def make_eval_step(graphdef, mod_routing: str = "topk") -> Callable:
     return jax.jit(eval_step)
 
 
-def evaluate(eval_step: Callable, params, rest, batches: list[dict[str, Any]], put: Callable) -> float:
-    """Mean cross-entropy (nats/token) over the fixed eval batches."""
-    return evaluate_chunks(eval_step, params, rest, batches, put)[0]
-
-
 def evaluate_chunks(eval_step: Callable, params, rest, chunks: list[dict[str, Any]], put: Callable) -> tuple[float, float]:
     """``(mean, standard error)`` of the cross-entropy (nats/token) over held-out ``chunks``.
 

@@ -26,6 +26,7 @@ COMMANDS = {
     "plot": "scaling.fit.cli",
     "sample": "scaling.train.sample_cli",
     "eval": "scaling.train.eval_cli",
+    "coord-check": "scaling.train.coord_check",
     "bench": "scaling.bench",
 }
 

@@ -135,6 +135,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"  # activation/compute dtype; params stay float32
+    # sp: standard parametrization; mup: maximal-update (Yang et al. 2022), relative to a base
+    # model of width mup_base_width that it equals exactly (rules in scaling/models/mup.py)
+    parametrization: Literal["sp", "mup"] = "sp"
+    mup_base_width: Optional[int] = None
     moe: Optional[MoEConfig] = None
     mod: Optional[MoDConfig] = None
 
@@ -160,6 +164,23 @@ class ModelConfig:
         _positive("model.rope_theta", self.rope_theta)
         _positive("model.norm_eps", self.norm_eps)
         _positive("model.init_std", self.init_std)
+        _one_of("model.parametrization", self.parametrization, ("sp", "mup"))
+        if self.parametrization == "mup":
+            b = self.mup_base_width
+            if b is None:
+                _fail("model.mup_base_width", "model.parametrization=mup needs the width of the tuned base model, "
+                                              "e.g. model.mup_base_width=64")
+            if not isinstance(b, int) or b < 1:
+                _fail("model.mup_base_width", f"must be a positive integer, got {b!r}")
+            if self.head_dim is None and b % self.n_heads:
+                _fail("model.mup_base_width", f"{b} is not divisible by n_heads={self.n_heads}: the base model's head_dim "
+                                              f"(base width / n_heads, which sets the 1/head_dim attention scale) must be "
+                                              f"a whole number; pick a multiple of {self.n_heads} or set model.head_dim")
+            if self.mod is not None:
+                _fail("model.parametrization", "mup does not cover mixture-of-depths routers and predictors yet; "
+                                               "use model.parametrization=sp for MoD models")
+        elif self.mup_base_width is not None and (not isinstance(self.mup_base_width, int) or self.mup_base_width < 1):
+            _fail("model.mup_base_width", f"must be a positive integer, got {self.mup_base_width!r}")
         if self.moe is not None:
             expert_ff = self.resolved_d_ff * self.moe.expert_size
             if expert_ff % self.moe.granularity != 0 or int(expert_ff) != expert_ff:
@@ -562,8 +583,24 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
     return _build(type(cfg), d, "")
 
 
+# Fields added after trial ids were first published, with the value every earlier config had.
+# They enter the hash only when they differ from it, so adding a field never renames the trials
+# of an existing sweep (its finished runs stay found).
+LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): None}
+
+
+def hashed_dict(cfg: TrainConfig) -> dict:
+    """``cfg.to_dict()`` without the ``LATE_FIELDS`` that hold their old value."""
+    d = cfg.to_dict()
+    for (section, name), old in LATE_FIELDS.items():
+        if d.get(section, {}).get(name, old) == old:
+            d.get(section, {}).pop(name, None)
+    return d
+
+
 def config_hash(cfg: TrainConfig, length: int = 12) -> str:
     """Stable short hash of a resolved config (used as the trial id)."""
     import hashlib
 
-    return hashlib.sha256(cfg.to_json(indent=None).encode()).hexdigest()[:length]
+    text = json.dumps(hashed_dict(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from scaling.config import ModelConfig
+from scaling.models import mup
 
 def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
@@ -93,10 +94,10 @@ def one_draw_init(rngs: nnx.Rngs):
         var.set_value(value)
 
 
-def _out_std(cfg: ModelConfig) -> float:
-    # Residual-branch output projections are scaled down by sqrt(2 * n_layers) (GPT-2), so the
-    # residual stream's variance at init does not grow with depth.
-    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+def _std(cfg: ModelConfig, name: str) -> float:
+    """Initial std of matrix ``name`` under the model's parametrization (``scaling.models.mup``:
+    SP's GPT-2 rule, residual output projections scaled by 1/sqrt(2 n_layers), or μP)."""
+    return mup.init_std(cfg, name)
 
 
 class RMSNorm(nnx.Module):
@@ -117,7 +118,7 @@ class Embed(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = compute_dtype(cfg)
-        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), _std(cfg, "embedding"))
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
@@ -142,7 +143,7 @@ def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
 
 
 def causal_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
-                     key_mask_BxL: jax.Array | None = None) -> jax.Array:
+                     key_mask_BxL: jax.Array | None = None, scale: float | None = None) -> jax.Array:
     """Causal softmax attention, grouped-query (query head ``h`` reads kv head ``h // (H/K)``).
 
     ``jax.nn.dot_product_attention`` with its XLA implementation: it computes the full ``L x L``
@@ -151,13 +152,14 @@ def causal_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.
     must be in increasing position order (mixture-of-depths keeps gathered tokens in order).
     ``key_mask_BxL`` (bool) restricts every query to the keys marked True, plus itself so that no
     row is empty (mixture-of-depths' causal routing: selected tokens see selected tokens only).
+    ``scale`` multiplies the scores (default ``1/sqrt(E)``; μP passes ``mup.attention_scale``).
     Returns ``[B, L, H, E]`` in the input dtype."""
     mask = None
     if key_mask_BxL is not None:
         L = key_mask_BxL.shape[1]
         mask = (key_mask_BxL[:, None, None, :] | jnp.eye(L, dtype=bool)[None, None])
     return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask=mask, is_causal=True,
-                                        implementation="xla")
+                                        scale=scale, implementation="xla")
 
 
 class Attention(nnx.Module):
@@ -169,10 +171,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
-        self.wq = param(rngs, (D, H, E), ("embed", "heads", "kv"), cfg.init_std)
-        self.wk = param(rngs, (D, K, E), ("embed", "heads", "kv"), cfg.init_std)
-        self.wv = param(rngs, (D, K, E), ("embed", "heads", "kv"), cfg.init_std)
-        self.wo = param(rngs, (H, E, D), ("heads", "kv", "embed"), _out_std(cfg))
+        self.wq = param(rngs, (D, H, E), ("embed", "heads", "kv"), _std(cfg, "wq"))
+        self.wk = param(rngs, (D, K, E), ("embed", "heads", "kv"), _std(cfg, "wk"))
+        self.wv = param(rngs, (D, K, E), ("embed", "heads", "kv"), _std(cfg, "wv"))
+        self.wo = param(rngs, (H, E, D), ("heads", "kv", "embed"), _std(cfg, "wo"))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(E, eps=cfg.norm_eps, axis_name="kv", rngs=rngs)
             self.k_norm = RMSNorm(E, eps=cfg.norm_eps, axis_name="kv", rngs=rngs)
@@ -194,7 +196,8 @@ class Attention(nnx.Module):
             k_BxLxKxE = self.k_norm(k_BxLxKxE)
         q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
         k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
-        o_BxLxHxE = causal_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, key_mask_BxL)
+        scale = mup.attention_scale(cfg) if mup.is_mup(cfg) else None  # None: jax's own 1/sqrt(E) (SP)
+        o_BxLxHxE = causal_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, key_mask_BxL, scale)
         return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.wo[...].astype(dt))
 
 
@@ -208,9 +211,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, d_ff: int | None = None):
         self.cfg = cfg
         D, F = cfg.d_model, d_ff if d_ff is not None else cfg.resolved_d_ff
-        self.w_in = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
-        self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg.init_std) if cfg.activation == "swiglu" else None
-        self.w_out = param(rngs, (F, D), ("mlp", "embed"), _out_std(cfg))
+        self.w_in = param(rngs, (D, F), ("embed", "mlp"), _std(cfg, "w_in"))
+        self.w_gate = param(rngs, (D, F), ("embed", "mlp"), _std(cfg, "w_gate")) if cfg.activation == "swiglu" else None
+        self.w_out = param(rngs, (F, D), ("mlp", "embed"), _std(cfg, "w_out"))
 
     def __call__(self, x_BxLxD: jax.Array, **_unused) -> tuple[jax.Array, dict]:
         dt = x_BxLxD.dtype

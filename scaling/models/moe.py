@@ -64,7 +64,8 @@ from jax.sharding import PartitionSpec as P
 
 from scaling.config import ModelConfig
 from scaling.flops import capacity, expert_slots_per_token  # noqa: F401  (the counted work)
-from scaling.models.layers import _out_std, activation_fn, compute_dtype, param
+from scaling.models import mup
+from scaling.models.layers import activation_fn, compute_dtype, param
 
 _MAX_LOAD_METRICS = 16  # per-expert load entries only for small expert counts
 
@@ -132,9 +133,9 @@ class MoELayer(nnx.Module):
         self.cfg = cfg
         moe = cfg.moe
         d, f, e = cfg.d_model, cfg.expert_d_ff, moe.n_routed
-        std, out_std = cfg.init_std, _out_std(cfg)  # the dense MLP's initialisation
+        std, out_std = mup.init_std(cfg, "w_in"), mup.init_std(cfg, "w_out")  # the dense MLP's initialisation
         swiglu = cfg.activation == "swiglu"
-        self.router = param(rngs, (d, e), ("embed", None), std)
+        self.router = param(rngs, (d, e), ("embed", None), mup.init_std(cfg, "router"))
         self.w_in = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std)
         self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std) if swiglu else None
         self.w_out = param(rngs, (e, f, d), ("expert", "mlp", "embed"), out_std)
@@ -188,7 +189,8 @@ class MoELayer(nnx.Module):
     # ---- routing -----------------------------------------------------------------------------
     def router_logits(self, x_GxSxD: jax.Array) -> jax.Array:
         """float32[G, S, n_routed] router logits (the router always runs in float32)."""
-        return jnp.einsum("gsd,de->gse", x_GxSxD.astype(jnp.float32), self.router[...])
+        logits = jnp.einsum("gsd,de->gse", x_GxSxD.astype(jnp.float32), self.router[...])
+        return logits * mup.readout_multiplier(self.cfg) if mup.is_mup(self.cfg) else logits
 
     def _gates(self, top_p):
         # Switch (top_k == 1): raw probability; GShard (top_k > 1): renormalised over the chosen.

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling.config import ModelConfig
+from scaling.models import mup
 from scaling.models.layers import Block, Embed, RMSNorm, compute_dtype, one_draw_init, param
 
 
@@ -46,7 +47,7 @@ class Transformer(nnx.Module):
             if cfg.tie_embeddings:
                 self.head = None
             else:
-                self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+                self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), mup.init_std(cfg, "head"))
 
     def __call__(self, tokens_BxL: jax.Array, *, train: bool = True, mod_routing: str = "topk") -> tuple[jax.Array, dict]:
         """tokens int32[B, L] -> (logits float32[B, L, V], aux dict of float32 scalars).
@@ -72,4 +73,7 @@ class Transformer(nnx.Module):
         else:
             w_DxV = self.head[...].astype(compute_dtype(self.cfg))
             logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV, preferred_element_type=jnp.float32)
-        return logits_BxLxV.astype(jnp.float32), {"aux_loss": aux_loss, **metrics}
+        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+        if mup.is_mup(self.cfg):  # μP readout: logits x 1/m (exactly SP's at the base width)
+            logits_BxLxV = logits_BxLxV * mup.readout_multiplier(self.cfg)
+        return logits_BxLxV, {"aux_loss": aux_loss, **metrics}

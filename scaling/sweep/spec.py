@@ -88,7 +88,7 @@ class IsoFlopGrid:
         if self.center is not None:
             return self.center
         if flops is None:
-            _fail(path, "an accelerator-seconds bucket needs an explicit isoflop center (params)")
+            _fail(path, "a tokens or accelerator-seconds bucket needs an explicit isoflop center (params)")
         if self.law is not None:
             p, c, e = self.law
             return p * (flops / c) ** e
@@ -128,9 +128,15 @@ class Resources:
         return max(1, self.gpus_per_node) * self.nodes
 
 
+BUCKET_KINDS = ("flops", "tokens", "accelerator_seconds")
+
+
 @dataclass(frozen=True)
 class Bucket:
-    kind: Literal["flops", "accelerator_seconds"]
+    """A budget: training FLOPs (an IsoFLOP bucket), training tokens (a fixed-data comparison,
+    e.g. learning-rate transfer across widths) or accelerator-seconds (Languini)."""
+
+    kind: Literal["flops", "tokens", "accelerator_seconds"]
     value: float
     sizes: Optional[Sizes] = None  # None: the base model shape only
     resources: Optional[Resources] = None
@@ -360,13 +366,14 @@ def _parse_resources(path: str, v: Any, base: Resources | None = None) -> Resour
 def _parse_bucket(path: str, v: Any, default_sizes: Sizes | None, resources: Resources) -> Bucket:
     if not isinstance(v, dict):
         return Bucket("flops", _number(path, v), default_sizes, resources)
-    _check_keys(path, v, ("flops", "accelerator_seconds", "sizes", "resources"))
-    kinds = [k for k in ("flops", "accelerator_seconds") if k in v]
+    _check_keys(path, v, (*BUCKET_KINDS, "sizes", "resources"))
+    kinds = [k for k in BUCKET_KINDS if k in v]
     if len(kinds) != 1:
-        _fail(path, "give exactly one of flops or accelerator_seconds")
+        _fail(path, "give exactly one of flops, tokens or accelerator_seconds")
     sizes = _parse_sizes(path + ".sizes", v["sizes"]) if "sizes" in v else default_sizes
     res = _parse_resources(path + ".resources", v["resources"], resources) if "resources" in v else resources
-    return Bucket(kinds[0], _number(f"{path}.{kinds[0]}", v[kinds[0]]), sizes, res)
+    value = _int(f"{path}.tokens", v["tokens"]) if kinds[0] == "tokens" else _number(f"{path}.{kinds[0]}", v[kinds[0]])
+    return Bucket(kinds[0], value, sizes, res)
 
 
 def parse(raw: Any, *, default_name: str = "sweep") -> SweepSpec:
@@ -451,8 +458,8 @@ class Trial:
     id: str
     config: TrainConfig
     bucket: int  # index into spec.buckets
-    budget_kind: str  # flops | accelerator_seconds
-    budget: float  # FLOPs or accelerator-seconds
+    budget_kind: str  # flops | tokens | accelerator_seconds
+    budget: float  # FLOPs, tokens or accelerator-seconds
     variant: str
     target_params: Optional[float]  # size-rule target (non-embedding params), None for shapes
     tags: tuple[tuple[str, Any], ...]  # grid values, e.g. (("lr", 3e-3), ("seed", 0))
@@ -583,23 +590,28 @@ def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mp
     # (a direct replace: apply_overrides re-reads type hints and costs ~10 ms a call)
     if bucket.kind == "flops":
         cfg = dataclasses.replace(cfg, budget=BudgetConfig(flops=bucket.value))
+    elif bucket.kind == "tokens":
+        cfg = dataclasses.replace(cfg, budget=BudgetConfig(flops=None, tokens=int(bucket.value)))
     else:
         cfg = dataclasses.replace(cfg, budget=BudgetConfig(flops=None, seconds=bucket.value / bucket.resources.devices))
     shape = f"d{model.d_model}L{model.n_layers}"
     tag_str = "_".join(f"{_tag(k)}{v}" for k, v in gitems)
     group_name = "_".join(x for x in (spec.name, variant if variant != "default" else "", shape, tag_str, f"s{seed}") if x)
-    cfg = dataclasses.replace(cfg, name=f"{group_name}_C{_short(bucket.value)}")
+    letter = {"flops": "C", "tokens": "D", "accelerator_seconds": "C"}[bucket.kind]
+    cfg = dataclasses.replace(cfg, name=f"{group_name}_{letter}{_short(bucket.value)}")
     steps = fps = planned = None
-    if bucket.kind == "flops":
+    if bucket.kind in ("flops", "tokens"):
         fps = flops_per_step(cfg)
-        if bucket.value < fps:
-            _fail(f"sweep.buckets[{bi}].flops", f"{bucket.value:.3g} FLOPs is less than one step of {shape} "
-                  f"(batch {cfg.data.batch_size} x seq {cfg.data.seq_len}: {fps:.3g} FLOPs); raise the budget or shrink the model/batch")
+        per_step = fps if bucket.kind == "flops" else cfg.tokens_per_step
+        if bucket.value < per_step:
+            _fail(f"sweep.buckets[{bi}].{bucket.kind}", f"{bucket.value:.3g} {bucket.kind} is less than one step of {shape} "
+                  f"(batch {cfg.data.batch_size} x seq {cfg.data.seq_len}: {per_step:.3g} {bucket.kind}); "
+                  "raise the budget or shrink the model/batch")
         from scaling import flops
 
         steps = int(flops.steps_for_budget(cfg))
         planned = steps * fps
-    group = config_hash(dataclasses.replace(cfg, name=group_name, budget=dataclasses.replace(cfg.budget, flops=1.0, seconds=None)))
+    group = config_hash(dataclasses.replace(cfg, name=group_name, budget=BudgetConfig(flops=1.0)))
     tid = config_hash(cfg)
     where = f"{mpath} ({shape}, {tag_str or 'no grid'}, seed {seed}, variant {variant})"
     if tid in seen:

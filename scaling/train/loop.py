@@ -122,6 +122,11 @@ def _check_same_config(cfg: TrainConfig, out: Path) -> None:
                               f"started it, re-score it with `scaling eval {out}`, or use a new --out")
         if isinstance(old, dict):
             old = schema.config_fields(old)
+            try:  # fields added since the run started take their defaults (what it ran with)
+                old = TrainConfig.from_dict(old).to_dict()
+            except ConfigError:
+                pass
+            old = json.loads(json.dumps(old))
             for k in COSMETIC_FIELDS:
                 old.pop(k, None)
         if old != _comparable(cfg):
@@ -249,6 +254,7 @@ class _Session:
                                                    process_count=self.shard_count)
         self.eval = loader.eval_set(cfg.data)
         resolved["eval_set"] = self.eval.describe()
+        from scaling.models import mup
         # every chunk is padded (zero-weight rows) to rows the mesh and the hosts can split; the
         # set is fixed, so it is placed on the devices once, at the first evaluation
         rows = math.lcm(sharding.batch_rows_multiple(self.mesh), self.shard_count)
@@ -260,6 +266,8 @@ class _Session:
         model = sharding.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)), self.mesh)
         self.graphdef, params, rest = step_lib.split_model(model)
         self.params0, self.rest0 = params, rest
+        # per-tensor init std and LR multiplier, the forward multipliers (SP or μP)
+        resolved["parametrization"] = mup.describe(cfg.model, params)
         self.ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint_keep, keep_steps=cfg.checkpoint_at)
         self.metrics = None
         self.wandb = None
@@ -279,7 +287,7 @@ class _Session:
         return self.put({k: v[lo:lo + n] for k, v in batch.items()})
 
     def _build_step(self):
-        tx = optim.make_optimizer(self.cfg.optim)  # the state's structure; the step traces the values
+        tx = optim.make_optimizer(self.cfg.optim, model_cfg=self.cfg.model)  # the state's structure; the step traces the values
         self.train_step = step_lib.make_traced_train_step(self.graphdef, self.cfg.optim, self.cfg.model)
         mod = self.cfg.model.mod
         # MoD trains with top-k over the whole sequence, which looks at later tokens and which a

@@ -142,7 +142,23 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: OptimConfig, hp=None) -> optax.GradientTransformation:
+def scale_by_parametrization(model_cfg) -> optax.GradientTransformation:
+    """Multiply each tensor's update by its μP learning-rate multiplier (``scaling.models.mup``:
+    ``1/m`` for hidden matrices). Placed after the decoupled weight decay, so the decay follows
+    the tensor's own learning rate, as a per-group LR does in PyTorch's AdamW. Stateless."""
+    from scaling.models import mup
+
+    def scale(updates, params=None):
+        def one(path, u):
+            f = mup.lr_multiplier(model_cfg, mup.path_name(path), u.ndim)
+            return u if f == 1.0 else (u * f).astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(one, updates)
+
+    return optax.stateless(scale)
+
+
+def make_optimizer(cfg: OptimConfig, hp=None, model_cfg=None) -> optax.GradientTransformation:
     """AdamW without its learning rate: global-norm clipping, Adam scaling, decoupled weight
     decay. The train step multiplies the result by ``-learning_rate(cfg, step, total_steps)``,
     which is exactly ``optax.adamw`` (that is the same chain followed by ``scale(-lr)``). With
@@ -150,12 +166,16 @@ def make_optimizer(cfg: OptimConfig, hp=None) -> optax.GradientTransformation:
     come from it; the state's structure is the same either way. Traced, optax's ``1 - b`` is
     computed in float32 rather than rounded from float64 (a relative 1e-5 for ``b2 = 0.999``), so
     traced and compiled-in runs agree to that precision, not bit for bit; every run of this
-    version uses the traced step, so its resumes stay exact."""
+    version uses the traced step, so its resumes stay exact. Given a μP ``model_cfg``
+    (``model.parametrization = mup``) the per-tensor LR multipliers follow the decay
+    (``scale_by_parametrization``); an SP model's chain, and so its state, is unchanged."""
     parts = [optax.clip_by_global_norm(_h(cfg, hp, "grad_clip"))] if cfg.grad_clip > 0 else []
     parts += [
         optax.scale_by_adam(b1=_h(cfg, hp, "b1"), b2=_h(cfg, hp, "b2"), eps=_h(cfg, hp, "eps")),
         optax.add_decayed_weights(_h(cfg, hp, "weight_decay"), mask=decay_mask),
     ]
+    if model_cfg is not None and model_cfg.parametrization == "mup":
+        parts.append(scale_by_parametrization(model_cfg))
     return optax.chain(*parts)
 
 

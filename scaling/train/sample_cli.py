@@ -53,7 +53,7 @@ def load_model(run_dir: str | Path):
         raise UsageError(f"RUN_DIR: {run} has no checkpoint yet (train it first)")
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = step_lib.split_model(model)
-    target = step_lib.init_state(params, rest, optim.make_optimizer(cfg.optim))
+    target = step_lib.init_state(params, rest, optim.make_optimizer(cfg.optim, model_cfg=cfg.model))
     step, state, _, _ = ckpt.restore_latest(target)
     ckpt.close()
     state = jax.device_get(state)

@@ -211,7 +211,7 @@ def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool 
     traced_aux = model_cfg is not None
 
     def step(state, batch, hp):
-        tx = optim.make_optimizer(optim_cfg, hp)
+        tx = optim.make_optimizer(optim_cfg, hp, model_cfg)
         lr = optim.learning_rate(optim_cfg, state["step"], state["total_steps"], hp)
         return _update(graphdef, state, batch, tx, hp["z_loss"], lr, hp if traced_aux else None)
 

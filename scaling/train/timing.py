@@ -27,7 +27,7 @@ def prepare_train_step(cfg, mesh):
     with sharding.mesh_context(mesh):
         model = sharding.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), mesh)
         graphdef, params, rest = step_lib.split_model(model)
-        tx = optim.make_optimizer(cfg.optim)
+        tx = optim.make_optimizer(cfg.optim, model_cfg=cfg.model)
         state = step_lib.init_state(params, rest, tx, total_steps=1000, mesh=mesh)
         train_step = step_lib.make_traced_train_step(graphdef, cfg.optim, cfg.model)
         rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import pytest
 from scaling.sweep import spec
 from scaling.train import loop
 
-SHIPPED = ["batch_size", "isoflop_cpu", "mod_vs_dense", "moe_granularity", "quickstart"]
+SHIPPED = ["batch_size", "isoflop_cpu", "lr_grid", "lr_power_law", "mod_vs_dense", "moe_granularity", "quickstart"]
 
 
 def kinds(trials):

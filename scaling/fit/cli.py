@@ -47,6 +47,9 @@ def _common(p) -> None:
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
     p.add_argument("--allow-mixed-schema", dest="allow_mixed_schema", action="store_true",
                    help="fit runs written under different schema versions together (refused by default)")
+    p.add_argument("--best-per", dest="best_per", metavar="KEYS", default=None,
+                   help="keep the best-tuned run of each group, e.g. N,C (an LR grid per size, as Porian et al.; "
+                        "seeds of one configuration are averaged)")
     p.add_argument("--allow-noncausal", dest="allow_noncausal", action="store_true",
                    help="keep runs whose loss looks at later tokens (expert-choice MoE); left out by default")
     p.add_argument("--seed-noise", dest="seed_noise", type=_noise, default=0.0,
@@ -189,10 +192,12 @@ def _print_table(d: dict) -> None:
 def _with_source_options(args) -> None:
     """Wrap ``args.input`` so every fitter below reads it with the command's reading options."""
     mixed, noncausal = getattr(args, "allow_mixed_schema", False), getattr(args, "allow_noncausal", False)
-    if mixed or noncausal:
-        from scaling.fit import io
+    best = getattr(args, "best_per", None)
+    if mixed or noncausal or best:
+        from scaling.fit import io, select
 
-        args.input = io.Source(args.input, allow_mixed_schema=mixed, allow_noncausal=noncausal)
+        args.input = io.Source(args.input, allow_mixed_schema=mixed, allow_noncausal=noncausal,
+                               best_per=select.parse_keys(best) if best else None)
 
 
 def run_fit(args) -> int:

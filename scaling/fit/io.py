@@ -35,10 +35,11 @@ class Source:
     """A table path with reading options, accepted wherever a fitter takes ``data``:
     ``fit.chinchilla(io.Source("runs/x", allow_mixed_schema=True))``."""
 
-    def __init__(self, path, *, allow_mixed_schema: bool = False, allow_noncausal: bool = False):
+    def __init__(self, path, *, allow_mixed_schema: bool = False, allow_noncausal: bool = False, best_per=None):
         self.path = path
         self.allow_mixed_schema = allow_mixed_schema
         self.allow_noncausal = allow_noncausal
+        self.best_per = best_per  # e.g. ("N", "C"): keep the best-tuned run of each (scaling.fit.select)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -78,15 +79,18 @@ def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False) ->
 
 
 def load_table(src, *, columns=None, where: str | None = None, steps: bool = False,
-               allow_mixed_schema: bool = False, allow_noncausal: bool = False) -> tuple[pd.DataFrame, list[str]]:
+               allow_mixed_schema: bool = False, allow_noncausal: bool = False,
+               best_per=None) -> tuple[pd.DataFrame, list[str]]:
     """Read ``src``, apply ``--columns`` renames, the ``--where`` filter, the run-state filter
     and the causality filter (runs whose ``causal`` is false, i.e. expert-choice MoE whose
-    loss looks at later tokens, are left out unless ``allow_noncausal``).
+    loss looks at later tokens, are left out unless ``allow_noncausal``), then, given
+    ``best_per`` keys (``("N", "C")``), keep the best-tuned run of each (``scaling.fit.select``).
 
     Returns the table and a list of notes (e.g. how many diverged runs were excluded).
     """
     if isinstance(src, Source):
         allow_noncausal = allow_noncausal or src.allow_noncausal
+        best_per = best_per or src.best_per
     df = read_table(src, steps=steps, allow_mixed_schema=allow_mixed_schema)
     notes: list[str] = []
     renames = parse_columns(columns)
@@ -119,6 +123,17 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
         if bad.any():
             notes.append(f"excluded {int(bad.sum())} run(s) whose state is not 'done' (diverged/failed/running)")
             df = df[~bad]
+    from scaling.fit import select
+
+    if best_per and not steps:
+        df, note = select.best_per(df, best_per)
+        notes.append(note)
+    elif not steps:
+        n = select.duplicated_sizes(df)
+        if n:
+            notes.append(f"{n} run(s) share their (N, C) with another configuration: if that is a hyperparameter grid, "
+                         f"--best-per N,C keeps the best-tuned run of each (Porian et al.); seeds of one "
+                         f"configuration are averaged by it, never picked")
     return df.reset_index(drop=True), notes
 
 

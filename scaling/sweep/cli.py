@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -59,15 +60,18 @@ def plan_text(sp, trial_list: list) -> str:
     """The plan: one line per trial, then total compute of independent vs. WSD-branched runs."""
     from scaling import flops
 
-    lines = [f"sweep {sp.name}: experiment {sp.experiment}, strategy {sp.strategy}, {len(trial_list)} trials",
-             f"{'trial':<13}{'role':<12}{'bucket':>9}{'shape':>10}{'N':>10}{'steps':>8}{'tokens':>10}{'FLOPs':>10}  grid"]
+    lines = [f"sweep {sp.name}: experiment {sp.experiment}, strategy {sp.strategy}, {len(trial_list)} trials"]
+    lines += [f"rule {line}" for line in _rule_lines([t.describe().get("rules") for t in trial_list])]
+    lines += [f"{'trial':<13}{'role':<12}{'bucket':>9}{'shape':>10}{'N':>10}{'batch':>6}{'lr':>10}{'steps':>8}"
+              f"{'tokens':>10}{'FLOPs':>10}  grid"]
     for t in trial_list:
         n = flops.param_counts(t.config.model).active_non_embedding
         tokens = t.steps * t.config.tokens_per_step if t.steps else None
         grid = " ".join(f"{k}={v}" for k, v in t.tags) + (f" seed={t.config.seed}" if len(sp.seeds) > 1 else "")
         role = t.role + (f"@{t.branch_step}" if t.branch_step else "")
         lines.append(f"{t.id:<13}{role:<12}{t.budget:>9.3g}{'d%dL%d' % (t.config.model.d_model, t.config.model.n_layers):>10}"
-                     f"{n:>10.3g}{_fmt(t.steps, '{:d}'):>8}{_fmt(tokens):>10}{_fmt(t.planned_flops):>10}  {grid}")
+                     f"{n:>10.3g}{t.config.data.batch_size:>6d}{t.config.optim.lr:>10.3g}{_fmt(t.steps, '{:d}'):>8}"
+                     f"{_fmt(tokens):>10}{_fmt(t.planned_flops):>10}  {grid}")
     indep = wsd.planned_compute(spec_mod.trials(sp, "independent"))
     try:
         branched = wsd.planned_compute(spec_mod.trials(sp, "wsd_branch"))
@@ -110,13 +114,37 @@ def cmd_sweep(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _rule_lines(texts) -> list[str]:
+    """The distinct rules of a sweep, one ``target: rule`` line each (the part after ``->``, the
+    trial's own resolved value, dropped)."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        if isinstance(text, str):
+            for part in text.split("; "):
+                line = part.split(" -> ")[0]  # the trial's own resolved batch
+                seen.setdefault(re.sub(r"grid x\S+ of", "grid of", line))  # the trial's own grid factor
+    return list(seen)
+
+
+def _rules_short(text) -> str:
+    """``lr: power_law 0.31 * C^-0.125; warmup: fraction 0.05`` -> ``lr=power_law warmup=fraction``."""
+    if not isinstance(text, str) or not text:
+        return "-"
+    parts = [p.split(": ", 1) for p in text.split("; ")]
+    return " ".join(f"{k}={v.split()[0]}" for k, v in parts if v)
+
+
 def status_table(df) -> str:
     cols = [("trial_id", "trial", "{}"), ("state", "state", "{}"), ("bucket", "bucket", "{:.3g}"), ("shape", "shape", "{}"),
-            ("N", "N", "{:.3g}"), ("D", "D", "{:.3g}"), ("C", "C", "{:.3g}"), ("loss", "loss", "{:.4f}"),
-            ("tokens_per_s", "tok/s", "{:.3g}")]
+            ("N", "N", "{:.3g}"), ("D", "D", "{:.3g}"), ("C", "C", "{:.3g}"), ("batch", "batch", "{:.0f}"),
+            ("lr", "lr", "{:.3g}"), ("loss", "loss", "{:.4f}"), ("tokens_per_s", "tok/s", "{:.3g}")]
+    with_rules = "rules" in df and df["rules"].notna().any()
+    if with_rules:
+        cols.append(("rules", "set by", "{}"))
     rows = [[h for _, h, _ in cols]]
     for _, r in df.iterrows():
-        rows.append([_fmt(r.get(c), f) if not isinstance(r.get(c), str) else r.get(c) for c, _, f in cols])
+        rows.append([_rules_short(r.get(c)) if c == "rules" else
+                     _fmt(r.get(c), f) if not isinstance(r.get(c), str) else r.get(c) for c, _, f in cols])
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     for _, r in df.iterrows():
@@ -124,6 +152,8 @@ def status_table(df) -> str:
             lines.append(f"{r['trial_id']}: {r['state']}: {r['error']}")
     counts = df["state"].value_counts().to_dict() if len(df) else {}
     lines.append("  ".join(f"{s} {counts.get(s, 0)}" for s in store.STATES))
+    if with_rules:
+        lines += [f"rule {line}" for line in _rule_lines(df["rules"])]
     return "\n".join(lines)
 
 

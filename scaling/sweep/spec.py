@@ -36,7 +36,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from scaling import rules as rules_mod
 from scaling.config import BudgetConfig, ConfigError, TrainConfig, apply_overrides, coerce_field, config_hash
+from scaling.rules import Rules
 
 Strategy = Literal["independent", "wsd_branch"]
 STRATEGIES = ("independent", "wsd_branch")
@@ -163,6 +165,7 @@ class SweepSpec:
     variants: tuple[Variant, ...] = (Variant("default"),)
     resources: Resources = field(default_factory=Resources)
     description: str = ""
+    rules: Rules = field(default_factory=Rules)  # per-trial lr / batch / warmup (scaling.rules)
     raw: Any = None  # the YAML mapping as loaded (copied into the sweep manifest)
 
 
@@ -170,7 +173,8 @@ class SweepSpec:
 # Parsing
 # --------------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("name", "experiment", "description", "strategy", "set", "buckets", "sizes", "grid", "seeds", "variants", "resources")
+_TOP_KEYS = ("name", "experiment", "description", "strategy", "set", "buckets", "sizes", "grid", "seeds", "variants", "resources",
+             "rules")
 
 
 def load(path: str | Path) -> SweepSpec:
@@ -433,11 +437,37 @@ def parse(raw: Any, *, default_name: str = "sweep") -> SweepSpec:
                 _fail(vp + ".experiment", f"unknown experiment {vexp!r}; choose one of {', '.join(experiments.names())}")
             variants.append(Variant(str(vname), vexp, tuple(_flatten(_mapping(vp + ".set", vv.get("set") or {})))))
         variants = tuple(variants)
+    rules = rules_mod.parse(d.get("rules"), strategy=strategy)
+    _check_rule_owned(rules, base_set, grid, variants, strategy)
     spec = SweepSpec(name=name, experiment=experiment, buckets=buckets, strategy=strategy, set=base_set,
                      grid=tuple(grid), seeds=seeds, variants=variants, resources=resources,
-                     description=str(d.get("description", "")), raw=d)
+                     description=str(d.get("description", "")), rules=rules, raw=d)
     trials(spec)  # resolve everything now: every error surfaces before anything runs
     return spec
+
+
+def _check_rule_owned(rules: Rules, base_set, grid, variants, strategy: str) -> None:
+    """A field set by a rule may not also be set by ``set:``, a grid or a variant."""
+    owned = rules.owned_fields()
+    if not owned:
+        return
+    target_of = {f: t for t, fs in rules_mod.OWNED.items() for f in fs}
+    places = [("sweep.set", k) for k, _ in base_set]
+    places += [(f"sweep.grid.{k}", ALIASES.get(k, k)) for k, _ in grid]
+    places += [(f"sweep.variants.{v.name}.set", k) for v in variants for k, _ in v.set]
+    for where, key in places:
+        if key in owned:
+            rule = "lr" if target_of[key] == "mup" else target_of[key]
+            hint = " (a per-size grid is rules.lr: {grid: {factors: [...], of: RULE}})" if rule == "lr" else ""
+            _fail(where if where.startswith("sweep.grid") else f"{where}.{key}",
+                  f"{key} is set by sweep.rules.{rule}; remove one of them{hint}")
+    if strategy == "wsd_branch":
+        for target in ("lr", "batch"):
+            r = getattr(rules, target)
+            budget_vars = sorted(set(r.rule.variables) & {"C", "D"}) if r is not None else []
+            if budget_vars:
+                _fail(f"sweep.rules.{target}", f"depends on {', '.join(budget_vars)}, but wsd_branch shares one run "
+                                               "across budgets; use N or W, or strategy: independent")
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,6 +501,7 @@ class Trial:
     role: str = "independent"
     main: Optional[str] = None
     branch_step: Optional[int] = None
+    rules: tuple[tuple[str, str], ...] = ()  # (target, the rule that set it), e.g. ("lr", "power_law ...")
 
     def describe(self) -> dict:
         """Flat, JSON-friendly description (manifest rows, ``--only`` matching, store columns)."""
@@ -482,7 +513,9 @@ class Trial:
              "E": m.moe.n_experts if m.moe else None, "G": m.moe.granularity if m.moe else None,
              "capacity": m.mod.capacity if m.mod else None, "steps": self.steps, "planned_flops": self.planned_flops,
              "role": self.role, "main": self.main, "branch_step": self.branch_step, "group": self.group,
-             "experiment": self.config.experiment}
+             "experiment": self.config.experiment, "warmup_steps": self.config.optim.warmup_steps,
+             "warmup_fraction": self.config.optim.warmup_fraction, "parametrization": m.parametrization,
+             "rules": "; ".join(f"{k}: {v}" for k, v in self.rules) or None}
         d.update({k: v for k, v in self.tags})
         return d
 
@@ -576,13 +609,29 @@ def _independent(spec: SweepSpec) -> list[Trial]:
                             except ConfigError as err:
                                 raise ConfigError(f"{bpath}.sizes[{i}] ({n:.3g} params): {err}") from None
                     for target, model, mpath in models:
-                        out.append(_make_trial(spec, variant.name, scfg, model, bi, bucket, target, gitems, seed, mpath, seen))
+                        for factor in spec.rules.lr_factors:
+                            out.append(_make_trial(spec, variant.name, scfg, model, bi, bucket, target, gitems, seed,
+                                                   mpath, seen, factor))
     if not out:
         _fail("sweep", "the grid is empty; give at least one bucket, size, grid value and seed")
     return out
 
 
-def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mpath, seen) -> Trial:
+def _with_rules(spec, cfg: TrainConfig, bucket, factor: float, where: str) -> tuple[TrainConfig, tuple, list]:
+    """``cfg`` with the spec's rules applied; the rule descriptions; the extra grid tag."""
+    if not spec.rules:
+        return cfg, (), []
+    overrides, said = rules_mod.resolve(spec.rules, cfg, budget_kind=bucket.kind, budget=bucket.value, factor=factor,
+                                        where=where)
+    try:
+        cfg = apply_overrides(cfg, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"sweep.rules ({where}): {err}") from None
+    tags = [("lr_factor", factor)] if spec.rules.lr is not None and spec.rules.lr.is_grid else []
+    return cfg, tuple(said.items()), tags
+
+
+def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mpath, seen, factor=1.0) -> Trial:
     try:
         cfg = dataclasses.replace(scfg, model=model)
     except ConfigError as err:
@@ -595,6 +644,8 @@ def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mp
     else:
         cfg = dataclasses.replace(cfg, budget=BudgetConfig(flops=None, seconds=bucket.value / bucket.resources.devices))
     shape = f"d{model.d_model}L{model.n_layers}"
+    cfg, rule_text, rule_tags = _with_rules(spec, cfg, bucket, factor, f"{mpath} ({shape}, bucket {bucket.value:.3g})")
+    gitems = list(gitems) + rule_tags
     tag_str = "_".join(f"{_tag(k)}{v}" for k, v in gitems)
     group_name = "_".join(x for x in (spec.name, variant if variant != "default" else "", shape, tag_str, f"s{seed}") if x)
     letter = {"flops": "C", "tokens": "D", "accelerator_seconds": "C"}[bucket.kind]
@@ -621,7 +672,7 @@ def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mp
     tags = tuple((_tag(k), v) for k, v in gitems)
     return Trial(id=tid, config=cfg, bucket=bi, budget_kind=bucket.kind, budget=bucket.value, variant=variant,
                  target_params=target, tags=tags, steps=steps, flops_per_step=fps, planned_flops=planned,
-                 group=group, resources=bucket.resources)
+                 group=group, resources=bucket.resources, rules=rule_text)
 
 
 def trials(spec: SweepSpec, strategy: str | None = None) -> list[Trial]:

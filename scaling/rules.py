@@ -205,8 +205,8 @@ def _power_law(path: str, d: Any, allowed: tuple[str, ...], at: Any = None) -> P
         if k not in VARIABLES:
             _fail(f"{path}.{k}", f"unknown variable; use {', '.join(f'{x} ({w})' for x, w in VARIABLES.items())}")
         if k not in allowed:
-            _fail(f"{path}.{k}", f"this rule cannot depend on {k} ({VARIABLES[k]} follows from it); use "
-                                 f"{', '.join(allowed)}")
+            _fail(f"{path}.{k}", f"the batch rule cannot depend on {k} ({VARIABLES[k]}): it follows from the "
+                                 f"batch; use {', '.join(allowed)}")
         exps.append((str(k), _number(f"{path}.{k}", v, positive=False)))
     refs = []
     if at is not None:

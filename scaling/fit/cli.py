@@ -20,7 +20,7 @@ import numpy as np
 from scaling.errors import UsageError
 
 LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "clark", "krajewski")
-FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe")
+FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe", "lr")
 
 
 def _noise(text: str):
@@ -71,7 +71,7 @@ def register(sub) -> None:
     _common(q)
     q.add_argument("--figure", required=True, choices=FIGURES)
     q.add_argument("--out", required=True, metavar="PNG")
-    q.add_argument("--by", default=None, help="MoE figure: group by E (experts) or G (granularity)")
+    q.add_argument("--by", default=None, help="MoE figure: group by E (experts) or G (granularity); lr figure: one line per this column (default d_model)")
     q.add_argument("--law", default=None, choices=("clark", "krajewski", "chinchilla"), help="law drawn on the figure")
     q.set_defaults(func=run_plot)
 
@@ -268,5 +268,10 @@ def run_plot(args) -> int:
         if law in ("clark", "krajewski"):
             fit = getattr(parametric, law)(df, delta=args.delta)
         plots.moe(df, by=by, fit=fit, out=args.out)
+    elif fig == "lr":
+        df, _ = io.load_table(args.input, **kw)
+        by = args.by or "d_model"
+        io.require(df, ["lr", "loss", by], what="--figure lr", min_points=2)
+        plots.lr(df, by=by, out=args.out)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -6,6 +6,8 @@ Each function returns a ``matplotlib.figure.Figure``; pass ``out="file.png"`` to
 - ``nopt(result)``: N_opt(C) and D_opt(C) with the power-law fit and its 95% band.
 - ``bcrit(result)``: critical batch size vs loss with the B_crit(L) law.
 - ``moe(runs, by="E"|"G", fit=None)``: loss vs parameters for several expert counts/granularities.
+- ``lr(runs)``: loss vs learning rate, one line per width, one panel per variant (the μP
+  paper's Figure 1), with each width's best point marked.
 """
 
 from __future__ import annotations
@@ -202,4 +204,32 @@ def law1d(runs: pd.DataFrame, fit, *, out: str | None = None):
     ax.set_ylabel(f"{y}" + (" (nats/token)" if y == "loss" else ""))
     ax.set_title(fit.formula)
     ax.legend(fontsize=7)
+    return _finish(fig, out)
+
+
+def lr(runs: pd.DataFrame, *, by: str = "d_model", panels: str = "variant", out: str | None = None):
+    """Final loss vs peak learning rate (log x), one line per ``by`` value (width), one panel per
+    ``panels`` value (e.g. SP and μP); each line's lowest point is ringed. Rows need ``lr``,
+    ``loss`` and ``by``; a shared y range makes the panels comparable."""
+    plt = _plt()
+    keys = sorted(runs[panels].dropna().unique(), key=str) if panels in runs.columns else [None]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.0), sharey=True, squeeze=False)
+    groups = sorted(runs[by].dropna().unique())
+    cmap = plt.get_cmap("viridis")
+    for ax, key in zip(axes[0], keys):
+        sub = runs if key is None else runs[runs[panels] == key]
+        for i, g in enumerate(groups):
+            line = sub[sub[by] == g].sort_values("lr")
+            if line.empty:
+                continue
+            color = cmap(i / max(len(groups) - 1, 1))
+            ax.plot(line["lr"], line["loss"], marker="o", ms=3, color=color, label=f"{by} {g:g}" if isinstance(g, (int, float, np.number)) else f"{by} {g}")
+            best = line.loc[line["loss"].idxmin()]
+            ax.scatter([best["lr"]], [best["loss"]], s=90, facecolors="none", edgecolors=color, linewidths=1.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("peak learning rate")
+        ax.set_title(str(key) if key is not None else "")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final held-out loss (nats/token)")
+    axes[0][-1].legend(fontsize=7)
     return _finish(fig, out)

@@ -2,14 +2,16 @@
 follow from its size and budget.
 
 A sweep spec's ``rules:`` section names them (``scaling.sweep.spec`` parses it with ``parse`` and
-asks ``resolve`` for each trial's values); the critical-batch work reads the same rules. Pure
-Python: no jax, so the fitter may use it. Forms::
+asks ``resolve`` for each trial's values); the critical-batch work reads the same rules. No jax:
+``parse`` needs only ``scaling.errors`` (and ``scaling.runs`` for ``mup: {from: ...}``),
+``resolve`` counts parameters and FLOPs with ``scaling.flops``. Forms::
 
     rules:
       lr: 3e-3                                            # one value for every trial
       lr: {power_law: {coef: 0.3118, C: -0.125}}           # DeepSeek LLM's eta_opt(C)
       lr: {power_law: {coef: 3e-3, B: 0.5}, at: {B: 4096}} # the sqrt(B) rule: 3e-3 at 4096-token batches
       lr: {mup: {lr: 1.5e-2, base_width: 64}}              # μP transfer from a tuned base
+      lr: {mup: {from: runs/base_lr, base_width: 64}}      # ... its lr the best of an earlier sweep
       lr: {grid: {factors: [0.5, 1, 2], of: RULE}}         # a per-size grid around any rule above
       batch: {power_law: {coef: 0.292, C: 0.3271}}         # DeepSeek's B_opt(C), in tokens
       batch: {power_law: {...}, unit: sequences, multiple_of: 8}
@@ -118,6 +120,7 @@ class ValueRule:
     value: Optional[float] = None  # constant; mup: the base model's tuned lr
     law: Optional[PowerLaw] = None
     base_width: Optional[int] = None  # mup
+    source: Optional[str] = None  # mup from a sweep: where the tuned lr came from
 
     def __call__(self, values: dict[str, float]) -> float:
         return self.law(values) if self.kind == "power_law" else float(self.value)
@@ -126,7 +129,8 @@ class ValueRule:
         if self.kind == "power_law":
             return f"power_law {self.law.text()}"
         if self.kind == "mup":
-            return f"mup lr {self.value:g} from base width {self.base_width}"
+            src = f" ({self.source})" if self.source else ""
+            return f"mup lr {self.value:g} from base width {self.base_width}{src}"
         return f"constant {self.value:g}"
 
     @property
@@ -231,15 +235,48 @@ def _value_rule(path: str, v: Any, allowed: tuple[str, ...], *, allow_mup: bool,
     if "at" in v:
         _fail(f"{path}.at", "only a power law takes reference values")
     m = _mapping(f"{path}.mup", v["mup"])
-    _only(f"{path}.mup", m, ("lr", "base_width"))
-    for k in ("lr", "base_width"):
-        if k not in m:
-            _fail(f"{path}.mup.{k}", "missing; μP transfer needs the base model's tuned lr and its width, "
-                                     "e.g. {lr: 1.5e-2, base_width: 64}")
+    _only(f"{path}.mup", m, ("lr", "base_width", "from"))
+    if "base_width" not in m:
+        _fail(f"{path}.mup.base_width", "missing; μP transfer needs the base model's width, e.g. {lr: 1.5e-2, base_width: 64}")
     bw = _number(f"{path}.mup.base_width", m["base_width"])
     if bw != int(bw):
         _fail(f"{path}.mup.base_width", f"must be a whole number of features, got {m['base_width']!r}")
+    if ("lr" in m) == ("from" in m):
+        _fail(f"{path}.mup", "give the base model's tuned lr, or from: SWEEP_DIR to take the best lr of the "
+                             "base-width runs of an earlier sweep (not both)")
+    if "from" in m:
+        lr, source = tuned_lr(m["from"], int(bw), f"{path}.mup.from")
+        return ValueRule("mup", value=lr, base_width=int(bw), source=source)
     return ValueRule("mup", value=_number(f"{path}.mup.lr", m["lr"]), base_width=int(bw))
+
+
+def tuned_lr(sweep_dir: Any, base_width: int, path: str = "from") -> tuple[float, str]:
+    """The best peak lr among the finished runs of width ``base_width`` in ``sweep_dir`` (the
+    lowest loss; several seeds of one lr are averaged) and a description of where it came from.
+    At its base width μP is SP exactly, so runs of either parametrization count."""
+    from pathlib import Path
+
+    from scaling import runs
+
+    if not isinstance(sweep_dir, str) or not Path(sweep_dir).is_dir():
+        _fail(path, f"{sweep_dir!r} is not a sweep directory; give the directory of the base-width LR sweep")
+    try:
+        df = runs.load(sweep_dir, allow_mixed=False)
+    except Exception as err:  # a foreign or mixed-schema directory: one line, naming the field
+        _fail(path, f"cannot read {sweep_dir}: {err}")
+    need = {"d_model", "lr", "loss", "state"}
+    if not need <= set(df.columns):
+        _fail(path, f"{sweep_dir} has no runs with width, lr and loss")
+    base = df[(df["state"] == "done") & (df["d_model"] == base_width)]
+    if base.empty:
+        _fail(path, f"{sweep_dir} has no finished run of width {base_width}; run the base-width LR sweep first")
+    by_lr = base.groupby("lr")["loss"].mean()
+    if len(by_lr) < 3:
+        _fail(path, f"{sweep_dir} has {len(by_lr)} learning rate(s) at width {base_width}; a tuned base needs a grid "
+                    f"of at least 3")
+    best = float(by_lr.idxmin())
+    edge = " (the edge of its grid: widen it)" if best in (by_lr.index.min(), by_lr.index.max()) else ""
+    return best, f"best of {len(by_lr)} lrs at width {base_width} in {sweep_dir}{edge}"
 
 
 def _lr(path: str, v: Any) -> LRRule:

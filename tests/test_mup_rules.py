@@ -144,6 +144,35 @@ def test_per_size_grid_multiplies_a_rule_and_mup_rule_sets_the_parametrization(t
     assert {(t.config.model.parametrization, t.config.model.mup_base_width, t.config.optim.lr) for t in mu} == {("mup", 16, 2e-2)}
 
 
+def _base_sweep(tmp_path, losses: dict, width: int = 16):
+    """A finished base-width LR sweep as the store writes it (manifest + summaries)."""
+    import json
+
+    d = tmp_path / "base"
+    trials = []
+    for i, (lr, loss) in enumerate(losses.items()):
+        tid = f"t{i}"
+        trials.append({"trial_id": tid, "d_model": width, "n_layers": 1, "lr": lr, "seed": 0})
+        (d / tid).mkdir(parents=True)
+        (d / tid / "summary.json").write_text(json.dumps({"state": "done", "final_eval_loss": loss, "schema_version": 3}))
+    (d / "manifest.json").write_text(json.dumps({"name": "base", "trials": trials}))
+    return d
+
+
+def test_mup_rule_takes_the_tuned_lr_of_an_earlier_base_sweep(tmp_path):
+    base = _base_sweep(tmp_path, {1e-3: 2.5, 4e-3: 2.1, 1.6e-2: 2.3})
+    rules = {"lr": {"mup": {"from": str(base), "base_width": 16}}}
+    ts = spec.trials(spec.load(_spec(tmp_path, rules=rules, sizes={"shapes": [{"d_model": 16, "n_heads": 2},
+                                                                                {"d_model": 64, "n_heads": 2}]})))
+    assert {t.config.optim.lr for t in ts} == {4e-3}
+    assert "best of 3 lrs at width 16" in ts[0].describe()["rules"]
+    edge = _base_sweep(tmp_path / "e", {1e-3: 2.5, 4e-3: 2.4, 1.6e-2: 2.3})
+    ts = spec.trials(spec.load(_spec(tmp_path, rules={"lr": {"mup": {"from": str(edge), "base_width": 16}}})))
+    assert "the edge of its grid" in ts[0].describe()["rules"]
+    with pytest.raises(ConfigError, match="no finished run of width 32"):
+        spec.load(_spec(tmp_path, rules={"lr": {"mup": {"from": str(base), "base_width": 32}}}))
+
+
 def test_plan_and_status_name_the_rule_of_every_trial(tmp_path, capsys):
     """(Training the shipped rule specs, lr_grid and lr_power_law, is tests/test_shipped_specs.py.)"""
     from scaling.sweep import store

@@ -143,9 +143,11 @@ def decay_mask(params):
 
 
 def scale_by_parametrization(model_cfg) -> optax.GradientTransformation:
-    """Multiply each tensor's update by its μP learning-rate multiplier (``scaling.models.mup``:
-    ``1/m`` for hidden matrices). Placed after the decoupled weight decay, so the decay follows
-    the tensor's own learning rate, as a per-group LR does in PyTorch's AdamW. Stateless."""
+    """Multiply each tensor's Adam update by its μP learning-rate multiplier
+    (``scaling.models.mup``: ``1/m`` for hidden matrices). Placed before the decoupled weight
+    decay, so the decay per step stays ``lr * weight_decay`` at every width: what the ``mup``
+    package's ``MuAdamW`` does (it divides the LR by ``m`` and multiplies the weight decay by
+    ``m``). Stateless."""
     from scaling.models import mup
 
     def scale(updates, params=None):
@@ -167,15 +169,13 @@ def make_optimizer(cfg: OptimConfig, hp=None, model_cfg=None) -> optax.GradientT
     computed in float32 rather than rounded from float64 (a relative 1e-5 for ``b2 = 0.999``), so
     traced and compiled-in runs agree to that precision, not bit for bit; every run of this
     version uses the traced step, so its resumes stay exact. Given a μP ``model_cfg``
-    (``model.parametrization = mup``) the per-tensor LR multipliers follow the decay
-    (``scale_by_parametrization``); an SP model's chain, and so its state, is unchanged."""
+    (``model.parametrization = mup``) the per-tensor LR multipliers scale the Adam update before
+    the decay (``scale_by_parametrization``); an SP model's chain, and so its state, is unchanged."""
     parts = [optax.clip_by_global_norm(_h(cfg, hp, "grad_clip"))] if cfg.grad_clip > 0 else []
-    parts += [
-        optax.scale_by_adam(b1=_h(cfg, hp, "b1"), b2=_h(cfg, hp, "b2"), eps=_h(cfg, hp, "eps")),
-        optax.add_decayed_weights(_h(cfg, hp, "weight_decay"), mask=decay_mask),
-    ]
+    parts.append(optax.scale_by_adam(b1=_h(cfg, hp, "b1"), b2=_h(cfg, hp, "b2"), eps=_h(cfg, hp, "eps")))
     if model_cfg is not None and model_cfg.parametrization == "mup":
         parts.append(scale_by_parametrization(model_cfg))
+    parts.append(optax.add_decayed_weights(_h(cfg, hp, "weight_decay"), mask=decay_mask))
     return optax.chain(*parts)
 
 

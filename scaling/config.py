@@ -139,6 +139,9 @@ class ModelConfig:
     # model of width mup_base_width that it equals exactly (rules in scaling/models/mup.py)
     parametrization: Literal["sp", "mup"] = "sp"
     mup_base_width: Optional[int] = None
+    # head dimension of the base model (sets the 1/head_dim attention scale); None: head_dim when
+    # set, else mup_base_width / n_heads (sweeps sized by a size rule fill in the rule's own)
+    mup_base_head_dim: Optional[int] = None
     moe: Optional[MoEConfig] = None
     mod: Optional[MoDConfig] = None
 
@@ -172,10 +175,13 @@ class ModelConfig:
                                               "e.g. model.mup_base_width=64")
             if not isinstance(b, int) or b < 1:
                 _fail("model.mup_base_width", f"must be a positive integer, got {b!r}")
-            if self.head_dim is None and b % self.n_heads:
+            h0 = self.mup_base_head_dim
+            if h0 is not None and (not isinstance(h0, int) or h0 < 1):
+                _fail("model.mup_base_head_dim", f"must be a positive integer, got {h0!r}")
+            if h0 is None and self.head_dim is None and b % self.n_heads:
                 _fail("model.mup_base_width", f"{b} is not divisible by n_heads={self.n_heads}: the base model's head_dim "
                                               f"(base width / n_heads, which sets the 1/head_dim attention scale) must be "
-                                              f"a whole number; pick a multiple of {self.n_heads} or set model.head_dim")
+                                              f"a whole number; pick a multiple of {self.n_heads} or set model.mup_base_head_dim")
             if self.mod is not None:
                 _fail("model.parametrization", "mup does not cover mixture-of-depths routers and predictors yet; "
                                                "use model.parametrization=sp for MoD models")
@@ -583,19 +589,12 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
     return _build(type(cfg), d, "")
 
 
-# Fields added after trial ids were first published, with the value every earlier config had.
-# They enter the hash only when they differ from it, so adding a field never renames the trials
-# of an existing sweep (its finished runs stay found).
-LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): None}
-
-
 def hashed_dict(cfg: TrainConfig) -> dict:
-    """``cfg.to_dict()`` without the ``LATE_FIELDS`` that hold their old value."""
-    d = cfg.to_dict()
-    for (section, name), old in LATE_FIELDS.items():
-        if d.get(section, {}).get(name, old) == old:
-            d.get(section, {}).pop(name, None)
-    return d
+    """``cfg.to_dict()`` without the ``scaling.schema.LATE_FIELDS`` that hold their old value
+    (fields added later: a new field never renames the trials of an existing sweep)."""
+    from scaling.schema import without_late_defaults
+
+    return without_late_defaults(cfg.to_dict())
 
 
 def config_hash(cfg: TrainConfig, length: int = 12) -> str:

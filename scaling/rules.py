@@ -49,7 +49,7 @@ BATCH_VARIABLES = ("N", "N_active", "C", "W")
 TARGETS = ("lr", "batch", "warmup")
 # the config fields each rule owns: setting them elsewhere in the spec as well is refused
 OWNED = {"lr": ("optim.lr",), "batch": ("data.batch_size",), "warmup": ("optim.warmup_steps", "optim.warmup_fraction"),
-         "mup": ("model.parametrization", "model.mup_base_width")}
+         "mup": ("model.parametrization", "model.mup_base_width", "model.mup_base_head_dim")}
 
 
 def _fail(path: str, msg: str):
@@ -270,6 +270,16 @@ def tuned_lr(sweep_dir: Any, base_width: int, path: str = "from") -> tuple[float
     base = df[(df["state"] == "done") & (df["d_model"] == base_width)]
     if base.empty:
         _fail(path, f"{sweep_dir} has no finished run of width {base_width}; run the base-width LR sweep first")
+    # the runs must be one model trained one way, differing only in lr (and seed): an average
+    # over depths or budgets would tune nothing in particular (variants may differ only in the
+    # parametrization, which at the base width changes nothing)
+    same = [c for c in ("n_layers", "n_heads", "batch", "seq_len", "bucket", "steps", "experiment",
+                        "warmup_steps", "warmup_fraction", "E", "G", "capacity") if c in base.columns]
+    for c in same:
+        values = base[c].dropna().astype(str).unique()
+        if len(values) > 1:
+            _fail(path, f"{sweep_dir}'s width-{base_width} runs differ in {c} ({', '.join(sorted(values))}), not only "
+                        f"in lr; point it at a sweep of one base model over learning rates")
     by_lr = base.groupby("lr")["loss"].mean()
     if len(by_lr) < 3:
         _fail(path, f"{sweep_dir} has {len(by_lr)} learning rate(s) at width {base_width}; a tuned base needs a grid "
@@ -297,6 +307,9 @@ def _lr(path: str, v: Any) -> LRRule:
 
 
 def _batch(path: str, v: Any) -> BatchRule:
+    if not isinstance(v, dict):
+        _fail(path, f"a fixed batch is data.batch_size (sequences) in set:, not a rule; a batch rule is a power law, "
+                    f"e.g. {{power_law: {{coef: 0.292, C: 0.3271}}, unit: tokens}} (got {v!r})")
     rule = _value_rule(path, v, BATCH_VARIABLES, allow_mup=False, keys=("unit", "multiple_of"))
     unit, multiple = "tokens", 2
     if isinstance(v, dict):
@@ -332,9 +345,12 @@ def _warmup(path: str, v: Any, strategy: str) -> WarmupRule:
         if n < 0 or n != int(n):
             _fail(f"{path}.steps", f"must be a whole number of steps >= 0, got {s!r}")
         return WarmupRule("steps", steps=ValueRule("constant", value=n))
-    if strategy == "wsd_branch":
-        _fail(f"{path}.steps", "WSD branching needs one fixed warmup for every budget; give a number of steps")
-    return WarmupRule("steps", steps=_value_rule(f"{path}.steps", s, tuple(VARIABLES), allow_mup=False))
+    rule = _value_rule(f"{path}.steps", s, tuple(VARIABLES), allow_mup=False)
+    budget_vars = sorted(set(rule.variables) & {"C", "D"})
+    if strategy == "wsd_branch" and budget_vars:
+        _fail(f"{path}.steps", f"depends on {', '.join(budget_vars)}, but WSD branching needs one warmup for every "
+                               "budget of a shape; use N, N_active, W or B, or a number of steps")
+    return WarmupRule("steps", steps=rule)
 
 
 def parse(raw: Any, *, strategy: str = "independent", path: str = "sweep.rules") -> Rules:
@@ -381,7 +397,11 @@ def resolve(rules: Rules, cfg, *, budget_kind: str, budget: float, factor: float
         raw = _checked(f"{path}.batch", rules.batch.rule(values), "a batch", where)
         seqs = raw / seq if rules.batch.unit == "tokens" else raw
         m = rules.batch.multiple_of
-        batch = max(m, int(round(seqs / m)) * m)
+        batch = int(math.floor(seqs / m + 0.5)) * m  # halves round up, as optim's schedule rounds
+        if batch < m:
+            _fail(f"{path}.batch", f"gives {raw:.4g} {rules.batch.unit} ({seqs:.3g} sequences of {seq}) for {where}, "
+                                   f"which rounds below {m} sequences (multiple_of); raise the rule's coef or lower "
+                                   f"multiple_of")
         out["data.batch_size"] = batch
         said["batch"] = f"{rules.batch.rule.text()} {rules.batch.unit} -> {batch} x {seq}"
     tokens_per_step = batch * seq
@@ -430,4 +450,4 @@ def _need(variables, values, path: str, where: str) -> None:
     for x in variables:
         if not math.isfinite(values.get(x, math.nan)):
             _fail(path, f"uses {x} ({VARIABLES[x]}), which {where} does not know before it runs "
-                        f"(an accelerator-seconds budget); use N, W or B")
+                        f"(an accelerator-seconds budget); use N, N_active, W or B")

@@ -156,7 +156,7 @@ def load(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
         if "d_model" in desc:
             row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
         if isinstance(desc.get("config"), dict):  # trials that differ only in their seed share a group
-            rest = {k: v for k, v in desc["config"].items() if k not in ("seed", "name")}
+            rest = {k: v for k, v in schema.without_late_defaults(desc["config"]).items() if k not in ("seed", "name")}
             if isinstance(rest.get("init_from"), str):  # a WSD branch names its seed's main run: keep the step
                 rest["init_from"] = rest["init_from"].rsplit("@", 1)[-1]
             row["seed_group"] = hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -33,6 +33,23 @@ from pathlib import Path
 SCHEMA_VERSION = 3
 UNVERSIONED = 1  # what a run directory without a schema_version field was written under
 
+# Config fields added after trial ids were first published, with the value every earlier config
+# had. They enter ``config.config_hash`` (trial ids) and ``runs.load``'s seed groups only when they
+# differ from it, so adding a field never renames an existing sweep's trials or splits its groups.
+LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): None,
+               ("model", "mup_base_head_dim"): None}
+
+
+def without_late_defaults(config: dict) -> dict:
+    """A copy of a config dict without the ``LATE_FIELDS`` that hold their old value."""
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for (section, name), old in LATE_FIELDS.items():
+        sec = d.get(section)
+        if isinstance(sec, dict) and sec.get(name, old) == old:
+            sec.pop(name, None)
+    return d
+
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 

@@ -71,6 +71,51 @@ def test_mup_rules_per_tensor_match_the_paper_table():
     assert float(upd_mu["embed"]["embedding"][...].ravel()[0]) == float(upd_sp["embed"]["embedding"][...].ravel()[0])
 
 
+def test_forward_pass_applies_the_readout_multiplier_and_the_attention_scale():
+    """μP's forward = SP's on the same weights, with the logits x 1/m and q.k x (sqrt(E0)/E)/(1/sqrt(E))."""
+    mu = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, parametrization="mup", mup_base_width=16)
+    sp = dataclasses.replace(mu, parametrization="sp", mup_base_width=None)
+    m_mu = Transformer(mu, rngs=nnx.Rngs(0))
+    g_sp, _, r_sp = step.split_model(Transformer(sp, rngs=nnx.Rngs(1)))
+    _, p_mu, _ = step.split_model(m_mu)
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
+    E, E0 = 32, 8  # head dim 64/2; base 16/2
+    ratio = (math.sqrt(E0) / E) / (1 / math.sqrt(E))
+    p_sp = jax.tree.map(lambda x: x, p_mu)
+    wq = p_sp["blocks"][0]["attn"]["wq"]
+    wq.set_value(wq[...] * ratio)  # the SP model's q carries the μP attention scale
+    logits_mu, _ = m_mu(toks)
+    logits_sp, _ = nnx.merge(g_sp, p_sp, r_sp)(toks)
+    np.testing.assert_allclose(np.asarray(logits_mu), np.asarray(logits_sp) / 4.0, rtol=2e-5, atol=1e-6)
+
+
+def test_mup_keeps_the_weight_decay_per_step_of_the_base():
+    """As mup's MuAdamW: the hidden Adam update is 1/m of SP's, the decay lr*wd*p is not."""
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, parametrization="mup", mup_base_width=16)
+    _, p, _ = step.split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+    ocfg = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.0)
+    grads = jax.tree.map(jnp.zeros_like, p)  # zero gradients: the update is the decay alone
+    tx_mu, tx_sp = optim.make_optimizer(ocfg, model_cfg=cfg), optim.make_optimizer(ocfg)
+    u_mu, _ = tx_mu.update(grads, tx_mu.init(p), p)
+    u_sp, _ = tx_sp.update(grads, tx_sp.init(p), p)
+    w_mu, w_sp = (np.asarray(u["blocks"][0]["mlp"]["w_in"][...]) for u in (u_mu, u_sp))
+    np.testing.assert_allclose(w_mu, w_sp, rtol=1e-6)
+    assert np.abs(w_sp).max() > 0  # the decay is there
+
+
+def test_size_rule_sweeps_give_mup_the_rules_base_head_dim(tmp_path):
+    from scaling.models.family import head_dim_for
+
+    for kw in ({"rules": {"lr": {"mup": {"lr": 1e-2, "base_width": 64}}}},
+               {"set": {**TINY, "model.parametrization": "mup", "model.mup_base_width": 64}}):
+        ts = spec.trials(spec.load(_spec(tmp_path, sizes=[3e5, 3e6], buckets=[1e13], **kw)))
+        for t in ts:
+            m = t.config.model
+            assert m.mup_base_head_dim == head_dim_for(64) == 16, m
+            assert mup.attention_scale(m) == pytest.approx(4.0 / m.resolved_head_dim)
+        assert {t.config.model.n_heads for t in ts} != {4}  # the heads do grow with width here
+
+
 def test_new_fields_do_not_rename_existing_trials():
     # the first-wave hash of a default config (trial ids of every existing sweep depend on it)
     assert config_hash(TrainConfig()) == "594a8914aec7"
@@ -171,6 +216,14 @@ def test_mup_rule_takes_the_tuned_lr_of_an_earlier_base_sweep(tmp_path):
     assert "the edge of its grid" in ts[0].describe()["rules"]
     with pytest.raises(ConfigError, match="no finished run of width 32"):
         spec.load(_spec(tmp_path, rules={"lr": {"mup": {"from": str(base), "base_width": 32}}}))
+    # runs of two depths are not one tuned base
+    import json
+
+    m = json.loads((base / "manifest.json").read_text())
+    m["trials"][0]["n_layers"] = 2
+    (base / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="differ in n_layers"):
+        spec.load(_spec(tmp_path, rules={"lr": {"mup": {"from": str(base), "base_width": 16}}}))
 
 
 def test_plan_and_status_name_the_rule_of_every_trial(tmp_path, capsys):
@@ -228,6 +281,10 @@ def test_best_per_averages_seeds_rather_than_picking_the_luckiest():
     rows += [dict(N=1e4, C=1e12, loss=v, seed_group="B", seed=i) for i, v in enumerate((1.10, 1.10))]
     kept, _ = select.best_per(pd.DataFrame(rows), ("N", "C"))
     assert list(kept["seed_group"]) == ["B", "B"]  # mean 1.10 beats A's mean 1.20 (though A has the single best)
+    # rows without a seed group are each their own candidate (not dropped, not merged); a NaN loss never wins
+    rows = [dict(N=1e4, C=1e12, loss=v, seed_group=g) for v, g in ((2.0, None), (3.0, None), (2.4, "x"), (math.nan, "y"))]
+    kept, _ = select.best_per(pd.DataFrame(rows), ("N", "C"))
+    assert list(kept["loss"]) == [2.0] and list(kept["n_candidates"]) == [3]
 
 
 def test_fit_cli_best_per_recovers_the_law_a_grid_would_lift(tmp_path, capsys):
@@ -278,6 +335,9 @@ def test_bad_mup_settings_exit_2(tmp_path, capsys, sets, field, hint):
     ({"rules": {"lr": {"mup": {"lr": 1e-2, "base_width": 50}}}, "sizes": {"shapes": [{"d_model": 64, "n_heads": 4}]}},
      "model.mup_base_width", "not divisible"),
     ({"rules": {"tempo": 1}}, "sweep.rules.tempo", "unknown field"),
+    ({"rules": {"batch": 32}}, "sweep.rules.batch", "data.batch_size"),
+    ({"rules": {"batch": {"power_law": {"coef": 1.0, "N": 0.0}}},
+      "set": {k: v for k, v in TINY.items() if k != "data.batch_size"}}, "sweep.rules.batch", "rounds below 2 sequences"),
 ])
 def test_bad_rules_exit_2_naming_the_field(tmp_path, capsys, kw, field, hint):
     p = _spec(tmp_path, **kw)

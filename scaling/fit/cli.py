@@ -269,7 +269,10 @@ def run_plot(args) -> int:
             fit = getattr(parametric, law)(df, delta=args.delta)
         plots.moe(df, by=by, fit=fit, out=args.out)
     elif fig == "lr":
-        df, _ = io.load_table(args.input, **kw)
+        src = args.input
+        if isinstance(src, io.Source):  # the figure shows every learning rate: no --best-per here
+            src = io.Source(src.path, allow_mixed_schema=src.allow_mixed_schema, allow_noncausal=src.allow_noncausal)
+        df, _ = io.load_table(src, **kw)
         by = args.by or "d_model"
         io.require(df, ["lr", "loss", by], what="--figure lr", min_points=2)
         plots.lr(df, by=by, out=args.out)

@@ -210,8 +210,12 @@ def law1d(runs: pd.DataFrame, fit, *, out: str | None = None):
 def lr(runs: pd.DataFrame, *, by: str = "d_model", panels: str = "variant", out: str | None = None):
     """Final loss vs peak learning rate (log x), one line per ``by`` value (width), one panel per
     ``panels`` value (e.g. SP and μP); each line's lowest point is ringed. Rows need ``lr``,
-    ``loss`` and ``by``; a shared y range makes the panels comparable."""
+    ``loss`` and ``by``; seeds of one point are averaged; a shared y range makes the panels
+    comparable."""
     plt = _plt()
+    runs = runs[pd.to_numeric(runs["loss"], errors="coerce").notna()]
+    group_cols = [c for c in (panels, by, "lr") if c in runs.columns]
+    runs = runs.groupby(group_cols, as_index=False, dropna=False)["loss"].mean()  # seeds: their mean
     keys = sorted(runs[panels].dropna().unique(), key=str) if panels in runs.columns else [None]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.0), sharey=True, squeeze=False)
     groups = sorted(runs[by].dropna().unique())

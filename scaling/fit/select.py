@@ -10,7 +10,10 @@ bias every minimum low).
 Grouping: ``N`` and ``D`` match within a relative 1e-3 (digitised tables carry near-duplicates);
 ``C`` matches by the run's ``bucket`` when the table has one, else within 0.1 dex
 (``scaling.fit.isoflop.budget_groups``); any other key (``E``, ``G``, ``batch``, ...) matches
-exactly. Rows of different ``variant`` or ``experiment`` never compete.
+exactly. Rows of different ``variant``, ``experiment`` or ``parametrization`` never compete.
+Seeds are averaged where the table says which rows are seeds of one configuration
+(``seed_group``, written by ``scaling.runs.load`` for sweeps); in a plain CSV without it every row
+is its own candidate, so give one row per configuration (the seed mean) there.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import pandas as pd
 
 from scaling.errors import UsageError
 
-KNOWN = ("N", "C", "D")
+# settings whose rows answer different questions: they never compete for one (N, C)
+NEVER_COMPETE = ("variant", "experiment", "parametrization")
 
 
 def parse_keys(text) -> tuple[str, ...]:
@@ -73,17 +77,21 @@ def best_per(df: pd.DataFrame, keys=("N", "C"), *, rel_tol: float = 1e-3) -> tup
             labels.append(budget_groups(c)[0])
         else:
             labels.append(pd.factorize(work[k].astype(str))[0])
-    for k in ("variant", "experiment"):
+    for k in NEVER_COMPETE:
         if k in work.columns and k not in keys:
             labels.append(pd.factorize(work[k].astype(str))[0])
     group = pd.Series(pd.factorize(pd.Series([str(t) for t in zip(*labels)]))[0], index=work.index)
-    # one candidate per configuration: the rows that differ only in their seed
-    candidate = work["seed_group"].astype(str) if "seed_group" in work.columns else pd.Series(work.index.astype(str), index=work.index)
+    # one candidate per configuration: the rows that differ only in their seed (a row without a
+    # seed group is its own candidate)
+    own = pd.Series("row" + work.index.astype(str), index=work.index)
+    candidate = work["seed_group"].where(work["seed_group"].notna(), own).astype(str) if "seed_group" in work.columns else own
     loss = pd.to_numeric(work["loss"], errors="coerce")
-    mean = loss.groupby([group, candidate]).mean()
+    mean = loss.groupby([group, candidate]).mean().dropna()  # a run without a loss cannot be the best
+    if mean.empty:
+        raise UsageError("--best-per: no row has a numeric loss")
     best = mean.groupby(level=0).idxmin().map(lambda gc: gc[1])
     n_cand = mean.groupby(level=0).size()
-    keep = candidate == group.map(best)
+    keep = (candidate == group.map(best)) & loss.notna()
     out = work[keep].copy()
     out["n_candidates"] = group[keep].map(n_cand).astype(int)
     n_groups = len(n_cand)
@@ -100,6 +108,6 @@ def duplicated_sizes(df: pd.DataFrame, keys=("N", "C")) -> int:
         return 0
     try:
         kept, _ = best_per(df, keys)
-    except UsageError:
+    except Exception:  # a table best_per cannot group (odd types, no losses): nothing to note
         return 0
     return int(len(df) - len(kept))

@@ -21,7 +21,8 @@ Rule (documented so sweeps are reproducible):
    below that a one-layer model cannot be finer: up to ~25%).
 
 Everything else (vocabulary, activation, ffn_ratio, norms, MoE/MoD settings) comes from ``base``;
-``base.d_ff`` and ``base.head_dim`` are reset so the FFN follows ``ffn_ratio``.
+``base.d_ff`` and ``base.head_dim`` are reset so the FFN follows ``ffn_ratio``. Under μP the
+base model's head dimension (``mup_base_head_dim``) is the rule's at ``mup_base_width``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ def shape(base: ModelConfig, n_layers: int, d_model: int) -> ModelConfig:
     if base.n_kv_heads is not None:
         group = base.n_heads // base.resolved_n_kv_heads
         n_kv = n_heads // group if n_heads % group == 0 else None
-    return dataclasses.replace(base, n_layers=n_layers, d_model=d_model, n_heads=n_heads, head_dim=None, n_kv_heads=n_kv, d_ff=None)
+    extra = {}
+    if base.parametrization == "mup" and base.mup_base_head_dim is None:
+        # heads and head dimension both grow with width here: μP's attention scale needs the
+        # head dimension this rule gives the base width, not base width / this shape's heads
+        extra["mup_base_head_dim"] = head_dim_for(base.mup_base_width)
+    return dataclasses.replace(base, n_layers=n_layers, d_model=d_model, n_heads=n_heads, head_dim=None, n_kv_heads=n_kv,
+                               d_ff=None, **extra)
 
 
 def _valid(base: ModelConfig, d_model: int) -> bool:

@@ -30,8 +30,10 @@ once: it keeps the input rules and the readout multiplier ``1/m`` applies to its
 ``mup`` package's ``MuSharedReadout`` does.
 
 Attention: logits ``q·k × sqrt(E₀) / E`` instead of ``q·k / sqrt(E)``: the 1/d scaling of μP,
-equal to SP at the base head dimension ``E₀`` (``model.head_dim`` when set, so widths grow by
-heads; else ``mup_base_width / n_heads``, so widths grow by head dimension).
+equal to SP at the base head dimension ``E₀`` (``base_head_dim``: ``model.mup_base_head_dim``,
+else ``model.head_dim`` when set, so widths grow by heads, else ``mup_base_width / n_heads``, so
+widths grow by head dimension; a sweep sized by the size rule, whose heads and head dimension
+both grow, records the rule's head dimension at the base width).
 
 SP (``model.parametrization = sp``) is the GPT-2 initialisation this framework always used:
 every matrix ``normal(0, init_std)``, residual output projections ``init_std / sqrt(2 L)``,
@@ -62,7 +64,12 @@ def width_multiplier(cfg: ModelConfig) -> float:
 
 
 def base_head_dim(cfg: ModelConfig) -> float:
-    """``E₀``, the base model's head dimension (see the module docstring)."""
+    """``E₀``, the base model's head dimension: ``model.mup_base_head_dim`` when set (sweeps
+    sized by a size rule set it to the rule's head dimension at the base width), else
+    ``model.head_dim`` when set (widths grow by heads), else ``mup_base_width / n_heads``
+    (a fixed head count: widths grow by head dimension)."""
+    if cfg.mup_base_head_dim is not None:
+        return float(cfg.mup_base_head_dim)
     if cfg.head_dim is not None:
         return float(cfg.head_dim)
     return cfg.mup_base_width / cfg.n_heads
@@ -131,6 +138,7 @@ def describe(cfg: ModelConfig, params=None) -> dict:
     """What ``config.json`` records under ``resolved.parametrization``: the rule set, ``m``, the
     forward multipliers and, given ``params``, every tensor's role, init std and LR multiplier."""
     out = {"parametrization": cfg.parametrization, "base_width": cfg.mup_base_width if is_mup(cfg) else None,
+           "base_head_dim": base_head_dim(cfg) if is_mup(cfg) else None,
            "width_multiplier": width_multiplier(cfg), "readout_multiplier": readout_multiplier(cfg),
            "attention_scale": attention_scale(cfg)}
     if params is not None:

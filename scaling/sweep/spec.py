@@ -617,12 +617,18 @@ def _independent(spec: SweepSpec) -> list[Trial]:
     return out
 
 
-def _with_rules(spec, cfg: TrainConfig, bucket, factor: float, where: str) -> tuple[TrainConfig, tuple, list]:
-    """``cfg`` with the spec's rules applied; the rule descriptions; the extra grid tag."""
+def _with_rules(spec, cfg: TrainConfig, bucket, factor: float, where: str, sized: bool) -> tuple[TrainConfig, tuple, list]:
+    """``cfg`` with the spec's rules applied; the rule descriptions; the extra grid tag.
+    ``sized``: the model came from the family's size rule (μP then takes that rule's head
+    dimension at the base width)."""
     if not spec.rules:
         return cfg, (), []
     overrides, said = rules_mod.resolve(spec.rules, cfg, budget_kind=bucket.kind, budget=bucket.value, factor=factor,
                                         where=where)
+    if sized and overrides.get("model.parametrization") == "mup" and cfg.model.mup_base_head_dim is None:
+        from scaling.models.family import head_dim_for
+
+        overrides["model.mup_base_head_dim"] = head_dim_for(overrides["model.mup_base_width"])
     try:
         cfg = apply_overrides(cfg, overrides)
     except ConfigError as err:
@@ -644,7 +650,8 @@ def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mp
     else:
         cfg = dataclasses.replace(cfg, budget=BudgetConfig(flops=None, seconds=bucket.value / bucket.resources.devices))
     shape = f"d{model.d_model}L{model.n_layers}"
-    cfg, rule_text, rule_tags = _with_rules(spec, cfg, bucket, factor, f"{mpath} ({shape}, bucket {bucket.value:.3g})")
+    cfg, rule_text, rule_tags = _with_rules(spec, cfg, bucket, factor, f"{mpath} ({shape}, bucket {bucket.value:.3g})",
+                                            sized=target is not None)
     gitems = list(gitems) + rule_tags
     tag_str = "_".join(f"{_tag(k)}{v}" for k, v in gitems)
     group_name = "_".join(x for x in (spec.name, variant if variant != "default" else "", shape, tag_str, f"s{seed}") if x)

@@ -35,7 +35,8 @@ def branch(independent: list) -> list:
     groups: dict[str, list] = defaultdict(list)
     for t in independent:
         if t.budget_kind != "flops":
-            raise ConfigError(f"sweep.buckets[{t.bucket}]: wsd_branch needs FLOP buckets; use strategy: independent for accelerator_seconds")
+            raise ConfigError(f"sweep.buckets[{t.bucket}]: wsd_branch needs FLOP buckets; use strategy: independent for "
+                              f"{t.budget_kind} buckets")
         o = t.config.optim
         if o.schedule != "wsd":
             raise ConfigError(f"sweep.set.optim.schedule: wsd_branch needs optim.schedule: wsd (got {o.schedule!r})")

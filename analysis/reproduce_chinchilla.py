@@ -27,27 +27,25 @@
 # Epoch's refit, then draw the loss contours in (C, N) with the compute-optimal frontier
 # (Chinchilla Fig. 4, left).
 #
-# Parameters: `SCALING_VALIDATION_DIR` (default `../shared/validation` next to the repository),
+# Data: `scaling.published` ("chinchilla_epoch" and its published coefficients,
+# "chinchilla_epoch_fits"), shipped with the package. Parameters:
 # `SCALING_ANALYSIS_OUT` (default `analysis/out/reproduce_chinchilla/`), `SCALING_SMOKE=1`
 # (50 bootstrap resamples instead of 1,000).
 
 # %%
-import json
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 import _nb
-from scaling import fit
+from scaling import fit, published
 
 SMOKE = _nb.smoke()
-VALIDATION = _nb.validation_dir()
 OUT = _nb.out_dir("reproduce_chinchilla")
 N_BOOT = 50 if SMOKE else 1000
 SEED = 42  # Epoch's bootstrap seed (their resampler differs, so the draws do not match)
-DATA = VALIDATION / "chinchilla_epoch_245runs_N_D_C_loss.csv"
-PUBLISHED = VALIDATION / "published_coefficients.json"
+DATA = published.path("chinchilla_epoch")  # shipped with the package (provenance: published.provenance)
 print(f"SMOKE={SMOKE}  data={DATA}  out={OUT}  bootstrap={N_BOOT}")
 
 # %% [markdown]
@@ -59,7 +57,7 @@ print(f"SMOKE={SMOKE}  data={DATA}  out={OUT}  bootstrap={N_BOOT}")
 raw = pd.read_csv(DATA).rename(columns={"N_params": "N", "D_tokens": "D", "C_flop": "C"})
 runs = raw[raw["epoch_outlier_excluded"] == 0].reset_index(drop=True)
 outliers = raw[raw["epoch_outlier_excluded"] == 1]
-pub = json.loads(PUBLISHED.read_text())
+pub = published.load("chinchilla_epoch_fits")
 print(f"{len(raw)} runs, {len(runs)} used, {len(outliers)} excluded; "
       f"N {runs.N.min():.3g}..{runs.N.max():.3g} params, C {runs.C.min():.3g}..{runs.C.max():.3g} FLOPs")
 

@@ -155,7 +155,7 @@ def test_fit_bcrit_from_tradeoff_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_fit_reports_both_timings(validation_dir, capsys):
+def test_bench_fit_reports_both_timings(capsys):
     assert main(["bench", "fit", "--json", "--scipy-starts", "3", "--bootstrap", "20"]) == 0
     d = _json(capsys)
     assert d["objective"] == pytest.approx(1.01827403e-3, rel=1e-5)

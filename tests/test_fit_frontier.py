@@ -76,12 +76,14 @@ def test_envelope_approach1_from_learning_curves():
     assert r.a == pytest.approx(A_TRUE, abs=0.03)
     assert r.b == pytest.approx(B_TRUE, abs=0.03)
     table = fit.compare(runs=isoflop_runs(), steps=steps)
-    assert list(table["approach"]) == ["1", "2", "3"]
+    assert list(table["approach"]) == ["1", "2", "2", "3"] and list(table["method"][1:3]) == ["parabola", "akima"]
     assert np.allclose(table["a"], A_TRUE, atol=0.03)
 
 
-def test_porian_tuned_refinedweb_akima_exponent(validation_dir):
-    p = pd.read_csv(validation_dir / "porian2024_isoflop_points.csv")
+def test_porian_tuned_refinedweb_akima_exponent():
+    from scaling import published
+
+    p = published.load("porian2024_isoflop")
     sub = p[(p.dataset == "rw") & (p.config_label == "Optimizer tuning (no decay)")]
     r = fit.isoflop(sub, method="akima", columns="C=flops,N=n_params,D=t_tokens", budget_col="C")
     # Porian et al. 2024 published a = 0.4969 (weighted, bootstrap medians); unweighted Akima within 0.01

@@ -48,18 +48,10 @@ def test_analytic_gradient_matches_finite_differences(name):
 
 
 @pytest.fixture(scope="module")
-def epoch_runs(validation_dir_module):
-    d = pd.read_csv(validation_dir_module / "chinchilla_epoch_245runs_N_D_C_loss.csv")
-    return d
+def epoch_runs():
+    from scaling import published  # shipped with the package: runs on a fresh clone
 
-
-@pytest.fixture(scope="module")
-def validation_dir_module():
-    from conftest import VALIDATION
-
-    if not VALIDATION.is_dir():
-        pytest.skip(f"shared validation data not found at {VALIDATION} (set SCALING_VALIDATION_DIR)")
-    return VALIDATION
+    return published.load("chinchilla_epoch")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def epoch_fit(epoch_runs):
     return fit.chinchilla(epoch_runs, columns="N=N_params,D=D_tokens,C=C_flop", where="epoch_outlier_excluded == 0")
 
 
-def test_reproduces_epoch_chinchilla_refit(epoch_fit, validation_dir):
+def test_reproduces_epoch_chinchilla_refit(epoch_fit):
     r = epoch_fit
     assert r.n_points == 240 and r.n_starts == 4500
     assert r.converged and not r.warnings
@@ -85,7 +77,7 @@ def test_reproduces_epoch_chinchilla_refit(epoch_fit, validation_dir):
 
 
 @pytest.mark.slow
-def test_all_245_points_moves_as_epoch_reports(epoch_runs, validation_dir):
+def test_all_245_points_moves_as_epoch_reports(epoch_runs):
     r = fit.chinchilla(epoch_runs, columns="N=N_params,D=D_tokens")
     # SOURCES.md: our scipy refit on all 245 gives E=1.891, alpha=0.349, beta=0.453
     assert r.params["E"] == pytest.approx(1.891, abs=0.01)
@@ -94,7 +86,7 @@ def test_all_245_points_moves_as_epoch_reports(epoch_runs, validation_dir):
 
 
 @pytest.mark.slow
-def test_bootstrap_intervals_close_to_epoch(epoch_runs, validation_dir):
+def test_bootstrap_intervals_close_to_epoch(epoch_runs):
     r = fit.chinchilla(
         epoch_runs, columns="N=N_params,D=D_tokens", where="epoch_outlier_excluded == 0", bootstrap=1000, seed=42
     )

@@ -21,7 +21,7 @@ DEFAULT_DATA = "chinchilla_epoch_245runs_N_D_C_loss.csv"
 
 
 def add_arguments(parser, kind: str) -> None:
-    parser.add_argument("--data", default=None, help="Epoch Chinchilla CSV (default: ../shared/validation/" + DEFAULT_DATA + ")")
+    parser.add_argument("--data", default=None, help="Epoch Chinchilla CSV (default: the shipped copy, scaling.published 'chinchilla_epoch')")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits to time")
     parser.add_argument("--scipy-starts", type=int, default=4500, help="grid starts for the scipy reference (<= 4500; scaled up)")
 
@@ -31,8 +31,9 @@ def _data(path):
     from pathlib import Path
 
     if path is None:
-        root = os.environ.get("SCALING_VALIDATION_DIR") or Path(__file__).resolve().parents[3] / "shared" / "validation"
-        path = Path(root) / DEFAULT_DATA
+        from scaling import published  # the Epoch table ships with the package
+
+        path = published.path("chinchilla_epoch")
     path = Path(path)
     if not path.exists():
         raise UsageError(f"--data: {path} not found (the Epoch Chinchilla table is needed for this benchmark)")

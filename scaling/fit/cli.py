@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 
 import numpy as np
 
@@ -61,7 +62,10 @@ def register(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to runs (table or sweep directory)")
     _common(p)
     p.add_argument("--law", required=True, choices=LAWS)
-    p.add_argument("--holdout-largest", dest="holdout", type=int, default=0, metavar="K", help="backtest: refit without the largest K budgets and score them")
+    p.add_argument("--holdout-largest", dest="holdout", type=int, default=None, metavar="K", help="backtest: refit without the largest K (>= 1) budgets and score them")
+    p.add_argument("--window-dex", dest="window_dex", type=float, default=None, metavar="W",
+                   help="--law isoflop --method parabola: fit each budget's parabola to the sizes within W decades of its "
+                        "best run (default 0.5; 'inf' for every size)")
     p.add_argument("--predict", action="append", default=[], metavar="COL=V[,V..]", help="e.g. C=1e21,1e22 or N=1e9 --predict D=2e10")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="PNG", help="save the matching figure")
@@ -89,6 +93,18 @@ def _predict_inputs(specs: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def _window(args):
+    """``--window-dex`` as ``isoflop(window_dex=...)``: the default, a width, or None (every size)."""
+    from scaling.fit.isoflop import WINDOW_DEX
+
+    w = getattr(args, "window_dex", None)
+    if w is None:
+        return WINDOW_DEX
+    if not (w > 0):
+        raise UsageError(f"--window-dex: must be a positive number of decades (or inf), got {w}")
+    return None if np.isinf(w) else w
+
+
 def _fit(args):
     from scaling.fit import batch, extrapolate, parametric
     from scaling.fit.isoflop import isoflop as fit_isoflop
@@ -99,7 +115,8 @@ def _fit(args):
 
         res = envelope(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
     elif args.law == "isoflop":
-        res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col, seed_noise=args.seed_noise, **kw)
+        res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col,
+                          seed_noise=args.seed_noise, window_dex=_window(args), **kw)
     elif args.law == "bcrit":
         res = batch.tradeoff(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
     else:
@@ -124,7 +141,9 @@ def _fit(args):
         else:
             table = res.predict(**inp)
         res.predictions = table.replace({np.nan: None}).to_dict(orient="records")
-    if args.holdout:
+    if args.holdout is not None:
+        if args.holdout < 1:
+            raise UsageError(f"--holdout-largest: must be >= 1 budgets to hold out, got {args.holdout} (omit it for no backtest)")
         if args.law == "bcrit":
             raise UsageError("--holdout-largest: not available for --law bcrit")
         fkw = {"method": args.method} if args.law == "isoflop" else {"delta": args.delta}
@@ -202,8 +221,18 @@ def _with_source_options(args) -> None:
 
 def run_fit(args) -> int:
     _with_source_options(args)
-    res = _fit(args)
+    with warnings.catch_warnings(record=True) as caught:  # numpy's warnings become one-line result flags
+        warnings.simplefilter("always")
+        with np.errstate(all="warn"):
+            res = _fit(args)
     d = _clean(res.to_dict())
+    seen = []
+    for w in caught:
+        text = f"numerical warning during the fit ({w.category.__name__}): {str(w.message).splitlines()[0]}"
+        if text not in seen:
+            seen.append(text)
+    if seen:
+        d.setdefault("warnings", []).extend(seen)
     if args.plot:
         _plot_for_fit(args, res)
         d["plot"] = args.plot

@@ -31,6 +31,10 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
     return out
 
 
+# columns that are counts (parameters, tokens, FLOPs, batch, steps, unique tokens): read as float64
+COUNT_COLUMNS = ("N", "D", "C", "B", "S", "U", "N_total", "N_active", "N_embedding", "flops_6n", "steps", "tokens", "flops")
+
+
 class Source:
     """A table path with reading options, accepted wherever a fitter takes ``data``:
     ``fit.chinchilla(io.Source("runs/x", allow_mixed_schema=True))``."""
@@ -123,6 +127,10 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
         if bad.any():
             notes.append(f"excluded {int(bad.sum())} run(s) whose state is not 'done' (diverged/failed/running)")
             df = df[~bad]
+    for c in COUNT_COLUMNS:
+        # counts multiplied together (C / (N D)) overflow int64: W&B exports give integer columns
+        if c in df.columns and pd.api.types.is_integer_dtype(df[c]):
+            df[c] = df[c].astype(np.float64)
     from scaling.fit import select
 
     if best_per and not steps:

@@ -40,13 +40,38 @@ def budget_groups(C: np.ndarray, tol_dex: float = 0.1) -> tuple[np.ndarray, np.n
     return labels, centers
 
 
+# counted FLOPs scatter around their nominal budget by a few percent (whole steps); a cluster
+# of C wider than this is not one budget but a continuum (e.g. Chinchilla's Fig. 4 runs)
+MAX_BUDGET_SPAN_DEX = 0.15
+
+
+def _renamed(col: str | None, columns) -> str | None:
+    """A column named by its source name (``--columns C=flops --budget-column flops``) under its
+    canonical name: renames apply before any column is looked up."""
+    if col is None:
+        return None
+    renames = io.parse_columns(columns)
+    return next((k for k, v in renames.items() if v == col), col)
+
+
 def _budgets(df: pd.DataFrame, budget_col: str | None, tol_dex: float):
     if budget_col:
         io.require(df, [budget_col], what="--law isoflop")
         vals = df[budget_col].to_numpy(float)
         u = np.unique(vals)
         return np.searchsorted(u, vals), u
-    return budget_groups(df["C"].to_numpy(float), tol_dex)
+    C = df["C"].to_numpy(float)
+    labels, centers = budget_groups(C, tol_dex)
+    lc = np.log10(C)
+    spans = [float(np.ptp(lc[labels == k])) for k in range(len(centers))]
+    if spans and max(spans) > MAX_BUDGET_SPAN_DEX:
+        k = int(np.argmax(spans))
+        raise UsageError(
+            f"C: the runs' FLOPs are not discrete budgets ({int((labels == k).sum())} runs span "
+            f"{spans[k]:.2f} decades, {10 ** lc[labels == k].min():.3g}-{10 ** lc[labels == k].max():.3g} FLOPs, "
+            f"with no gap over {tol_dex} decades); name each run's budget with --budget-column (budget_col=) "
+            f"or fit --law chinchilla, which needs no budgets")
+    return labels, centers
 
 
 def _minimum(logN: np.ndarray, loss: np.ndarray, method: str) -> tuple[float, float, str]:
@@ -83,13 +108,40 @@ def _best_per_size(N, loss, D, rel_tol: float = 1e-3):
     return N[keep], loss[keep], D[keep]
 
 
-def _budget_minimum(N, loss, D, method):
-    """(N_opt, D_opt, loss_opt, n_sizes, flag) for one budget's runs."""
+# The parabola is fitted to the sizes within this many decades of a budget's best run (at least
+# the 3 nearest): far from the minimum an IsoFLOP curve is not a parabola in log N, and fitting
+# every size biased a by up to +0.07 on Porian et al.'s sweeps. 0.5 dex (a factor ~3.2 either
+# side) was chosen before measuring; see docs/analysis.md for what it gives on those sweeps.
+WINDOW_DEX = 0.5
+
+
+def _window(lN: np.ndarray, loss: np.ndarray, window_dex: float | None) -> np.ndarray:
+    """Indices of the sizes within ``window_dex`` decades of the lowest loss (at least the 3
+    nearest in log N); every index when ``window_dex`` is None."""
+    if window_dex is None or len(lN) <= 3:
+        return np.arange(len(lN))
+    i = int(np.argmin(loss))
+    dist = np.abs(lN - lN[i]) / np.log(10.0)
+    keep = np.flatnonzero(dist <= window_dex)
+    if len(keep) < 3:
+        keep = np.sort(np.argsort(dist, kind="stable")[:3])
+    return keep
+
+
+def _budget_minimum(N, loss, D, method, window_dex: float | None = WINDOW_DEX):
+    """(N_opt, D_opt, loss_opt, n_sizes, flag) for one budget's runs. The parabola is fitted to
+    the sizes in the window around the best one (``window_dex``; None: every size)."""
     N, loss, D = _best_per_size(N, loss, D)
     if len(N) < 3:
         return np.nan, np.nan, np.nan, len(N), "too_few_sizes"
     lN = np.log(N)
-    x, lo, flag = _minimum(lN, loss, method)
+    if method == "parabola":
+        k = _window(lN, loss, window_dex)
+        x, lo, flag = _minimum(lN[k], loss[k], method)
+        if flag == "" and int(np.argmin(loss)) in (0, len(N) - 1):
+            flag = "boundary"  # the best sampled size is an edge one: the minimum may lie beyond
+    else:
+        x, lo, flag = _minimum(lN, loss, method)
     if not np.isfinite(x):
         return np.nan, np.nan, lo, len(N), flag
     # D at the optimum: tokens move opposite to size at fixed C; interpolate in log-log
@@ -97,13 +149,14 @@ def _budget_minimum(N, loss, D, method):
     return float(np.exp(x)), float(np.exp(i0 + s * x)), lo, len(N), flag
 
 
-def minima(df: pd.DataFrame, labels: np.ndarray, centers: np.ndarray, method: str = "parabola") -> pd.DataFrame:
+def minima(df: pd.DataFrame, labels: np.ndarray, centers: np.ndarray, method: str = "parabola",
+           window_dex: float | None = WINDOW_DEX) -> pd.DataFrame:
     """Per-budget minimum: columns ``C, N_opt, D_opt, loss_opt, n_points, flag`` (flag '' = usable)."""
     N, L, D = (df[c].to_numpy(float) for c in ("N", "loss", "D"))
     rows = []
     for k, c in enumerate(centers):
         m = labels == k
-        n_opt, d_opt, l_opt, n, flag = _budget_minimum(N[m], L[m], D[m], method)
+        n_opt, d_opt, l_opt, n, flag = _budget_minimum(N[m], L[m], D[m], method, window_dex)
         rows.append(dict(C=float(c), N_opt=n_opt, D_opt=d_opt, loss_opt=l_opt, n_points=n, flag=flag))
     return pd.DataFrame(rows)
 
@@ -180,8 +233,8 @@ class FrontierResult:
         return io.with_results(d, self)
 
 
-def _fit_minima(df, labels, centers, method):
-    m = minima(df, labels, centers, method)
+def _fit_minima(df, labels, centers, method, window_dex=WINDOW_DEX):
+    m = minima(df, labels, centers, method, window_dex)
     m["used"] = (m["flag"] == "") & np.isfinite(m["N_opt"]) & np.isfinite(m["D_opt"])
     u = m[m["used"]]
     if len(u) < 2:
@@ -202,11 +255,16 @@ def isoflop(
     seed_noise: float = 0.0,
     columns=None,
     where: str | None = None,
+    window_dex: float | None = WINDOW_DEX,
 ) -> FrontierResult:
     """Chinchilla approach 2 on a table of final runs (columns C, N, D, loss).
 
-    Budgets are clusters of C within ``tol_dex`` decades (or ``budget_col``). Minima at the edge
-    of a budget's sampled sizes, or concave parabolas, are reported and left out of the fit.
+    Budgets come from ``budget_col`` (a source name renamed by ``columns`` works too; a sweep's
+    ``bucket`` column is used when present), else from clusters of C within ``tol_dex`` decades,
+    refused when the runs' FLOPs are not discrete budgets. The parabola is fitted to the sizes
+    within ``window_dex`` decades of each budget's best run (``WINDOW_DEX``; None: all sizes).
+    Minima at the edge of a budget's sampled sizes, or concave parabolas, are reported and left
+    out of the fit.
     ``bootstrap`` resamples runs within each budget; with ``seed_noise`` > 0 it instead keeps
     every run and multiplies each loss by exp(N(0, seed_noise)) (Porian et al. 2024's seed-noise
     bootstrap; seed_noise ~ the relative loss spread between seeds, e.g. 0.002-0.01).
@@ -224,13 +282,14 @@ def isoflop(
     if budget_col is None:
         # a sweep store names each trial's nominal budget; counted FLOPs scatter around it
         budget_col = next((c for c in ("budget", "bucket") if c in df.columns and pd.api.types.is_numeric_dtype(df[c])), None)
+    budget_col = _renamed(budget_col, columns)
     labels, centers = _budgets(df, budget_col, tol_dex)
     if len(centers) < 2:
         raise UsageError(
             f"{what}: all {len(df)} runs share one compute budget (C~{centers[0]:.3g} FLOPs); "
             "an IsoFLOP fit needs runs at two or more budgets"
         )
-    m, fit = _fit_minima(df, labels, centers, method)
+    m, fit = _fit_minima(df, labels, centers, method, window_dex)
     warnings = [
         f"budget C={r.C:.3g}: {r.flag.replace('_', ' ')} ({r.n_points} sizes); left out of the fit"
         for r in m.itertuples()
@@ -258,7 +317,7 @@ def isoflop(
                 else:
                     ix = rng.integers(0, len(n_), len(n_))
                     l_b = l_[ix]
-                mins.append(_budget_minimum(n_[ix], l_b, d_[ix], method))
+                mins.append(_budget_minimum(n_[ix], l_b, d_[ix], method, window_dex))
             ok = np.array([m[4] == "" and np.isfinite(m[0]) and np.isfinite(m[1]) for m in mins])
             if ok.sum() < 2:
                 continue
@@ -365,8 +424,10 @@ def parametric(fit) -> dict:
     return {"approach": "3", "method": "parametric L(N,D)", "a": fit.a, "b": fit.b, "a_ci": fit.ci.get("a"), "b_ci": fit.ci.get("b")}
 
 
-def compare(runs=None, steps=None, *, bootstrap: int = 0, seed: int = 0, method: str = "parabola") -> pd.DataFrame:
-    """a and b from every approach the data allows, one row each (approach, method, a, b, CIs)."""
+def compare(runs=None, steps=None, *, bootstrap: int = 0, seed: int = 0, method: str | None = None,
+            budget_col: str | None = None, columns=None, where: str | None = None) -> pd.DataFrame:
+    """a and b from every approach the data allows, one row each (approach, method, a, b, CIs):
+    approach 2 by the windowed parabola and by Akima unless ``method`` names one."""
     from scaling.fit.parametric import chinchilla
 
     rows = []
@@ -375,7 +436,7 @@ def compare(runs=None, steps=None, *, bootstrap: int = 0, seed: int = 0, method:
         rows.append({"approach": "1", "method": "envelope", "a": r.a, "b": r.b, "a_ci": r.ci.get("a"), "b_ci": r.ci.get("b")})
     if runs is not None:
         for m in (method,) if method else ("parabola", "akima"):
-            r = isoflop(runs, method=m, bootstrap=bootstrap, seed=seed)
+            r = isoflop(runs, method=m, bootstrap=bootstrap, seed=seed, budget_col=budget_col, columns=columns, where=where)
             rows.append({"approach": "2", "method": m, "a": r.a, "b": r.b, "a_ci": r.ci.get("a"), "b_ci": r.ci.get("b")})
-        rows.append(parametric(chinchilla(runs, bootstrap=bootstrap, seed=seed)))
+        rows.append(parametric(chinchilla(runs, bootstrap=bootstrap, seed=seed, columns=columns, where=where)))
     return pd.DataFrame(rows)

@@ -79,3 +79,34 @@ def test_holdout_largest_zero_is_an_error(tmp_path, capsys):
     assert main(["fit", str(p), "--law", "chinchilla", "--columns", "N=N_params,D=D_tokens,C=C_flop",
                  "--holdout-largest", "0"]) == 2
     assert "--holdout-largest: must be >= 1" in capsys.readouterr().err
+
+
+def _weak_table(n=30, seed=0):
+    """A (Mis)Fitting-like weak design: sizes and tokens over a factor of 3 each, E = 0 in truth."""
+    rng = np.random.default_rng(seed)
+    N = np.exp(rng.uniform(np.log(1e7), np.log(3e7), n))
+    D = np.exp(rng.uniform(np.log(1e9), np.log(3e9), n))
+    return pd.DataFrame({"N": N, "D": D, "loss": (400 / N ** 0.34 + 410 / D ** 0.28) * np.exp(rng.normal(0, 0.01, n))})
+
+
+def test_a_weak_parametric_fit_is_flagged_and_a_strong_one_is_not(capsys, tmp_path):
+    r = fit.chinchilla(_weak_table(), bootstrap=60, seed=1)
+    assert not r.identified["E"] and r.boot_at_bound["E"] > 0
+    assert any(w.startswith("E is not identified") for w in r.warnings)
+    p = tmp_path / "weak.csv"
+    _weak_table().to_csv(p, index=False)
+    assert main(["fit", str(p), "--law", "chinchilla", "--bootstrap", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: E is not identified" in out
+    strong = fit.chinchilla(published.load("chinchilla_epoch"), columns="N=N_params,D=D_tokens,C=C_flop",
+                            where="epoch_outlier_excluded == 0", bootstrap=40, seed=1)
+    assert all(strong.identified.values()) and not any("identified" in w for w in strong.warnings)
+
+
+def test_misfitting_openlm_fit_is_flagged(validation_dir):
+    d = pd.read_csv(validation_dir / "misfitting2025_openlm_final_ckpt_runs.csv")
+    best = d[["N", "D", "loss"]].groupby(["N", "D"], as_index=False).min()  # the best LR per (N, D)
+    r = fit.chinchilla(best, bootstrap=40, seed=0)
+    # the issue: E = 1.40 with an interval from 2e-10 to 2.3, a quarter of the resamples at E = 0
+    assert r.params["E"] == pytest.approx(1.40, abs=0.05)
+    assert not r.identified["E"]

@@ -53,6 +53,8 @@ class FitResult:
     law_obj: Any = field(default=None, repr=False)
     theta: np.ndarray | None = field(default=None, repr=False)
     boot_theta: np.ndarray | None = field(default=None, repr=False)
+    identified: dict[str, bool] = field(default_factory=dict)  # per parameter (see identifiability)
+    boot_at_bound: dict[str, int] = field(default_factory=dict)  # bootstrap refits that ended at a bound
 
     # ------------------------------------------------------------ predictions
     def _frontier(self, theta: np.ndarray, C: np.ndarray):
@@ -117,12 +119,63 @@ class FitResult:
             "n_boot": self.n_boot,
             "n_boot_converged": self.n_boot_converged,
             "warnings": self.warnings,
+            "identified": self.identified,
+            "boot_at_bound": self.boot_at_bound,
             "notes": self.notes,
         }
         if self.a is not None:
             d.update(a=self.a, b=self.b, flops_per_param_token=self.flops_per_param_token)
             d["ci"].update({k: list(v) for k, v in self.ci.items() if k in ("a", "b")})
         return io.with_results(d, self)
+
+
+# Identifiability (issue 17). A parameter is "at a bound" when the fit pushed it where the data
+# cannot hold it: an asymptote E below 1/1000 of the smallest observed value (E -> 0), a scale
+# (A, B, ...) beyond 1e30, an exponent below 1e-3 or above 5. It is "unidentified" when the point
+# fit is at a bound, when its 95% bootstrap interval spans more than a decade, or when more than
+# 10% of the bootstrap refits end at a bound.
+SPAN_DECADES = 1.0
+BOUND_SHARE = 0.10
+
+
+def _kind(name: str) -> str:
+    return "asymptote" if name == "E" else "scale" if name[:1].isupper() else "exponent"
+
+
+def _at_bound(name: str, v: np.ndarray, y_min: float) -> np.ndarray:
+    v = np.asarray(v, float)
+    kind = _kind(name)
+    if kind == "asymptote":
+        return v < 1e-3 * y_min
+    if kind == "scale":
+        return ~np.isfinite(v) | (v > 1e30)
+    return ~np.isfinite(v) | (v < 1e-3) | (v > 5.0)
+
+
+def identifiability(params: dict, boot: dict | None, y_min: float) -> tuple[dict, dict, list[str]]:
+    """``(identified, boot_at_bound, warnings)`` per parameter of a fit (see the rules above);
+    ``boot`` maps each parameter to its bootstrap refits' values (None without a bootstrap)."""
+    identified, at_bound, warns = {}, {}, []
+    for name, value in params.items():
+        why = []
+        if bool(_at_bound(name, value, y_min)):
+            why.append(f"the fit puts it at a bound ({value:.3g})")
+        if boot is not None and name in boot:
+            v = np.asarray(boot[name], float)
+            k = int(_at_bound(name, v, y_min).sum())
+            at_bound[name] = k
+            lo, hi = _percentiles(v)
+            if lo > 0 and hi > 0 and np.log10(hi / lo) > SPAN_DECADES:
+                why.append(f"its 95% interval {lo:.3g}..{hi:.3g} spans {np.log10(hi / lo):.1f} decades")
+            elif not lo > 0:
+                why.append(f"its 95% interval {lo:.3g}..{hi:.3g} reaches zero")
+            if len(v) and k > BOUND_SHARE * len(v):
+                why.append(f"{k}/{len(v)} bootstrap refits end at a bound")
+        identified[name] = not why
+        if why:
+            warns.append(f"{name} is not identified: {'; '.join(why)} (the data do not pin it down: "
+                         f"add runs where it matters, or trust a law with fewer parameters)")
+    return identified, at_bound, warns
 
 
 def measured_noise(df: pd.DataFrame, target: str = "loss") -> np.ndarray:
@@ -216,6 +269,9 @@ def fit_law(
         M = np.stack([nat[k] for k in names], axis=1)
         cov = np.cov(M, rowvar=False) if len(M) > 1 else np.full((len(names), len(names)), np.nan)
         res.cov = {a: {b: float(cov[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+    boot_nat = {k: v for k, v in law.natural(res.boot_theta).items()} if res.boot_theta is not None else None
+    res.identified, res.boot_at_bound, warns = identifiability(natural, boot_nat, float(np.min(y)))
+    res.warnings.extend(warns)
     return res
 
 

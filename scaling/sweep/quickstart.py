@@ -65,13 +65,14 @@ def fit_and_report(sweep_dir: Path, target_C: float, stream=sys.stdout) -> dict:
     except (UsageError, ValueError) as err:
         out["isoflop"] = {"error": str(err)}
         p(f"approach 2 (IsoFLOP minima): not fitted: {err}")
+    ch_res = None
     try:
-        ch = fit.chinchilla(done)
+        ch = ch_res = fit.chinchilla(done)
         fit.plots.frontier(done, ch, out=str(sweep_dir / "frontier.png"))
         pr = ch.predict(C=target_C).iloc[0]
         q = ch.params
         out["chinchilla"] = {"params": q, "a": ch.a, "b": ch.b, "N_opt": float(pr["N_opt"]), "D_opt": float(pr["D_opt"]),
-                             "loss": float(pr["loss"]), "warnings": ch.warnings}
+                             "loss": float(pr["loss"]), "warnings": ch.warnings, "identified": ch.identified}
         p(f"approach 3 (parametric): L(N, D) = {q['E']:.3f} + {q['A']:.4g} / N^{q['alpha']:.3f} + "
           f"{q['B']:.4g} / D^{q['beta']:.3f};  N_opt ~ C^{ch.a:.3f}, D_opt ~ C^{ch.b:.3f}")
         for w in ch.warnings:
@@ -81,6 +82,22 @@ def fit_and_report(sweep_dir: Path, target_C: float, stream=sys.stdout) -> dict:
     except (UsageError, ValueError) as err:
         out["chinchilla"] = {"error": str(err)}
         p(f"approach 3 (parametric): not fitted: {err}")
+    # which answer to read: a parametric law with an unidentified parameter (E on its bound, say)
+    # is not one, however many digits it prints
+    iso_ok = "error" not in out.get("isoflop", {"error": ""})
+    ch_out = out.get("chinchilla", {})
+    weak = [k for k, v in (ch_res.identified if ch_res is not None else {}).items() if not v]
+    if "error" not in ch_out and not weak:
+        out["trust"] = "both" if iso_ok else "approach 3"
+    else:
+        out["trust"] = "approach 2" if iso_ok else "neither"
+    if weak or "error" in ch_out:
+        why = f"its {', '.join(weak)} {'is' if len(weak) == 1 else 'are'} not identified by these runs" if weak else "it did not fit"
+        advice = ("read approach 2's exponents and N_opt" if iso_ok
+                  else "neither approach is an answer here: add budgets and sizes around the optimum")
+        p(f"trust: approach 3's law is not an answer ({why}); {advice}")
+    elif iso_ok:
+        p(f"trust: both approaches are identified; approach 2 gives a = {out['isoflop']['a']:.3f}, approach 3 a = {ch_out['a']:.3f}")
     write_json_atomic(sweep_dir / "fits.json", out)
     plots = sorted(q.name for q in sweep_dir.glob("*.png"))
     if plots:

@@ -110,3 +110,27 @@ def test_misfitting_openlm_fit_is_flagged(validation_dir):
     # the issue: E = 1.40 with an interval from 2e-10 to 2.3, a quarter of the resamples at E = 0
     assert r.params["E"] == pytest.approx(1.40, abs=0.05)
     assert not r.identified["E"]
+
+
+def test_pinning_the_asymptote_recovers_the_exponents_a_weak_design_cannot(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    n = 40
+    N = np.exp(rng.uniform(np.log(1e7), np.log(4e7), n))
+    D = np.exp(rng.uniform(np.log(1e9), np.log(4e9), n))
+    loss = (1.7 + 400 / N ** 0.34 + 410 / D ** 0.28) * np.exp(rng.normal(0, 0.002, n))
+    df = pd.DataFrame({"N": N, "D": D, "loss": loss})
+    free = fit.chinchilla(df, bootstrap=30, seed=0)
+    pinned = fit.chinchilla(df, pin={"E": 1.7}, bootstrap=30, seed=0)
+    assert pinned.params["E"] == 1.7 and "E" not in pinned.identified and "E" not in pinned.ci
+    # measured: free E 2.08, beta 0.375; pinned beta 0.248 (truth 0.28), and a tighter forecast
+    assert abs(pinned.params["beta"] - 0.28) < abs(free.params["beta"] - 0.28)
+    width = lambda r: float(np.diff(r.predict(C=1e22).iloc[0][["loss_lo", "loss_hi"]].to_numpy(float))[0])
+    assert width(pinned) < 0.5 * width(free)
+    assert any("pinned (not fitted): E=1.7" in n for n in pinned.notes)
+    p = tmp_path / "t.csv"
+    df.to_csv(p, index=False)
+    assert main(["fit", str(p), "--law", "chinchilla", "--pin", "E=1.7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["E"] == 1.7
+    for bad, msg in ((["--pin", "Q=1"], "not a parameter"), (["--pin", "E"], "PARAM=NUMBER"), (["--pin", "E=-1"], "positive")):
+        assert main(["fit", str(p), "--law", "chinchilla", *bad]) == 2
+        assert msg in capsys.readouterr().err

@@ -62,6 +62,8 @@ def register(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to runs (table or sweep directory)")
     _common(p)
     p.add_argument("--law", required=True, choices=LAWS)
+    p.add_argument("--pin", action="append", default=[], metavar="PARAM=VALUE",
+                   help="hold a parameter fixed instead of fitting it, e.g. --pin E=1.69 (an asymptote the runs cannot identify)")
     p.add_argument("--holdout-largest", dest="holdout", type=int, default=None, metavar="K", help="backtest: refit without the largest K (>= 1) budgets and score them")
     p.add_argument("--window-dex", dest="window_dex", type=float, default=None, metavar="W",
                    help="--law isoflop --method parabola: fit each budget's parabola to the sizes within W decades of its "
@@ -93,6 +95,20 @@ def _predict_inputs(specs: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def _pins(items) -> dict[str, float]:
+    """``["E=1.69"]`` -> ``{"E": 1.69}`` (UsageError naming the bad item)."""
+    out = {}
+    for item in items:
+        k, sep, v = str(item).partition("=")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise UsageError(f"--pin {item}: expected PARAM=NUMBER, e.g. --pin E=1.69") from None
+        if not sep or not k.strip():
+            raise UsageError(f"--pin {item}: expected PARAM=NUMBER, e.g. --pin E=1.69")
+    return out
+
+
 def _window(args):
     """``--window-dex`` as ``isoflop(window_dex=...)``: the default, a width, or None (every size)."""
     from scaling.fit.isoflop import WINDOW_DEX
@@ -110,6 +126,8 @@ def _fit(args):
     from scaling.fit.isoflop import isoflop as fit_isoflop
 
     kw = dict(columns=args.columns, where=args.where)
+    if getattr(args, "pin", None) and args.law in ("isoflop", "bcrit"):
+        raise UsageError(f"--pin: --law {args.law} has no parameters to pin; use it with a parametric law (chinchilla, powerlaw, ...)")
     if args.law == "isoflop" and args.method == "envelope":
         from scaling.fit.isoflop import envelope
 
@@ -127,7 +145,9 @@ def _fit(args):
             "clark": parametric.clark,
             "krajewski": parametric.krajewski,
         }
-        res = fitters[args.law](args.input, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta, seed_noise=args.seed_noise, **kw)
+        pin = _pins(getattr(args, "pin", []))
+        res = fitters[args.law](args.input, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta, seed_noise=args.seed_noise,
+                                **kw, **({"pin": pin} if pin else {}))
     if args.predict:
         inp = _predict_inputs(args.predict)
         if args.law == "isoflop":

@@ -346,3 +346,41 @@ LAWS: dict[str, Callable[[], Law]] = {
     "kaplan": kaplan,
     "tradeoff": tradeoff,
 }
+
+
+def pinned(law: LSELaw, values: dict[str, float]) -> LSELaw:
+    """``law`` with the parameters named in ``values`` (natural names, natural units: ``{"E": 1.7}``)
+    held fixed: their terms move into the offsets, the fitted vector loses their coordinates.
+    ``expand(law, values, theta)`` puts them back for prediction with the full law."""
+    if not isinstance(law, LSELaw):
+        raise ValueError(f"pinning needs a log-sum-exp law; {law.name} is not one")
+    names = [p.natural for p in law.params]
+    idx = [names.index(k) for k in values]
+    fixed = {i: (np.log(values[law.params[i].natural]) if law.params[i].log else float(values[law.params[i].natural]))
+             for i in idx}
+    keep = [i for i in range(law.n_params) if i not in fixed]
+
+    def features(x):
+        F, O = law.features(x)
+        O = O + sum(F[:, :, i] * v for i, v in fixed.items())
+        return F[:, :, keep], O
+
+    pins = ", ".join(f"{k}={v:g}" for k, v in values.items())
+    return LSELaw(name=law.name, formula=f"{law.formula} ({pins} pinned)", inputs=law.inputs, target=law.target,
+                  params=tuple(law.params[i] for i in keep), features=features)
+
+
+def expand(law: Law, values: dict[str, float], theta: np.ndarray) -> np.ndarray:
+    """Fitted coordinates of a ``pinned`` fit (``[..., P - k]``) -> the full law's (``[..., P]``)."""
+    theta = np.asarray(theta, float)
+    names = [p.natural for p in law.params]
+    out, j = [], 0
+    for i, p in enumerate(law.params):
+        if p.natural in values:
+            v = np.log(values[p.natural]) if p.log else float(values[p.natural])
+            out.append(np.full(theta.shape[:-1], v))
+        else:
+            out.append(theta[..., j])
+            j += 1
+    assert j == theta.shape[-1] and len(names) == len(out)
+    return np.stack(out, axis=-1)

@@ -206,12 +206,15 @@ def fit_law(
     columns=None,
     where: str | None = None,
     notes: list[str] | None = None,
+    pin: dict[str, float] | None = None,
 ) -> FitResult:
     """Fit ``law`` to ``data`` (DataFrame, table path or sweep dir) by Huber-in-log multi-start L-BFGS.
 
     ``bootstrap``: number of resamples of the runs (rows, or whole ``groups`` of rows) for the
     95% intervals and covariance; with ``seed_noise`` > 0 (relative loss noise between seeds)
-    the runs are kept and their losses perturbed instead. Raises ``UsageError`` on unusable input.
+    the runs are kept and their losses perturbed instead. ``pin`` holds parameters fixed at
+    given natural values (``{"E": 1.69}``: an asymptote the data cannot identify, taken from
+    elsewhere); they are reported, not fitted. Raises ``UsageError`` on unusable input.
     """
     if not isinstance(seed_noise, str) and seed_noise < 0:
         raise UsageError(f"--seed-noise: must be >= 0 or 'measured', got {seed_noise}")
@@ -226,7 +229,22 @@ def fit_law(
     io.require(df, need, what=what, min_points=law.n_params + 1)
     x, y = io.inputs(df, law.inputs), df[law.target].to_numpy(float)
     noise = measured_noise(df, law.target) if isinstance(seed_noise, str) and bootstrap else seed_noise
-    ms = robust.fit_multistart(law, x, y, delta=delta, starts=starts)
+    pin = dict(pin or {})
+    known = [p.natural for p in law.params]
+    for k, v in pin.items():
+        if k not in known:
+            raise UsageError(f"--pin {k}: not a parameter of --law {law.name} ({', '.join(known)})")
+        if not (np.isfinite(v) and (v > 0 or not next(p for p in law.params if p.natural == k).log)):
+            raise UsageError(f"--pin {k}={v}: must be a finite{' positive' if k[:1].isupper() else ''} number")
+    try:
+        fit_as = laws.pinned(law, pin) if pin else law
+    except ValueError as err:
+        raise UsageError(f"--pin: {err}") from None
+    if pin:
+        notes.append(f"pinned (not fitted): {', '.join(f'{k}={v:g}' for k, v in pin.items())}")
+    ms = robust.fit_multistart(fit_as, x, y, delta=delta, starts=None if pin else starts)
+    if pin:
+        ms.theta = laws.expand(law, pin, ms.theta)
     natural = {k: float(v) for k, v in law.natural(ms.theta).items()}
     res = FitResult(
         law=law.name,
@@ -254,7 +272,10 @@ def fit_law(
             res.warnings.append("an exponent is <= 0: no compute-optimal frontier exists for this fit")
     if bootstrap:
         g = df[groups].to_numpy() if groups and groups in df.columns else None
-        th, ok = robust.bootstrap(law, x, y, ms.theta, n_boot=bootstrap, seed=seed, delta=delta, groups=g, seed_noise=noise)
+        theta0 = np.delete(ms.theta, [known.index(k) for k in pin]) if pin else ms.theta
+        th, ok = robust.bootstrap(fit_as, x, y, theta0, n_boot=bootstrap, seed=seed, delta=delta, groups=g, seed_noise=noise)
+        if pin:
+            th = laws.expand(law, pin, th)
         res.n_boot, res.n_boot_converged = bootstrap, int(ok.sum())
         if ok.sum() < 0.9 * bootstrap:
             res.warnings.append(f"only {int(ok.sum())}/{bootstrap} bootstrap refits converged; intervals use those")
@@ -264,13 +285,14 @@ def fit_law(
         if law.name == "chinchilla":
             nat["a"] = th[:, 4] / (th[:, 3] + th[:, 4])
             nat["b"] = th[:, 3] / (th[:, 3] + th[:, 4])
-        res.ci = {k: _percentiles(v) for k, v in nat.items()}
-        names = list(law.natural(ms.theta))
+        res.ci = {k: _percentiles(v) for k, v in nat.items() if k not in pin}
+        names = [k for k in law.natural(ms.theta) if k not in pin]
         M = np.stack([nat[k] for k in names], axis=1)
         cov = np.cov(M, rowvar=False) if len(M) > 1 else np.full((len(names), len(names)), np.nan)
         res.cov = {a: {b: float(cov[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
-    boot_nat = {k: v for k, v in law.natural(res.boot_theta).items()} if res.boot_theta is not None else None
-    res.identified, res.boot_at_bound, warns = identifiability(natural, boot_nat, float(np.min(y)))
+    boot_nat = {k: v for k, v in law.natural(res.boot_theta).items() if k not in pin} if res.boot_theta is not None else None
+    free = {k: v for k, v in natural.items() if k not in pin}
+    res.identified, res.boot_at_bound, warns = identifiability(free, boot_nat, float(np.min(y)))
     res.warnings.extend(warns)
     return res
 

@@ -134,3 +134,28 @@ def test_pinning_the_asymptote_recovers_the_exponents_a_weak_design_cannot(tmp_p
     for bad, msg in ((["--pin", "Q=1"], "not a parameter"), (["--pin", "E"], "PARAM=NUMBER"), (["--pin", "E=-1"], "positive")):
         assert main(["fit", str(p), "--law", "chinchilla", *bad]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_variable_projection_recovers_a_clean_law_and_bounds_the_asymptote(tmp_path, capsys):
+    from scaling.fit.varpro import chinchilla_varpro
+
+    rng = np.random.default_rng(5)
+    N = np.exp(rng.uniform(np.log(1e7), np.log(1e10), 60))
+    D = np.exp(rng.uniform(np.log(1e9), np.log(1e12), 60))
+    truth = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}
+    df = pd.DataFrame({"N": N, "D": D, "loss": 1.7 + 400 / N ** 0.34 + 410 / D ** 0.28})
+    r = chinchilla_varpro(df)
+    for k, v in truth.items():
+        assert r.params[k] == pytest.approx(v, rel=1e-3), k
+    assert r.profile_ci["alpha"][0] <= 0.34 <= r.profile_ci["alpha"][1] and all(r.identified.values())
+    # a weak design with E = 0 in truth: a prior range keeps E where it is told, and the CLI says so
+    weak = _weak_table()
+    rb = chinchilla_varpro(weak, E_bounds=(1.0, 2.0))
+    assert 1.0 <= rb.params["E"] <= 2.0 and any("E bounded to [1, 2]" in n for n in rb.notes)
+    p = tmp_path / "weak.csv"
+    weak.to_csv(p, index=False)
+    assert main(["fit", str(p), "--law", "chinchilla", "--method", "varpro", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert not all(res["identified"].values())  # the weak design stays flagged under varpro too
+    assert main(["fit", str(p), "--law", "isoflop", "--e-bounds", "1,2"]) == 2
+    assert "--e-bounds" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def _common(p) -> None:
     p.add_argument("--where", help='rows to keep: column comparisons joined by and/or/not, e.g. "epoch_outlier_excluded == 0 and N > 1e8"')
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", choices=("parabola", "akima", "envelope"), default="parabola",
+    p.add_argument("--method", choices=("parabola", "akima", "envelope", "varpro"), default="parabola",
                    help="--law isoflop: per-budget minimum by parabola or Akima spline (approach 2), or the "
                    "envelope of per-step loss curves (approach 1; needs per-step logs: a sweep dir or run,C,N,loss rows)")
     p.add_argument("--budget-column", dest="budget_col", help="column naming each run's compute budget (IsoFLOP)")
@@ -62,6 +62,8 @@ def register(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to runs (table or sweep directory)")
     _common(p)
     p.add_argument("--law", required=True, choices=LAWS)
+    p.add_argument("--e-bounds", dest="e_bounds", default=None, metavar="LO,HI",
+                   help="--law chinchilla --method varpro: a prior range on the asymptote E (nats), e.g. 1.5,2.0")
     p.add_argument("--pin", action="append", default=[], metavar="PARAM=VALUE",
                    help="hold a parameter fixed instead of fitting it, e.g. --pin E=1.69 (an asymptote the runs cannot identify)")
     p.add_argument("--holdout-largest", dest="holdout", type=int, default=None, metavar="K", help="backtest: refit without the largest K (>= 1) budgets and score them")
@@ -93,6 +95,18 @@ def _predict_inputs(specs: list[str]) -> dict[str, np.ndarray]:
         except ValueError:
             raise UsageError(f"--predict: values of {k} must be numbers, got {v!r}")
     return out
+
+
+def _e_bounds(text) -> tuple[float, float]:
+    if text is None:
+        return (0.0, float("inf"))
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"--e-bounds {text}: expected LO,HI in nats, e.g. 1.5,2.0") from None
+    if not (0 <= lo <= hi):
+        raise UsageError(f"--e-bounds {text}: need 0 <= LO <= HI")
+    return lo, hi
 
 
 def _pins(items) -> dict[str, float]:
@@ -128,7 +142,15 @@ def _fit(args):
     kw = dict(columns=args.columns, where=args.where)
     if getattr(args, "pin", None) and args.law in ("isoflop", "bcrit"):
         raise UsageError(f"--pin: --law {args.law} has no parameters to pin; use it with a parametric law (chinchilla, powerlaw, ...)")
-    if args.law == "isoflop" and args.method == "envelope":
+    if args.method == "varpro" and args.law != "chinchilla":
+        raise UsageError("--method varpro: variable projection is for --law chinchilla")
+    if args.e_bounds is not None and args.method != "varpro":
+        raise UsageError("--e-bounds: needs --law chinchilla --method varpro (or pin E with --pin E=VALUE)")
+    if args.law == "chinchilla" and args.method == "varpro":
+        from scaling.fit.varpro import chinchilla_varpro
+
+        res = chinchilla_varpro(args.input, E_bounds=_e_bounds(args.e_bounds), bootstrap=args.bootstrap, seed=args.seed, **kw)
+    elif args.law == "isoflop" and args.method == "envelope":
         from scaling.fit.isoflop import envelope
 
         res = envelope(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)

@@ -100,10 +100,13 @@ def best_per(df: pd.DataFrame, keys=("N", "C"), *, rel_tol: float = 1e-3) -> tup
     return out.reset_index(drop=True), note
 
 
-def duplicated_sizes(df: pd.DataFrame, keys=("N", "C")) -> int:
-    """How many rows share their ``(N, C)`` with another configuration (0 when every size and
-    budget has one run, or the table lacks the columns): fitters note it so an LR grid fitted
-    without ``--best-per`` does not go unnoticed."""
+def duplicated_sizes(df: pd.DataFrame, keys=None) -> int:
+    """How many rows share their size and data (``N`` and ``D`` within 1e-3, else ``N`` and the
+    budget) with another configuration (0 when each has one run, or the table lacks the
+    columns): fitters note it so an LR grid fitted without ``--best-per`` does not go unnoticed.
+    ``D`` first: runs of one size at continuous budgets (Chinchilla's) are not a grid."""
+    if keys is None:
+        keys = ("N", "D") if "D" in df.columns else ("N", "C")
     if any(k not in df.columns for k in (*keys, "loss")) or df.empty:
         return 0
     try:

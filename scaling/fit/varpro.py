@@ -17,7 +17,6 @@ the Huber fit is flagged unidentified.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from scaling.errors import UsageError
 from scaling.fit import io, laws

@@ -159,3 +159,33 @@ def test_variable_projection_recovers_a_clean_law_and_bounds_the_asymptote(tmp_p
     assert not all(res["identified"].values())  # the weak design stays flagged under varpro too
     assert main(["fit", str(p), "--law", "isoflop", "--e-bounds", "1,2"]) == 2
     assert "--e-bounds" in capsys.readouterr().err
+
+
+def test_quickstart_summary_says_which_approach_to_trust(tmp_path):
+    """A sweep whose loss has no floor (E = 0): approach 3 puts E on its bound, and the summary
+    says to read approach 2 instead of printing the law as the answer."""
+    import io as _io
+
+    from scaling.sweep import quickstart
+
+    d = tmp_path / "qs"
+    trials = []
+    i = 0
+    for C in (1e17, 1e18, 1e19):
+        n_opt = 0.1 * C ** 0.5
+        for f in (0.25, 0.5, 1, 2, 4):
+            N = n_opt * f
+            D = C / (6 * N)
+            tid = f"t{i}"
+            i += 1
+            trials.append({"trial_id": tid, "bucket": C, "d_model": 64, "n_layers": 2, "lr": 1e-3, "seed": 0})
+            (d / tid).mkdir(parents=True)
+            loss = 400 / N ** 0.34 + 410 / D ** 0.28
+            (d / tid / "summary.json").write_text(json.dumps({"state": "done", "final_eval_loss": loss, "N": N, "D": D,
+                                                              "C": C, "schema_version": 3}))
+    (d / "manifest.json").write_text(json.dumps({"name": "qs", "trials": trials}))
+    out = _io.StringIO()
+    res = quickstart.fit_and_report(d, 1e20, stream=out)
+    text = out.getvalue()
+    assert not res["chinchilla"]["identified"]["E"] and res["trust"] == "approach 2", text
+    assert "trust: approach 3's law is not an answer (its E is not identified" in text

@@ -189,3 +189,44 @@ def test_quickstart_summary_says_which_approach_to_trust(tmp_path):
     text = out.getvalue()
     assert not res["chinchilla"]["identified"]["E"] and res["trust"] == "approach 2", text
     assert "trust: approach 3's law is not an answer (its E is not identified" in text
+
+
+def test_identifiability_judges_each_law_by_its_parameters_roles(tmp_path, capsys):
+    """Good fits of other laws are not flagged: Clark's signed slopes, Krajewski's e^7 scales, a
+    power law of a growing quantity (alpha < 0); and the gold-standard CLI fit prints no warning."""
+    from scaling.fit import laws
+
+    rng = np.random.default_rng(0)
+    law = laws.clark()
+    x = {"N": np.exp(rng.uniform(np.log(1e7), np.log(1e10), 30)), "E": rng.choice([1.0, 2.0, 8.0, 32.0, 128.0], 30)}
+    r = fit.clark(pd.DataFrame({**x, "loss": law.predict(np.array([-0.082, -0.108, 0.009, 1.104]), x)}))
+    assert all(r.identified.values()), r.warnings
+    law = laws.krajewski()
+    n = 120
+    x = {"N": np.exp(rng.uniform(np.log(1e6), np.log(1e10), n)), "D": np.exp(rng.uniform(np.log(1e8), np.log(1e12), n)),
+         "G": rng.choice([1.0, 2.0, 4.0, 8.0, 16.0], n)}
+    theta = [np.log(2.1), 0.58, np.log(18.1), 0.115, np.log(30.8), 0.147, np.log(0.47)]
+    r = fit.krajewski(pd.DataFrame({**x, "loss": law.predict(np.asarray(theta), x)}))
+    assert all(r.identified.values()), r.warnings
+    C = np.geomspace(1e15, 1e20, 20)
+    grow = pd.DataFrame({"C": C, "loss": 1e-3 * C ** 0.3 * np.exp(rng.normal(0, 0.01, 20))})
+    r = fit.powerlaw(grow, x="C", bootstrap=20)
+    assert r.params["alpha"] == pytest.approx(-0.3, abs=0.01) and all(r.identified.values()), r.warnings
+    p = tmp_path / "c.csv"
+    published.load("chinchilla_epoch").to_csv(p, index=False)
+    assert main(["fit", str(p), "--law", "chinchilla", "--columns", "N=N_params,D=D_tokens,C=C_flop",
+                 "--where", "epoch_outlier_excluded == 0"]) == 0
+    out = capsys.readouterr()
+    assert "warning" not in out.out and "warning" not in out.err, out
+
+
+def test_varpro_prints_a_table_and_takes_a_pinned_asymptote(tmp_path, capsys):
+    p = tmp_path / "weak.csv"
+    _weak_table().to_csv(p, index=False)
+    assert main(["fit", str(p), "--law", "chinchilla", "--method", "varpro", "--pin", "E=1.2"]) == 0
+    out = capsys.readouterr().out
+    assert "least squares on relative residuals" in out and "E bounded to [1.2, 1.2]" in out
+    assert main(["fit", str(p), "--law", "chinchilla", "--method", "varpro", "--e-bounds", "1,2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["params"]["E"] == pytest.approx(1.0) and res["identified"]["E"] is False  # on its prior bound
+    assert main(["plot", str(p), "--figure", "frontier", "--method", "varpro", "--out", str(tmp_path / "f.png")]) == 2

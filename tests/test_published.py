@@ -19,6 +19,7 @@ def test_every_table_loads_with_its_stated_rows_and_provenance():
         p = published.provenance(name)
         assert len(t) == p["rows"], name
         assert p["paper"] and p["origin"] and "@" in p["origin"] and p["licence"] and len(p["sha256"]) == 64
+        assert p["sha256_now"] == p["sha256"], name  # the shipped file is the one recorded
     d = published.load("chinchilla_epoch")
     assert int((d["epoch_outlier_excluded"] == 0).sum()) == 240
     with pytest.raises(UsageError, match="unknown table 'nope'"):

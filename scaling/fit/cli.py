@@ -146,10 +146,26 @@ def _fit(args):
         raise UsageError("--method varpro: variable projection is for --law chinchilla")
     if args.e_bounds is not None and args.method != "varpro":
         raise UsageError("--e-bounds: needs --law chinchilla --method varpro (or pin E with --pin E=VALUE)")
+    if args.method == "varpro" and args.holdout is not None:
+        raise UsageError("--holdout-largest: the backtest refits with the Huber fitter; it is not wired to --method varpro")
+    if getattr(args, "pin", None) and args.holdout is not None:
+        raise UsageError("--holdout-largest: the backtest does not carry --pin yet; drop one of them")
+    if args.budget_col:
+        from scaling.fit.isoflop import _renamed
+
+        args.budget_col = _renamed(args.budget_col, args.columns)  # renames apply first, for the fit and the backtest
     if args.law == "chinchilla" and args.method == "varpro":
         from scaling.fit.varpro import chinchilla_varpro
 
-        res = chinchilla_varpro(args.input, E_bounds=_e_bounds(args.e_bounds), bootstrap=args.bootstrap, seed=args.seed, **kw)
+        bounds = _e_bounds(args.e_bounds)
+        pins = _pins(getattr(args, "pin", []))
+        if set(pins) - {"E"}:
+            raise UsageError("--pin: with --method varpro only E can be pinned (the linear part is solved exactly)")
+        if "E" in pins:
+            if args.e_bounds is not None:
+                raise UsageError("--pin E and --e-bounds: give one of them")
+            bounds = (pins["E"], pins["E"])
+        res = chinchilla_varpro(args.input, E_bounds=bounds, bootstrap=args.bootstrap, seed=args.seed, **kw)
     elif args.law == "isoflop" and args.method == "envelope":
         from scaling.fit.isoflop import envelope
 
@@ -222,7 +238,9 @@ def _print_table(d: dict) -> None:
         cs = f"[{c[0]:.6g}, {c[1]:.6g}]" if c and None not in c else "-"
         print(f"{k:>10} {v:>14.6g} {cs:>30}")
     if d.get("objective") is not None:
-        print(f"objective: {d['objective']:.6g}" + (f"  (Huber delta {d['delta']:g}, summed on log residuals)" if "delta" in d else ""))
+        how = (f"  (Huber delta {d['delta']:g}, summed on log residuals)" if d.get("delta") is not None
+               else "  (least squares on relative residuals)" if "variable projection" in str(d.get("formula")) else "")
+        print(f"objective: {d['objective']:.6g}" + how)
     if "n_starts" in d:
         print(f"starts: {d['n_starts']} ({d['n_converged']} converged); best start converged: {d['converged']}; points: {d['n_points']}")
     if d.get("n_boot"):
@@ -263,13 +281,16 @@ def _with_source_options(args) -> None:
 
 def run_fit(args) -> int:
     _with_source_options(args)
-    with warnings.catch_warnings(record=True) as caught:  # numpy's warnings become one-line result flags
-        warnings.simplefilter("always")
-        with np.errstate(all="warn"):
+    with warnings.catch_warnings(record=True) as caught:  # numerical warnings become one-line result flags
+        warnings.simplefilter("always", RuntimeWarning)
+        with np.errstate(under="ignore"):  # exp/log-sum-exp underflow to 0 is expected, not a problem
             res = _fit(args)
     d = _clean(res.to_dict())
     seen = []
     for w in caught:
+        if not issubclass(w.category, RuntimeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # not ours to relabel
+            continue
         text = f"numerical warning during the fit ({w.category.__name__}): {str(w.message).splitlines()[0]}"
         if text not in seen:
             seen.append(text)
@@ -308,6 +329,9 @@ def _plot_for_fit(args, res) -> None:
 def run_plot(args) -> int:
     from scaling.fit import batch, io, parametric, plots
     from scaling.fit.isoflop import isoflop as fit_isoflop
+
+    if args.method == "varpro":
+        raise UsageError("--method varpro: is for `scaling fit --law chinchilla`; the figures use the Huber fit")
 
     _with_source_options(args)
     kw = dict(columns=args.columns, where=args.where)

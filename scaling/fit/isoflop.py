@@ -108,23 +108,28 @@ def _best_per_size(N, loss, D, rel_tol: float = 1e-3):
     return N[keep], loss[keep], D[keep]
 
 
-# The parabola is fitted to the sizes within this many decades of a budget's best run (at least
-# the 3 nearest): far from the minimum an IsoFLOP curve is not a parabola in log N, and fitting
-# every size biased a by up to +0.07 on Porian et al.'s sweeps. 0.5 dex (a factor ~3.2 either
-# side) was chosen before measuring; see docs/analysis.md for what it gives on those sweeps.
+# The parabola is fitted to the sizes within this many decades of a budget's best run: far from
+# the minimum an IsoFLOP curve is not a parabola in log N, and fitting every size biased a by up
+# to +0.07 on Porian et al.'s sweeps. 0.5 dex (a factor ~3.2 either side) was chosen before
+# measuring. A window never keeps fewer than WINDOW_MIN_SIZES sizes, and budgets with fewer than
+# WINDOW_FROM sizes are fitted whole: a parabola through 3 noisy points interpolates the noise
+# (it dropped a budget of the quickstart and moved Marin's a by 0.04-0.07).
 WINDOW_DEX = 0.5
+WINDOW_MIN_SIZES = 5
+WINDOW_FROM = 6
 
 
 def _window(lN: np.ndarray, loss: np.ndarray, window_dex: float | None) -> np.ndarray:
-    """Indices of the sizes within ``window_dex`` decades of the lowest loss (at least the 3
-    nearest in log N); every index when ``window_dex`` is None."""
-    if window_dex is None or len(lN) <= 3:
+    """Indices of the sizes the parabola uses: within ``window_dex`` decades of the lowest loss
+    (at least the ``WINDOW_MIN_SIZES`` nearest in log N); every index when ``window_dex`` is
+    None or the budget has fewer than ``WINDOW_FROM`` sizes."""
+    if window_dex is None or len(lN) < WINDOW_FROM:
         return np.arange(len(lN))
     i = int(np.argmin(loss))
     dist = np.abs(lN - lN[i]) / np.log(10.0)
     keep = np.flatnonzero(dist <= window_dex)
-    if len(keep) < 3:
-        keep = np.sort(np.argsort(dist, kind="stable")[:3])
+    if len(keep) < WINDOW_MIN_SIZES:
+        keep = np.sort(np.argsort(dist, kind="stable")[:WINDOW_MIN_SIZES])
     return keep
 
 
@@ -138,8 +143,6 @@ def _budget_minimum(N, loss, D, method, window_dex: float | None = WINDOW_DEX):
     if method == "parabola":
         k = _window(lN, loss, window_dex)
         x, lo, flag = _minimum(lN[k], loss[k], method)
-        if flag == "" and int(np.argmin(loss)) in (0, len(N) - 1):
-            flag = "boundary"  # the best sampled size is an edge one: the minimum may lie beyond
     else:
         x, lo, flag = _minimum(lN, loss, method)
     if not np.isfinite(x):
@@ -180,6 +183,7 @@ class FrontierResult:
     table: pd.DataFrame  # per budget (approach 2) or per grid FLOP count (approach 1)
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     n_boot: int = 0
+    window_dex: float | None = None  # the parabola's window (approach 2, method parabola)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
@@ -302,6 +306,7 @@ def isoflop(
         )
     a, b, ni, di = fit
     res = FrontierResult("2", method, a, b, ni, di, m, warnings=warnings, notes=notes, data=df, labels=labels)
+    res.window_dex = window_dex if method == "parabola" else None
     if bootstrap:
         rng = np.random.default_rng(seed)
         N, L, D = (df[c].to_numpy(float) for c in ("N", "loss", "D"))
@@ -436,7 +441,12 @@ def compare(runs=None, steps=None, *, bootstrap: int = 0, seed: int = 0, method:
         rows.append({"approach": "1", "method": "envelope", "a": r.a, "b": r.b, "a_ci": r.ci.get("a"), "b_ci": r.ci.get("b")})
     if runs is not None:
         for m in (method,) if method else ("parabola", "akima"):
-            r = isoflop(runs, method=m, bootstrap=bootstrap, seed=seed, budget_col=budget_col, columns=columns, where=where)
+            try:
+                r = isoflop(runs, method=m, bootstrap=bootstrap, seed=seed, budget_col=budget_col, columns=columns, where=where)
+            except UsageError as err:  # e.g. FLOPs that are not discrete budgets: the other approaches still answer
+                rows.append({"approach": "2", "method": m, "a": np.nan, "b": np.nan, "a_ci": None, "b_ci": None,
+                             "error": str(err)})
+                continue
             rows.append({"approach": "2", "method": m, "a": r.a, "b": r.b, "a_ci": r.ci.get("a"), "b_ci": r.ci.get("b")})
         rows.append(parametric(chinchilla(runs, bootstrap=bootstrap, seed=seed, columns=columns, where=where)))
     return pd.DataFrame(rows)

@@ -129,46 +129,61 @@ class FitResult:
         return io.with_results(d, self)
 
 
-# Identifiability (issue 17). A parameter is "at a bound" when the fit pushed it where the data
-# cannot hold it: an asymptote E below 1/1000 of the smallest observed value (E -> 0), a scale
-# (A, B, ...) beyond 1e30, an exponent below 1e-3 or above 5. It is "unidentified" when the point
-# fit is at a bound, when its 95% bootstrap interval spans more than a decade, or when more than
-# 10% of the bootstrap refits end at a bound.
+# Identifiability (issue 17). Each parameter has a role (``ROLES`` for the laws where the name
+# says it; otherwise a log-fitted parameter is a scale and any other is free):
+# - an asymptote (E) is at a bound below 1/1000 of the smallest observed value (E -> 0), and
+#   unidentified when its 95% bootstrap interval spans more than a decade or reaches zero;
+# - a positive exponent (Chinchilla's alpha, beta) is at a bound below 1e-3 or above 5, and
+#   unidentified when its interval spans more than a decade;
+# - a scale (A, B, ...) is at a bound when it runs away (beyond 1e30 or below 1e-30); its interval
+#   is not judged by its span, which depends on the units of x (A is the law at x = 1);
+# - a free parameter (a signed slope, an intercept) is reported, not judged.
+# Any parameter is unidentified when the point fit is at a bound or more than 10% of the
+# bootstrap refits end at one.
 SPAN_DECADES = 1.0
 BOUND_SHARE = 0.10
+ROLES = {"chinchilla": {"E": "asymptote", "alpha": "exponent", "beta": "exponent"},
+         "saturating": {"E": "asymptote"}}
 
 
-def _kind(name: str) -> str:
-    return "asymptote" if name == "E" else "scale" if name[:1].isupper() else "exponent"
+def roles(law) -> dict[str, str]:
+    """The identifiability role of every parameter of ``law`` (see above)."""
+    given = ROLES.get(law.name, {})
+    return {p.natural: given.get(p.natural, "scale" if p.log else "free") for p in law.params}
 
 
-def _at_bound(name: str, v: np.ndarray, y_min: float) -> np.ndarray:
+def _at_bound(role: str, v: np.ndarray, y_min: float) -> np.ndarray:
     v = np.asarray(v, float)
-    kind = _kind(name)
-    if kind == "asymptote":
+    if role == "asymptote":
         return v < 1e-3 * y_min
-    if kind == "scale":
-        return ~np.isfinite(v) | (v > 1e30)
-    return ~np.isfinite(v) | (v < 1e-3) | (v > 5.0)
+    if role == "scale":
+        return ~np.isfinite(v) | (v > 1e30) | (v < 1e-30)
+    if role == "exponent":
+        return ~np.isfinite(v) | (v < 1e-3) | (v > 5.0)
+    return ~np.isfinite(v)
 
 
-def identifiability(params: dict, boot: dict | None, y_min: float) -> tuple[dict, dict, list[str]]:
+def identifiability(params: dict, boot: dict | None, y_min: float, role: dict | None = None) -> tuple[dict, dict, list[str]]:
     """``(identified, boot_at_bound, warnings)`` per parameter of a fit (see the rules above);
-    ``boot`` maps each parameter to its bootstrap refits' values (None without a bootstrap)."""
+    ``boot`` maps each parameter to its bootstrap refits' values (None without a bootstrap),
+    ``role`` each parameter to its role (``roles(law)``; default: E an asymptote, the rest scales)."""
     identified, at_bound, warns = {}, {}, []
+    role = role or {}
     for name, value in params.items():
+        r = role.get(name, "asymptote" if name == "E" else "scale")
         why = []
-        if bool(_at_bound(name, value, y_min)):
+        if bool(_at_bound(r, value, y_min)):
             why.append(f"the fit puts it at a bound ({value:.3g})")
         if boot is not None and name in boot:
             v = np.asarray(boot[name], float)
-            k = int(_at_bound(name, v, y_min).sum())
+            k = int(_at_bound(r, v, y_min).sum())
             at_bound[name] = k
             lo, hi = _percentiles(v)
-            if lo > 0 and hi > 0 and np.log10(hi / lo) > SPAN_DECADES:
-                why.append(f"its 95% interval {lo:.3g}..{hi:.3g} spans {np.log10(hi / lo):.1f} decades")
-            elif not lo > 0:
-                why.append(f"its 95% interval {lo:.3g}..{hi:.3g} reaches zero")
+            if r in ("asymptote", "exponent"):
+                if lo > 0 and hi > 0 and np.log10(hi / lo) > SPAN_DECADES:
+                    why.append(f"its 95% interval {lo:.3g}..{hi:.3g} spans {np.log10(hi / lo):.1f} decades")
+                elif not lo > 0:
+                    why.append(f"its 95% interval {lo:.3g}..{hi:.3g} reaches zero")
             if len(v) and k > BOUND_SHARE * len(v):
                 why.append(f"{k}/{len(v)} bootstrap refits end at a bound")
         identified[name] = not why
@@ -234,8 +249,9 @@ def fit_law(
     for k, v in pin.items():
         if k not in known:
             raise UsageError(f"--pin {k}: not a parameter of --law {law.name} ({', '.join(known)})")
-        if not (np.isfinite(v) and (v > 0 or not next(p for p in law.params if p.natural == k).log)):
-            raise UsageError(f"--pin {k}={v}: must be a finite{' positive' if k[:1].isupper() else ''} number")
+        is_log = next(p for p in law.params if p.natural == k).log
+        if not (np.isfinite(v) and (v > 0 or not is_log)):
+            raise UsageError(f"--pin {k}={v}: must be a finite{' positive' if is_log else ''} number")
     try:
         fit_as = laws.pinned(law, pin) if pin else law
     except ValueError as err:
@@ -292,7 +308,7 @@ def fit_law(
         res.cov = {a: {b: float(cov[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
     boot_nat = {k: v for k, v in law.natural(res.boot_theta).items() if k not in pin} if res.boot_theta is not None else None
     free = {k: v for k, v in natural.items() if k not in pin}
-    res.identified, res.boot_at_bound, warns = identifiability(free, boot_nat, float(np.min(y)))
+    res.identified, res.boot_at_bound, warns = identifiability(free, boot_nat, float(np.min(y)), roles(law))
     res.warnings.extend(warns)
     return res
 

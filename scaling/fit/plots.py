@@ -86,7 +86,11 @@ def isoflop(result, *, out: str | None = None):
         if len(N) >= 3:
             x = np.linspace(np.log(N.min()), np.log(N.max()), 100)
             if result.method == "parabola":
-                ax.plot(np.exp(x), np.polyval(np.polyfit(np.log(N), L, 2), x), color=color, lw=1)
+                from scaling.fit.isoflop import _window
+
+                k = _window(np.log(N), L, getattr(result, "window_dex", None))  # the sizes the fit used
+                x = np.linspace(np.log(N[k].min()), np.log(N[k].max()), 100)
+                ax.plot(np.exp(x), np.polyval(np.polyfit(np.log(N[k]), L[k], 2), x), color=color, lw=1)
             else:
                 from scipy.interpolate import Akima1DInterpolator
 

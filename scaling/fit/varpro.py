@@ -7,7 +7,8 @@ residuals ``(L_hat - L) / L``, ~ the log residuals for small errors; ``A, B >= 0
 It cannot stall in a flat valley of the 5-parameter surface, a prior range on E is a bound, not
 a penalty, and the profiled objective over ``(alpha, beta)`` gives profile-likelihood intervals
 for the exponents (Gaussian relative errors: the pairs whose residual sum of squares is within
-``chi2_2(0.95) * sigma^2`` of the best).
+``chi2_1(0.95) * sigma^2`` of the best, projected on each exponent: a per-parameter interval,
+profiled over the other exponent and the linear part).
 
 The least-squares objective is not the Huber-in-log of ``parametric.chinchilla`` (Epoch's), so
 on clean data the two agree closely and on data with outliers they differ: use this one when
@@ -21,7 +22,7 @@ import numpy as np
 from scaling.errors import UsageError
 from scaling.fit import io, laws
 
-CHI2_2_95 = 5.991464547107979  # chi-squared quantile, 2 degrees of freedom, 0.95
+CHI2_1_95 = 3.841458820694124  # chi-squared quantile, 1 degree of freedom, 0.95 (a per-parameter profile interval)
 GRID = np.round(np.arange(0.05, 1.5001, 0.025), 4)
 
 
@@ -30,6 +31,10 @@ def _solve(lN, lD, L, al, be, E_bounds):
     from scipy.optimize import lsq_linear
 
     M = np.stack([np.ones_like(lN), np.exp(-al * lN), np.exp(-be * lD)], axis=1) / L[:, None]
+    if E_bounds[0] == E_bounds[1]:  # E pinned: solve for A, B with E's term moved to the target
+        E = float(E_bounds[0])
+        r = lsq_linear(M[:, 1:], 1.0 - E / L, bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls")
+        return float(2 * r.cost), E, *map(float, r.x)
     r = lsq_linear(M, np.ones_like(L), bounds=([E_bounds[0], 0.0, 0.0], [E_bounds[1], np.inf, np.inf]), method="bvls")
     return float(2 * r.cost), *map(float, r.x)
 
@@ -60,7 +65,7 @@ def chinchilla_varpro(data, *, E_bounds=(0.0, np.inf), bootstrap: int = 0, seed:
     (law ``chinchilla``, so ``predict(C=...)`` works) with ``profile_ci`` for alpha and beta in
     ``notes`` and ``ci`` from a bootstrap over runs when asked. ``E_bounds`` is a prior range on
     the asymptote (nats); ``(1.69, 1.69)`` pins it."""
-    from scaling.fit.parametric import FitResult, _percentiles, identifiability
+    from scaling.fit.parametric import FitResult, _percentiles, identifiability, roles
 
     lo, hi = (float(v) for v in E_bounds)
     if not (0.0 <= lo <= hi):
@@ -71,7 +76,7 @@ def chinchilla_varpro(data, *, E_bounds=(0.0, np.inf), bootstrap: int = 0, seed:
     rss, E, A, B, al, be, surf = _best(lN, lD, L, (lo, hi), GRID)
     n = len(L)
     sigma2 = rss / max(n - 5, 1)
-    inside = surf <= max(rss, surf.min()) + CHI2_2_95 * sigma2  # the grid's best point at least
+    inside = surf <= max(rss, surf.min()) + CHI2_1_95 * sigma2  # the grid's best point at least
     ia, ib = np.nonzero(inside)
     h = float(GRID[1] - GRID[0]) / 2  # the grid's resolution: an interval is never narrower than one step
     prof = {"alpha": (float(GRID[ia].min()) - h, float(GRID[ia].max()) + h),
@@ -81,7 +86,7 @@ def chinchilla_varpro(data, *, E_bounds=(0.0, np.inf), bootstrap: int = 0, seed:
     params = {"A": A, "B": B, "E": E, "alpha": al, "beta": be}
     res = FitResult(law="chinchilla", formula=law.formula + " (variable projection, relative least squares)", params=params,
                     objective=rss, n_points=n, n_starts=GRID.size ** 2, n_converged=GRID.size ** 2, converged=True,
-                    delta=float("nan"), notes=notes, law_obj=law, theta=theta)
+                    delta=None, notes=notes, law_obj=law, theta=theta)
     res.a, res.b = be / (al + be), al / (al + be)
     res.flops_per_param_token = float(np.median(df["C"] / (df["N"] * df["D"]))) if "C" in df.columns else 6.0
     res.notes.append("profile 95% intervals: " + ", ".join(f"{k} {v[0]:.3g}..{v[1]:.3g}" for k, v in prof.items())
@@ -105,7 +110,15 @@ def chinchilla_varpro(data, *, E_bounds=(0.0, np.inf), bootstrap: int = 0, seed:
         res.ci = {k: _percentiles(v) for k, v in nat.items()}
     free = {k: v for k, v in params.items() if not (k == "E" and lo == hi)}
     boot = {k: v for k, v in law.natural(res.boot_theta).items() if k in free} if boots else None
-    res.identified, res.boot_at_bound, warns = identifiability(free, boot, float(L.min()))
+    res.identified, res.boot_at_bound, warns = identifiability(free, boot, float(L.min()), roles(law))
+    if "E" in free and lo < hi and ((lo > 0 and E <= lo * (1 + 1e-6)) or E >= hi * (1 - 1e-6)):
+        res.identified["E"] = False
+        warns.append(f"E is not identified: it sits on its prior bound ({E:.4g} of [{lo:g}, {hi:g}]); the runs "
+                     f"would put it outside the range")
+    for k, v in (("A", A), ("B", B)):
+        if v <= 0:
+            res.identified[k] = False
+            warns.append(f"{k} is not identified: the bounded least squares puts it at 0 (its term is not in the data)")
     for k, (a, b) in prof.items():
         if b / a > 10 or a <= GRID[0] or b >= GRID[-1] + h:
             res.identified[k] = False

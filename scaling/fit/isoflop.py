@@ -101,9 +101,11 @@ def _best_per_size(N, loss, D, rel_tol: float = 1e-3):
     et al. do. Sizes within ``rel_tol`` of each other count as one (digitised tables carry
     near-duplicates such as 4.246096e8 / 4.246099e8, which would make a spline blow up).
     Returns arrays sorted by N."""
+    from scaling.fit.select import close_groups
+
     order = np.argsort(N, kind="stable")
     N, loss, D = N[order], loss[order], D[order]
-    group = np.cumsum(np.r_[True, np.diff(np.log(N)) > rel_tol])
+    group = close_groups(N, rel_tol)
     keep = [np.flatnonzero(group == k)[np.argmin(loss[group == k])] for k in np.unique(group)]
     return N[keep], loss[keep], D[keep]
 

@@ -38,8 +38,9 @@ def parse_keys(text) -> tuple[str, ...]:
     return keys
 
 
-def _close_groups(x: np.ndarray, rel_tol: float) -> np.ndarray:
-    """Integer labels of values within ``rel_tol`` of their neighbour (in log space)."""
+def close_groups(x: np.ndarray, rel_tol: float) -> np.ndarray:
+    """Integer labels (0 = smallest) of positive values, a new label wherever the next value up
+    is more than ``rel_tol`` away in log space."""
     order = np.argsort(x, kind="stable")
     lx = np.log(x[order])
     labels_sorted = np.cumsum(np.r_[True, np.diff(lx) > rel_tol]) - 1
@@ -65,7 +66,7 @@ def best_per(df: pd.DataFrame, keys=("N", "C"), *, rel_tol: float = 1e-3) -> tup
             v = pd.to_numeric(work[k], errors="coerce").to_numpy(float)
             if not np.all(np.isfinite(v) & (v > 0)):
                 raise UsageError(f"--best-per: column {k} must be positive numbers in every row")
-            labels.append(_close_groups(v, rel_tol))
+            labels.append(close_groups(v, rel_tol))
         elif k == "C" and "bucket" in work.columns and pd.to_numeric(work["bucket"], errors="coerce").notna().all():
             labels.append(pd.factorize(pd.to_numeric(work["bucket"]))[0])
         elif k == "C":

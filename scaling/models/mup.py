@@ -112,19 +112,20 @@ def attention_scale(cfg: ModelConfig) -> float:
     return 1.0 / math.sqrt(E)
 
 
-def _keys(path) -> list[str]:
+def path_keys(path) -> list[str]:
+    """The keys of a parameter's pytree path, without nnx.Variable's own ``value`` attribute."""
     keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
     return [k for k in keys if k not in ("value", "raw_value")]  # nnx.Variable's own attribute
 
 
 def path_name(path) -> str:
     """The parameter's name in a pytree path (``blocks/0/attn/wq/value`` -> ``wq``)."""
-    keys = _keys(path)
+    keys = path_keys(path)
     return keys[-1] if keys else ""
 
 
 def path_text(path) -> str:
-    return "/".join(_keys(path))
+    return "/".join(path_keys(path))
 
 
 def lr_multipliers(cfg: ModelConfig, params):

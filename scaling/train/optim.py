@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from scaling.config import OptimConfig
+from scaling.models import mup
 
 # Path keys that mark an embedding table (excluded from weight decay). A tied output head is the
 # embedding itself; an untied head ("lm_head", "unembed", ...) is an ordinary matrix and decays.
@@ -134,7 +135,7 @@ def decay_mask(params):
     """Pytree of bools: True for parameters that get weight decay (matrices, not embeddings)."""
 
     def is_decayed(path, leaf) -> bool:
-        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))).lower() for k in path]
+        keys = [k.lower() for k in mup.path_keys(path)]
         if any(k in EMBEDDING_KEYS for k in keys):
             return False
         return getattr(leaf, "ndim", 0) >= 2
@@ -148,8 +149,6 @@ def scale_by_parametrization(model_cfg) -> optax.GradientTransformation:
     decay, so the decay per step stays ``lr * weight_decay`` at every width: what the ``mup``
     package's ``MuAdamW`` does (it divides the LR by ``m`` and multiplies the weight decay by
     ``m``). Stateless."""
-    from scaling.models import mup
-
     def scale(updates, params=None):
         def one(path, u):
             f = mup.lr_multiplier(model_cfg, mup.path_name(path), u.ndim)

@@ -28,6 +28,7 @@ COMMANDS = {
     "eval": "scaling.train.eval_cli",
     "coord-check": "scaling.train.coord_check",
     "bench": "scaling.bench",
+    "data": "scaling.data.cli",
 }
 
 

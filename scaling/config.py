@@ -233,7 +233,7 @@ class ModelConfig:
 # Data, optimiser, budget, mesh
 # --------------------------------------------------------------------------------------------
 
-DataSource = Literal["stdlib", "local_text", "tfds", "synthetic"]
+DataSource = Literal["stdlib", "packages", "local_text", "hf", "tfds", "shards", "synthetic"]
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,16 @@ class DataConfig:
     tokens; a step consumes ``batch_size * seq_len`` tokens."""
 
     source: DataSource = "stdlib"
-    path: Optional[str] = None  # local_text: directory of text files; tfds: data_dir
+    # local_text: directory of text files; hf: save_to_disk dir or parquet/jsonl/arrow files;
+    # tfds: data_dir; shards: a directory written by `scaling data prepare`
+    path: Optional[str] = None
+    # bytes | bpe:PATH | hf:PATH | sentencepiece:PATH (scaling.data.tokenize); shards carry their own
+    tokenizer: str = "bytes"
+    include: tuple[str, ...] = ()  # local_text: fnmatch globs over relative paths (none = all files)
+    exclude: tuple[str, ...] = ()  # local_text: globs of files to leave out
+    packages: tuple[str, ...] = ()  # packages: distributions to read (none = this package's dependencies)
+    # training batches from this many grain worker processes (0 = in the training process)
+    worker_count: int = 0
     tfds_name: Optional[str] = None  # tfds: dataset name, e.g. "my_corpus:1.0.0"
     text_feature: str = "text"
     seq_len: int = 128
@@ -259,7 +268,21 @@ class DataConfig:
     synthetic_tokens: int = 20_000_000
 
     def __post_init__(self):
-        _one_of("data.source", self.source, ("stdlib", "local_text", "tfds", "synthetic"))
+        _one_of("data.source", self.source, ("stdlib", "packages", "local_text", "hf", "tfds", "shards", "synthetic"))
+        from scaling.data.tokenize import parse_spec
+
+        parse_spec(self.tokenizer)
+        if self.source == "synthetic" and self.tokenizer != "bytes":
+            _fail("data.tokenizer", "data.source=synthetic emits token ids directly; leave data.tokenizer=bytes")
+        if self.source == "shards" and self.tokenizer != "bytes":
+            _fail("data.tokenizer", "data.source=shards were tokenized when prepared (their manifest names the "
+                                    "tokenizer); leave data.tokenizer unset")
+        if (self.include or self.exclude) and self.source != "local_text":
+            _fail("data.include", "include/exclude globs apply to data.source=local_text only")
+        if self.packages and self.source != "packages":
+            _fail("data.packages", "names distributions for data.source=packages only")
+        if not isinstance(self.worker_count, int) or self.worker_count < 0:
+            _fail("data.worker_count", f"must be an integer >= 0, got {self.worker_count!r}")
         for name in ("seq_len", "batch_size", "synthetic_vocab", "synthetic_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -269,6 +292,10 @@ class DataConfig:
                                       f"got {self.eval_tokens!r}")
         if self.source == "local_text" and not self.path:
             _fail("data.path", "data.source=local_text needs data.path=<directory of text files>")
+        if self.source in ("hf", "shards") and not self.path:
+            what = "a dataset saved with save_to_disk, or parquet/jsonl/arrow files" if self.source == "hf" \
+                else "a directory written by `scaling data prepare`"
+            _fail("data.path", f"data.source={self.source} needs data.path=<{what}>")
         if self.source == "tfds" and not self.tfds_name:
             _fail("data.tfds_name", "data.source=tfds needs data.tfds_name=<dataset name>")
         _positive("data.synthetic_zipf", self.synthetic_zipf)
@@ -393,8 +420,9 @@ class TrainConfig:
         if not (self.divergence_factor > 1.0):
             _fail("divergence_factor", f"must be > 1, got {self.divergence_factor!r}")
         _one_of("wandb", self.wandb, ("off", "offline", "online"))
-        need = self.data.synthetic_vocab if self.data.source == "synthetic" else 256  # byte tokens
-        if self.model.vocab_size < need:
+        # byte tokens; a subword tokenizer's vocabulary is checked when the trainer loads it
+        need = self.data.synthetic_vocab if self.data.source == "synthetic" else 256
+        if self.model.vocab_size < need and self.data.tokenizer == "bytes" and self.data.source != "shards":
             what = (f"data.synthetic_vocab={need} symbols" if self.data.source == "synthetic"
                     else f"{need} byte tokens for data.source={self.data.source}")
             _fail("model.vocab_size", f"{self.model.vocab_size} is below the data's vocabulary ({what}); "

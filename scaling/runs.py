@@ -13,6 +13,11 @@ The fitted columns are defined here and nowhere else:
   (``summary.json`` ``final_eval_loss``; causal MoD routing, MoE without dropping),
   ``loss_se``: its standard error over the held-out chunks, ``causal``: false for
   expert-choice MoE (the fitter leaves such rows out unless asked),
+- ``bpb``, ``bpb_se``: the same held-out loss in bits per UTF-8 byte of text
+  (``final_eval_bpb``; tokenizer-independent, so runs with different tokenizers fit together),
+- ``unique_tokens``: training tokens in one epoch of the corpus, ``epochs``: ``D / unique_tokens``,
+- ``tokenizer``, ``tokenizer_sha256``, ``text_sha256`` (the documents' text), ``corpus_sha256``
+  (the token streams): tables that mix texts are refused unless asked (``allow_mixed_corpus``),
 - ``schema_version``: the version (``scaling.schema``) the figures were written under,
 - ``n_seeds``, ``loss_seed_std``: how many finished runs share the configuration but the seed,
   and the standard deviation of their ``loss`` (the training noise; ``loss_se`` is the
@@ -48,7 +53,8 @@ TRIAL_COLUMNS = ["trial_id", "state", "error", "N", "D", "C", "loss", "N_total",
                  "bucket", "bucket_kind", "variant", "experiment", "shape", "d_model", "n_layers", "n_heads", "batch",
                  "seq_len", "lr", "E", "G", "capacity", "seed", "target_params", "steps", "final_train_loss",
                  "tokens_per_s", "mfu", "wall_s", "epochs", "role", "main", "branch_step", "name", "schema_version",
-                 "causal", "loss_se"]
+                 "causal", "loss_se", "bpb", "bpb_se", "unique_tokens", "tokenizer", "vocab_size", "tokenizer_sha256",
+                 "text_sha256", "corpus_sha256"]
 
 STEP_COLUMNS = ["trial_id", "step", "tokens", "flops", "C", "loss", "eval_loss", "lr", "grad_norm", "gns_b_small",
                 "gns_b_big", "gns_g_small_sq", "gns_g_big_sq", "tokens_per_s", "wall_s"]
@@ -128,13 +134,27 @@ def check_schema(df: pd.DataFrame, *, allow_mixed: bool = False, where: str = "t
                           f"allow_mixed=True (scaling fit/plot --allow-mixed-schema)")
 
 
-def load(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
+def check_corpus(df: pd.DataFrame, *, allow_mixed_corpus: bool = False, where: str = "table") -> None:
+    """Raise ``SchemaError`` when ``df``'s measured rows read different texts (``text_sha256``):
+    installed files differ between machines, so the packages corpus of two machines may."""
+    if allow_mixed_corpus or "text_sha256" not in df or df.empty:
+        return
+    runs = df[df["state"].astype(str).isin(FINAL)] if "state" in df else df
+    texts = runs["text_sha256"].dropna().astype(str).value_counts()
+    if len(texts) > 1:
+        parts = " and ".join(f"{h[:12]} ({n} run{'s' if n > 1 else ''})" for h, n in texts.items())
+        raise SchemaError(f"text_sha256: {where} mixes runs trained on different corpora, {parts}; keep one corpus, "
+                          "or load them together with allow_mixed_corpus=True (scaling fit/plot --allow-mixed-corpus)")
+
+
+def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: bool = False) -> pd.DataFrame:
     """One row per trial: ``N`` (active non-embedding params), ``D`` (training tokens), ``C``
     (counted training FLOPs), ``loss`` (final eval loss, nats), ``state``, ``schema_version``
     and the trial's settings (bucket FLOPs, shape, batch, lr, E, G, capacity, seed, ...). Trials
     that are not done carry their planned N and NaN for D, C and loss; fitters keep
     ``state == "done"``. Raises ``SchemaError`` when trials of different schema versions meet,
-    unless ``allow_mixed``."""
+    unless ``allow_mixed``, or trials of different corpora (``text_sha256``), unless
+    ``allow_mixed_corpus``."""
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"{path}: no such sweep directory")
@@ -148,6 +168,10 @@ def load(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
                    N_active=s.get("N_active"), N_embedding=s.get("N_embedding"),
                    D=_nan(s.get("D", s.get("tokens"))), C=_nan(s.get("C", s.get("flops"))),
                    loss=_nan(s.get("final_eval_loss")), loss_se=_nan(s.get("final_eval_loss_se")),
+                   bpb=_nan(s.get("final_eval_bpb")), bpb_se=_nan(s.get("final_eval_bpb_se")),
+                   unique_tokens=_nan(s.get("unique_tokens")), tokenizer=s.get("tokenizer"),
+                   vocab_size=s.get("vocab_size"), tokenizer_sha256=s.get("tokenizer_sha256"),
+                   text_sha256=s.get("text_sha256"), corpus_sha256=s.get("corpus_sha256"),
                    flops_6n=_nan(s.get("flops_6n")),
                    final_train_loss=_nan(s.get("final_train_loss")), tokens_per_s=_nan(s.get("tokens_per_s")),
                    mfu=_nan(s.get("mfu")), wall_s=_nan(s.get("wall_s")), epochs=_nan(s.get("epochs")),
@@ -167,11 +191,12 @@ def load(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=TRIAL_COLUMNS)
-    for c in ("N", "D", "C", "loss", "loss_se", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
+    for c in ("N", "D", "C", "loss", "loss_se", "bpb", "bpb_se", "unique_tokens", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
               "tokens_per_s", "mfu", "wall_s", "epochs", "schema_version"):
         if c in df:  # summaries write non-finite floats as strings ("nan")
             df[c] = pd.to_numeric(df[c], errors="coerce")
     check_schema(df, allow_mixed=allow_mixed, where=str(path))
+    check_corpus(df, allow_mixed_corpus=allow_mixed_corpus, where=str(path))
     df = _seed_spread(df)
     cols = [c for c in TRIAL_COLUMNS if c in df.columns] + [c for c in df.columns if c not in TRIAL_COLUMNS]
     return df[cols].reset_index(drop=True)

@@ -37,7 +37,8 @@ UNVERSIONED = 1  # what a run directory without a schema_version field was writt
 # had. They enter ``config.config_hash`` (trial ids) and ``runs.load``'s seed groups only when they
 # differ from it, so adding a field never renames an existing sweep's trials or splits its groups.
 LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): None,
-               ("model", "mup_base_head_dim"): None}
+               ("model", "mup_base_head_dim"): None, ("data", "tokenizer"): "bytes", ("data", "include"): (),
+               ("data", "exclude"): (), ("data", "packages"): (), ("data", "worker_count"): 0}
 
 
 def without_late_defaults(config: dict) -> dict:
@@ -45,7 +46,10 @@ def without_late_defaults(config: dict) -> dict:
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     for (section, name), old in LATE_FIELDS.items():
         sec = d.get(section)
-        if isinstance(sec, dict) and sec.get(name, old) == old:
+        value = sec.get(name, old) if isinstance(sec, dict) else None
+        if isinstance(value, list):  # a tuple read back from JSON
+            value = tuple(value)
+        if isinstance(sec, dict) and value == old:
             sec.pop(name, None)
     return d
 

@@ -95,6 +95,21 @@ def read_documents(files: list[Path], root: Path) -> Documents:
     return docs
 
 
+def split_paths(sizes: list[tuple[str, int]], eval_fraction: float = EVAL_FRACTION) -> set[str]:
+    """The held-out paths of a document set given ``(path, n_bytes)``: ranked by the SHA-256 of
+    the path, the first ones go to validation until they hold ``eval_fraction`` of all bytes (at
+    least one document, never all). Needs sizes only, so a large file set is split unread."""
+    total = sum(n for _, n in sizes)
+    ranked = sorted(sizes, key=lambda pn: hashlib.sha256(pn[0].encode()).hexdigest())
+    held, n_held = set(), 0
+    for path, n in ranked[:-1]:
+        if n_held >= eval_fraction * total and held:
+            break
+        held.add(path)
+        n_held += n
+    return held
+
+
 def split_documents(docs: Documents, eval_fraction: float = EVAL_FRACTION) -> dict[str, Documents]:
     """Fixed train/validation split (see module docstring). Order within a split: by path."""
     if len(docs) == 1:
@@ -102,14 +117,7 @@ def split_documents(docs: Documents, eval_fraction: float = EVAL_FRACTION) -> di
         cut = data.find(b"\n", int(len(data) * (1 - eval_fraction)))
         cut = int(len(data) * (1 - eval_fraction)) if cut < 0 else cut + 1
         return {"train": [(path + "#train", data[:cut])], "validation": [(path + "#validation", data[cut:])]}
-    total = sum(len(d) for _, d in docs)
-    ranked = sorted(docs, key=lambda pd: hashlib.sha256(pd[0].encode()).hexdigest())
-    held, n_held = set(), 0
-    for path, data in ranked[:-1]:
-        if n_held >= eval_fraction * total and held:
-            break
-        held.add(path)
-        n_held += len(data)
+    held = split_paths([(p, len(d)) for p, d in docs], eval_fraction)
     return {
         "train": sorted(pd for pd in docs if pd[0] not in held),
         "validation": sorted(pd for pd in docs if pd[0] in held),
@@ -202,15 +210,19 @@ def stdlib_builder():
     return prepare(ScalingStdlib, cache_dir() / "stdlib" / key, lambda: read_documents(files, root))
 
 
-def local_text_builder(path: str):
-    """The prepared ``scaling_local_text`` builder for directory ``path``; ConfigError naming
+def local_text_builder(path: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()):
+    """The prepared ``scaling_local_text`` builder for directory ``path`` (only the files the
+    ``include`` / ``exclude`` globs pass, see ``sources.matches``); ConfigError naming
     ``data.path`` when it is missing or holds no text."""
+    from scaling.data.sources import matches
+
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data.path: {path!r} is not a directory; point it at a directory of text files")
-    files = text_files(root)
+    files = [p for p in text_files(root) if matches(p.relative_to(root).as_posix(), include, exclude)]
     if not files:
-        raise ConfigError(f"data.path: {path!r} contains no files; point it at a directory of text files")
+        what = " matching data.include/data.exclude" if include or exclude else ""
+        raise ConfigError(f"data.path: {path!r} contains no files{what}; point it at a directory of text files")
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12] + "-" + fingerprint(files, root)
 
     def docs() -> Documents:

@@ -1,28 +1,27 @@
-"""Corpora as flat token streams: load any ``DataConfig.source`` into memory once per process.
+"""Corpora as token streams: load any ``DataConfig.source`` once per process.
 
-A ``Corpus`` holds the training and held-out token streams (documents tokenised and joined,
-each followed by the separator token) plus what the trainer records about them. Sources:
+A ``Corpus`` holds the training and held-out token streams (documents tokenised with
+``data.tokenizer`` and joined, each followed by the separator token) plus what the trainer
+records about them. Text sources (``scaling.data.sources``: stdlib, packages, local_text, hf,
+tfds) are tokenised into memory; ``shards`` (``scaling data prepare``) are read from disk on
+demand (``shards.TokenStream``) and never held whole; ``synthetic`` is a seeded Markov/Zipf chain
+with an exact entropy rate.
 
-- ``stdlib``     the interpreter's standard-library sources (tfds ``scaling_stdlib``, built once)
-- ``local_text`` a directory of text files (tfds ``scaling_local_text``, built once per content)
-- ``tfds``       any prepared tfds dataset in array_record format with a text feature
-- ``synthetic``  a seeded Markov/Zipf chain with an exact entropy rate
-
-Streams are held in memory (1 byte per token at byte level): a 12 MB corpus costs 12 MB.
+In memory a stream costs its token count times 1 (bytes), 2 (vocabulary <= 65536) or 4 bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import sys
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
-from scaling.config import ConfigError, DataConfig
+from scaling.config import DataConfig
 from scaling.data import tokenize
 
 SYNTHETIC_CHAIN_LEN = 4096  # tokens per independent chain (windows never cross chains)
@@ -31,36 +30,81 @@ SYNTHETIC_SEED = 0  # fixes the chain's transition rows: the synthetic "dataset"
 
 @dataclass(frozen=True, eq=False)
 class Corpus:
-    """Token streams of one dataset. ``chain_len`` is set when a stream is a concatenation of
-    independent fixed-length segments that training windows must not cross (synthetic)."""
+    """Token streams of one dataset. ``train`` / ``eval`` are arrays or ``shards.TokenStream``s
+    (read them with ``read_windows``). ``chain_len`` is set when a stream is a concatenation of
+    independent fixed-length segments that training windows must not cross (synthetic).
+    ``n_*_bytes`` count the UTF-8 text bytes (each separator as one byte), ``token_bytes`` the
+    bytes each id stands for; both are None for synthetic, which has no text."""
 
     name: str
-    train: np.ndarray  # uint[n_train_tokens]
-    eval: np.ndarray  # uint[n_eval_tokens]
+    train: Any  # uint[n_train_tokens] or TokenStream
+    eval: Any  # uint[n_eval_tokens] or TokenStream
     vocab_size: int
     n_documents: int
     chain_len: Optional[int] = None
     extra: dict = field(default_factory=dict)
+    tokenizer: str = "identity"
+    tokenizer_sha256: Optional[str] = None
+    n_train_bytes: Optional[int] = None
+    n_eval_bytes: Optional[int] = None
+    text_sha256: Optional[str] = None
+    token_bytes: Optional[np.ndarray] = None
+    known_sha256: Optional[str] = None  # shards: the manifest's content hash (not recomputed)
+    token_counts: Optional[np.ndarray] = None  # shards: the training histogram from the manifest
 
     @cached_property
     def sha256(self) -> str:
-        """Content hash of the train and eval token streams (hex)."""
-        h = hashlib.sha256()
-        for part in (self.train, self.eval):
-            h.update(f"{part.dtype.str}:{part.size}\n".encode())
-            h.update(np.ascontiguousarray(part).data)
-        return h.hexdigest()
+        """Content hash of the train and eval token streams (hex; ``shards.content_sha256``)."""
+        from scaling.data.shards import content_sha256
+
+        return self.known_sha256 or content_sha256([self.train, self.eval])
 
     @cached_property
     def unigram_entropy_nats(self) -> float:
+        if self.token_counts is not None:
+            return _entropy(np.asarray(self.token_counts, np.float64))
         return unigram_entropy_nats(self.train, self.vocab_size)
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def unigram_entropy_nats(tokens: np.ndarray, vocab_size: int) -> float:
     """Entropy (nats) of the token frequency distribution: the loss of the best context-free model."""
-    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return _entropy(np.bincount(tokens, minlength=vocab_size).astype(np.float64))
+
+
+def read_windows(stream, starts: np.ndarray, length: int) -> np.ndarray:
+    """Windows ``stream[s : s + length]`` for each start: ``uint[len(starts), length]``."""
+    if isinstance(stream, np.ndarray):
+        return stream[np.asarray(starts, np.int64)[:, None] + np.arange(length, dtype=np.int64)]
+    return stream.read(starts, length)
+
+
+class TextCount:
+    """Counts text bytes per split and hashes the documents themselves, so runs with different
+    tokenizers can be checked for reading the same text (``text_sha256``)."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self.n_bytes: dict[str, int] = {}
+        self.n_docs: dict[str, int] = {}
+
+    def counted(self, split: str, docs):
+        self._h.update(f"split:{split}\n".encode())
+        self.n_bytes[split] = self.n_docs[split] = 0
+        for d in docs:
+            b = d if isinstance(d, bytes) else d.encode("utf-8")
+            self._h.update(f"{len(b)}:".encode())
+            self._h.update(b)
+            self.n_bytes[split] += len(b) + 1  # the separator stands for one byte, as at byte level
+            self.n_docs[split] += 1
+            yield d
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,77 +113,52 @@ def unigram_entropy_nats(tokens: np.ndarray, vocab_size: int) -> float:
 
 
 def load(cfg: DataConfig) -> Corpus:
-    """The corpus ``cfg`` names (built on first use, then cached on disk and in this process)."""
+    """The corpus ``cfg`` names (text sources built on first use, then cached on disk and in
+    this process; shards opened, not read)."""
     from scaling.data import builders
 
     if cfg.source == "synthetic":
         chain_len = max(SYNTHETIC_CHAIN_LEN, cfg.seq_len + 1)
         return _synthetic(cfg.synthetic_vocab, cfg.synthetic_zipf, cfg.synthetic_tokens, chain_len)
-    if cfg.source == "tfds":
-        return _tfds(cfg.tfds_name, cfg.path, cfg.text_feature, str(builders.cache_dir()))
-    return _local(cfg.source, cfg.path, str(builders.cache_dir()))
+    if cfg.source == "shards":
+        m = Path(cfg.path).expanduser().resolve() / "manifest.json"
+        return _shards(str(m.parent), m.stat().st_mtime_ns if m.exists() else 0)
+    tok = tokenize.get_tokenizer(cfg.tokenizer)
+    # only the fields that choose the text and its tokens key the cache (not shapes or seeds)
+    only_source = DataConfig(source=cfg.source, path=cfg.path, tfds_name=cfg.tfds_name, text_feature=cfg.text_feature,
+                             include=tuple(cfg.include), exclude=tuple(cfg.exclude), packages=tuple(cfg.packages),
+                             tokenizer=cfg.tokenizer)
+    return _text(only_source, tokenize.fingerprint(tok), str(builders.cache_dir()))
 
 
 @lru_cache(maxsize=4)
-def _local(source: str, path: Optional[str], cache_dir: str) -> Corpus:
-    from scaling.data import builders
+def _text(cfg: DataConfig, _tok_sha: str, _cache_dir: str) -> Corpus:
+    from scaling.data import sources
 
-    if source == "stdlib":
-        builder = builders.stdlib_builder()
-        name = "stdlib-py{}.{}.{}".format(*sys.version_info[:3])
-    else:
-        builder = builders.local_text_builder(path)
-        name = f"local_text:{path}"
-    # Sort by path so the stream does not depend on the record order tfds chose when writing.
-    splits = {}
-    for split in ("train", "validation"):
-        splits[split] = [t for _, t in sorted(builders.read_records(builder, split, ("path", "text")))]
-    return _from_documents(name, splits["train"], splits["validation"])
+    docs = sources.documents(cfg)
+    tok = tokenize.get_tokenizer(cfg.tokenizer)
+    text = TextCount()
+    train = tokenize.encode_documents(text.counted("train", docs.train()), tok)
+    eval_ = tokenize.encode_documents(text.counted("validation", docs.validation()), tok)
+    return Corpus(docs.name, train, eval_, tok.vocab_size, sum(text.n_docs.values()), extra=dict(docs.extra),
+                  tokenizer=tok.name, tokenizer_sha256=tokenize.fingerprint(tok), n_train_bytes=text.n_bytes["train"],
+                  n_eval_bytes=text.n_bytes["validation"], text_sha256=text.hexdigest(), token_bytes=tok.token_bytes())
 
 
 @lru_cache(maxsize=4)
-def _tfds(name: str, data_dir: Optional[str], feature: str, _cache_dir: str) -> Corpus:
-    import tensorflow_datasets as tfds
+def _shards(path: str, _mtime: int) -> Corpus:
+    from scaling.data import shards
 
-    from scaling.data import builders
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises several kinds (DatasetNotFoundError, registry errors)
-        raise ConfigError(f"data.tfds_name: cannot find dataset {name!r} in data.path={data_dir!r} ({type(e).__name__})") from None
-    if not builder.is_prepared():
-        raise ConfigError(
-            f"data.tfds_name: {name!r} is not prepared under data.path={data_dir!r}; prepare it there "
-            "with file_format='array_record' (see docs/data.md)"
-        )
-    info = builder.info
-    if feature not in info.features:
-        raise ConfigError(f"data.text_feature: {name!r} has no feature {feature!r}; it has {', '.join(info.features)}")
-    splits = list(info.splits)
-    if "train" not in splits:
-        raise ConfigError(f"data.tfds_name: {name!r} has no 'train' split (splits: {', '.join(splits)})")
-    try:
-        train = builders.read_split(builder, "train", feature)
-        held = next((s for s in ("validation", "test") if s in splits), None)
-        if held is not None:
-            eval_ = builders.read_split(builder, held, feature)
-        else:  # no held-out split shipped: apply our fixed hash-ranked rule to the training records
-            parts = builders.split_documents([(str(i), t) for i, t in enumerate(train)])
-            train, eval_ = [t for _, t in parts["train"]], [t for _, t in parts["validation"]]
-    except ConfigError:
-        raise
-    except (NotImplementedError, ValueError):  # tfds: no random-access (array_record) files
-        raise ConfigError(
-            f"data.tfds_name: {name!r} must be prepared with file_format='array_record' for random access"
-        ) from None
-    return _from_documents(f"tfds:{name}", train, eval_)
-
-
-def _from_documents(name: str, train_docs: list[bytes], eval_docs: list[bytes]) -> Corpus:
-    tok = tokenize.get_tokenizer("bytes")
-    train = tokenize.encode_documents(train_docs, tok)
-    eval_ = tokenize.encode_documents(eval_docs, tok)
-    return Corpus(name, train, eval_, tok.vocab_size, len(train_docs) + len(eval_docs))
+    m = shards.read_manifest(path)
+    s = shards.streams(path, m)
+    tok = shards.tokenizer_of(path, m)
+    sp = m["splits"]
+    return Corpus(m["name"], s["train"], s["validation"], int(m["tokenizer"]["vocab_size"]),
+                  sp["train"]["documents"] + sp["validation"]["documents"], extra={"shards": path, **m.get("extra", {})},
+                  tokenizer=m["tokenizer"]["spec"], tokenizer_sha256=m["tokenizer"]["sha256"],
+                  n_train_bytes=sp["train"]["bytes"], n_eval_bytes=sp["validation"]["bytes"],
+                  text_sha256=m["text_sha256"], token_bytes=tok.token_bytes(), known_sha256=m["content_sha256"],
+                  token_counts=np.asarray(sp["train"]["token_counts"], np.int64))
 
 
 @lru_cache(maxsize=4)
@@ -186,32 +205,52 @@ def window_starts(n_tokens: int, seq_len: int, chain_len: Optional[int] = None) 
     return (np.arange(chains, dtype=np.int64)[:, None] * chain_len + np.arange(per_chain) * seq_len).ravel()
 
 
+def tokenizer_for(cfg: DataConfig):
+    """The tokenizer that reads and writes ``cfg``'s tokens (shards: their own copy)."""
+    if cfg.source == "shards":
+        from scaling.data import shards
+
+        return shards.tokenizer_of(cfg.path, shards.read_manifest(cfg.path))
+    if cfg.source == "synthetic":
+        return None
+    return tokenize.get_tokenizer(cfg.tokenizer)
+
+
 def corpus_info(cfg: DataConfig) -> dict:
     """What a run records about its data.
 
     Keys: ``name``, ``source``, ``sha256`` (content hash of the train and eval token streams),
-    ``n_train_tokens``, ``n_eval_tokens``, ``n_documents``, ``vocab_size``,
+    ``text_sha256`` (of the documents' text, tokenizer-independent), ``n_train_tokens`` (=
+    ``unique_tokens``: one epoch), ``n_eval_tokens``, ``n_train_bytes`` / ``n_eval_bytes`` (UTF-8
+    text bytes, separators as one), ``train_bytes_per_token``, ``n_documents``, ``vocab_size``,
     ``unigram_entropy_nats`` (of the training tokens), ``windows_per_epoch`` (training sequences
-    of ``seq_len + 1`` tokens), ``steps_per_epoch`` (windows / batch_size, a float), ``tokenizer``,
-    ``tokenizer_sha256`` (``tokenize.fingerprint``);
-    for synthetic also ``entropy_rate_nats`` (exact) and ``stationary_entropy_nats``.
+    of ``seq_len + 1`` tokens), ``steps_per_epoch`` (windows / batch_size, a float),
+    ``tokenizer`` (the ``data.tokenizer`` spec), ``tokenizer_sha256`` (``tokenize.fingerprint``);
+    for synthetic also ``entropy_rate_nats`` (exact) and ``stationary_entropy_nats``; for shards
+    ``shards`` (the directory).
     """
     c = load(cfg)
     n_windows = len(window_starts(c.train.size, cfg.seq_len, c.chain_len))
+    synthetic = cfg.source == "synthetic"
     info = {
         "name": c.name,
         "source": cfg.source,
         "sha256": c.sha256,
+        "text_sha256": c.text_sha256,
         "n_train_tokens": int(c.train.size),
+        "unique_tokens": int(c.train.size),
         "n_eval_tokens": int(c.eval.size),
+        "n_train_bytes": c.n_train_bytes,
+        "n_eval_bytes": c.n_eval_bytes,
+        "train_bytes_per_token": (c.n_train_bytes / c.train.size) if c.n_train_bytes and c.train.size else None,
         "n_documents": c.n_documents,
         "vocab_size": c.vocab_size,
-        "tokenizer": "bytes" if cfg.source != "synthetic" else "identity",
-        "tokenizer_sha256": (tokenize.fingerprint(tokenize.get_tokenizer("bytes")) if cfg.source != "synthetic"
-                             else hashlib.sha256(f"identity:{c.vocab_size}".encode()).hexdigest()),
+        "tokenizer": "identity" if synthetic else c.tokenizer,
+        "tokenizer_sha256": (hashlib.sha256(f"identity:{c.vocab_size}".encode()).hexdigest() if synthetic
+                             else c.tokenizer_sha256),
         "unigram_entropy_nats": c.unigram_entropy_nats,
         "windows_per_epoch": n_windows,
         "steps_per_epoch": n_windows / cfg.batch_size,
     }
-    info.update(c.extra)
+    info.update({k: v for k, v in c.extra.items() if k != "distributions"})
     return info

@@ -46,7 +46,6 @@ class PackedBatches:
         self.global_batch, self.key = global_batch, key
         b_local = global_batch // process_count
         self.rows = process_index * b_local + np.arange(b_local, dtype=np.int64)
-        self.offsets = np.arange(seq_len + 1, dtype=np.int64)
         self._perms: dict[int, np.ndarray] = {}
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -69,8 +68,7 @@ class PackedBatches:
         return out
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        idx = self.starts[self.windows(int(step))][:, None] + self.offsets
-        w = self.tokens[idx].astype(np.int32)
+        w = corpus_lib.read_windows(self.tokens, self.starts[self.windows(int(step))], self.seq_len + 1).astype(np.int32)
         return {"inputs": w[:, :-1], "targets": w[:, 1:]}
 
     def __getstate__(self):
@@ -129,9 +127,63 @@ def make_train_iterator(cfg: DataConfig, *, seed: int, process_index: int = 0, p
     c, starts, _ = _windows(cfg)
     fn = PackedBatches(c.train, starts, cfg.seq_len, cfg.batch_size, (int(seed), int(cfg.shuffle_seed)),
                        process_index, process_count)
-    ds = grain.MapDataset.range(sys.maxsize).map(fn)
-    # Data are in memory and a batch costs microseconds: no reader threads, no prefetch buffer.
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    return TrainIterator(fn, cfg.worker_count)
+
+
+class TrainIterator:
+    """Batches ``fn(step)`` for step = 0, 1, ... through grain, in this process
+    (``worker_count=0``) or prefetched by ``worker_count`` worker processes
+    (``mp_prefetch``). Its state is the next step, ``{"next_index": step}``, whatever the worker
+    count, so a run resumes exactly with any worker count (and from checkpoints written before
+    workers existed)."""
+
+    def __init__(self, fn: PackedBatches, worker_count: int = 0, start: int = 0):
+        self.fn, self.worker_count = fn, int(worker_count)
+        self._it = None
+        self._start(start)
+
+    def _start(self, step: int) -> None:
+        self.close()
+        self.step = int(step)
+        ds = grain.MapDataset.range(self.step, sys.maxsize).map(self.fn)
+        # a batch costs microseconds to well under a millisecond: no reader threads in-process
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if self.worker_count > 0:
+            _absl_flags_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=2))
+        self._it = iter(it)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self.step}
+
+    def close(self) -> None:
+        """Stop the worker processes (if any); a later ``set_state`` starts new ones."""
+        it, self._it = getattr(self, "_it", None), None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+    def set_state(self, state: dict) -> None:
+        step = state.get("next_index") if isinstance(state, dict) else None
+        if not isinstance(step, int) or step < 0:
+            raise ConfigError(f"data iterator state {state!r} is not {{'next_index': step}}; the checkpoint is not ours")
+        if step != self.step:
+            self._start(step)
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a library caller has not parsed any."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def host_slice(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
@@ -148,16 +200,23 @@ EVAL_CHUNK = 32  # sequences per held-out chunk: fixed, so the chunks do not dep
 class EvalSet:
     """The held-out set: ``chunks`` of ``EVAL_CHUNK`` sequences (the last may be shorter), each
     ``{"inputs", "targets"}`` int32[n, L]; ``sha256`` of the token ids scored (the windows of
-    ``L + 1`` tokens, int32, in order); ``n_sequences``; ``n_tokens`` (= scored targets)."""
+    ``L + 1`` tokens, int32, in order); ``n_sequences``; ``n_tokens`` (= scored targets);
+    ``n_bytes``, the UTF-8 text bytes those targets stand for (None for synthetic), so
+    ``bits_per_byte = eval_loss * n_tokens / (n_bytes * ln 2)``."""
 
     chunks: list
     sha256: str
     n_sequences: int
     n_tokens: int
+    n_bytes: int | None = None
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        return self.n_bytes / self.n_tokens if self.n_bytes else None
 
     def describe(self) -> dict:
         return {"sha256": self.sha256, "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
-                "chunk_sequences": EVAL_CHUNK, "n_chunks": len(self.chunks)}
+                "n_bytes": self.n_bytes, "chunk_sequences": EVAL_CHUNK, "n_chunks": len(self.chunks)}
 
 
 def eval_set(cfg: DataConfig) -> EvalSet:
@@ -169,10 +228,11 @@ def eval_set(cfg: DataConfig) -> EvalSet:
     want = cfg.eval_tokens if cfg.eval_tokens is not None else DEFAULT_EVAL_TOKENS
     n = max(1, min(len(starts), want // cfg.seq_len))
     pick = (np.arange(n, dtype=np.int64) * len(starts)) // n
-    w = c.eval[starts[pick][:, None] + np.arange(cfg.seq_len + 1)].astype(np.int32)
+    w = corpus_lib.read_windows(c.eval, starts[pick], cfg.seq_len + 1).astype(np.int32)
     chunks = [{"inputs": w[i:i + EVAL_CHUNK, :-1].copy(), "targets": w[i:i + EVAL_CHUNK, 1:].copy()}
               for i in range(0, n, EVAL_CHUNK)]
-    return EvalSet(chunks, hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(), n, n * cfg.seq_len)
+    n_bytes = int(c.token_bytes[w[:, 1:]].sum()) if c.token_bytes is not None else None
+    return EvalSet(chunks, hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(), n, n * cfg.seq_len, n_bytes)
 
 
 def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:

@@ -48,6 +48,8 @@ def _common(p) -> None:
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
     p.add_argument("--allow-mixed-schema", dest="allow_mixed_schema", action="store_true",
                    help="fit runs written under different schema versions together (refused by default)")
+    p.add_argument("--allow-mixed-corpus", dest="allow_mixed_corpus", action="store_true",
+                   help="fit runs trained on different texts (text_sha256) together (refused by default)")
     p.add_argument("--best-per", dest="best_per", metavar="KEYS", default=None,
                    help="keep the best-tuned run of each group, e.g. N,C (an LR grid per size, as Porian et al.; "
                         "seeds of one configuration are averaged)")
@@ -271,12 +273,12 @@ def _print_table(d: dict) -> None:
 def _with_source_options(args) -> None:
     """Wrap ``args.input`` so every fitter below reads it with the command's reading options."""
     mixed, noncausal = getattr(args, "allow_mixed_schema", False), getattr(args, "allow_noncausal", False)
-    best = getattr(args, "best_per", None)
-    if mixed or noncausal or best:
+    best, corpus = getattr(args, "best_per", None), getattr(args, "allow_mixed_corpus", False)
+    if mixed or noncausal or best or corpus:
         from scaling.fit import io, select
 
         args.input = io.Source(args.input, allow_mixed_schema=mixed, allow_noncausal=noncausal,
-                               best_per=select.parse_keys(best) if best else None)
+                               best_per=select.parse_keys(best) if best else None, allow_mixed_corpus=corpus)
 
 
 def run_fit(args) -> int:
@@ -366,7 +368,8 @@ def run_plot(args) -> int:
     elif fig == "lr":
         src = args.input
         if isinstance(src, io.Source):  # the figure shows every learning rate: no --best-per here
-            src = io.Source(src.path, allow_mixed_schema=src.allow_mixed_schema, allow_noncausal=src.allow_noncausal)
+            src = io.Source(src.path, allow_mixed_schema=src.allow_mixed_schema, allow_noncausal=src.allow_noncausal,
+                            allow_mixed_corpus=src.allow_mixed_corpus)
         df, _ = io.load_table(src, **kw)
         by = args.by or "d_model"
         io.require(df, ["lr", "loss", by], what="--figure lr", min_points=2)

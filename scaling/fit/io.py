@@ -39,8 +39,10 @@ class Source:
     """A table path with reading options, accepted wherever a fitter takes ``data``:
     ``fit.chinchilla(io.Source("runs/x", allow_mixed_schema=True))``."""
 
-    def __init__(self, path, *, allow_mixed_schema: bool = False, allow_noncausal: bool = False, best_per=None):
+    def __init__(self, path, *, allow_mixed_schema: bool = False, allow_noncausal: bool = False, best_per=None,
+                 allow_mixed_corpus: bool = False):
         self.path = path
+        self.allow_mixed_corpus = allow_mixed_corpus
         self.allow_mixed_schema = allow_mixed_schema
         self.allow_noncausal = allow_noncausal
         self.best_per = best_per  # e.g. ("N", "C"): keep the best-tuned run of each (scaling.fit.select)
@@ -49,17 +51,20 @@ class Source:
         return str(self.path)
 
 
-def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False) -> pd.DataFrame:
+def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False,
+               allow_mixed_corpus: bool = False) -> pd.DataFrame:
     """A DataFrame from a DataFrame, a ``.csv``/``.jsonl``/``.json`` file or a sweep directory.
 
     A sweep or run directory is read with ``scaling.runs.load`` (one row per trial), or
     ``runs.load_steps`` (one row per logged step) when ``steps`` is true; runs written under
-    different schema versions are refused unless ``allow_mixed_schema``.
+    different schema versions are refused unless ``allow_mixed_schema``, runs on different
+    corpora unless ``allow_mixed_corpus``.
     """
     if isinstance(src, pd.DataFrame):
         return src.copy()
     if isinstance(src, Source):
         allow_mixed_schema = allow_mixed_schema or src.allow_mixed_schema
+        allow_mixed_corpus = allow_mixed_corpus or src.allow_mixed_corpus
         src = src.path
     path = Path(src)
     if not path.exists():
@@ -67,8 +72,9 @@ def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False) ->
     if path.is_dir():
         from scaling import runs  # the store's table format (pandas + json), not the sweep code
 
-        read = runs.load_steps if steps else runs.load
-        return read(path, allow_mixed=allow_mixed_schema)
+        if steps:
+            return runs.load_steps(path, allow_mixed=allow_mixed_schema)
+        return runs.load(path, allow_mixed=allow_mixed_schema, allow_mixed_corpus=allow_mixed_corpus)
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -80,6 +86,19 @@ def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False) ->
     except (ValueError, pd.errors.ParserError) as err:
         raise UsageError(f"input: cannot parse {path}: {str(err).splitlines()[0]}")
     raise UsageError(f"input: unsupported file type {suffix!r} for {path} (use .csv, .jsonl or a sweep directory)")
+
+
+def _check_one_tokenizer(df: pd.DataFrame, renames: dict) -> None:
+    """Nats per token of different tokenizers are different units: refuse to fit them together
+    (bits per byte, ``--columns loss=bpb``, are one unit)."""
+    if "loss" not in df or "tokenizer_sha256" not in df or renames.get("loss") not in (None, "loss"):
+        return
+    done = df[df["state"].astype(str) == "done"] if "state" in df else df
+    toks = done["tokenizer_sha256"].dropna().astype(str).unique()
+    if len(toks) > 1:
+        names = ", ".join(sorted(done["tokenizer"].dropna().astype(str).unique())) if "tokenizer" in done else ""
+        raise UsageError(f"loss: the runs use {len(toks)} tokenizers ({names}), whose nats per token are not one "
+                         "unit; fit bits per byte instead with --columns loss=bpb")
 
 
 def load_table(src, *, columns=None, where: str | None = None, steps: bool = False,
@@ -102,6 +121,7 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
     if missing:
         raise UsageError(f"--columns: source column(s) {missing} not in the table (have: {', '.join(map(str, df.columns))})")
     df = df.rename(columns={v: k for k, v in renames.items()})
+    _check_one_tokenizer(df, renames)
     if where:
         from scaling.fit import where as where_lib  # our own parser: a filter never runs code
 

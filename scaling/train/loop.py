@@ -40,6 +40,7 @@ from flax import nnx
 
 from scaling import faults, schema
 from scaling.config import ConfigError, TrainConfig, config_hash
+from scaling.data.tokenize import bits_per_byte
 from scaling.errors import LeaseLost
 from scaling.files import read_json, write_json_atomic
 from scaling.lease import RunLease
@@ -131,6 +132,25 @@ def _check_same_config(cfg: TrainConfig, out: Path) -> None:
                 old.pop(k, None)
         if old != _comparable(cfg):
             raise ConfigError(f"out: {out} holds a run with a different config; use a new --out or delete that directory")
+
+
+def _check_vocab(cfg: TrainConfig, info: dict) -> None:
+    need = int(info["vocab_size"])
+    if cfg.model.vocab_size < need:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is below the {need} tokens of "
+                          f"data.tokenizer={info['tokenizer']} (corpus {info['name']}); set model.vocab_size={need}")
+
+
+def _check_same_data(out: Path, info: dict) -> None:
+    """A run resumes only on the tokens it started with: the same tokenizer and corpus hashes."""
+    try:
+        old = json.loads((out / "config.json").read_text()).get("resolved", {}).get("corpus") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    for key, field_name, what in (("tokenizer_sha256", "data.tokenizer", "tokenizer"), ("sha256", "data", "corpus")):
+        if old.get(key) and info.get(key) and old[key] != info[key]:
+            raise ConfigError(f"{field_name}: the {what} now has sha256 {info[key][:12]}, but {out} was started with "
+                              f"{old[key][:12]}; restore the original {what} or use a new --out")
 
 
 def preflight(cfg: TrainConfig) -> dict:
@@ -249,6 +269,8 @@ class _Session:
         sharding.check_memory(cfg, self.mesh)  # one line instead of an XLA out-of-memory traceback
         self.shard_index, self.shard_count = sharding.host_data_shard(self.mesh, cfg.data.batch_size)
         self.corpus = corpus.corpus_info(cfg.data)
+        _check_vocab(cfg, self.corpus)
+        _check_same_data(out, self.corpus)
         resolved["corpus"] = self.corpus
         self.iterator = loader.make_train_iterator(cfg.data, seed=cfg.seed, process_index=self.shard_index,
                                                    process_count=self.shard_count)
@@ -371,6 +393,7 @@ class _Session:
         peak = peak_flops(len(self.mesh.devices.flat))
         warm = optim.warmup_steps(cfg.optim, total_steps)
         n_train_tokens = float(self.corpus.get("n_train_tokens") or 0)
+        train_bpt = self.corpus.get("train_bytes_per_token")  # the corpus mean: loss_bpb is approximate
 
         self.summary = self._base_summary(step, total_steps)
         last_row: dict[str, Any] = self.metrics.kept[-1] if self.metrics.kept else {}
@@ -418,6 +441,7 @@ class _Session:
                    "wall_s": train_s, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak,
                    "epochs": step * tps_step / n_train_tokens if n_train_tokens else None}
             row.update({k: float(v) for k, v in m.items()})
+            row["loss_bpb"] = bits_per_byte(loss, train_bpt)
             diverged = None
             if not math.isfinite(loss):
                 diverged = f"loss is {loss} at step {step}"
@@ -430,6 +454,7 @@ class _Session:
                 evals = self._evaluate(state)
                 row.update(evals)
                 eval_loss = evals["eval_loss"]
+                row["eval_bpb"] = bits_per_byte(eval_loss, self.eval.bytes_per_token)
                 extra = f" (top-k MoD routing, looks ahead: {evals['eval_loss_topk']:.4f})" if "eval_loss_topk" in evals else ""
                 self.progress.message(f"step {step}/{total_steps}: eval loss {eval_loss:.4f} nats{extra}")
             if logging or evaluating:
@@ -461,6 +486,7 @@ class _Session:
             eval_loss = evals["eval_loss"]
         self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
         self.summary["final_eval_loss_se"] = evals.get("eval_loss_se")
+        self.summary["final_eval_bpb_se"] = bits_per_byte(evals.get("eval_loss_se"), self.eval.bytes_per_token)
         if "eval_loss_topk" in evals:
             self.summary["final_eval_loss_topk"] = evals["eval_loss_topk"]
         return self.finish("done")
@@ -499,7 +525,10 @@ class _Session:
             "N": pc.get("active_non_embedding"), "N_total": pc.get("total"), "N_active": pc.get("active"),
             "N_embedding": pc.get("embedding"), "config_hash": r["config_hash"],
             "corpus_sha256": self.corpus.get("sha256"), "eval_sha256": self.eval.sha256,
-            "eval_tokens": self.eval.n_tokens, "causal": self.cfg.model.causal_eval,
+            "eval_tokens": self.eval.n_tokens, "eval_bytes": self.eval.n_bytes, "causal": self.cfg.model.causal_eval,
+            "text_sha256": self.corpus.get("text_sha256"), "tokenizer": self.corpus.get("tokenizer"),
+            "tokenizer_sha256": self.corpus.get("tokenizer_sha256"), "vocab_size": self.corpus.get("vocab_size"),
+            "unique_tokens": self.corpus.get("unique_tokens"),
         }
 
     def _figures(self, step, last_row, eval_loss, session_tokens, session_s, train_s, peak) -> dict:
@@ -512,6 +541,8 @@ class _Session:
             "flops": tokens * r["train_flops_per_token"], "C": tokens * r["train_flops_per_token"],
             "flops_6n": tokens * r["six_n_flops_per_token"],
             "final_eval_loss": eval_loss, "final_train_loss": last_row.get("loss"),
+            "final_eval_bpb": bits_per_byte(eval_loss, self.eval.bytes_per_token),
+            "final_train_bpb": bits_per_byte(last_row.get("loss"), self.corpus.get("train_bytes_per_token")),
             "tokens_per_s": tok_s, "mfu": tok_s * r["train_flops_per_token"] / peak,
             "wall_s": train_s, "total_s": time.perf_counter() - self.t_start,
             "epochs": tokens / n_train if n_train else None,
@@ -536,7 +567,7 @@ class _Session:
         return self.summary
 
     def close(self) -> None:
-        for thing in (self.progress, self.metrics, self.wandb, self.ckpt):
+        for thing in (self.progress, self.metrics, self.wandb, self.ckpt, self.iterator):
             if thing is not None:
                 try:
                     thing.close()

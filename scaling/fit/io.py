@@ -120,6 +120,11 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
     missing = [v for v in renames.values() if v not in df.columns]
     if missing:
         raise UsageError(f"--columns: source column(s) {missing} not in the table (have: {', '.join(map(str, df.columns))})")
+    for k, v in list(renames.items()):  # a loss's standard error follows it (loss=bpb brings bpb_se)
+        if f"{v}_se" in df.columns and f"{k}_se" not in renames and k != v:
+            renames[f"{k}_se"] = f"{v}_se"
+    # a renamed-onto column replaces the one of that name (no two "loss" columns)
+    df = df.drop(columns=[k for k, v in renames.items() if k in df.columns and k != v and k not in renames.values()])
     df = df.rename(columns={v: k for k, v in renames.items()})
     _check_one_tokenizer(df, renames)
     if where:

@@ -65,7 +65,7 @@ def main(args) -> int:
     import numpy as np
 
     from scaling.errors import UsageError
-    from scaling.data.tokenize import get_tokenizer
+    from scaling.data.corpus import tokenizer_for
     from scaling.models.sample import generate
 
     if args.tokens < 1:
@@ -77,7 +77,9 @@ def main(args) -> int:
     if not args.prompt:
         raise UsageError("--prompt: needs at least one character")
     cfg, model, step = load_model(args.run)
-    tok = get_tokenizer()
+    tok = tokenizer_for(cfg.data)  # the run's own (a changed tokenizer file is refused on training resume)
+    if tok is None:
+        raise UsageError(f"{args.run}: trained on synthetic tokens, which have no text to sample")
     prompt = np.asarray(tok.encode(args.prompt), np.int32)
     batch = np.broadcast_to(prompt, (args.samples, prompt.size))
     out = np.asarray(generate(model, batch, args.tokens, key=jax.random.key(args.seed), temperature=args.temperature,

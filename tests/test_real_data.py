@@ -1,0 +1,282 @@
+"""Real data: trained BPE tokenizers, bits per byte, pre-tokenized shards, the packages and
+Hugging Face sources, grain workers and exact resume, and the refusals that keep different
+texts and tokenizers from being fitted together by accident."""
+
+import hashlib
+import json
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import experiments
+from scaling import runs
+from scaling.cli import main
+from scaling.config import ConfigError, DataConfig
+from scaling.data import corpus, loader, shards, sources, tokenize
+from scaling.errors import SchemaError, UsageError
+from scaling.files import read_jsonl
+from scaling.train import loop
+from scaling.train.loop import WALL_FIELDS
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32", "data.batch_size=8",
+        "data.eval_tokens=2048", "log_every=5", "eval_every=10", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """~50 real text files (a few stdlib packages' sources), copied so the test owns them."""
+    root = tmp_path_factory.mktemp("text")
+    std = Path(sysconfig.get_paths()["stdlib"])
+    for pkg in ("json", "html", "urllib", "wsgiref"):
+        for f in sorted((std / pkg).glob("*.py")):
+            dst = root / pkg / f.name
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copyfile(f, dst)
+    (root / "notes.md").write_text("# Notes\n\nnaïve café — ünïcödé text, 日本語 too.\n" * 20)
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_bpe(tmp_path_factory, text_dir):
+    out = tmp_path_factory.mktemp("tok") / "bpe512"
+    docs = sources.documents(DataConfig(source="local_text", path=str(text_dir)))
+    tokenize.train_bpe(docs.train(), 512, out, {"source": "local_text"})
+    return out
+
+
+def test_bpe_on_stdlib_round_trips_every_held_out_file_and_counts_its_bytes(tmp_path, capsys):
+    """The acceptance tokenizer: 4K BPE trained on the stdlib by the CLI; every held-out file
+    decodes to itself byte for byte, and the per-id byte table sums to the file's size (what
+    bits per byte divide by)."""
+    out = tmp_path / "tok"
+    assert main(["data", "tokenizer", "train", "--vocab", "4096", "--source", "stdlib", "--out", str(out)]) == 0
+    meta = json.loads((out / tokenize.BPE_META).read_text())
+    assert meta["vocab_size"] == 4096 and meta["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    tok = tokenize.get_tokenizer(f"bpe:{out}")
+    assert tok.vocab_size == 4096 and tok.separator == 0 and tokenize.fingerprint(tok) == meta["sha256"]
+    table = tok.token_bytes()
+    held = list(sources.documents(DataConfig()).validation())
+    assert len(held) >= 10
+    n_bytes = n_tokens = 0
+    for doc in held:
+        ids = tok.encode(doc)
+        assert tok.decode(ids).encode("utf-8") == doc
+        assert int(table[ids].sum()) == len(doc)
+        n_bytes, n_tokens = n_bytes + len(doc), n_tokens + ids.size
+    assert 2.5 < n_bytes / n_tokens < 5  # a subword tokenizer, not bytes in disguise
+    # never overwritten: a second train into the same directory is one line, exit 2
+    capsys.readouterr()
+    assert main(["data", "tokenizer", "train", "--vocab", "512", "--out", str(out)]) == 2
+    assert "already holds a tokenizer" in capsys.readouterr().err
+    assert tokenize.fingerprint(tokenize.get_tokenizer(f"bpe:{out}")) == meta["sha256"]
+
+
+def test_bpe_training_is_deterministic_and_unicode_round_trips(tmp_path, text_dir, small_bpe):
+    docs = sources.documents(DataConfig(source="local_text", path=str(text_dir)))
+    again = tmp_path / "again"
+    tokenize.train_bpe(docs.train(), 512, again, {"source": "local_text"})
+    assert (again / "tokenizer.json").read_bytes() == (small_bpe / "tokenizer.json").read_bytes()
+    tok = tokenize.get_tokenizer(f"bpe:{small_bpe}")
+    text = (text_dir / "notes.md").read_bytes()
+    ids = tok.encode(text)
+    assert tok.decode(ids).encode() == text and int(tok.token_bytes()[ids].sum()) == len(text)
+
+
+def test_stdlib_bytes_from_shards_serve_the_same_tokens_in_the_same_order(tmp_path):
+    """Shards are a storage change only: for the stdlib at byte level the content hash, every
+    training batch and the held-out set equal the in-memory path's (which is unchanged)."""
+    out = tmp_path / "shards"
+    m = shards.prepare(DataConfig(), out, log=lambda s: None)
+    ram, disk = DataConfig(batch_size=8, seq_len=64), DataConfig(source="shards", path=str(out), batch_size=8, seq_len=64)
+    info_ram, info_disk = corpus.corpus_info(ram), corpus.corpus_info(disk)
+    assert m["content_sha256"] == info_ram["sha256"] == info_disk["sha256"]
+    assert info_ram["text_sha256"] == info_disk["text_sha256"] == m["text_sha256"]
+    for k in ("n_train_tokens", "n_eval_tokens", "n_train_bytes", "windows_per_epoch", "vocab_size"):
+        assert info_ram[k] == info_disk[k], k
+    assert info_ram["unigram_entropy_nats"] == pytest.approx(info_disk["unigram_entropy_nats"], rel=1e-12)
+    a, b = loader.make_train_iterator(ram, seed=3), loader.make_train_iterator(disk, seed=3)
+    for _ in range(4):
+        x, y = next(a), next(b)
+        assert np.array_equal(x["inputs"], y["inputs"]) and np.array_equal(x["targets"], y["targets"])
+    assert loader.eval_set(ram).sha256 == loader.eval_set(disk).sha256
+    # the index ends each document where the separator is
+    train = corpus.load(disk).train
+    ends = np.load(out / "train.index.npy")
+    assert ends[-1] == train.size and np.all(train.read(ends[:50] - 1, 1) == tokenize.SEPARATOR)
+
+
+def test_shards_refuse_overwrites_and_report_missing_or_short_files(tmp_path, text_dir, small_bpe, capsys):
+    out = tmp_path / "sh"
+    argv = ["data", "prepare", "local_text", "--path", str(text_dir), "--tokenizer", f"bpe:{small_bpe}",
+            "--exclude", "*.md", "--out", str(out)]
+    assert main(argv) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tokenizer"]["vocab_size"] == 512 and m["dtype"] == "<u2"
+    assert not any(f["path"].endswith(".md") for f in m["files"])
+    assert all(len(f["sha256"]) == 64 for f in m["files"])
+    capsys.readouterr()
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    shard = out / m["splits"]["train"]["files"][0]["name"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(ConfigError, match="has .* bytes, not the"):
+        shards.read_manifest(out)
+    shard.unlink()
+    with pytest.raises(ConfigError, match="shard file .* is missing"):
+        shards.read_manifest(out)
+    assert main(["data", "info", "--source", "shards", "--path", str(tmp_path / "nowhere")]) == 2
+    assert "data.path" in capsys.readouterr().err
+
+
+def test_bits_per_byte_are_nats_over_ln2_at_byte_level_and_count_text_bytes_for_bpe(text_dir, small_bpe):
+    b = DataConfig(source="local_text", path=str(text_dir), seq_len=32, eval_tokens=4096)
+    t = DataConfig(source="local_text", path=str(text_dir), seq_len=32, eval_tokens=4096, tokenizer=f"bpe:{small_bpe}")
+    eb, et = loader.eval_set(b), loader.eval_set(t)
+    assert eb.n_bytes == eb.n_tokens and tokenize.bits_per_byte(2.0, eb.bytes_per_token) == pytest.approx(2 / math.log(2))
+    tok = tokenize.get_tokenizer(f"bpe:{small_bpe}")
+    targets = np.concatenate([c["targets"].ravel() for c in et.chunks])
+    seps = int((targets == tok.separator).sum())
+    text = "".join(tok.decode(c["targets"][r]) for c in et.chunks for r in range(len(c["targets"])))
+    assert et.n_bytes == len(text.replace("<|sep|>", "").encode()) + seps  # each separator counts one byte
+    ib, it = corpus.corpus_info(b), corpus.corpus_info(t)
+    assert ib["text_sha256"] == it["text_sha256"] and ib["sha256"] != it["sha256"]
+    assert ib["n_train_bytes"] == it["n_train_bytes"] == ib["n_train_tokens"]
+    assert it["train_bytes_per_token"] > 1.5
+
+
+def test_packages_corpus_lists_files_with_hashes_and_splits_by_file():
+    cfg = DataConfig(source="packages", packages=("pyyaml", "six"))
+    docs = sources.documents(cfg)
+    assert docs.files and {f["split"] for f in docs.files} == {"train", "validation"}
+    paths = [f["path"] for f in docs.files]
+    assert paths == sorted(paths) and len({f["sha256"] for f in docs.files}) == len(paths)  # deduplicated
+    assert all(f["path"].startswith(("pyyaml/", "six/")) for f in docs.files)
+    n_train = sum(1 for _ in docs.train())
+    assert n_train == sum(f["split"] == "train" for f in docs.files)
+    assert "scaling" not in sources.dependency_closure() and "jax" in sources.dependency_closure()
+    with pytest.raises(ConfigError, match="data.packages: 'no-such-dist' is not installed"):
+        sources.documents(DataConfig(source="packages", packages=("no-such-dist",)))
+
+
+def test_worker_processes_serve_the_same_batches_and_resume_from_any_step(tmp_path):
+    out = tmp_path / "sh"
+    shards.prepare(DataConfig(source="packages", packages=("pyyaml",)), out, log=lambda s: None)
+    base = dict(source="shards", path=str(out), batch_size=4, seq_len=32)
+    ref_it = loader.make_train_iterator(DataConfig(**base), seed=1)
+    ref = [next(ref_it)["inputs"] for _ in range(6)]
+    it = loader.make_train_iterator(DataConfig(**base, worker_count=2), seed=1)
+    got = [next(it)["inputs"] for _ in range(3)]
+    state = it.get_state()
+    assert state == {"next_index": 3}
+    it.close()
+    again = loader.make_train_iterator(DataConfig(**base, worker_count=1), seed=1)
+    again.set_state(state)
+    got += [next(again)["inputs"] for _ in range(3)]
+    again.close()
+    assert all(np.array_equal(a, b) for a, b in zip(ref, got))
+
+
+def _mixed_table(tmp_path, rows):
+    for i, r in enumerate(rows):
+        d = tmp_path / f"run{i}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"state": "done", "N": 1e5 * (i + 1), "D": 1e6, "C": 6e11 * (i + 1),
+                                                    "final_eval_loss": 2.0 - 0.1 * i, "final_eval_bpb": 1.5 - 0.05 * i,
+                                                    "schema_version": 3, **r}))
+    return tmp_path
+
+
+def test_tables_refuse_mixed_texts_and_fits_refuse_nats_of_mixed_tokenizers(tmp_path):
+    from scaling.fit import io
+
+    mixed_text = _mixed_table(tmp_path / "a", [{"text_sha256": "aa", "tokenizer_sha256": "t"},
+                                               {"text_sha256": "bb", "tokenizer_sha256": "t"}])
+    with pytest.raises(SchemaError, match="text_sha256: .* different corpora"):
+        runs.load(mixed_text)
+    assert len(runs.load(mixed_text, allow_mixed_corpus=True)) == 2
+    mixed_tok = _mixed_table(tmp_path / "b", [{"text_sha256": "aa", "tokenizer_sha256": f"t{i}", "tokenizer": f"k{i}"}
+                                              for i in range(3)])
+    with pytest.raises(UsageError, match="3 tokenizers .* --columns loss=bpb"):
+        io.load_table(str(mixed_tok))
+    df, _ = io.load_table(str(mixed_tok), columns="loss=bpb")
+    assert list(df["loss"]) == pytest.approx([1.5, 1.45, 1.4])
+
+
+@pytest.mark.slow
+def test_hf_dataset_trains_and_a_changed_tokenizer_is_refused_on_resume(tmp_path, text_dir, small_bpe, capsys):
+    import datasets
+
+    texts = [p.read_text() for p in sorted(text_dir.rglob("*.py"))]
+    saved = tmp_path / "hf_saved"
+    datasets.Dataset.from_dict({"content": texts}).save_to_disk(str(saved))
+    tok = tmp_path / "tok"
+    shutil.copytree(small_bpe, tok)
+    out = tmp_path / "run"
+    argv = ["train", "--experiment", "dense", *sum((["--set", s] for s in TINY), []),
+            "--set", "data.source=hf", "--set", f"data.path={saved}", "--set", "data.text_feature=content",
+            "--set", f"data.tokenizer=bpe:{tok}", "--set", "model.vocab_size=512", "--set", "budget.steps=20",
+            "--set", "checkpoint_every=10", "--out", str(out)]
+    assert main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["state"] == "done" and s["vocab_size"] == 512 and s["tokenizer"] == f"bpe:{tok}"
+    assert s["final_eval_bpb"] == pytest.approx(s["final_eval_loss"] * s["eval_tokens"] / (s["eval_bytes"] * math.log(2)))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert all(r["eval_bpb"] > 0 for r in rows if "eval_bpb" in r)
+    df = runs.load(out)
+    assert df.loc[0, "bpb"] == pytest.approx(s["final_eval_bpb"]) and df.loc[0, "unique_tokens"] == s["unique_tokens"]
+    assert df.loc[0, "epochs"] == pytest.approx(20 * 8 * 32 / s["unique_tokens"])
+    # the vocabulary is checked against the tokenizer's
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "small"), "--set", "model.vocab_size=256"]) == 2
+    assert "model.vocab_size: 256 is below the 512 tokens" in capsys.readouterr().err
+    # an interrupted run whose tokenizer file changed is refused in one line, nothing lost
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "ckpt" / "20")
+    other = tmp_path / "other"
+    docs = sources.documents(DataConfig(source="local_text", path=str(text_dir), exclude=("*.md",)))
+    tokenize.train_bpe(docs.train(), 512, other, {"source": "local_text"})
+    shutil.copyfile(other / "tokenizer.json", tok / "tokenizer.json")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.tokenizer: the tokenizer now has sha256" in err and "restore the original tokenizer" in err
+    assert (out / "ckpt" / "10").exists() and read_jsonl(out / "metrics.jsonl")
+    # missing dataset files: one line naming the path
+    assert main([*argv[:-1], str(tmp_path / "r2"), "--set", f"data.path={tmp_path / 'absent'}"]) == 2
+    assert f"data.path: '{tmp_path / 'absent'}' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_from_shards_with_workers_resumes_bitwise(tmp_path):
+    """A run on shards with a grain worker process, cut back to its step-10 checkpoint (as a
+    crash after step 20 would leave it), resumes into the same metrics rows and losses."""
+    sh = tmp_path / "sh"
+    shards.prepare(DataConfig(source="packages", packages=("six", "pyyaml")), sh, log=lambda s: None)
+    cfg = experiments.get("dense").with_overrides([*TINY, "data.source=shards", f"data.path={sh}", "data.worker_count=1",
+                                                   "budget.steps=20", "checkpoint_every=10", "checkpoint_keep=3"])
+    out = tmp_path / "run"
+    first = loop.run(cfg, out)
+    rows = read_jsonl(out / "metrics.jsonl")
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "ckpt" / "20")
+    second = loop.run(cfg, out)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in WALL_FIELDS} for r in rs]  # noqa: E731
+    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(rows)
+    assert (second["final_train_loss"], second["final_eval_loss"]) == (first["final_train_loss"], first["final_eval_loss"])
+
+
+def test_hf_files_on_disk_are_read_without_the_hub_and_missing_columns_are_named(tmp_path):
+    rows = [{"text": f"document {i}: " + "word " * (i % 7 + 1), "id": i} for i in range(120)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[60:]))
+    docs = sources.documents(DataConfig(source="hf", path=str(tmp_path)))
+    train, held = list(docs.train()), list(docs.validation())
+    assert len(train) + len(held) == 120 and held and set(train).isdisjoint(held)
+    assert sorted(train + held) == sorted(r["text"].encode() for r in rows)
+    with pytest.raises(ConfigError, match="data.text_feature: .* has no column 'body'; it has"):
+        sources.documents(DataConfig(source="hf", path=str(tmp_path), text_feature="body"))
+    with pytest.raises(ConfigError, match="data.source=hf needs data.path"):
+        DataConfig(source="hf")

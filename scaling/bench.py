@@ -26,6 +26,7 @@ KINDS = {
     "mod": "scaling.models.bench",
     "fit": "scaling.fit.bench",
     "sweep": "scaling.sweep.bench",
+    "data": "scaling.data.bench",
 }
 
 

@@ -233,7 +233,7 @@ class ModelConfig:
 # Data, optimiser, budget, mesh
 # --------------------------------------------------------------------------------------------
 
-DataSource = Literal["stdlib", "packages", "local_text", "hf", "tfds", "shards", "synthetic"]
+DataSource = Literal["stdlib", "packages", "local_text", "hf", "tfds", "shards", "mixture", "synthetic"]
 
 
 @dataclass(frozen=True)
@@ -252,6 +252,8 @@ class DataConfig:
     packages: tuple[str, ...] = ()  # packages: distributions to read (none = this package's dependencies)
     # training batches from this many grain worker processes (0 = in the training process)
     worker_count: int = 0
+    # mixture: SOURCE=WEIGHT entries, SOURCE a shard directory or stdlib/packages (scaling.data.mixture)
+    mixture: tuple[str, ...] = ()
     tfds_name: Optional[str] = None  # tfds: dataset name, e.g. "my_corpus:1.0.0"
     text_feature: str = "text"
     seq_len: int = 128
@@ -268,7 +270,8 @@ class DataConfig:
     synthetic_tokens: int = 20_000_000
 
     def __post_init__(self):
-        _one_of("data.source", self.source, ("stdlib", "packages", "local_text", "hf", "tfds", "shards", "synthetic"))
+        _one_of("data.source", self.source, ("stdlib", "packages", "local_text", "hf", "tfds", "shards", "mixture",
+                                             "synthetic"))
         from scaling.data.tokenize import parse_spec
 
         parse_spec(self.tokenizer)
@@ -281,6 +284,12 @@ class DataConfig:
             _fail("data.include", "include/exclude globs apply to data.source=local_text only")
         if self.packages and self.source != "packages":
             _fail("data.packages", "names distributions for data.source=packages only")
+        if self.source == "mixture":
+            from scaling.data.mixture import parse
+
+            parse(self)
+        elif self.mixture:
+            _fail("data.mixture", "set data.source=mixture to train on a mixture")
         if not isinstance(self.worker_count, int) or self.worker_count < 0:
             _fail("data.worker_count", f"must be an integer >= 0, got {self.worker_count!r}")
         for name in ("seq_len", "batch_size", "synthetic_vocab", "synthetic_tokens"):
@@ -524,6 +533,8 @@ def _coerce(path: str, tp, value: Any) -> Any:
         return f
     if typing.get_origin(inner) is tuple:
         (elem, *_rest) = typing.get_args(inner) or (str,)
+        if isinstance(value, dict) and elem is str:  # {source: weight} written as a mapping (YAML)
+            value = [f"{k}={v}" for k, v in value.items()]
         if isinstance(value, str):
             value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):

@@ -38,7 +38,8 @@ UNVERSIONED = 1  # what a run directory without a schema_version field was writt
 # differ from it, so adding a field never renames an existing sweep's trials or splits its groups.
 LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): None,
                ("model", "mup_base_head_dim"): None, ("data", "tokenizer"): "bytes", ("data", "include"): (),
-               ("data", "exclude"): (), ("data", "packages"): (), ("data", "worker_count"): 0}
+               ("data", "exclude"): (), ("data", "packages"): (), ("data", "worker_count"): 0,
+               ("data", "mixture"): ()}
 
 
 def without_late_defaults(config: dict) -> dict:

@@ -280,3 +280,44 @@ def test_hf_files_on_disk_are_read_without_the_hub_and_missing_columns_are_named
         sources.documents(DataConfig(source="hf", path=str(tmp_path), text_feature="body"))
     with pytest.raises(ConfigError, match="data.source=hf needs data.path"):
         DataConfig(source="hf")
+
+
+def _letters_dir(root: Path, letters: str, n_files: int = 12) -> Path:
+    rng = np.random.default_rng(len(letters))
+    root.mkdir(parents=True)
+    for i in range(n_files):
+        words = ["".join(rng.choice(list(letters), rng.integers(2, 8))) for _ in range(400)]
+        (root / f"f{i:02d}.txt").write_text(" ".join(words) + "\n")
+    return root
+
+
+def test_mixtures_interleave_by_weight_deterministically_and_score_each_source(tmp_path, small_bpe):
+    a = _letters_dir(tmp_path / "a", "abcdefghijklm")
+    b = _letters_dir(tmp_path / "b", "nopqrstuvwxyz")
+    for name, d in (("A", a), ("B", b)):
+        shards.prepare(DataConfig(source="local_text", path=str(d)), tmp_path / name, log=lambda s: None)
+    cfg = DataConfig(source="mixture", mixture=(f"{tmp_path / 'A'}=3", f"{tmp_path / 'B'}=7"), batch_size=10, seq_len=16,
+                     eval_tokens=1600)
+    it = loader.make_train_iterator(cfg, seed=0)
+    batches = [next(it)["inputs"] for _ in range(100)]  # 1000 rows = one interleaving period
+    from_a = np.array([[np.isin(r, np.frombuffer(b"abcdefghijklm", np.uint8)).any() for r in x] for x in batches])
+    assert from_a.sum() == 300  # exactly the weight over a period, and no row mixes the two
+    assert all(np.isin(r, np.frombuffer(b"nopqrstuvwxyz \n\x00", np.uint8)).all() for x, m in zip(batches, from_a)
+               for r, ma in zip(x, m) if not ma)
+    assert abs(from_a[:50].sum() - 150) <= 2  # spread evenly, not 300 A rows then 700 B rows
+    again = loader.make_train_iterator(cfg, seed=0)
+    again.set_state({"next_index": 60})
+    assert np.array_equal(next(again)["inputs"], batches[60])
+    ev = loader.eval_set(cfg)
+    assert ev.group_tokens == {"A": 480, "B": 1120} and len(ev.groups) == len(ev.chunks)
+    info = corpus.corpus_info(cfg)
+    assert info["components"]["A"]["weight"] == 0.3 and info["n_train_tokens"] == sum(
+        c["n_train_tokens"] for c in info["components"].values())
+    with pytest.raises(ConfigError, match="data.mixture: .* is not SOURCE=WEIGHT"):
+        DataConfig(source="mixture", mixture=("stdlib", "packages"))
+    with pytest.raises(ConfigError, match="data.mixture: weight of 'stdlib' must be > 0"):
+        DataConfig(source="mixture", mixture=("stdlib=0", "packages=1"))
+    shards.prepare(DataConfig(source="local_text", path=str(a), tokenizer=f"bpe:{small_bpe}"), tmp_path / "C",
+                   log=lambda s: None)
+    with pytest.raises(ConfigError, match="data.mixture: components use different tokenizers"):
+        corpus.corpus_info(DataConfig(source="mixture", mixture=(f"{tmp_path / 'A'}=1", f"{tmp_path / 'C'}=1")))

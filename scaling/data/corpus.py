@@ -73,7 +73,10 @@ def _entropy(counts: np.ndarray) -> float:
 
 def unigram_entropy_nats(tokens: np.ndarray, vocab_size: int) -> float:
     """Entropy (nats) of the token frequency distribution: the loss of the best context-free model."""
-    return _entropy(np.bincount(tokens, minlength=vocab_size).astype(np.float64))
+    counts = np.zeros(vocab_size, np.float64)
+    for s in range(0, tokens.size, 1 << 22):  # bincount widens to int64: chunks keep that temporary small
+        counts += np.bincount(tokens[s:s + (1 << 22)], minlength=vocab_size)[:vocab_size]
+    return _entropy(counts)
 
 
 def read_windows(stream, starts: np.ndarray, length: int) -> np.ndarray:
@@ -213,6 +216,10 @@ def tokenizer_for(cfg: DataConfig):
         return shards.tokenizer_of(cfg.path, shards.read_manifest(cfg.path))
     if cfg.source == "synthetic":
         return None
+    if cfg.source == "mixture":  # one tokenizer for all (checked by corpus_info)
+        from scaling.data import mixture
+
+        return tokenizer_for(mixture.parse(cfg)[0].cfg)
     return tokenize.get_tokenizer(cfg.tokenizer)
 
 
@@ -229,6 +236,11 @@ def corpus_info(cfg: DataConfig) -> dict:
     for synthetic also ``entropy_rate_nats`` (exact) and ``stationary_entropy_nats``; for shards
     ``shards`` (the directory).
     """
+    if cfg.source == "mixture":
+        from scaling.data import mixture
+
+        comps = mixture.parse(cfg)
+        return mixture.combined_info(cfg, comps, [corpus_info(c.cfg) for c in comps])
     c = load(cfg)
     n_windows = len(window_starts(c.train.size, cfg.seq_len, c.chain_len))
     synthetic = cfg.source == "synthetic"

@@ -124,9 +124,17 @@ def make_train_iterator(cfg: DataConfig, *, seed: int, process_index: int = 0, p
         raise ConfigError(
             f"data.batch_size: {cfg.batch_size} does not split over {process_count} hosts; use a multiple of {process_count}"
         )
+    key = (int(seed), int(cfg.shuffle_seed))
+    if cfg.source == "mixture":
+        from scaling.data import mixture
+
+        comps = mixture.parse(cfg)
+        loaded = [_windows(c.cfg) for c in comps]
+        fn = mixture.MixedBatches([c.train for c, _, _ in loaded], [s for _, s, _ in loaded], [c.slots for c in comps],
+                                  cfg.seq_len, cfg.batch_size, key, process_index, process_count)
+        return TrainIterator(fn, cfg.worker_count)
     c, starts, _ = _windows(cfg)
-    fn = PackedBatches(c.train, starts, cfg.seq_len, cfg.batch_size, (int(seed), int(cfg.shuffle_seed)),
-                       process_index, process_count)
+    fn = PackedBatches(c.train, starts, cfg.seq_len, cfg.batch_size, key, process_index, process_count)
     return TrainIterator(fn, cfg.worker_count)
 
 
@@ -209,14 +217,22 @@ class EvalSet:
     n_sequences: int
     n_tokens: int
     n_bytes: int | None = None
+    # mixtures: the component of each chunk, and per component its tokens and bytes
+    groups: tuple | None = None
+    group_tokens: dict | None = None
+    group_bytes: dict | None = None
 
     @property
     def bytes_per_token(self) -> float | None:
         return self.n_bytes / self.n_tokens if self.n_bytes else None
 
     def describe(self) -> dict:
-        return {"sha256": self.sha256, "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
-                "n_bytes": self.n_bytes, "chunk_sequences": EVAL_CHUNK, "n_chunks": len(self.chunks)}
+        out = {"sha256": self.sha256, "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
+               "n_bytes": self.n_bytes, "chunk_sequences": EVAL_CHUNK, "n_chunks": len(self.chunks)}
+        if self.groups is not None:
+            out["components"] = {g: {"n_tokens": self.group_tokens[g], "n_bytes": self.group_bytes[g]}
+                                 for g in self.group_tokens}
+        return out
 
 
 def eval_set(cfg: DataConfig) -> EvalSet:
@@ -224,6 +240,8 @@ def eval_set(cfg: DataConfig) -> EvalSet:
     held-out split, at most ``DEFAULT_EVAL_TOKENS`` tokens), spread evenly over the split, cut
     into chunks of ``EVAL_CHUNK`` sequences. It depends on the data settings and ``seq_len``
     only: every batch size, mesh and host count scores the same tokens (see ``sha256``)."""
+    if cfg.source == "mixture":
+        return _mixture_eval_set(cfg)
     c, _, starts = _windows(cfg)
     want = cfg.eval_tokens if cfg.eval_tokens is not None else DEFAULT_EVAL_TOKENS
     n = max(1, min(len(starts), want // cfg.seq_len))
@@ -233,6 +251,28 @@ def eval_set(cfg: DataConfig) -> EvalSet:
               for i in range(0, n, EVAL_CHUNK)]
     n_bytes = int(c.token_bytes[w[:, 1:]].sum()) if c.token_bytes is not None else None
     return EvalSet(chunks, hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(), n, n * cfg.seq_len, n_bytes)
+
+
+def _mixture_eval_set(cfg: DataConfig) -> EvalSet:
+    """Each component's own held-out chunks, ``eval_tokens x weight`` tokens of it (at least one
+    sequence), in component order; ``groups`` names the component of each chunk."""
+    import dataclasses
+
+    from scaling.data import mixture
+
+    want = cfg.eval_tokens if cfg.eval_tokens is not None else DEFAULT_EVAL_TOKENS
+    chunks, groups, h = [], [], hashlib.sha256()
+    tokens, nbytes, n_seq = {}, {}, 0
+    for comp in mixture.parse(cfg):
+        share = max(cfg.seq_len, (int(want * comp.slots / mixture.PERIOD) // cfg.seq_len) * cfg.seq_len)
+        one = eval_set(dataclasses.replace(comp.cfg, eval_tokens=share))
+        chunks += one.chunks
+        groups += [comp.name] * len(one.chunks)
+        h.update(f"{comp.name}:{one.sha256}\n".encode())
+        tokens[comp.name], nbytes[comp.name] = one.n_tokens, one.n_bytes
+        n_seq += one.n_sequences
+    total_bytes = sum(nbytes.values()) if all(nbytes.values()) else None
+    return EvalSet(chunks, h.hexdigest(), n_seq, sum(tokens.values()), total_bytes, tuple(groups), tokens, nbytes)
 
 
 def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:

@@ -487,6 +487,12 @@ class _Session:
         self.summary.update(self._figures(step, last_row, eval_loss, session_tokens, session_s, train_s, peak))
         self.summary["final_eval_loss_se"] = evals.get("eval_loss_se")
         self.summary["final_eval_bpb_se"] = bits_per_byte(evals.get("eval_loss_se"), self.eval.bytes_per_token)
+        for k, v in evals.items():
+            if k.startswith(("eval_loss/", "eval_bpb/")):
+                self.summary[f"final_{k}"] = v
+        for name, comp in (self.corpus.get("components") or {}).items():  # epochs of each mixture component
+            if comp.get("n_train_tokens"):
+                self.summary[f"epochs/{name}"] = self.summary["tokens"] * comp["weight"] / comp["n_train_tokens"]
         if "eval_loss_topk" in evals:
             self.summary["final_eval_loss_topk"] = evals["eval_loss_topk"]
         return self.finish("done")
@@ -499,8 +505,15 @@ class _Session:
             self._eval_device = [self.put_global(c) for c in self._eval_host]
         placed = lambda chunk: chunk  # noqa: E731
         out = {}
-        out["eval_loss"], out["eval_loss_se"] = step_lib.evaluate_chunks(
-            self.eval_step, state["params"], state["rest"], self._eval_device, placed)
+        sums, counts = step_lib.chunk_sums(self.eval_step, state["params"], state["rest"], self._eval_device, placed)
+        out["eval_loss"], out["eval_loss_se"] = step_lib.mean_and_se(sums, counts)
+        if self.eval.groups is not None:  # a mixture: each component's own held-out loss, nats and bits per byte
+            for g in self.eval.group_tokens:
+                pick = [i for i, name in enumerate(self.eval.groups) if name == g]
+                loss = step_lib.mean_and_se([sums[i] for i in pick], [counts[i] for i in pick])[0]
+                out[f"eval_loss/{g}"] = loss
+                nb = self.eval.group_bytes[g]
+                out[f"eval_bpb/{g}"] = bits_per_byte(loss, nb / self.eval.group_tokens[g] if nb else None)
         if self.eval_step_topk is not None:
             out["eval_loss_topk"] = step_lib.evaluate_chunks(
                 self.eval_step_topk, state["params"], state["rest"], self._eval_device, placed)[0]

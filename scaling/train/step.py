@@ -248,19 +248,28 @@ def make_eval_step(graphdef, mod_routing: str = "topk") -> Callable:
 
 
 def evaluate_chunks(eval_step: Callable, params, rest, chunks: list[dict[str, Any]], put: Callable) -> tuple[float, float]:
-    """``(mean, standard error)`` of the cross-entropy (nats/token) over held-out ``chunks``.
+    """``(mean, standard error)`` of the cross-entropy (nats/token) over held-out ``chunks``
+    (``mean_and_se`` of ``chunk_sums``)."""
+    return mean_and_se(*chunk_sums(eval_step, params, rest, chunks, put))
 
-    The mean is over all tokens; the standard error is that of a token-weighted mean of the
-    chunk means (``sqrt(k / (k - 1) * sum w_i^2 (m_i - m)^2) / sum w_i``, ``k`` chunks; NaN
-    for one chunk), the sampling noise of the held-out estimate."""
+
+def chunk_sums(eval_step: Callable, params, rest, chunks: list[dict[str, Any]], put: Callable) -> tuple[list, list]:
+    """Per chunk, the summed cross-entropy (nats) and the number of scored tokens."""
     sums, counts = [], []
     for chunk in chunks:
         s, n = eval_step(params, rest, put(chunk))
         sums.append(float(s))
         counts.append(float(n))
+    return sums, counts
+
+
+def mean_and_se(sums: list, counts: list) -> tuple[float, float]:
+    """The mean over all tokens and the standard error of a token-weighted mean of the chunk
+    means (``sqrt(k / (k - 1) * sum w_i^2 (m_i - m)^2) / sum w_i``, ``k`` chunks; NaN for one
+    chunk), the sampling noise of the held-out estimate."""
     total, count = sum(sums), max(sum(counts), 1.0)
     mean = total / count
-    k = len(chunks)
+    k = len(sums)
     if k < 2:
         return mean, float("nan")
     dev = sum((c * (s / max(c, 1.0) - mean)) ** 2 for s, c in zip(sums, counts))

@@ -103,7 +103,8 @@ def _with_rescored(d: Path, summary: dict) -> dict:
         return summary
     if r.get("step") != summary.get("steps"):  # re-scored before the run finished: not its final figures
         return summary
-    keys = ("final_eval_loss", "final_eval_loss_se", "eval_sha256", "eval_tokens", "causal", "schema_version")
+    keys = ("final_eval_loss", "final_eval_loss_se", "final_eval_bpb", "final_eval_bpb_se", "eval_sha256", "eval_tokens",
+            "causal", "schema_version")
     return {**summary, **{k: r.get(k) for k in keys}, "rescored": True}
 
 

@@ -15,6 +15,11 @@ the single-host batch, in the order ``sharding.shard_batch`` (``make_array_from_
 with rows sharded over ``data x fsdp``) reassembles: a multi-host step sees exactly the
 single-host global batch.
 
+Sources on disk (``data.source=shards``) are read window by window (``shards.TokenStream``);
+mixtures (``scaling.data.mixture``) assign each global window slot to a component by a fixed
+pattern, so their batches are pure functions of the step too. ``data.worker_count > 0`` moves
+batch assembly into grain worker processes without changing the iterator state.
+
 Why a vectorised batch function instead of ``MapDataset.shuffle().batch()``: grain shuffles
 per element through a Python call chain, measured at ~0.8 ms for a 32 x 129 batch on this
 machine; one vectorised numpy gather per batch costs ~0.1-0.16 ms in all. grain still provides the

@@ -159,7 +159,7 @@ def status_table(df) -> str:
 
 def cmd_status(args) -> int:
     m = store.read_manifest(args.sweep_dir)
-    df = store.load(args.sweep_dir, allow_mixed=True)  # status shows every trial; fits refuse a mix
+    df = store.load(args.sweep_dir, allow_mixed=True, allow_mixed_corpus=True)  # status shows every trial; fits refuse a mix
     if not args.all and "current" in df:
         df = df[df["current"].fillna(True).astype(bool)]
     print(f"sweep {m['name']} ({m['strategy']}): {len(df)} trials")

@@ -59,8 +59,11 @@ def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] =
     causal_mod = cfg.model.mod is not None and cfg.model.mod.causal_aux != "none"
     eval_step = step_lib.make_eval_step(graphdef, mod_routing="causal" if causal_mod else "topk")
     mean, se = step_lib.evaluate_chunks(eval_step, params, rest, ev.chunks, put=lambda chunk: chunk)
+    from scaling.data.tokenize import bits_per_byte
+
     out = {"schema_version": schema.SCHEMA_VERSION, "final_eval_loss": mean, "final_eval_loss_se": se,
-           "eval_sha256": ev.sha256, "eval_tokens": ev.n_tokens, "step": step, "causal": cfg.model.causal_eval,
+           "final_eval_bpb": bits_per_byte(mean, ev.bytes_per_token), "final_eval_bpb_se": bits_per_byte(se, ev.bytes_per_token),
+           "eval_sha256": ev.sha256, "eval_tokens": ev.n_tokens, "eval_bytes": ev.n_bytes, "step": step, "causal": cfg.model.causal_eval,
            "data": dataclasses.asdict(data_cfg), "time": time.time(), "provenance": schema.provenance()}
     write_json_atomic(Path(run_dir) / RESCORED, out)
     return out

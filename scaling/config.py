@@ -536,7 +536,8 @@ def _coerce(path: str, tp, value: Any) -> Any:
         if isinstance(value, dict) and elem is str:  # {source: weight} written as a mapping (YAML)
             value = [f"{k}={v}" for k, v in value.items()]
         if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            text = value if elem is str else value.replace("(", "").replace(")", "")  # globs may hold ( )
+            value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             _fail(path, f"must be a list, got {value!r}")
         return tuple(_coerce(f"{path}[{i}]", elem, v) for i, v in enumerate(value))

@@ -16,11 +16,13 @@ The fitted columns are defined here and nowhere else:
 - ``bpb``, ``bpb_se``: the same held-out loss in bits per UTF-8 byte of text
   (``final_eval_bpb``; tokenizer-independent, so runs with different tokenizers fit together),
 - ``unique_tokens``: training tokens in one epoch of the corpus, ``epochs``: ``D / unique_tokens``,
+  ``max_epochs``: the epochs of the most repeated mixture component (= ``epochs`` for one
+  source), ``epochs/NAME`` per component,
 - ``tokenizer``, ``tokenizer_sha256``, ``text_sha256`` (the documents' text), ``corpus_sha256``
   (the token streams): tables that mix texts are refused unless asked (``allow_mixed_corpus``),
 - ``schema_version``: the version (``scaling.schema``) the figures were written under,
-- ``n_seeds``, ``loss_seed_std``: how many finished runs share the configuration but the seed,
-  and the standard deviation of their ``loss`` (the training noise; ``loss_se`` is the
+- ``n_seeds``, ``loss_seed_std`` (``bpb_seed_std``): how many finished runs share the configuration but the seed,
+  and the standard deviation of their ``loss`` (``bpb``) (the training noise; ``loss_se`` is the
   held-out-set noise of one run).
 
 Layout read (see ``scaling.sweep.store`` for the writer)::
@@ -162,6 +164,10 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
     rows = []
     for d, desc in _trial_dirs(path):
         s = _with_rescored(d, read_json(d / "summary.json") or {})
+        if s and "tokenizer_sha256" not in s:  # written before summaries named it: config.json did
+            corpus = ((read_json(d / "config.json") or {}).get("resolved") or {}).get("corpus") or {}
+            s = {**s, "tokenizer": corpus.get("tokenizer"), "tokenizer_sha256": corpus.get("tokenizer_sha256"),
+                 "vocab_size": corpus.get("vocab_size")}
         state, error = trial_state(d)
         row = {k: desc.get(k) for k in TRIAL_COLUMNS if k in desc}
         row.update(trial_id=desc.get("trial_id", d.name), state=state, error=error,
@@ -176,10 +182,12 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
                    flops_6n=_nan(s.get("flops_6n")),
                    final_train_loss=_nan(s.get("final_train_loss")), tokens_per_s=_nan(s.get("tokens_per_s")),
                    mfu=_nan(s.get("mfu")), wall_s=_nan(s.get("wall_s")), epochs=_nan(s.get("epochs")),
+                   max_epochs=_nan(s.get("max_epochs", s.get("epochs"))),
                    steps=s.get("steps", desc.get("steps")), schema_version=_measured_version(d, s),
                    causal=s.get("causal"), rescored=bool(s.get("rescored", False)))
         if "d_model" in desc:
             row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
+        row.update({k: v for k, v in s.items() if k.startswith("epochs/")})  # mixture components
         if isinstance(desc.get("config"), dict):  # trials that differ only in their seed share a group
             rest = {k: v for k, v in schema.without_late_defaults(desc["config"]).items() if k not in ("seed", "name")}
             if isinstance(rest.get("init_from"), str):  # a WSD branch names its seed's main run: keep the step
@@ -193,7 +201,7 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
     if df.empty:
         return pd.DataFrame(columns=TRIAL_COLUMNS)
     for c in ("N", "D", "C", "loss", "loss_se", "bpb", "bpb_se", "unique_tokens", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
-              "tokens_per_s", "mfu", "wall_s", "epochs", "schema_version"):
+              "tokens_per_s", "mfu", "wall_s", "epochs", "max_epochs", "schema_version"):
         if c in df:  # summaries write non-finite floats as strings ("nan")
             df[c] = pd.to_numeric(df[c], errors="coerce")
     check_schema(df, allow_mixed=allow_mixed, where=str(path))
@@ -207,12 +215,14 @@ def _seed_spread(df: pd.DataFrame) -> pd.DataFrame:
     """``n_seeds`` (finished runs of the same configuration but the seed) and ``loss_seed_std``
     (their sample standard deviation of ``loss``, nats; NaN below two seeds) on every row."""
     if "seed_group" not in df:
-        df["n_seeds"], df["loss_seed_std"] = 1, math.nan
+        df["n_seeds"], df["loss_seed_std"], df["bpb_seed_std"] = 1, math.nan, math.nan
         return df
     done = df["state"].isin(["done"]) & df["loss"].notna()
     stats = df[done].groupby("seed_group")["loss"].agg(["count", "std"])
     df["n_seeds"] = df["seed_group"].map(stats["count"]).fillna(0).astype(int)
     df["loss_seed_std"] = df["seed_group"].map(stats["std"]).astype(float)
+    # the same spread in bits per byte, so a fit of bpb (--columns loss=bpb) keeps one unit
+    df["bpb_seed_std"] = df["seed_group"].map(df[done].groupby("seed_group")["bpb"].std()).astype(float)
     return df
 
 

@@ -38,13 +38,19 @@ UNVERSIONED = 1  # what a run directory without a schema_version field was writt
 # differ from it, so adding a field never renames an existing sweep's trials or splits its groups.
 LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): None,
                ("model", "mup_base_head_dim"): None, ("data", "tokenizer"): "bytes", ("data", "include"): (),
-               ("data", "exclude"): (), ("data", "packages"): (), ("data", "worker_count"): 0,
-               ("data", "mixture"): ()}
+               ("data", "exclude"): (), ("data", "packages"): (), ("data", "mixture"): ()}
+# Settings that change how fast a run goes, never what it computes: left out of trial ids and of
+# the same-config check on resume, so a run can resume with a different value.
+UNHASHED_FIELDS = {("data", "worker_count")}
 
 
 def without_late_defaults(config: dict) -> dict:
-    """A copy of a config dict without the ``LATE_FIELDS`` that hold their old value."""
+    """A copy of a config dict without the ``LATE_FIELDS`` that hold their old value and without
+    the ``UNHASHED_FIELDS``."""
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for section, name in UNHASHED_FIELDS:
+        if isinstance(d.get(section), dict):
+            d[section].pop(name, None)
     for (section, name), old in LATE_FIELDS.items():
         sec = d.get(section)
         value = sec.get(name, old) if isinstance(sec, dict) else None

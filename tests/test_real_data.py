@@ -2,6 +2,7 @@
 Hugging Face sources, grain workers and exact resume, and the refusals that keep different
 texts and tokenizers from being fitted together by accident."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -203,6 +204,9 @@ def test_tables_refuse_mixed_texts_and_fits_refuse_nats_of_mixed_tokenizers(tmp_
         io.load_table(str(mixed_tok))
     df, _ = io.load_table(str(mixed_tok), columns="loss=bpb")
     assert list(df["loss"]) == pytest.approx([1.5, 1.45, 1.4])
+    assert "loss_seed_std" in df and df["loss_seed_std"].isna().all()  # bpb's own spread, not the nats one
+    one, _ = io.load_table(str(mixed_tok), where="tokenizer == 'k1'")  # one tokenizer picked: nats are one unit
+    assert list(one["loss"]) == pytest.approx([1.9])
 
 
 @pytest.mark.slow
@@ -270,14 +274,26 @@ def test_training_from_shards_with_workers_resumes_bitwise(tmp_path):
 
 def test_hf_files_on_disk_are_read_without_the_hub_and_missing_columns_are_named(tmp_path):
     rows = [{"text": f"document {i}: " + "word " * (i % 7 + 1), "id": i} for i in range(120)]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[60:]))
-    docs = sources.documents(DataConfig(source="hf", path=str(tmp_path)))
+    js = tmp_path / "jsonl"
+    js.mkdir()
+    (js / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
+    (js / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[60:]))
+    docs = sources.documents(DataConfig(source="hf", path=str(js)))
     train, held = list(docs.train()), list(docs.validation())
     assert len(train) + len(held) == 120 and held and set(train).isdisjoint(held)
     assert sorted(train + held) == sorted(r["text"].encode() for r in rows)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq_dir = tmp_path / "pq"
+    pq_dir.mkdir()
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), pq_dir / "part-0.parquet")
+    same = sources.documents(DataConfig(source="hf", path=str(pq_dir)))
+    assert list(same.train()) == train and list(same.validation()) == held  # the same rows, the same split
     with pytest.raises(ConfigError, match="data.text_feature: .* has no column 'body'; it has"):
-        sources.documents(DataConfig(source="hf", path=str(tmp_path), text_feature="body"))
+        sources.documents(DataConfig(source="hf", path=str(js), text_feature="body"))
+    with pytest.raises(ConfigError, match="mixes file kinds"):
+        sources.documents(DataConfig(source="hf", path=str(tmp_path)))
     with pytest.raises(ConfigError, match="data.source=hf needs data.path"):
         DataConfig(source="hf")
 
@@ -321,3 +337,68 @@ def test_mixtures_interleave_by_weight_deterministically_and_score_each_source(t
                    log=lambda s: None)
     with pytest.raises(ConfigError, match="data.mixture: components use different tokenizers"):
         corpus.corpus_info(DataConfig(source="mixture", mixture=(f"{tmp_path / 'A'}=1", f"{tmp_path / 'C'}=1")))
+
+
+STDLIB_3_11_7 = {  # recorded with the code before shards and tokenizers existed (commit b0096a7)
+    "sha256": "116b50ff1ca8aa39b0556ee145b92fd8b9033b0b265d4d7c387453448269adde",
+    "batches": "7c87d99050b054d0496bab3d612c03a6428d577e1dcc563abdfaea2d8873ba76",  # seed 3, first 5 default batches
+    "eval": "11ceae1fefee38bf5af8c41631da73498a061364b3a8ddd5df86c43b964b30a5",
+}
+
+
+def test_stdlib_bytes_are_the_tokens_recorded_before_this_change():
+    import sys
+
+    cfg = DataConfig()
+    info = corpus.corpus_info(cfg)
+    if sys.version_info[:3] != (3, 11, 7) or info["n_train_tokens"] != 11_997_328:
+        pytest.skip(f"hashes were recorded on CPython 3.11.7's stdlib (this is {sys.version.split()[0]}, "
+                    f"{info['n_train_tokens']} tokens)")
+    it = loader.make_train_iterator(cfg, seed=3)
+    h = hashlib.sha256()
+    for _ in range(5):
+        h.update(next(it)["inputs"].tobytes())
+    assert (info["sha256"], h.hexdigest(), loader.eval_set(cfg).sha256) == tuple(STDLIB_3_11_7.values())
+
+
+def test_tokenizers_without_whole_byte_ids_use_the_split_mean_and_specials_in_text_stay_text(tmp_path, text_dir, small_bpe):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    wp.train_from_iterator([p.read_text() for p in sorted(text_dir.rglob("*.py"))],
+                           trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", "[SEP]"], show_progress=False))
+    wp.save(str(tmp_path / "wp.json"))
+    tok = tokenize.get_tokenizer(f"hf:{tmp_path / 'wp.json'}")
+    assert tok.token_bytes() is None and tok.separator == wp.token_to_id("[SEP]")  # spaces are not in its pieces
+    cfg = DataConfig(source="local_text", path=str(text_dir), seq_len=32, tokenizer=f"hf:{tmp_path / 'wp.json'}")
+    ev, c = loader.eval_set(cfg), corpus.load(cfg)
+    assert ev.bytes_exact is False and ev.n_bytes == round(ev.n_tokens * c.n_eval_bytes / c.eval.size)
+    assert loader.eval_set(dataclasses.replace(cfg, tokenizer=f"bpe:{small_bpe}")).bytes_exact is True
+    bpe = tokenize.get_tokenizer(f"bpe:{small_bpe}")
+    assert bpe.separator not in bpe.encode("a <|sep|> b") and bpe.decode(bpe.encode("a <|sep|> b")) == "a <|sep|> b"
+
+
+def test_speed_settings_keep_trial_ids_and_lists_are_read_as_written(tmp_path):
+    from scaling.config import TrainConfig, config_hash
+
+    base = TrainConfig()
+    assert config_hash(base.with_overrides(["data.worker_count=2"])) == config_hash(base)
+    cfg = base.with_overrides(["data.source=local_text", "data.path=/x", "data.include=*.py, docs/(a)*.md"])
+    assert cfg.data.include == ("*.py", "docs/(a)*.md")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text(json.dumps({"format": shards.FORMAT, "name": "x"}))
+    with pytest.raises(ConfigError, match="data.path: .* is incomplete"):
+        shards.read_manifest(bad)
+
+
+def test_a_mixture_with_eval_tokens_unset_takes_what_each_source_holds(tmp_path):
+    small = _letters_dir(tmp_path / "s", "abc", n_files=3)
+    shards.prepare(DataConfig(source="local_text", path=str(small)), tmp_path / "S", log=lambda s: None)
+    cfg = DataConfig(source="mixture", mixture=("stdlib=0.5", f"{tmp_path / 'S'}=0.5"), seq_len=32)
+    ev = loader.eval_set(cfg)
+    held = corpus.load(DataConfig(source="shards", path=str(tmp_path / "S"))).eval.size
+    std_held = len(corpus.window_starts(corpus.load(DataConfig()).eval.size, 32)) * 32
+    assert 0 < ev.group_tokens["S"] <= held  # capped at what it holds (asking for 2^17 would be refused)
+    assert ev.group_tokens["stdlib"] == min(std_held, (loader.DEFAULT_EVAL_TOKENS // 2 // 32) * 32)

@@ -34,7 +34,8 @@ class Corpus:
     (read them with ``read_windows``). ``chain_len`` is set when a stream is a concatenation of
     independent fixed-length segments that training windows must not cross (synthetic).
     ``n_*_bytes`` count the UTF-8 text bytes (each separator as one byte), ``token_bytes`` the
-    bytes each id stands for; both are None for synthetic, which has no text."""
+    bytes each id stands for (None where a tokenizer's ids do not map to whole bytes); both are
+    None for synthetic, which has no text."""
 
     name: str
     train: Any  # uint[n_train_tokens] or TokenStream
@@ -95,14 +96,16 @@ class TextCount:
         self.n_bytes: dict[str, int] = {}
         self.n_docs: dict[str, int] = {}
 
-    def counted(self, split: str, docs):
+    def counted(self, split: str, docs, measure=len):
+        """``docs`` passed through, hashed (raw bytes) and counted: ``measure(doc)`` text bytes
+        each (the tokenizer's ``text_bytes``) plus one for its separator."""
         self._h.update(f"split:{split}\n".encode())
         self.n_bytes[split] = self.n_docs[split] = 0
         for d in docs:
             b = d if isinstance(d, bytes) else d.encode("utf-8")
             self._h.update(f"{len(b)}:".encode())
             self._h.update(b)
-            self.n_bytes[split] += len(b) + 1  # the separator stands for one byte, as at byte level
+            self.n_bytes[split] += measure(b) + 1  # the separator stands for one byte, as at byte level
             self.n_docs[split] += 1
             yield d
 
@@ -141,8 +144,8 @@ def _text(cfg: DataConfig, _tok_sha: str, _cache_dir: str) -> Corpus:
     docs = sources.documents(cfg)
     tok = tokenize.get_tokenizer(cfg.tokenizer)
     text = TextCount()
-    train = tokenize.encode_documents(text.counted("train", docs.train()), tok)
-    eval_ = tokenize.encode_documents(text.counted("validation", docs.validation()), tok)
+    train = tokenize.encode_documents(text.counted("train", docs.train(), tok.text_bytes), tok)
+    eval_ = tokenize.encode_documents(text.counted("validation", docs.validation(), tok.text_bytes), tok)
     return Corpus(docs.name, train, eval_, tok.vocab_size, sum(text.n_docs.values()), extra=dict(docs.extra),
                   tokenizer=tok.name, tokenizer_sha256=tokenize.fingerprint(tok), n_train_bytes=text.n_bytes["train"],
                   n_eval_bytes=text.n_bytes["validation"], text_sha256=text.hexdigest(), token_bytes=tok.token_bytes())

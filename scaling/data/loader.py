@@ -226,6 +226,7 @@ class EvalSet:
     groups: tuple | None = None
     group_tokens: dict | None = None
     group_bytes: dict | None = None
+    bytes_exact: bool | None = None  # False: n_bytes from the split's mean bytes per token
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -233,7 +234,8 @@ class EvalSet:
 
     def describe(self) -> dict:
         out = {"sha256": self.sha256, "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
-               "n_bytes": self.n_bytes, "chunk_sequences": EVAL_CHUNK, "n_chunks": len(self.chunks)}
+               "n_bytes": self.n_bytes, "bytes_exact": self.bytes_exact, "chunk_sequences": EVAL_CHUNK,
+               "n_chunks": len(self.chunks)}
         if self.groups is not None:
             out["components"] = {g: {"n_tokens": self.group_tokens[g], "n_bytes": self.group_bytes[g]}
                                  for g in self.group_tokens}
@@ -254,8 +256,14 @@ def eval_set(cfg: DataConfig) -> EvalSet:
     w = corpus_lib.read_windows(c.eval, starts[pick], cfg.seq_len + 1).astype(np.int32)
     chunks = [{"inputs": w[i:i + EVAL_CHUNK, :-1].copy(), "targets": w[i:i + EVAL_CHUNK, 1:].copy()}
               for i in range(0, n, EVAL_CHUNK)]
-    n_bytes = int(c.token_bytes[w[:, 1:]].sum()) if c.token_bytes is not None else None
-    return EvalSet(chunks, hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(), n, n * cfg.seq_len, n_bytes)
+    if c.token_bytes is not None:  # exact: the bytes of the very targets scored
+        n_bytes, exact = int(c.token_bytes[w[:, 1:]].sum()), True
+    elif c.n_eval_bytes:  # the split's mean bytes per token (exact when the set is the whole split)
+        n_bytes, exact = int(round(n * cfg.seq_len * c.n_eval_bytes / c.eval.size)), False
+    else:
+        n_bytes, exact = None, None
+    return EvalSet(chunks, hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(), n, n * cfg.seq_len, n_bytes,
+                   bytes_exact=exact)
 
 
 def _mixture_eval_set(cfg: DataConfig) -> EvalSet:
@@ -268,16 +276,21 @@ def _mixture_eval_set(cfg: DataConfig) -> EvalSet:
     want = cfg.eval_tokens if cfg.eval_tokens is not None else DEFAULT_EVAL_TOKENS
     chunks, groups, h = [], [], hashlib.sha256()
     tokens, nbytes, n_seq = {}, {}, 0
+    exact = []
     for comp in mixture.parse(cfg):
         share = max(cfg.seq_len, (int(want * comp.slots / mixture.PERIOD) // cfg.seq_len) * cfg.seq_len)
+        if cfg.eval_tokens is None:  # unset: at most what the component holds, as for one source
+            share = min(share, len(_windows(comp.cfg)[2]) * cfg.seq_len)
         one = eval_set(dataclasses.replace(comp.cfg, eval_tokens=share))
+        exact.append(one.bytes_exact)
         chunks += one.chunks
         groups += [comp.name] * len(one.chunks)
         h.update(f"{comp.name}:{one.sha256}\n".encode())
         tokens[comp.name], nbytes[comp.name] = one.n_tokens, one.n_bytes
         n_seq += one.n_sequences
     total_bytes = sum(nbytes.values()) if all(nbytes.values()) else None
-    return EvalSet(chunks, h.hexdigest(), n_seq, sum(tokens.values()), total_bytes, tuple(groups), tokens, nbytes)
+    return EvalSet(chunks, h.hexdigest(), n_seq, sum(tokens.values()), total_bytes, tuple(groups), tokens, nbytes,
+                   bytes_exact=all(exact) if total_bytes else None)
 
 
 def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:

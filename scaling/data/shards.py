@@ -193,7 +193,7 @@ def prepare(cfg: DataConfig, out: Path, log=print) -> dict:
         splits = {}
         for split, stream in (("train", docs.train), ("validation", docs.validation)):
             w = _SplitWriter(tmp, split, dtype, tok.vocab_size)
-            for arr in tokenize.encode_stream(text.counted(split, stream()), tok):
+            for arr in tokenize.encode_stream(text.counted(split, stream(), tok.text_bytes), tok):
                 w.add(arr)
             splits[split] = {**w.finish(), "bytes": text.n_bytes[split]}
             if split == "train":
@@ -243,6 +243,17 @@ def read_manifest(path: str | Path) -> dict:
         raise ConfigError(f"data.path: {f} is unreadable ({e}); prepare the shards again") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ConfigError(f"data.path: {f} is not a {FORMAT} manifest")
+    try:
+        for key in ("name", "dtype", "content_sha256", "text_sha256"):
+            m[key]
+        np.dtype(m["dtype"])
+        m["tokenizer"]["spec"], m["tokenizer"]["sha256"], m["tokenizer"]["vocab_size"]
+        for s in SPLITS:
+            sp = m["splits"][s]
+            sp["tokens"], sp["documents"], sp["bytes"], [(x["name"], x["tokens"]) for x in sp["files"]]
+        m["splits"]["train"]["token_counts"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"data.path: {f} is incomplete ({type(e).__name__}: {e}); prepare the shards again") from None
     for s in SPLITS:
         for sh in m["splits"][s]["files"]:
             p = root / sh["name"]

@@ -293,8 +293,8 @@ def _hf(path: Optional[str], feature: str) -> Documents:
     if feature not in train_ds.column_names:
         raise ConfigError(f"data.text_feature: {path!r} has no column {feature!r}; it has {', '.join(train_ds.column_names)}")
 
-    def col(d) -> list[bytes]:
-        return [(t if isinstance(t, bytes) else str(t).encode("utf-8")) for t in d[feature]]
+    def col(d) -> list[bytes]:  # a missing (null) text is no document, not the text "None"
+        return [(t if isinstance(t, bytes) else str(t).encode("utf-8")) for t in d[feature] if t is not None]
 
     train = col(train_ds)
     if held_ds is not None:

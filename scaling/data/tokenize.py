@@ -13,9 +13,10 @@ Nothing is ever downloaded. Documents are joined with the tokenizer's separator 
 ``bytes``, which never occurs in source code or normal text; ``<|sep|>`` for our BPE; the
 end-of-text token of an imported one), so a model can tell where one document ends.
 
-``token_bytes()`` gives, per id, the number of UTF-8 text bytes it decodes to (the separator
-counts as the one byte it is at byte level), so a loss in nats per token converts to bits per
-byte, a number runs with different tokenizers share (``bits_per_byte``).
+``token_bytes()`` gives, per id, the number of UTF-8 text bytes it stands for (the separator
+counts as the one byte it is at byte level) where that is exact (bytes, byte-level BPE), so a
+loss in nats per token converts to bits per byte, a number runs with different tokenizers share
+(``bits_per_byte``); other tokenizers return None and the held-out set uses its split's mean.
 """
 
 from __future__ import annotations
@@ -53,8 +54,14 @@ class Tokenizer(Protocol):
     def decode(self, ids) -> str:
         """The text of ``ids``."""
 
-    def token_bytes(self) -> np.ndarray:
-        """int64[vocab_size]: UTF-8 bytes each id decodes to (separator = 1, other specials 0)."""
+    def token_bytes(self) -> np.ndarray | None:
+        """int64[vocab_size]: UTF-8 bytes each id stands for (separator = 1, other specials 0),
+        or None when ids do not map to whole bytes exactly (then bits per byte use the split's
+        mean bytes per token)."""
+
+    def text_bytes(self, doc: bytes) -> int:
+        """UTF-8 bytes of ``doc`` as this tokenizer reads it (a subword tokenizer reads invalid
+        UTF-8 as U+FFFD, 3 bytes each)."""
 
 
 class ByteTokenizer:
@@ -78,10 +85,17 @@ class ByteTokenizer:
     def token_bytes(self) -> np.ndarray:
         return np.ones(256, np.int64)
 
+    def text_bytes(self, doc: bytes | str) -> int:
+        return len(doc) if isinstance(doc, bytes) else len(doc.encode("utf-8"))
+
 
 def _text(t: bytes | str) -> str:
     # the subword tokenizers take str; a non-UTF-8 byte becomes U+FFFD (3 bytes) and is counted so
     return t if isinstance(t, str) else t.decode("utf-8", errors="replace")
+
+
+def _text_bytes(t: bytes | str) -> int:
+    return len(_text(t).encode("utf-8"))
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -117,9 +131,15 @@ class HFTokenizer:
             raise ConfigError(f"data.tokenizer: {file} has no end-of-document token (one of {', '.join(_EOS_NAMES)}); "
                               "add one as a special token")
         self.separator = int(sep)
+        # text that spells a special token ("<|sep|>" in a tokenizer's own source) is text, not a
+        # document boundary
+        self._tok.encode_special_tokens = True
+        self._byte_level = _is_byte_level(json.loads(file.read_text()))
 
     def fingerprint_bytes(self) -> bytes:
         return self.file.read_bytes()
+
+    text_bytes = staticmethod(_text_bytes)
 
     def encode(self, text: bytes | str) -> np.ndarray:
         return np.asarray(self._tok.encode(_text(text), add_special_tokens=False).ids, dtype=np.int64)
@@ -131,7 +151,12 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def token_bytes(self) -> np.ndarray:
+    def token_bytes(self) -> np.ndarray | None:
+        """Exact for byte-level tokenizers (each piece character is one byte of GPT-2's
+        alphabet); None for others (Metaspace, byte fallback, WordPiece), whose pieces do not
+        say how many text bytes they cover."""
+        if not self._byte_level:
+            return None
         inv = _bytes_to_unicode()
         specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         out = np.zeros(self.vocab_size, np.int64)
@@ -139,17 +164,23 @@ class HFTokenizer:
             piece = self._tok.id_to_token(i)
             if piece is None or piece in specials:
                 continue
-            if all(ch in inv for ch in piece):  # byte-level: each character is one byte
-                out[i] = len(piece)
-            else:
-                out[i] = len(self._tok.decode([i]).encode("utf-8"))
+            if not all(ch in inv for ch in piece):
+                return None  # a piece outside the byte alphabet: not byte-level after all
+            out[i] = len(piece)
         out[self.separator] = 1
         return out
 
 
+def _is_byte_level(spec: dict) -> bool:
+    """Whether a tokenizer.json decodes with GPT-2's byte-level alphabet (ByteLevel decoder, or
+    a Sequence containing one, and no normalizer that rewrites the text)."""
+    dec = spec.get("decoder") or {}
+    decs = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+    return any(d.get("type") == "ByteLevel" for d in decs) and not spec.get("normalizer")
+
+
 class SentencePieceTokenizer:
-    """A sentencepiece model file. ``token_bytes`` counts the word-boundary mark as a space, so
-    a document's first word counts one byte more than its text holds (documented, not hidden)."""
+    """A sentencepiece model file (bits per byte use the split's mean bytes per token)."""
 
     def __init__(self, spec: str, file: Path):
         try:
@@ -179,15 +210,12 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def token_bytes(self) -> np.ndarray:
-        sp = self._sp
-        out = np.zeros(self.vocab_size, np.int64)
-        for i in range(self.vocab_size):
-            if sp.is_control(i) or sp.is_unknown(i):
-                continue
-            out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-        out[self.separator] = 1
-        return out
+    text_bytes = staticmethod(_text_bytes)
+
+    def token_bytes(self) -> None:
+        """None: a sentencepiece normalizer (NFKC, whitespace folding) and its word-boundary
+        mark mean pieces do not say how many text bytes they cover."""
+        return None
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:

@@ -120,13 +120,17 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
     missing = [v for v in renames.values() if v not in df.columns]
     if missing:
         raise UsageError(f"--columns: source column(s) {missing} not in the table (have: {', '.join(map(str, df.columns))})")
-    for k, v in list(renames.items()):  # a loss's standard error follows it (loss=bpb brings bpb_se)
-        if f"{v}_se" in df.columns and f"{k}_se" not in renames and k != v:
-            renames[f"{k}_se"] = f"{v}_se"
+    for k, v in list(renames.items()):  # a loss's noise columns follow it (loss=bpb brings bpb_se)
+        for suffix in ("_se", "_seed_std"):
+            if k == v or f"{k}{suffix}" in renames:
+                continue
+            if f"{v}{suffix}" in df.columns:
+                renames[f"{k}{suffix}"] = f"{v}{suffix}"
+            elif f"{k}{suffix}" in df.columns:  # in the old column's unit: gone with it
+                df = df.drop(columns=[f"{k}{suffix}"])
     # a renamed-onto column replaces the one of that name (no two "loss" columns)
     df = df.drop(columns=[k for k, v in renames.items() if k in df.columns and k != v and k not in renames.values()])
     df = df.rename(columns={v: k for k, v in renames.items()})
-    _check_one_tokenizer(df, renames)
     if where:
         from scaling.fit import where as where_lib  # our own parser: a filter never runs code
 
@@ -135,6 +139,7 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
         if n_before and df.empty:
             raise UsageError(f"--where: {where!r} keeps none of the {n_before} rows; loosen the filter")
         notes.append(f"--where {where!r}: {len(df)} rows kept")
+    _check_one_tokenizer(df, renames)
     if "causal" in df.columns and not allow_noncausal:
         leaky = df["causal"].astype(object).map(lambda v: v is False or v == 0 or str(v).lower() == "false")
         if leaky.all() and len(df):

@@ -54,6 +54,10 @@ def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] =
         k, v = item.split("=", 1)
         overrides[f"data.{k.strip().removeprefix('data.')}"] = v.strip()
     data_cfg = cfg.with_overrides(overrides).data
+    from scaling.data.corpus import corpus_info
+    from scaling.train.loop import check_tokenizer
+
+    check_tokenizer(Path(run_dir), corpus_info(data_cfg).get("tokenizer_sha256"))  # its own tokens, or refuse
     ev = loader.eval_set(data_cfg)
     graphdef, params, rest = step_lib.split_model(model)
     causal_mod = cfg.model.mod is not None and cfg.model.mod.causal_aux != "none"

@@ -77,7 +77,14 @@ def _comparable(cfg: TrainConfig) -> dict:
     d = cfg.to_dict()
     for k in COSMETIC_FIELDS:
         d.pop(k, None)
-    return json.loads(json.dumps(d))  # tuples -> lists, as read back from JSON
+    return _without_unhashed(json.loads(json.dumps(d)))  # tuples -> lists, as read back from JSON
+
+
+def _without_unhashed(d: dict) -> dict:
+    for section, name in schema.UNHASHED_FIELDS:  # speed settings: a resume may change them
+        if isinstance(d.get(section), dict):
+            d[section].pop(name, None)
+    return d
 
 
 def run_hash(cfg: TrainConfig) -> str:
@@ -130,6 +137,7 @@ def _check_same_config(cfg: TrainConfig, out: Path) -> None:
             old = json.loads(json.dumps(old))
             for k in COSMETIC_FIELDS:
                 old.pop(k, None)
+            old = _without_unhashed(old)
         if old != _comparable(cfg):
             raise ConfigError(f"out: {out} holds a run with a different config; use a new --out or delete that directory")
 
@@ -139,6 +147,19 @@ def _check_vocab(cfg: TrainConfig, info: dict) -> None:
     if cfg.model.vocab_size < need:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is below the {need} tokens of "
                           f"data.tokenizer={info['tokenizer']} (corpus {info['name']}); set model.vocab_size={need}")
+
+
+def check_tokenizer(run_dir: Path, tokenizer_sha256: str | None) -> None:
+    """ConfigError when ``run_dir`` was trained with a tokenizer of another sha256 (for
+    re-scoring and sampling, which must read and write the run's own tokens)."""
+    try:
+        old = json.loads((Path(run_dir) / "config.json").read_text()).get("resolved", {}).get("corpus") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    rec = old.get("tokenizer_sha256")
+    if rec and tokenizer_sha256 and rec != tokenizer_sha256:
+        raise ConfigError(f"data.tokenizer: the tokenizer now has sha256 {tokenizer_sha256[:12]}, but {run_dir} was "
+                          f"trained with {rec[:12]}; restore the original tokenizer file")
 
 
 def _check_same_data(out: Path, info: dict) -> None:
@@ -493,6 +514,9 @@ class _Session:
         for name, comp in (self.corpus.get("components") or {}).items():  # epochs of each mixture component
             if comp.get("n_train_tokens"):
                 self.summary[f"epochs/{name}"] = self.summary["tokens"] * comp["weight"] / comp["n_train_tokens"]
+        per = [v for k, v in self.summary.items() if k.startswith("epochs/")]
+        # the most repeated component: what a data-constrained law must see (epochs averages it away)
+        self.summary["max_epochs"] = max(per) if per else self.summary.get("epochs")
         if "eval_loss_topk" in evals:
             self.summary["final_eval_loss_topk"] = evals["eval_loss_topk"]
         return self.finish("done")

@@ -80,6 +80,12 @@ def main(args) -> int:
     tok = tokenizer_for(cfg.data)  # the run's own (a changed tokenizer file is refused on training resume)
     if tok is None:
         raise UsageError(f"{args.run}: trained on synthetic tokens, which have no text to sample")
+    from pathlib import Path
+
+    from scaling.data.tokenize import fingerprint
+    from scaling.train.loop import check_tokenizer
+
+    check_tokenizer(Path(args.run), fingerprint(tok))
     prompt = np.asarray(tok.encode(args.prompt), np.int32)
     batch = np.broadcast_to(prompt, (args.samples, prompt.size))
     out = np.asarray(generate(model, batch, args.tokens, key=jax.random.key(args.seed), temperature=args.temperature,

@@ -329,6 +329,12 @@ def test_mixtures_interleave_by_weight_deterministically_and_score_each_source(t
     info = corpus.corpus_info(cfg)
     assert info["components"]["A"]["weight"] == 0.3 and info["n_train_tokens"] == sum(
         c["n_train_tokens"] for c in info["components"].values())
+    from scaling.sweep import spec as spec_lib  # a spec writes the mixture as a mapping
+
+    raw = {"name": "m", "experiment": "dense", "set": {"data": {"source": "mixture", "batch_size": 10, "seq_len": 16,
+           "mixture": {str(tmp_path / "A"): 3, str(tmp_path / "B"): 7}}}, "buckets": [{"flops": 1e10, "sizes": [4096]}]}
+    (trial,) = spec_lib.trials(spec_lib.parse(raw))
+    assert trial.config.data.mixture == cfg.mixture
     with pytest.raises(ConfigError, match="data.mixture: .* is not SOURCE=WEIGHT"):
         DataConfig(source="mixture", mixture=("stdlib", "packages"))
     with pytest.raises(ConfigError, match="data.mixture: weight of 'stdlib' must be > 0"):

@@ -248,16 +248,20 @@ def _check_keys(path: str, d: dict, known: tuple[str, ...]) -> None:
         _fail(f"{path}.{unknown[0]}" if path else unknown[0], f"unknown field; known fields: {', '.join(known)}")
 
 
+MAPPING_VALUES = ("data.mixture",)  # fields whose value is written as a mapping
+
+
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """``{model: {d_model: 32}}`` and ``{model.d_model: 32}`` both give ``[("model.d_model", 32)]``;
-    a mapping under ``model.moe`` stays whole only when it is empty (``{}`` = switch on)."""
+    a mapping under ``model.moe`` stays whole only when it is empty (``{}`` = switch on); a mapping
+    that is a field's value (``data.mixture: {source: weight}``) stays whole."""
     out: list[tuple[str, Any]] = []
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict) and v and key not in MAPPING_VALUES:
             out.extend(_flatten(v, key + "."))
         else:
-            out.append((key, "on" if isinstance(v, dict) else v))
+            out.append((key, "on" if isinstance(v, dict) and key not in MAPPING_VALUES else v))
     return out
 
 

@@ -536,8 +536,14 @@ def _coerce(path: str, tp, value: Any) -> Any:
         if isinstance(value, dict) and elem is str:  # {source: weight} written as a mapping (YAML)
             value = [f"{k}={v}" for k, v in value.items()]
         if isinstance(value, str):
-            text = value if elem is str else value.replace("(", "").replace(")", "")  # globs may hold ( )
+            if elem is str:  # globs may hold ( ): only a pair around the whole list is dropped
+                text = value.strip()
+                text = text[1:-1] if text.startswith("(") and text.endswith(")") else text
+            else:
+                text = value.replace("(", "").replace(")", "")
             value = [v.strip() for v in text.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)) and elem is str:
+            value = [v.strip() if isinstance(v, str) else v for v in value]
         if not isinstance(value, (list, tuple)):
             _fail(path, f"must be a list, got {value!r}")
         return tuple(_coerce(f"{path}[{i}]", elem, v) for i, v in enumerate(value))

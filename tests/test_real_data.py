@@ -383,6 +383,10 @@ def test_tokenizers_without_whole_byte_ids_use_the_split_mean_and_specials_in_te
     assert loader.eval_set(dataclasses.replace(cfg, tokenizer=f"bpe:{small_bpe}")).bytes_exact is True
     bpe = tokenize.get_tokenizer(f"bpe:{small_bpe}")
     assert bpe.separator not in bpe.encode("a <|sep|> b") and bpe.decode(bpe.encode("a <|sep|> b")) == "a <|sep|> b"
+    spec = json.loads((small_bpe / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True  # one byte per document its text does not hold
+    (tmp_path / "prefixed.json").write_text(json.dumps(spec))
+    assert tokenize.get_tokenizer(f"hf:{tmp_path / 'prefixed.json'}").token_bytes() is None
 
 
 def test_speed_settings_keep_trial_ids_and_lists_are_read_as_written(tmp_path):
@@ -392,6 +396,13 @@ def test_speed_settings_keep_trial_ids_and_lists_are_read_as_written(tmp_path):
     assert config_hash(base.with_overrides(["data.worker_count=2"])) == config_hash(base)
     cfg = base.with_overrides(["data.source=local_text", "data.path=/x", "data.include=*.py, docs/(a)*.md"])
     assert cfg.data.include == ("*.py", "docs/(a)*.md")
+    assert cfg.with_overrides(["data.include=(*.py,*.md)"]).data.include == ("*.py", "*.md")
+    from scaling.fit import io
+
+    csv = tmp_path / "t.csv"
+    csv.write_text("N,D,final_loss,loss_se\n1e5,1e6,3.0,0.01\n2e5,1e6,2.9,0.02\n")
+    df, _ = io.load_table(str(csv), columns="loss=final_loss")  # no other loss: its loss_se is this one's
+    assert list(df["loss_se"]) == [0.01, 0.02]
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "manifest.json").write_text(json.dumps({"format": shards.FORMAT, "name": "x"}))

@@ -172,11 +172,16 @@ class HFTokenizer:
 
 
 def _is_byte_level(spec: dict) -> bool:
-    """Whether a tokenizer.json decodes with GPT-2's byte-level alphabet (ByteLevel decoder, or
-    a Sequence containing one, and no normalizer that rewrites the text)."""
-    dec = spec.get("decoder") or {}
-    decs = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
-    return any(d.get("type") == "ByteLevel" for d in decs) and not spec.get("normalizer")
+    """Whether a tokenizer.json's ids map to whole text bytes: a ByteLevel decoder (or a
+    Sequence holding one), no normalizer that rewrites the text, no added prefix space."""
+    def parts(x, key):
+        x = x or {}
+        return x.get(key, []) if x.get("type") == "Sequence" else [x]
+
+    decs, pres = parts(spec.get("decoder"), "decoders"), parts(spec.get("pre_tokenizer"), "pretokenizers")
+    # add_prefix_space puts a byte ("Ġ") before each document that its text does not hold
+    prefix = any(p.get("type") in ("ByteLevel", "Metaspace") and p.get("add_prefix_space") for p in pres)
+    return any(d.get("type") == "ByteLevel" for d in decs) and not spec.get("normalizer") and not prefix
 
 
 class SentencePieceTokenizer:

@@ -126,8 +126,9 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
                 continue
             if f"{v}{suffix}" in df.columns:
                 renames[f"{k}{suffix}"] = f"{v}{suffix}"
-            elif f"{k}{suffix}" in df.columns:  # in the old column's unit: gone with it
+            elif f"{k}{suffix}" in df.columns and k in df.columns:  # the replaced column's noise, in its unit
                 df = df.drop(columns=[f"{k}{suffix}"])
+                notes.append(f"--columns {k}={v}: dropped {k}{suffix}, which measured the replaced {k} column")
     # a renamed-onto column replaces the one of that name (no two "loss" columns)
     df = df.drop(columns=[k for k, v in renames.items() if k in df.columns and k != v and k not in renames.values()])
     df = df.rename(columns={v: k for k, v in renames.items()})

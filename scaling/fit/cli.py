@@ -20,7 +20,7 @@ import numpy as np
 
 from scaling.errors import UsageError
 
-LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "clark", "krajewski")
+LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "clark", "krajewski", "data_constrained")
 FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe", "lr")
 
 
@@ -177,6 +177,13 @@ def _fit(args):
                           seed_noise=args.seed_noise, window_dex=_window(args), **kw)
     elif args.law == "bcrit":
         res = batch.tradeoff(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
+    elif args.law == "data_constrained":
+        from scaling.fit import data_constrained
+
+        if args.bootstrap or args.holdout is not None or args.plot:
+            raise UsageError("--law data_constrained: reports its flat direction and near-optimal ranges instead of "
+                             "--bootstrap; --holdout-largest and --plot are not wired to it")
+        res = data_constrained.fit(args.input, base=_pins(getattr(args, "pin", [])) or None, delta=args.delta, **kw)
     else:
         fitters = {
             "chinchilla": parametric.chinchilla,

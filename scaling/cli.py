@@ -29,6 +29,7 @@ COMMANDS = {
     "coord-check": "scaling.train.coord_check",
     "bench": "scaling.bench",
     "data": "scaling.data.cli",
+    "forecast": "scaling.fit.forecast_cli",
 }
 
 

@@ -1,0 +1,226 @@
+"""Forecasts chosen by leave-future-out: which law and fit window predict the next budget.
+
+The quantity forecast is the compute frontier: the lowest loss reached at a budget (the best
+run of each budget, budgets clustered as ``isoflop.budget_groups`` does). Candidate laws:
+
+- ``saturating``: ``L*(C) = E + A C^-alpha`` on the per-budget best losses,
+- ``powerlaw``:   ``L*(C) = A C^-alpha`` on the per-budget best losses,
+- ``chinchilla``: ``L(N, D)`` on every run of the window, its frontier ``min_N L(N, C / (k N))``;
+
+each with a fit window of the last ``w`` budgets (``all``, or e.g. 3, 4). For a configuration
+(law, window), **leave-future-out** fits it on budgets ``<= k`` and scores the best loss of budget
+``k + 1``, for every ``k`` it can fit at: errors are ``ln(predicted / observed)``.
+
+**Nested choice.** The configuration used for budget ``k + 1`` is chosen by leave-future-out on
+budgets ``<= k`` only (smallest mean ``|error|``), so the score of the whole procedure never
+uses the budget it predicts. Its interval is ``exp(+- t_{n-1} s sqrt(1 + 1/n))`` around the
+prediction, ``s`` the RMS of the chosen configuration's own backtest errors (``n`` of them).
+The procedure's **coverage** is the share of those outer predictions whose observation falls in
+their interval, with a Clopper-Pearson interval for that share. The final forecast at the
+asked budgets uses the configuration chosen on all budgets; its interval is widened by the
+factor that would have made the outer backtests cover at the nominal level (conformal: the
+``level`` quantile of ``|error| / half-width``), when that factor exceeds 1.
+
+numpy / scipy / pandas only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from scaling.errors import UsageError
+
+LAWS = ("saturating", "powerlaw", "chinchilla")
+MIN_BUDGETS = {"powerlaw": 3, "saturating": 4, "chinchilla": 3}  # budgets a fit needs
+MIN_BACKTESTS = 2  # a configuration with fewer scored budgets is not chosen
+
+
+@dataclass(frozen=True)
+class Config:
+    law: str
+    window: int | None  # last w budgets; None = all
+
+    @property
+    def label(self) -> str:
+        return f"{self.law}/{'all' if self.window is None else self.window}"
+
+
+def frontier(df: pd.DataFrame, tol_dex: float = 0.1) -> pd.DataFrame:
+    """Per budget (sorted): ``C`` (geometric mean of its runs), ``loss`` (the best run),
+    ``n_runs``; each row of ``df`` gets its budget index in ``df["_budget"]``. Budgets are the
+    clusters of ``isoflop.budget_groups``; when FLOPs form a continuum instead (every
+    checkpoint of a sweep as a point), bins of ``tol_dex`` decades."""
+    from scaling.fit.isoflop import MAX_BUDGET_SPAN_DEX, budget_groups
+
+    C = df["C"].to_numpy(float)
+    labels, centers = budget_groups(C, tol_dex)
+    span = max((np.ptp(np.log10(C[labels == k])) for k in range(len(centers))), default=0.0)
+    if span > MAX_BUDGET_SPAN_DEX:
+        b = np.floor(np.log10(C) / tol_dex).astype(int)
+        _, labels = np.unique(b, return_inverse=True)
+        centers = np.array([10 ** np.log10(C[labels == k]).mean() for k in range(labels.max() + 1)])
+    df["_budget"] = labels
+    rows = [{"C": float(c), "loss": float(df.loc[labels == k, "loss"].min()), "n_runs": int((labels == k).sum())}
+            for k, c in enumerate(centers)]
+    return pd.DataFrame(rows)
+
+
+def _fit_predict(cfg: Config, df: pd.DataFrame, front: pd.DataFrame, upto: int, at_C: np.ndarray,
+                 cache: dict | None = None) -> np.ndarray | None:
+    """Fit ``cfg`` on budgets ``<= upto`` (its window) and predict the frontier at ``at_C``;
+    None when the window holds too little for the law. Fits are kept in ``cache`` by the budgets
+    they used, so the nested loops refit nothing."""
+    from scaling.fit import parametric
+
+    lo = 0 if cfg.window is None else max(0, upto + 1 - cfg.window)
+    if upto + 1 - lo < MIN_BUDGETS[cfg.law]:
+        return None
+    key = (cfg.law, lo, upto)
+    cache = {} if cache is None else cache
+    if key not in cache:
+        with np.errstate(all="ignore"):
+            if cfg.law == "chinchilla":
+                runs = df[(df["_budget"] >= lo) & (df["_budget"] <= upto)]
+                if len(runs) < 6 or not {"N", "D"} <= set(runs.columns):
+                    cache[key] = None
+                else:
+                    cache[key] = parametric.chinchilla(runs[["N", "D", "C", "loss"]].reset_index(drop=True))
+            else:
+                pts = front.iloc[lo:upto + 1][["C", "loss"]].reset_index(drop=True)
+                fit = parametric.saturating if cfg.law == "saturating" else parametric.powerlaw
+                cache[key] = fit(pts, x="C")
+    r = cache[key]
+    if r is None:
+        return None
+    with np.errstate(all="ignore"):
+        return r.predict(C=at_C)["loss"].to_numpy(float)
+
+
+def leave_future_out(cfg: Config, df, front, upto: int, cache: dict | None = None) -> list[dict]:
+    """Backtests of ``cfg`` using budgets ``<= upto``: fit on ``<= k``, score ``k + 1``."""
+    out = []
+    for k in range(upto):
+        pred = _fit_predict(cfg, df, front, k, front["C"].to_numpy(float)[k + 1:k + 2], cache)
+        if pred is None or not np.isfinite(pred[0]) or pred[0] <= 0:
+            continue
+        obs = float(front["loss"].iloc[k + 1])
+        out.append({"fit_upto_C": float(front["C"].iloc[k]), "C": float(front["C"].iloc[k + 1]), "predicted": float(pred[0]),
+                    "observed": obs, "log_err": float(np.log(pred[0] / obs))})
+    return out
+
+
+def _choose(configs, df, front, upto: int, cache: dict):
+    """The configuration with the smallest mean |log error| on budgets ``<= upto`` and its backtests."""
+    best = None
+    table = []
+    for cfg in configs:
+        bt = leave_future_out(cfg, df, front, upto, cache)
+        score = float(np.mean([abs(b["log_err"]) for b in bt])) if len(bt) >= MIN_BACKTESTS else math.inf
+        table.append({"config": cfg.label, "n_backtests": len(bt), "mean_abs_log_err": score if bt else None,
+                      "bias": float(np.mean([b["log_err"] for b in bt])) if bt else None})
+        if score < math.inf and (best is None or score < best[1]):
+            best = (cfg, score, bt)
+    return best, table
+
+
+def _half_width(errors: list[float], level: float) -> float:
+    """Prediction half-width in log space from backtest errors (Student t, RMS)."""
+    n = len(errors)
+    s = math.sqrt(float(np.mean(np.square(errors))))
+    return float(stats.t.ppf(0.5 + level / 2, max(n - 1, 1)) * s * math.sqrt(1 + 1 / n))
+
+
+@dataclass
+class ForecastResult:
+    chosen: str
+    level: float
+    forecasts: list
+    selection: list  # every configuration's leave-future-out score on all budgets
+    backtests: list  # the chosen configuration's backtests on all budgets
+    nested: list  # the whole procedure's outer predictions
+    coverage: float | None
+    coverage_ci: tuple | None
+    widening: float
+    budgets: list
+    notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"law": f"forecast ({self.chosen})", "chosen": self.chosen, "level": self.level, "forecasts": self.forecasts,
+                "selection": self.selection, "backtests": self.backtests, "nested": self.nested,
+                "coverage": self.coverage, "coverage_ci": self.coverage_ci, "widening": self.widening,
+                "budgets": self.budgets, "notes": self.notes, "warnings": self.warnings}
+
+
+def forecast(data, at_C, *, laws=LAWS, windows=(None, 3, 4), level: float = 0.9, tol_dex: float = 0.1,
+             columns=None, where=None) -> ForecastResult:
+    """Forecast the frontier loss (nats) at ``at_C`` FLOPs from the runs in ``data`` (module
+    docstring). ``windows``: fit windows in budgets (None = all). Raises ``UsageError`` for
+    fewer than 4 budgets, a forecast budget inside the data or an unknown law."""
+    from scaling.fit import io
+
+    if not (0 < level < 1):
+        raise UsageError(f"--level: must be in (0, 1), got {level}")
+    unknown = [law for law in laws if law not in LAWS]
+    if unknown or not laws:
+        raise UsageError(f"--laws: {', '.join(unknown) or 'none given'}: choose from {', '.join(LAWS)}")
+    at_C = np.atleast_1d(np.asarray(at_C, float))
+    df, notes = io.load_table(data, columns=columns, where=where)
+    io.require(df, ["C", "loss"], what="scaling forecast", min_points=4)
+    df = df.reset_index(drop=True)
+    front = frontier(df, tol_dex)
+    m = len(front)
+    if m < 4:
+        raise UsageError(f"scaling forecast: {m} compute budget(s) in the data; leave-future-out needs at least 4")
+    inside = at_C[at_C <= front["C"].max() * 10 ** tol_dex]
+    if len(inside):
+        raise UsageError(f"--at: C={inside[0]:.3g} is inside the data (largest budget {front['C'].max():.3g}); "
+                         "a forecast is for a larger budget (fit the data itself with scaling fit)")
+    configs = [Config(law, w) for law in laws for w in windows]
+    cache: dict = {}
+    best, table = _choose(configs, df, front, m - 1, cache)
+    if best is None:
+        raise UsageError("scaling forecast: no law and window could be backtested twice; add budgets or widen --windows")
+    cfg, _, bt = best
+    nested, covered, z = [], [], []
+    for k in range(2, m - 1):  # choose on budgets <= k, predict k + 1
+        inner, _ = _choose(configs, df, front, k, cache)
+        if inner is None:
+            continue
+        icfg, _, ibt = inner
+        pred = _fit_predict(icfg, df, front, k, front["C"].to_numpy(float)[k + 1:k + 2], cache)
+        if pred is None or not np.isfinite(pred[0]):
+            continue
+        hw = _half_width([b["log_err"] for b in ibt], level)
+        obs = float(front["loss"].iloc[k + 1])
+        err = float(np.log(pred[0] / obs))
+        inside_ = abs(err) <= hw
+        nested.append({"C": float(front["C"].iloc[k + 1]), "chosen": icfg.label, "predicted": float(pred[0]),
+                       "observed": obs, "log_err": err, "lo": float(pred[0] * math.exp(-hw)),
+                       "hi": float(pred[0] * math.exp(hw)), "covered": bool(inside_)})
+        covered.append(inside_)
+        z.append(abs(err) / hw if hw > 0 else math.inf)
+    coverage = ci = None
+    widening = 1.0
+    if covered:
+        n, x = len(covered), int(sum(covered))
+        coverage = x / n
+        ci = (float(stats.beta.ppf(0.025, x, n - x + 1)) if x > 0 else 0.0,
+              float(stats.beta.ppf(0.975, x + 1, n - x)) if x < n else 1.0)
+        widening = max(1.0, float(np.quantile(z, level)))
+    hw = _half_width([b["log_err"] for b in bt], level) * widening
+    pred = _fit_predict(cfg, df, front, m - 1, at_C, cache)
+    forecasts = [{"C": float(c), "loss": float(p), "lo": float(p * math.exp(-hw)), "hi": float(p * math.exp(hw))}
+                 for c, p in zip(at_C, pred)]
+    warnings = []
+    if covered and len(covered) < 5:
+        warnings.append(f"coverage measured on {len(covered)} outer backtest(s) only: its interval is wide")
+    if widening > 1:
+        notes.append(f"interval widened x{widening:.2f} so the outer backtests would cover at {level:.0%}")
+    return ForecastResult(cfg.label, level, forecasts, table, bt, nested, coverage, ci, widening,
+                          front.to_dict(orient="records"), notes, warnings)

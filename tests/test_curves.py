@@ -1,0 +1,62 @@
+"""The multi-power law (Luo et al. 2025) over lr schedules: known curves recovered and unseen
+schedules predicted, the loss-drop term zero for a constant schedule, bad input refused."""
+
+import numpy as np
+import pytest
+
+from scaling.errors import UsageError
+from scaling.fit import curves
+
+TRUTH = np.log([1.2, 2.0, 0.45, 300.0, 2.0, 0.6, 0.6])  # L0, A, alpha, B, C, beta, gamma
+
+
+def schedule(kind, T, peak=3e-3, warm=50):
+    t = np.arange(1, T + 1)
+    lr = np.full(T, peak)
+    lr[:warm] = peak * t[:warm] / warm
+    if kind == "cos":
+        p = (t[warm:] - warm) / (T - warm)
+        lr[warm:] = peak * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * p)))
+    if kind == "wsd":
+        d = int(0.2 * T)
+        lr[T - d:] = peak * (1 - 0.9 * (t[T - d:] - (T - d)) / d)
+    return lr
+
+
+def truth(lr, steps):
+    return curves.predict_terms(TRUTH, *curves._terms(lr, np.asarray(steps)))
+
+
+def test_the_loss_drop_is_zero_for_constant_lr_and_positive_after_a_decay():
+    const, cos = schedule("const", 500), schedule("cos", 500)
+    S1, dk, *_ = curves._terms(const, np.array([500]))
+    assert dk.size == 0 and S1[0] == pytest.approx(const.sum())
+    no_drop = curves.predict_terms(TRUTH, *curves._terms(const, np.array([500])))[0]
+    L0, A, al = np.exp(TRUTH[:3])
+    assert no_drop == pytest.approx(L0 + A * const.sum() ** -al)
+    assert truth(cos, [500])[0] < L0 + A * cos.sum() ** -al  # the decay bought a drop
+
+
+def test_unseen_schedules_are_predicted_from_constant_and_cosine_curves():
+    rng = np.random.default_rng(0)
+    fitted = []
+    for name, lr in (("c3", schedule("const", 1000)), ("c1", schedule("const", 1000, 1e-3)), ("cos", schedule("cos", 1000))):
+        steps = np.arange(25, 1001, 25)
+        fitted.append(curves.Curve(name, lr, steps, truth(lr, steps) * np.exp(rng.normal(0, 1e-3, steps.size))))
+    r = curves.fit(fitted, warmup_skip=50, grid={"B": (1e2,), "C": (2.0,), "gamma": (0.7,)})
+    assert r.objective < 3e-6  # at the noise floor (1e-3 relative noise)
+    assert r.params["L0"] == pytest.approx(1.2, rel=0.05) and r.params["alpha"] == pytest.approx(0.45, rel=0.1)
+    for kind, T in (("wsd", 1000), ("cos", 2000)):
+        lr = schedule(kind, T)
+        assert r.predict_curve(lr, [T])[0] == pytest.approx(truth(lr, [T])[0], rel=0.01)
+
+
+def test_bad_input_is_one_line():
+    with pytest.raises(UsageError, match="lr: a curve needs logged learning-rate values"):
+        curves.schedule_from_log([10, 20], [np.nan, 1e-3])
+    const = curves.Curve("c", schedule("const", 300), np.arange(60, 301, 20), np.linspace(3, 2, 13))
+    with pytest.raises(UsageError, match="loss-drop term cannot be fitted"):
+        curves.fit([const], warmup_skip=50)
+    r = curves.MultiPowerFit({}, 0.0, {}, 0, TRUTH)
+    with pytest.raises(UsageError, match="steps: must be within 1..300"):
+        r.predict_curve(schedule("const", 300), [301])

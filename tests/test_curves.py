@@ -60,3 +60,17 @@ def test_bad_input_is_one_line():
     r = curves.MultiPowerFit({}, 0.0, {}, 0, TRUTH)
     with pytest.raises(UsageError, match="steps: must be within 1..300"):
         r.predict_curve(schedule("const", 300), [301])
+
+
+def test_the_annealing_law_fits_and_predicts_its_own_curves():
+    """Tissue et al.'s L0 + A S1^-alpha - C S2: curves made by the law are fitted back and an
+    unseen schedule predicted."""
+    theta = np.log([1.2, 2.0, 0.45, 0.3])
+    def law(lr, steps):
+        return curves.predict_annealing(theta, *curves._annealing_terms(lr, np.asarray(steps)))
+    fitted = [curves.Curve(n, lr, np.arange(25, 1001, 25), law(lr, np.arange(25, 1001, 25)))
+              for n, lr in (("c3", schedule("const", 1000)), ("cos", schedule("cos", 1000)))]
+    r = curves.fit(fitted, warmup_skip=50, law="annealing")
+    assert r.law == "annealing" and r.params["C"] == pytest.approx(0.3, rel=0.02)
+    lr = schedule("wsd", 1000)
+    assert r.predict_curve(lr, [1000])[0] == pytest.approx(law(lr, [1000])[0], rel=1e-3)

@@ -12,6 +12,13 @@ increments are not drops), so a constant run has LD = 0 and cannot teach it: fit
 decaying runs together. Seven parameters, L0, A, alpha, B, C, beta, gamma, all positive,
 fitted in log coordinates by multi-start L-BFGS on the squared log error of every point.
 
+The **LR-annealing law** (Tissue et al. 2024) is the simpler alternative, ``law="annealing"``::
+
+    L(t) = L0 + A S1(t)^-alpha - C S2(t),   S2(t) = sum_{i <= t} m_i,  m_i = lam m_{i-1} + (eta_{i-1} - eta_i)
+
+(decrements after the peak accumulated with momentum ``lam``, the paper's 0.999): four fitted
+parameters, L0, A, alpha, C.
+
 Curves come from per-step logs (``runs.load_steps``): the lr is logged every ``log_every``
 steps and linearly interpolated to every step (exact for linear warmup and linear decay, within
 1e-4 relative for a cosine logged every 10-25 steps). The lr values are what the schedule set:
@@ -76,6 +83,31 @@ def _terms(lr: np.ndarray, steps: np.ndarray):
     return S1, d[k], lr[k], np.where(mask, Skt, 0.0), mask
 
 
+ANNEALING_PARAMS = ("L0", "A", "alpha", "C")
+ANNEALING_MOMENTUM = 0.999
+
+
+def _annealing_terms(lr: np.ndarray, steps: np.ndarray, lam: float = ANNEALING_MOMENTUM):
+    """Per observed step: ``S1(t)`` and the annealing area ``S2(t)`` (module docstring)."""
+    S = np.cumsum(lr)
+    peak = int(np.argmax(lr))
+    d = np.zeros_like(lr)
+    d[1:] = lr[:-1] - lr[1:]
+    d[: peak + 1] = 0.0
+    m = np.zeros_like(lr)
+    acc = 0.0
+    for i, di in enumerate(d):  # one pass: m_i = lam m_{i-1} + d_i
+        acc = lam * acc + di
+        m[i] = acc
+    t = np.asarray(steps, int) - 1
+    return S[t], np.cumsum(m)[t]
+
+
+def predict_annealing(theta: np.ndarray, S1, S2) -> np.ndarray:
+    L0, A, al, C = np.exp(theta)
+    return L0 + A * S1 ** (-al) - C * S2
+
+
 def predict_terms(theta: np.ndarray, S1, dk, etak, Skt, mask) -> np.ndarray:
     L0, A, al, B, C, be, ga = np.exp(theta)
     x = etak[None, :] ** (-ga) * Skt
@@ -95,6 +127,7 @@ class MultiPowerFit:
     n_points: int
     theta: np.ndarray
     warnings: list = field(default_factory=list)
+    law: str = "multipower"  # or "annealing"
 
     def predict_curve(self, lr_schedule, steps=None) -> np.ndarray:
         """The loss (nats) after each of ``steps`` (1-based; default every step) of the per-step
@@ -105,6 +138,8 @@ class MultiPowerFit:
         steps = np.arange(1, len(lr) + 1) if steps is None else np.asarray(steps, int)
         if (steps < 1).any() or (steps > len(lr)).any():
             raise UsageError(f"steps: must be within 1..{len(lr)} (the schedule's length)")
+        if self.law == "annealing":
+            return predict_annealing(self.theta, *_annealing_terms(lr, steps))
         return predict_terms(self.theta, *_terms(lr, steps))
 
 
@@ -125,12 +160,14 @@ def curves_from_steps(df: pd.DataFrame, loss: str = "eval_loss") -> list[Curve]:
     return out
 
 
-def fit(curves: list[Curve], *, warmup_skip: int = 0, grid: dict | None = None) -> MultiPowerFit:
+def fit(curves: list[Curve], *, warmup_skip: int = 0, grid: dict | None = None, law: str = "multipower") -> MultiPowerFit:
     """Fit the multi-power law to ``curves`` of one shape (module docstring); points at steps
     ``<= warmup_skip`` are left out (the law describes the loss after warmup). ``grid``
     overrides entries of ``START_GRID`` (natural units). Raises ``UsageError`` without a
     decaying curve among them."""
     starts = {**START_GRID, **(grid or {})}
+    if law not in ("multipower", "annealing"):
+        raise UsageError(f"law: {law!r} is not multipower or annealing")
     if not curves:
         raise UsageError("curves: no run with at least 3 logged losses")
     parts = []
@@ -141,6 +178,8 @@ def fit(curves: list[Curve], *, warmup_skip: int = 0, grid: dict | None = None) 
         parts.append((c.name, _terms(c.lr, c.steps[keep]), np.log(c.loss[keep])))
     if not parts:
         raise UsageError(f"curves: no run has 3 losses after step {warmup_skip}")
+    if law == "annealing":
+        return _fit_annealing(curves, warmup_skip)
     if not any(p[1][1].size for p in parts):
         raise UsageError("curves: every schedule is constant after its peak, so the loss-drop term cannot be fitted; "
                          "add a run whose lr decays (cosine, WSD, linear)")
@@ -171,3 +210,34 @@ def fit(curves: list[Curve], *, warmup_skip: int = 0, grid: dict | None = None) 
     rmse = {name: float(np.sqrt(np.mean((np.log(predict_terms(theta, *terms)) - y) ** 2))) for name, terms, y in parts}
     warnings = [] if best.success else [f"the optimiser stopped without converging: {best.message}"]
     return MultiPowerFit(dict(zip(PARAMS, map(float, np.exp(theta)))), float(best.fun), rmse, n, theta, warnings)
+
+
+def _fit_annealing(curves: list[Curve], warmup_skip: int) -> MultiPowerFit:
+    parts = []
+    for c in curves:
+        keep = c.steps > warmup_skip
+        if keep.sum() >= 3:
+            parts.append((c.name, _annealing_terms(c.lr, c.steps[keep]), np.log(c.loss[keep])))
+    if not any(np.any(t[1] > 0) for _, t, _ in parts):
+        raise UsageError("curves: every schedule is constant after its peak, so the annealing term cannot be fitted; "
+                         "add a run whose lr decays (cosine, WSD, linear)")
+    y_all = np.concatenate([y for _, _, y in parts])
+
+    def f(theta):
+        p = np.concatenate([predict_annealing(theta, *t) for _, t, _ in parts])
+        return 1e3 if not np.all(p > 0) else float(np.mean((np.log(p) - y_all) ** 2))
+
+    lmin = float(np.exp(y_all.min()))
+    best = None
+    for al in (0.2, 0.4, 0.7):
+        for C in (0.01, 0.1, 1.0):
+            r = minimize(f, np.log([0.8 * lmin, 0.5, al, C]), method="L-BFGS-B",
+                         bounds=[(-10, 3), (-10, 5), (-5, 1.5), (-10, 12)],
+                         options={"maxiter": 3000, "ftol": 1e-14, "gtol": 1e-10})
+            if best is None or r.fun < best.fun:
+                best = r
+    theta = best.x
+    rmse = {n: float(np.sqrt(np.mean((np.log(predict_annealing(theta, *t)) - y) ** 2))) for n, t, y in parts}
+    warnings = [] if best.success else [f"the optimiser stopped without converging: {best.message}"]
+    return MultiPowerFit(dict(zip(ANNEALING_PARAMS, map(float, np.exp(theta)))), float(best.fun), rmse,
+                         len(y_all), theta, warnings, law="annealing")

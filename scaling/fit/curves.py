@@ -7,17 +7,18 @@ For one model shape, the loss after ``t`` steps of a schedule ``eta_1 .. eta_t``
     LD(t) = B sum_{k <= t} (eta_{k-1} - eta_k) G(eta_k^-gamma S_k(t)),  S_k(t) = sum_{k <= tau <= t} eta_tau
     G(x)  = 1 - (C x + 1)^-beta
 
-The loss-drop term LD is summed over the *decrements* of the lr after its peak (warmup
-increments are not drops), so a constant run has LD = 0 and cannot teach it: fit constant and
-decaying runs together. Seven parameters, L0, A, alpha, B, C, beta, gamma, all positive,
+The loss-drop term LD is summed over the *decrements* of the lr after its peak: warmup
+increments are not drops, and a rise after the peak (a re-warmup, which the paper sums as a
+signed difference) is left out too; the schedules here never rise after their peak. A
+constant run has LD = 0 and cannot teach it: fit constant and decaying runs together. Seven parameters, L0, A, alpha, B, C, beta, gamma, all positive,
 fitted in log coordinates by multi-start L-BFGS on the squared log error of every point.
 
 The **LR-annealing law** (Tissue et al. 2024) is the simpler alternative, ``law="annealing"``::
 
     L(t) = L0 + A S1(t)^-alpha - C S2(t),   S2(t) = sum_{i <= t} m_i,  m_i = lam m_{i-1} + (eta_{i-1} - eta_i)
 
-(decrements after the peak accumulated with momentum ``lam``, the paper's 0.999): four fitted
-parameters, L0, A, alpha, C.
+(the signed lr differences after the peak, so a re-warmup lowers S2 as in the paper,
+accumulated with momentum ``lam``, the paper's 0.999): four fitted parameters, L0, A, alpha, C.
 
 Curves come from per-step logs (``runs.load_steps``): the lr is logged every ``log_every``
 steps and linearly interpolated to every step (exact for linear warmup and linear decay, within

@@ -16,7 +16,7 @@ budgets ``<= k`` only (smallest mean ``|error|``), so the score of the whole pro
 uses the budget it predicts. Its interval is ``exp(+- t_{n-1} s sqrt(1 + 1/n))`` around the
 prediction, ``s`` the RMS of the chosen configuration's own backtest errors (``n`` of them).
 The procedure's **coverage** is the share of those outer predictions whose observation falls in
-their interval, with a Clopper-Pearson interval for that share. The final forecast at the
+their interval, with a 95% Clopper-Pearson interval for that share (95% whatever ``level``). The final forecast at the
 asked budgets uses the configuration chosen on all budgets; its interval is widened by the
 factor that would have made the outer backtests cover at the nominal level (conformal: the
 ``level`` quantile of ``|error| / half-width``), when that factor exceeds 1.
@@ -194,7 +194,7 @@ def forecast(data, at_C, *, laws=LAWS, windows=(None, 3, 4), level: float = 0.9,
             continue
         icfg, _, ibt = inner
         pred = _fit_predict(icfg, df, front, k, front["C"].to_numpy(float)[k + 1:k + 2], cache)
-        if pred is None or not np.isfinite(pred[0]):
+        if pred is None or not np.isfinite(pred[0]) or pred[0] <= 0:
             continue
         hw = _half_width([b["log_err"] for b in ibt], level)
         obs = float(front["loss"].iloc[k + 1])

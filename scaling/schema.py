@@ -44,13 +44,20 @@ LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): 
 UNHASHED_FIELDS = {("data", "worker_count")}
 
 
-def without_late_defaults(config: dict) -> dict:
-    """A copy of a config dict without the ``LATE_FIELDS`` that hold their old value and without
-    the ``UNHASHED_FIELDS``."""
+def without_unhashed(config: dict) -> dict:
+    """A copy of a config dict (its sections copied one level deep) without the
+    ``UNHASHED_FIELDS``."""
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     for section, name in UNHASHED_FIELDS:
         if isinstance(d.get(section), dict):
             d[section].pop(name, None)
+    return d
+
+
+def without_late_defaults(config: dict) -> dict:
+    """A copy of a config dict without the ``LATE_FIELDS`` that hold their old value and without
+    the ``UNHASHED_FIELDS``."""
+    d = without_unhashed(config)
     for (section, name), old in LATE_FIELDS.items():
         sec = d.get(section)
         value = sec.get(name, old) if isinstance(sec, dict) else None

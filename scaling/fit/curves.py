@@ -161,84 +161,60 @@ def curves_from_steps(df: pd.DataFrame, loss: str = "eval_loss") -> list[Curve]:
     return out
 
 
+def _multipower_starts(starts: dict, lmin: float) -> list[np.ndarray]:
+    return [np.log([0.8 * lmin, 0.5, al, B, C, be, ga]) for al in starts["alpha"] for B in starts["B"]
+            for C in starts["C"] for ga in starts["gamma"] for be in starts["beta"]]
+
+
+def _annealing_starts(_starts: dict, lmin: float) -> list[np.ndarray]:
+    return [np.log([0.8 * lmin, 0.5, al, C]) for al in (0.2, 0.4, 0.7) for C in (0.01, 0.1, 1.0)]
+
+
+# law -> (terms of a curve, prediction from terms, parameter names, bounds in log coordinates,
+#         starts, "has a decay to learn from" test on one curve's terms, the term's name)
+_LAWS = {
+    "multipower": (_terms, predict_terms, PARAMS,
+                   [(-10, 3), (-10, 5), (-5, 1.5), (-10, 12), (-10, 8), (-5, 1.5), (-5, 1.5)],
+                   _multipower_starts, lambda t: t[1].size > 0, "loss-drop"),
+    "annealing": (_annealing_terms, predict_annealing, ANNEALING_PARAMS,
+                  [(-10, 3), (-10, 5), (-5, 1.5), (-10, 12)],
+                  _annealing_starts, lambda t: bool(np.any(t[1] > 0)), "annealing"),
+}
+
+
 def fit(curves: list[Curve], *, warmup_skip: int = 0, grid: dict | None = None, law: str = "multipower") -> MultiPowerFit:
-    """Fit the multi-power law to ``curves`` of one shape (module docstring); points at steps
-    ``<= warmup_skip`` are left out (the law describes the loss after warmup). ``grid``
-    overrides entries of ``START_GRID`` (natural units). Raises ``UsageError`` without a
-    decaying curve among them."""
-    starts = {**START_GRID, **(grid or {})}
-    if law not in ("multipower", "annealing"):
+    """Fit the multi-power law (or ``law="annealing"``) to ``curves`` of one shape (module
+    docstring) by multi-start L-BFGS; points at steps ``<= warmup_skip`` are left out (the law
+    describes the loss after warmup). ``grid`` overrides entries of ``START_GRID`` (natural
+    units, multi-power only). Raises ``UsageError`` without a decaying curve among them."""
+    if law not in _LAWS:
         raise UsageError(f"law: {law!r} is not multipower or annealing")
+    terms_of, predict, names, bounds, starts_of, decays, term = _LAWS[law]
     if not curves:
         raise UsageError("curves: no run with at least 3 logged losses")
     parts = []
     for c in curves:
         keep = c.steps > warmup_skip
-        if keep.sum() < 3:
-            continue
-        parts.append((c.name, _terms(c.lr, c.steps[keep]), np.log(c.loss[keep])))
+        if keep.sum() >= 3:
+            parts.append((c.name, terms_of(c.lr, c.steps[keep]), np.log(c.loss[keep])))
     if not parts:
         raise UsageError(f"curves: no run has 3 losses after step {warmup_skip}")
-    if law == "annealing":
-        return _fit_annealing(curves, warmup_skip)
-    if not any(p[1][1].size for p in parts):
-        raise UsageError("curves: every schedule is constant after its peak, so the loss-drop term cannot be fitted; "
-                         "add a run whose lr decays (cosine, WSD, linear)")
-    n = sum(len(y) for _, _, y in parts)
-    y_all = np.concatenate([y for _, _, y in parts])
-
-    def f(theta):
-        preds = [predict_terms(theta, *terms) for _, terms, _ in parts]
-        p = np.concatenate(preds)
-        if not np.all(p > 0):
-            return 1e3
-        return float(np.mean((np.log(p) - y_all) ** 2))
-
-    lmin = float(np.exp(y_all.min()))
-    best = None
-    for al in starts["alpha"]:
-        for B in starts["B"]:
-            for C in starts["C"]:
-                for ga in starts["gamma"]:
-                    for be in starts["beta"]:
-                        t0 = np.log([0.8 * lmin, 0.5, al, B, C, be, ga])
-                        r = minimize(f, t0, method="L-BFGS-B", bounds=[(-10, 3), (-10, 5), (-5, 1.5), (-10, 12),
-                                                                      (-10, 8), (-5, 1.5), (-5, 1.5)],
-                                     options={"maxiter": 3000, "ftol": 1e-14, "gtol": 1e-10})
-                        if best is None or r.fun < best.fun:
-                            best = r
-    theta = best.x
-    rmse = {name: float(np.sqrt(np.mean((np.log(predict_terms(theta, *terms)) - y) ** 2))) for name, terms, y in parts}
-    warnings = [] if best.success else [f"the optimiser stopped without converging: {best.message}"]
-    return MultiPowerFit(dict(zip(PARAMS, map(float, np.exp(theta)))), float(best.fun), rmse, n, theta, warnings)
-
-
-def _fit_annealing(curves: list[Curve], warmup_skip: int) -> MultiPowerFit:
-    parts = []
-    for c in curves:
-        keep = c.steps > warmup_skip
-        if keep.sum() >= 3:
-            parts.append((c.name, _annealing_terms(c.lr, c.steps[keep]), np.log(c.loss[keep])))
-    if not any(np.any(t[1] > 0) for _, t, _ in parts):
-        raise UsageError("curves: every schedule is constant after its peak, so the annealing term cannot be fitted; "
+    if not any(decays(t) for _, t, _ in parts):
+        raise UsageError(f"curves: every schedule is constant after its peak, so the {term} term cannot be fitted; "
                          "add a run whose lr decays (cosine, WSD, linear)")
     y_all = np.concatenate([y for _, _, y in parts])
 
     def f(theta):
-        p = np.concatenate([predict_annealing(theta, *t) for _, t, _ in parts])
+        p = np.concatenate([predict(theta, *t) for _, t, _ in parts])
         return 1e3 if not np.all(p > 0) else float(np.mean((np.log(p) - y_all) ** 2))
 
-    lmin = float(np.exp(y_all.min()))
     best = None
-    for al in (0.2, 0.4, 0.7):
-        for C in (0.01, 0.1, 1.0):
-            r = minimize(f, np.log([0.8 * lmin, 0.5, al, C]), method="L-BFGS-B",
-                         bounds=[(-10, 3), (-10, 5), (-5, 1.5), (-10, 12)],
-                         options={"maxiter": 3000, "ftol": 1e-14, "gtol": 1e-10})
-            if best is None or r.fun < best.fun:
-                best = r
+    for t0 in starts_of({**START_GRID, **(grid or {})}, float(np.exp(y_all.min()))):
+        r = minimize(f, t0, method="L-BFGS-B", bounds=bounds, options={"maxiter": 3000, "ftol": 1e-14, "gtol": 1e-10})
+        if best is None or r.fun < best.fun:
+            best = r
     theta = best.x
-    rmse = {n: float(np.sqrt(np.mean((np.log(predict_annealing(theta, *t)) - y) ** 2))) for n, t, y in parts}
+    rmse = {n: float(np.sqrt(np.mean((np.log(predict(theta, *t)) - y) ** 2))) for n, t, y in parts}
     warnings = [] if best.success else [f"the optimiser stopped without converging: {best.message}"]
-    return MultiPowerFit(dict(zip(ANNEALING_PARAMS, map(float, np.exp(theta)))), float(best.fun), rmse,
-                         len(y_all), theta, warnings, law="annealing")
+    return MultiPowerFit(dict(zip(names, map(float, np.exp(theta)))), float(best.fun), rmse, len(y_all), theta,
+                         warnings, law=law)

@@ -77,14 +77,8 @@ def _comparable(cfg: TrainConfig) -> dict:
     d = cfg.to_dict()
     for k in COSMETIC_FIELDS:
         d.pop(k, None)
-    return _without_unhashed(json.loads(json.dumps(d)))  # tuples -> lists, as read back from JSON
-
-
-def _without_unhashed(d: dict) -> dict:
-    for section, name in schema.UNHASHED_FIELDS:  # speed settings: a resume may change them
-        if isinstance(d.get(section), dict):
-            d[section].pop(name, None)
-    return d
+    # tuples -> lists, as read back from JSON; speed settings left out: a resume may change them
+    return schema.without_unhashed(json.loads(json.dumps(d)))
 
 
 def run_hash(cfg: TrainConfig) -> str:
@@ -137,7 +131,7 @@ def _check_same_config(cfg: TrainConfig, out: Path) -> None:
             old = json.loads(json.dumps(old))
             for k in COSMETIC_FIELDS:
                 old.pop(k, None)
-            old = _without_unhashed(old)
+            old = schema.without_unhashed(old)
         if old != _comparable(cfg):
             raise ConfigError(f"out: {out} holds a run with a different config; use a new --out or delete that directory")
 
@@ -149,14 +143,18 @@ def _check_vocab(cfg: TrainConfig, info: dict) -> None:
                           f"data.tokenizer={info['tokenizer']} (corpus {info['name']}); set model.vocab_size={need}")
 
 
+def _recorded_corpus(run_dir: Path) -> dict:
+    """The ``corpus_info`` a run recorded in its config.json ({} when there is none to read)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text()).get("resolved", {}).get("corpus") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def check_tokenizer(run_dir: Path, tokenizer_sha256: str | None) -> None:
     """ConfigError when ``run_dir`` was trained with a tokenizer of another sha256 (for
     re-scoring and sampling, which must read and write the run's own tokens)."""
-    try:
-        old = json.loads((Path(run_dir) / "config.json").read_text()).get("resolved", {}).get("corpus") or {}
-    except (OSError, ValueError, AttributeError):
-        return
-    rec = old.get("tokenizer_sha256")
+    rec = _recorded_corpus(run_dir).get("tokenizer_sha256")
     if rec and tokenizer_sha256 and rec != tokenizer_sha256:
         raise ConfigError(f"data.tokenizer: the tokenizer now has sha256 {tokenizer_sha256[:12]}, but {run_dir} was "
                           f"trained with {rec[:12]}; restore the original tokenizer file")
@@ -164,10 +162,7 @@ def check_tokenizer(run_dir: Path, tokenizer_sha256: str | None) -> None:
 
 def _check_same_data(out: Path, info: dict) -> None:
     """A run resumes only on the tokens it started with: the same tokenizer and corpus hashes."""
-    try:
-        old = json.loads((out / "config.json").read_text()).get("resolved", {}).get("corpus") or {}
-    except (OSError, ValueError, AttributeError):
-        return
+    old = _recorded_corpus(out)
     for key, field_name, what in (("tokenizer_sha256", "data.tokenizer", "tokenizer"), ("sha256", "data", "corpus")):
         if old.get(key) and info.get(key) and old[key] != info[key]:
             raise ConfigError(f"{field_name}: the {what} now has sha256 {info[key][:12]}, but {out} was started with "

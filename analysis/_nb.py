@@ -108,3 +108,36 @@ def finished(trials_df):
         first = bad["error"].iloc[0] if len(bad) else "no trial ran"
         raise RuntimeError(f"no trial of the sweep finished ({len(bad)} failed/diverged; first error: {first})")
     return done
+
+
+def register_prediction(out: Path, prediction: dict, run_dir: Path) -> dict:
+    """Write ``prediction`` to ``<out>/prediction.json`` unless the run that checks it has
+    started (``run_dir/config.json`` exists): then the registered one is kept and returned (a
+    prediction is never rewritten after its run exists); a run with no registered prediction
+    gets this one flagged ``made_before_training: False``. Refuses a registered prediction for
+    another budget ``C``."""
+    path = out / "prediction.json"
+    started = (run_dir / "config.json").exists()
+    if path.exists() and started:
+        old = json.loads(path.read_text())
+        if not math.isclose(old["C"], prediction["C"], rel_tol=1e-9):
+            raise RuntimeError(f"{path} registers a prediction at C={old['C']:.3g}, this study predicts at "
+                               f"{prediction['C']:.3g}; move the old prediction and {run_dir} away first")
+        print("a prediction for this run was already registered; keeping it")
+        return old
+    if started:
+        prediction = {**prediction, "made_before_training": False}  # honest flag: the run predates it
+    write_results(out, prediction, "prediction.json")
+    return prediction
+
+
+def determined(fn, *args, **kw):
+    """``fn(*args, **kw)``, or None (with the reason printed) when the data cannot determine the
+    fit (a ``UsageError``), e.g. in smoke mode."""
+    from scaling.errors import UsageError
+
+    try:
+        return fn(*args, **kw)
+    except UsageError as err:
+        print(f"{getattr(fn, '__name__', fn)}: not determined: {err}")
+        return None

@@ -36,7 +36,6 @@
 # %%
 import copy
 import dataclasses
-import json
 import os
 import time
 
@@ -45,12 +44,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
+import _isoflop
 import _nb
 import experiments
 from scaling import flops
 from scaling import fit
-from scaling.errors import UsageError
-from scaling.sweep import launch, spec as spec_mod, store
+from scaling.sweep import spec as spec_mod, store
 from scaling.train import loop
 
 SMOKE = _nb.smoke()
@@ -75,12 +74,7 @@ if SMOKE:
     raw["buckets"] = [1e10, 3e10]
     raw["sizes"] = {"isoflop": {"n": 3, "ratio": 2, "center": {"params": 1e4, "flops": 1e10, "exponent": 0.5}}}
     raw["set"].update({"data.batch_size": 8, "data.seq_len": 64, "eval_every": 100, "checkpoint_every": 1000})
-spec = spec_mod.parse(raw)
-trials = spec_mod.trials(spec)
-store.write_manifest(RUNS, spec, trials)
-t0 = time.time()
-counts = launch.run_local(RUNS, trials, jobs=JOBS, progress=False)
-print(f"{len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
+spec, trials = _isoflop.run_sweep(raw, RUNS, JOBS)
 
 # %%
 runs_all = store.load(RUNS)
@@ -95,13 +89,7 @@ print(runs[["bucket", "shape", "N", "D", "C", "loss", "epochs", "role"]].sort_va
 # Akima spline (Porian et al.); minima at the edge of a budget's sizes are left out.
 
 # %%
-def determined(fn, *args, **kw):
-    """The fit, or None (with the reason) when the data cannot determine it, e.g. in smoke mode."""
-    try:
-        return fn(*args, **kw)
-    except UsageError as err:
-        print(f"{getattr(fn, '__name__', fn)}: not determined: {err}")
-        return None
+determined = _nb.determined
 
 
 iso = determined(fit.isoflop, runs, method="parabola", bootstrap=N_BOOT, seed=SEED, budget_col="bucket")
@@ -110,11 +98,7 @@ FIGURES = []
 if iso is not None:
     for w in iso.warnings:
         print("warning:", w)
-    print(iso.table.to_string(index=False))
-    fig = fit.plots.isoflop(iso)
-    fig.axes[0].set_xlabel("non-embedding parameters N")
-    _nb.save(fig, OUT, "isoflop_profiles")
-    FIGURES.append("isoflop_profiles.png")
+    FIGURES.append(_isoflop.profiles_figure(iso, OUT))
 
 # %% [markdown]
 # ## Approach 3: parametric fit, and approach 1: envelope
@@ -239,19 +223,7 @@ prediction = {
     "residual_rms_log": sigma,
     "fit": {"params": par.params, "n_points": par.n_points, "n_boot": par.n_boot},
 }
-pred_run_done = (loop.read_summary(PRED_DIR) or {}).get("state") in ("done", "diverged")
-if pred_file.exists() and (pred_run_done or (PRED_DIR / "config.json").exists()):
-    old = json.loads(pred_file.read_text())
-    if not np.isclose(old["C"], C_star):
-        raise RuntimeError(f"{pred_file} registers a prediction at C={old['C']:.3g}, this sweep predicts at {C_star:.3g}; "
-                           f"move the old prediction and {PRED_DIR} away first")
-    print("a prediction for this run was already registered; keeping it")
-    prediction = old
-elif pred_run_done:
-    prediction["made_before_training"] = False  # honest flag: the run predates this prediction
-    _nb.write_results(OUT, prediction, "prediction.json")
-else:
-    _nb.write_results(OUT, prediction, "prediction.json")
+prediction = _nb.register_prediction(OUT, prediction, PRED_DIR)
 _nb.write_results(OUT, {"notebook": "isoflop_cpu", "smoke": SMOKE, "prediction": prediction, "stage": "predicted, not yet trained",
                         "figures": []})
 print(f"PREDICTION at C = {C_star:.3g} FLOPs: {prediction['shape']} (N = {prediction['N']:.3g}, D = {prediction['D']:.3g} tokens): "

@@ -54,7 +54,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         forecast.forecast(df.assign(C=1e10), [1e15])
     for argv, msg in ((["--at", "C=1e12"], "inside the data"), (["--at", "N=1e9"], "expected C=V"),
                       (["--at", "C=1e15", "--laws", "kaplan"], "--laws: kaplan"),
-                      (["--at", "C=1e15", "--windows", "2"], "too few")):
+                      (["--at", "C=1e15", "--windows", "2"], "too few"),
+                      (["--at", "C=1e15", "--horizon", "far"], "--horizon: 'far'")):
         assert main(["forecast", str(f), *argv]) == 2
         assert msg in capsys.readouterr().err
     assert main(["forecast", str(f), "--at", "C=4e14", "--laws", "saturating", "--json"]) == 0
@@ -74,3 +75,36 @@ def test_misfitting_final_checkpoints_forecast_and_coverage():
     f = r.forecasts[0]
     assert abs(math.log(f["loss"] / observed)) < 0.05  # within 5% of the held-out best run
     assert r.coverage is not None
+
+
+# The tuned CPU IsoFLOP study's frontier (best final eval loss per budget, nats/byte; budgets
+# 1e11 .. 2.2e12 FLOPs, docs/results/isoflop_cpu_tuned) and the loss its 4x forecast model reached.
+TUNED_FRONTIER = [(1.000384e11, 2.139010), (1.500459e11, 2.059459), (2.200089e11, 1.982311), (3.197992e11, 1.922342),
+                  (4.600012e11, 1.871233), (6.799889e11, 1.772424), (9.999598e11, 1.663844), (1.499946e12, 1.583934),
+                  (2.199902e12, 1.536286)]
+TUNED_TRAINED_AT_8_8E12 = 1.3289
+
+
+def test_backtests_reach_as_far_as_the_forecast():
+    """With horizon='match' every backtest scores a budget about as far ahead (in log C) as the
+    forecast reaches; on the tuned study's bending frontier the 1.5x-ahead interval excludes what
+    the 4x-ahead model reached, and the 4x-ahead interval contains it."""
+    df = pd.DataFrame(TUNED_FRONTIER, columns=["C", "loss"])
+    at = 8.8e12
+    near = forecast.forecast(df, [at], laws=("powerlaw",), windows=(4,), level=0.95, horizon=1)
+    far = forecast.forecast(df, [at], laws=("powerlaw",), windows=(4,), level=0.95)
+    assert far.horizon == "match" and far.to_dict()["horizon"] == "match"
+    reach = math.log10(at / df["C"].max())
+    assert far.backtests and all(abs(math.log10(b["C"] / b["fit_upto_C"]) - reach) <= forecast.HORIZON_TOL_DEX for b in far.backtests)
+    assert all(math.isclose(b["C"] / b["fit_upto_C"], 1.5, rel_tol=0.05) for b in near.backtests)
+    f_near, f_far = near.forecasts[0], far.forecasts[0]
+    assert f_near["loss"] == pytest.approx(f_far["loss"])  # the same fit; only its calibration differs
+    assert not (f_near["lo"] <= TUNED_TRAINED_AT_8_8E12 <= f_near["hi"])
+    assert f_far["lo"] <= TUNED_TRAINED_AT_8_8E12 <= f_far["hi"]
+    # 4x-ahead errors of a power law on this frontier are larger than 1.5x-ahead ones
+    assert np.mean([abs(b["log_err"]) for b in far.backtests]) > 2 * np.mean([abs(b["log_err"]) for b in near.backtests])
+    # too few budgets for the reach: refused in one line naming the way out
+    with pytest.raises(UsageError, match="--horizon 1"):
+        forecast.forecast(df.iloc[:5], [df["C"].iloc[4] * 30], laws=("powerlaw",), windows=(None,))
+    with pytest.raises(UsageError, match="--horizon"):
+        forecast.forecast(df, [at], horizon=0)

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, VALIDATION
 
 ANALYSIS = REPO / "analysis"
-NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "critical_batch", "moe_mod"]
+NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -137,6 +137,36 @@ def test_isoflop_cpu_predicts_before_training(tmp_path):
     assert r["rel_error"] == pytest.approx((a["loss"] - pred["loss"]) / pred["loss"])
     assert r["inside_95_ci"] == (pred["loss_lo"] <= a["loss"] <= pred["loss_hi"])
     assert finite(r["parametric"]["a"], r["parametric"]["params"]["E"])
+
+
+@pytest.mark.slow
+def test_isoflop_cpu_tuned_registers_then_trains(tmp_path):
+    """The smoke tuned study: the per-size LR grid gives a rule through its optima, the tuned
+    grid and both ablation arms are fitted by every approach, the forecast is written before its
+    run exists, the seed-0 independent run reproduces the study's WSD branch, and the refits
+    move the numbers they should."""
+    r = run_notebook("isoflop_cpu_tuned", tmp_path, timeout=900)
+    assert r["smoke"] and r["n_done"] == r["n_trials"] and r["budgets"] == [2e9, 3e9, 4.5e9, 7e9, 1e10]
+    t = r["lr_tuning"]
+    assert len(t["optima"]) == 2 and t["max_abs_log_mismatch"] < 1e-9  # two sizes: the power law goes through both
+    pred = json.loads((tmp_path / "prediction.json").read_text())
+    assert pred == r["prediction"] and pred["made_before_training"]
+    run_dir = tmp_path / "runs" / "isoflop_cpu_tuned_prediction"
+    assert pred["made_at_unix"] < (run_dir / "config.json").stat().st_mtime
+    assert pred["C"] == pytest.approx(4 * 1e10) and pred["lo"] < pred["loss"] < pred["hi"]
+    assert pred["chosen"].split("/")[0] in ("saturating", "powerlaw", "chinchilla")
+    a = r["actual"]
+    assert a["state"] == "done" and a["C"] == pytest.approx(pred["C"], rel=0.03) and a["N"] == pred["N"]
+    assert r["rel_error"] == pytest.approx((a["loss"] - pred["loss"]) / pred["loss"])
+    arms = {row["arm"] for row in r["approaches"]}
+    assert {"A: one lr, stdlib (first recipe)", "B: one lr, packages", "C: tuned (per-size lr, packages)",
+            "C16K: C on a 16K-token eval set", "C+emb: C with N counting embeddings"} <= arms
+    # a different held-out set changes every loss; the same set scored twice would not
+    assert r["eval16k_log_ratio"]["n"] == r["n_done"] and r["eval16k_log_ratio"]["sd"] > 0
+    noise = r["seed_noise"]
+    assert noise and all(row["n"] == 2 for row in noise)
+    # WSD branching: an independent run of a branch's shape and budget is the same training run
+    assert all(abs(row["branch_minus_indep"]) < 1e-6 for row in noise)
 
 
 @pytest.mark.slow

@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--laws", default="saturating,powerlaw,chinchilla", help="candidate laws (default all three)")
     p.add_argument("--windows", default="all,3,4", help="fit windows in budgets, 'all' for every budget (default all,3,4)")
     p.add_argument("--level", type=float, default=0.9, help="interval level (default 0.9)")
+    p.add_argument("--horizon", default="match",
+                   help="how far ahead backtests reach: 'match' (as far as the forecast, the default) or a number "
+                        "of budgets (1: the next budget)")
     p.add_argument("--tol-dex", dest="tol_dex", type=float, default=0.1, help="budget clustering / bin width in decades of C")
     p.add_argument("--columns", help="renames CANONICAL=SOURCE, e.g. C=flops")
     p.add_argument("--where", help="rows to keep (see scaling fit --where)")
@@ -56,6 +59,19 @@ def _windows(spec: str) -> tuple:
     return tuple(out)
 
 
+def _horizon(spec: str):
+    spec = spec.strip()
+    if spec == "match":
+        return spec
+    try:
+        h = int(spec)
+    except ValueError:
+        raise UsageError(f"--horizon: {spec!r} is not 'match' or a number of budgets") from None
+    if h < 1:
+        raise UsageError(f"--horizon: {h} budgets ahead; use 1 or more, or 'match'")
+    return h
+
+
 def run(args) -> int:
     import numpy as np
 
@@ -68,12 +84,13 @@ def run(args) -> int:
     laws = tuple(x.strip() for x in args.laws.split(",") if x.strip())
     with np.errstate(all="ignore"):
         r = forecast.forecast(src, _at(args.at), laws=laws, windows=_windows(args.windows), level=args.level,
-                              tol_dex=args.tol_dex, columns=args.columns, where=args.where)
+                              tol_dex=args.tol_dex, columns=args.columns, where=args.where, horizon=_horizon(args.horizon))
     d = _clean(r.to_dict())
     if args.json:
         print(json.dumps(d))
         return 0
-    print(f"chosen by leave-future-out: {d['chosen']}  ({len(d['budgets'])} budgets, "
+    reach = "as far as the forecast" if d["horizon"] == "match" else f"{d['horizon']} budget(s) ahead"
+    print(f"chosen by leave-future-out, backtests {reach}: {d['chosen']}  ({len(d['budgets'])} budgets, "
           f"C {d['budgets'][0]['C']:.3g} .. {d['budgets'][-1]['C']:.3g})")
     print(f"{'config':>16} {'backtests':>9} {'mean |ln err|':>14} {'bias':>9}")
     for s in d["selection"]:

@@ -35,12 +35,23 @@ def register(sub) -> None:
 
 def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] = ()) -> dict:
     """Evaluate ``run_dir``'s newest checkpoint on the held-out set and write ``rescored.json``;
-    returns what was written (``final_eval_loss`` nats/token, ``final_eval_loss_se``,
-    ``eval_sha256``, ``eval_tokens``, ``step``, ``schema_version``, ``causal``, ``data``)."""
+    returns what was written (see ``score``)."""
+    from scaling.files import write_json_atomic
+
+    out = score(run_dir, tokens=tokens, data=data)
+    write_json_atomic(Path(run_dir) / RESCORED, out)
+    return out
+
+
+def score(run_dir: str | Path, *, tokens: int | None = None, data: list[str] = ()) -> dict:
+    """Evaluate ``run_dir``'s newest checkpoint (read-only) on a held-out set and return
+    ``final_eval_loss`` (nats/token), ``final_eval_loss_se``, ``final_eval_bpb(_se)`` (bits per
+    byte), ``eval_sha256``, ``eval_tokens``, ``eval_bytes``, ``step``, ``schema_version``,
+    ``causal``, ``data``; writes nothing (a study can score its runs on another set without
+    changing what ``scaling.runs.load`` reads)."""
     from scaling import schema
     from scaling.data import loader
     from scaling.errors import UsageError
-    from scaling.files import write_json_atomic
     from scaling.train import step as step_lib
     from scaling.train.sample_cli import load_model
 
@@ -69,7 +80,6 @@ def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] =
            "final_eval_bpb": bits_per_byte(mean, ev.bytes_per_token), "final_eval_bpb_se": bits_per_byte(se, ev.bytes_per_token),
            "eval_sha256": ev.sha256, "eval_tokens": ev.n_tokens, "eval_bytes": ev.n_bytes, "step": step, "causal": cfg.model.causal_eval,
            "data": dataclasses.asdict(data_cfg), "time": time.time(), "provenance": schema.provenance()}
-    write_json_atomic(Path(run_dir) / RESCORED, out)
     return out
 
 

@@ -103,6 +103,11 @@ def test_backtests_reach_as_far_as_the_forecast():
     assert f_far["lo"] <= TUNED_TRAINED_AT_8_8E12 <= f_far["hi"]
     # 4x-ahead errors of a power law on this frontier are larger than 1.5x-ahead ones
     assert np.mean([abs(b["log_err"]) for b in far.backtests]) > 2 * np.mean([abs(b["log_err"]) for b in near.backtests])
+    # with every law and window on offer, the choice is also made at the reach, and forecasting
+    # two budgets together is calibrated at the larger one's reach, with a warning
+    both = forecast.forecast(df, [4e12, at], level=0.95)
+    assert any("largest one's reach" in w for w in both.warnings)
+    assert all(abs(math.log10(b["C"] / b["fit_upto_C"]) - reach) <= forecast.HORIZON_TOL_DEX for b in both.backtests)
     # too few budgets for the reach: refused in one line naming the way out
     with pytest.raises(UsageError, match="--horizon 1"):
         forecast.forecast(df.iloc[:5], [df["C"].iloc[4] * 30], laws=("powerlaw",), windows=(None,))

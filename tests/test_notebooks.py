@@ -141,14 +141,13 @@ def test_isoflop_cpu_predicts_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_isoflop_cpu_tuned_registers_then_trains(tmp_path):
-    """The smoke tuned study: the per-size LR grid gives a rule through its optima, the tuned
-    grid and both ablation arms are fitted by every approach, the forecast is written before its
-    run exists, the seed-0 independent run reproduces the study's WSD branch, and the refits
-    move the numbers they should."""
+    """The smoke tuned study: the per-size LR grid is fitted, the tuned grid and both ablation
+    arms are fitted by every approach the data allows, the forecast is written before its run
+    exists, and the seed-0 independent runs reproduce the study's WSD branches exactly."""
     r = run_notebook("isoflop_cpu_tuned", tmp_path, timeout=900)
     assert r["smoke"] and r["n_done"] == r["n_trials"] and r["budgets"] == [2e9, 3e9, 4.5e9, 7e9, 1e10]
     t = r["lr_tuning"]
-    assert len(t["optima"]) == 2 and t["max_abs_log_mismatch"] < 1e-9  # two sizes: the power law goes through both
+    assert len(t["optima"]) == 2 and all(o["lr_star"] > 0 for o in t["optima"])
     pred = json.loads((tmp_path / "prediction.json").read_text())
     assert pred == r["prediction"] and pred["made_before_training"]
     run_dir = tmp_path / "runs" / "isoflop_cpu_tuned_prediction"
@@ -166,6 +165,8 @@ def test_isoflop_cpu_tuned_registers_then_trains(tmp_path):
     noise = r["seed_noise"]
     assert noise and all(row["n"] == 2 for row in noise)
     # WSD branching: an independent run of a branch's shape and budget is the same training run
+    # (the seed budgets lie below the top one, so the study's runs there are branches)
+    assert max(row["bucket"] for row in noise) < max(r["budgets"])
     assert all(abs(row["branch_minus_indep"]) < 1e-6 for row in noise)
 
 

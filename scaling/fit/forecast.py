@@ -17,10 +17,13 @@ within ``HORIZON_TOL_DEX``; budgets with no such ``j`` are not scored. A 4x fore
 calibrated by 4x-ahead backtests: on the tuned CPU IsoFLOP study, one-budget-ahead (1.5x)
 errors of 1.4% gave a ±4.4% interval that a 4x forecast missed by 7.3%, while the 4x-ahead
 errors were 2-5% (docs/results/isoflop_cpu_tuned). ``horizon=1`` (an int h: ``j = k + h``)
-scores the next budget, as this module did before.
+scores the next budget, as this module did before. Near the end of the data several backtests
+may score the same (last) budget from different starts; each counts in ``n``. With several
+``at_C`` in match mode, all are calibrated at the largest one's reach (one chosen configuration,
+one half-width), and a warning says so: forecast each budget alone for its own reach.
 
-**Nested choice.** The configuration used for budget ``k + 1`` is chosen by leave-future-out on
-budgets ``<= k`` only (smallest mean ``|error|``), so the score of the whole procedure never
+**Nested choice.** The configuration used to predict a fit's target budget (``k + 1`` with
+``horizon=1``) is chosen by leave-future-out on budgets ``<= k`` only (smallest mean ``|error|``), so the score of the whole procedure never
 uses the budget it predicts. Its interval is ``exp(+- t_{n-1} s sqrt(1 + 1/n))`` around the
 prediction, ``s`` the RMS of the chosen configuration's own backtest errors (``n`` of them).
 The procedure's **coverage** is the share of those outer predictions whose observation falls in
@@ -225,9 +228,10 @@ def forecast(data, at_C, *, laws=LAWS, windows=(None, 3, 4), level: float = 0.9,
     best, table = _choose(configs, df, front, m - 1, cache, target)
     if best is None:
         reach = f"{float(np.max(at_C)) / front['C'].iloc[-1]:.3g}x ahead" if horizon == "match" else f"{horizon} budget(s) ahead"
-        raise UsageError(f"scaling forecast: no law and window could be backtested twice {reach}; add budgets, "
-                         "widen --windows, or forecast nearer (--horizon 1 scores one budget ahead, which "
-                         "under-states the error of a longer reach)")
+        way = (", or forecast nearer (--horizon 1 scores one budget ahead, which under-states the error of a "
+               "longer reach)") if horizon != 1 else ""
+        raise UsageError(f"scaling forecast: no law and window could be backtested twice {reach}; add budgets or "
+                         f"widen --windows{way}")
     cfg, _, bt = best
     nested, covered, z = [], [], []
     for k in range(2, m - 1):  # choose on budgets <= k, predict target(k)
@@ -265,6 +269,9 @@ def forecast(data, at_C, *, laws=LAWS, windows=(None, 3, 4), level: float = 0.9,
     warnings = []
     if covered and len(covered) < 5:
         warnings.append(f"coverage measured on {len(covered)} outer backtest(s) only: its interval is wide")
+    if horizon == "match" and len(np.unique(at_C)) > 1:
+        warnings.append(f"{len(np.unique(at_C))} budgets forecast together are all calibrated at the largest one's reach "
+                        f"({float(np.max(at_C)) / front['C'].iloc[-1]:.3g}x): forecast each alone for its own law and interval")
     if not covered:
         warnings.append("coverage not measured: the budgets allow no nested backtest at this horizon (the interval rests "
                         f"on the chosen law's {len(bt)} backtests alone)")

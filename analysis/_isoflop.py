@@ -9,6 +9,8 @@ exact frontier minimises a fitted ``L(N, D)`` over the shapes the size rule can 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 
 import numpy as np
@@ -17,6 +19,7 @@ import pandas as pd
 import experiments
 from scaling import flops
 from scaling.sweep import launch, spec as spec_mod, store
+from scaling.train import loop
 
 
 def run_sweep(raw: dict, runs_dir, jobs: int = 1):
@@ -29,6 +32,23 @@ def run_sweep(raw: dict, runs_dir, jobs: int = 1):
     counts = launch.run_local(runs_dir, trials, jobs=jobs, progress=False)
     print(f"{spec.name}: {len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
     return spec, trials
+
+
+def train_predicted(raw: dict, name: str, prediction: dict, run_dir) -> dict:
+    """Train (or load, when finished) the model a prediction names: one independent run of the
+    spec ``raw``'s recipe at ``prediction["C"]`` FLOPs and size ``prediction["target_params"]``,
+    refused if the spec resolves another shape than ``prediction["shape"]``; returns its summary."""
+    raw_p = copy.deepcopy(raw)
+    raw_p.update(name=name, strategy="independent", buckets=[prediction["C"]], sizes=[prediction["target_params"]])
+    cfg = dataclasses.replace(spec_mod.trials(spec_mod.parse(raw_p))[0].config, progress=False)
+    m = cfg.model
+    assert f"d{m.d_model}L{m.n_layers}" == prediction["shape"], "the spec resolved a different shape than predicted"
+    t0 = time.time()
+    summary = loop.run(cfg, run_dir)
+    print(f"trained {prediction['shape']} in {time.time() - t0:.0f} s: state {summary['state']}, final eval loss "
+          f"{summary['final_eval_loss']:.4f} (SE {summary.get('final_eval_loss_se', float('nan')):.4f}), "
+          f"C = {summary['C']:.3g} FLOPs, D = {summary['D']:.3g} tokens")
+    return summary
 
 
 def profiles_figure(iso, out) -> str:

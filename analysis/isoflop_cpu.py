@@ -35,7 +35,6 @@
 
 # %%
 import copy
-import dataclasses
 import os
 import time
 
@@ -46,11 +45,8 @@ import yaml
 
 import _isoflop
 import _nb
-import experiments
-from scaling import flops
 from scaling import fit
 from scaling.sweep import spec as spec_mod, store
-from scaling.train import loop
 
 SMOKE = _nb.smoke()
 OUT = _nb.out_dir("isoflop_cpu")
@@ -117,26 +113,15 @@ for w in par.warnings:
 # D = C / (its exact training FLOPs per token).
 base_trial = max(trials, key=lambda t: t.budget)
 base_model, seq_len = base_trial.config.model, base_trial.config.data.seq_len
-sizer = experiments.load(spec.experiment).model_for_params
-shapes = {}
-for n in np.geomspace(runs["N"].min() / 4, runs["N"].max() * 30, 400):
-    m = sizer(float(n), base_model)
-    shapes.setdefault((m.d_model, m.n_layers), (float(n), m))
-shape_table = pd.DataFrame([{"shape": f"d{d}L{l}", "target": t, "N": flops.param_counts(m).active_non_embedding,
-                             "fpt": flops.train_flops_per_token(m, seq_len)} for (d, l), (t, m) in shapes.items()])
+shape_table = _isoflop.shape_table(spec.experiment, base_model, seq_len, runs["N"].min() / 4, runs["N"].max() * 30)
 
 
 def exact_frontier(C: float) -> pd.DataFrame:
     """Candidate shapes at C FLOPs with their tokens and fitted loss (point estimate), best first."""
-    t = shape_table.assign(D=C / shape_table["fpt"])
-    t["loss"] = par.law_obj.predict(par.theta, {"N": t["N"].to_numpy(float), "D": t["D"].to_numpy(float)})
-    return t.sort_values("loss").reset_index(drop=True)
+    return _isoflop.exact_frontier(par, shape_table, C)
 
 
-C_grid = np.geomspace(runs["C"].min(), runs["C"].max(), 25)
-ex = pd.DataFrame([exact_frontier(C).iloc[0][["N", "D", "loss"]] for C in C_grid]).assign(C=C_grid)
-a3x = float(np.polyfit(np.log(ex["C"]), np.log(ex["N"].astype(float)), 1)[0])
-b3x = float(np.polyfit(np.log(ex["C"]), np.log(ex["D"].astype(float)), 1)[0])
+a3x, b3x = _isoflop.exact_exponents(par, shape_table, runs["C"].min(), runs["C"].max())
 print(f"approach 3 with exact FLOPs per shape: N_opt ~ C^{a3x:.3f}, D_opt ~ C^{b3x:.3f} over the sweep's budgets "
       f"(closed form with C = {par.flops_per_param_token:.1f} N D: a = {par.a:.3f}, b = {par.b:.3f})")
 
@@ -236,17 +221,7 @@ print(f"PREDICTION at C = {C_star:.3g} FLOPs: {prediction['shape']} (N = {predic
 # independent run of the chosen shape at C*.
 
 # %%
-raw_p = copy.deepcopy(raw)
-raw_p.update(name="isoflop_cpu_prediction", strategy="independent", buckets=[C_star],
-             sizes=[prediction["target_params"]])
-pred_trial = spec_mod.trials(spec_mod.parse(raw_p))[0]
-pred_cfg = dataclasses.replace(pred_trial.config, progress=False)
-m = pred_cfg.model
-assert f"d{m.d_model}L{m.n_layers}" == prediction["shape"], "the spec resolved a different shape than predicted"
-t0 = time.time()
-summary = loop.run(pred_cfg, PRED_DIR)
-print(f"trained {prediction['shape']} in {time.time() - t0:.0f} s: state {summary['state']}, "
-      f"final eval loss {summary['final_eval_loss']:.4f}, C = {summary['C']:.3g} FLOPs, D = {summary['D']:.3g} tokens")
+summary = _isoflop.train_predicted(raw, "isoflop_cpu_prediction", prediction, PRED_DIR)
 
 # %%
 actual = float(summary["final_eval_loss"])

@@ -36,7 +36,6 @@
 
 # %%
 import copy
-import dataclasses
 import json
 import os
 import time
@@ -51,7 +50,7 @@ import _nb
 from scaling import fit
 from scaling.fit import forecast as forecast_mod
 from scaling.sweep import spec as spec_mod, store
-from scaling.train import eval_cli, loop
+from scaling.train import eval_cli
 
 SMOKE = _nb.smoke()
 OUT = _nb.out_dir("isoflop_cpu_tuned")
@@ -257,19 +256,11 @@ print(f"PREDICTION at C = {C_star:.3g} FLOPs ({fc.chosen}): L* = {prediction['lo
 # independent run of the chosen shape at C*.
 
 # %%
-raw_p = copy.deepcopy(raw)
-raw_p.update(name="isoflop_cpu_tuned_prediction", strategy="independent", buckets=[C_star], sizes=[prediction["target_params"]])
-pred_trial = spec_mod.trials(spec_mod.parse(raw_p))[0]
-pred_cfg = dataclasses.replace(pred_trial.config, progress=False)
-m = pred_cfg.model
-assert f"d{m.d_model}L{m.n_layers}" == prediction["shape"], "the spec resolved a different shape than predicted"
-t0 = time.time()
-summary = loop.run(pred_cfg, PRED_DIR)
+summary = _isoflop.train_predicted(raw, "isoflop_cpu_tuned_prediction", prediction, PRED_DIR)
 actual = float(summary["final_eval_loss"])
 rel_err = (actual - prediction["loss"]) / prediction["loss"]
 inside = prediction["lo"] <= actual <= prediction["hi"]
-print(f"trained {prediction['shape']} in {time.time() - t0:.0f} s: final eval loss {actual:.4f} "
-      f"(SE {summary.get('final_eval_loss_se', float('nan')):.4f}), C = {summary['C']:.3g}; error {100 * rel_err:+.2f}%, "
+print(f"error {100 * rel_err:+.2f}%, "
       f"inside the {LEVEL:.0%} interval: {inside}, within 2%: {abs(rel_err) <= 0.02}")
 
 # %%

@@ -134,7 +134,7 @@ def _targets(front: pd.DataFrame, horizon, at_C: np.ndarray):
 def leave_future_out(cfg: Config, df, front, upto: int, cache: dict | None = None, target=None) -> list[dict]:
     """Backtests of ``cfg`` using budgets ``<= upto``: fit on ``<= k``, score ``target(k, upto)``
     (default: ``k + 1``)."""
-    target = target or (lambda k, u: k + 1 if k + 1 <= u else None)
+    target = target or _targets(front, 1, None)
     out = []
     for k in range(upto):
         j = target(k, upto)

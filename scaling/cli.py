@@ -30,6 +30,7 @@ COMMANDS = {
     "bench": "scaling.bench",
     "data": "scaling.data.cli",
     "forecast": "scaling.fit.forecast_cli",
+    "curves": "scaling.fit.curves_cli",
 }
 
 

@@ -74,3 +74,39 @@ def test_the_annealing_law_fits_and_predicts_its_own_curves():
     assert r.law == "annealing" and r.params["C"] == pytest.approx(0.3, rel=0.02)
     lr = schedule("wsd", 1000)
     assert r.predict_curve(lr, [1000])[0] == pytest.approx(law(lr, [1000])[0], rel=1e-3)
+
+
+def _run_dir(path, lr, steps, loss):
+    """A run directory as the trainer leaves it, reduced to what ``runs.load_steps`` reads."""
+    import json
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    rows = [{"step": int(s), "lr": float(lr[s - 1]), "eval_loss": float(y)} for s, y in zip(steps, loss)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_scaling_curves_fits_runs_and_predicts_a_run_and_a_schedule_file(tmp_path, capsys):
+    import json
+
+    from scaling.cli import main
+
+    steps = np.arange(25, 1001, 25)
+    dirs = {k: _run_dir(tmp_path / k, schedule(k, 1000), steps, truth(schedule(k, 1000), steps)) for k in ("const", "cos", "wsd")}
+    (tmp_path / "cos2000.txt").write_text("\n".join(map(str, schedule("cos", 2000))))
+    assert main(["curves", dirs["const"], dirs["cos"], "--predict", dirs["wsd"], "--predict", str(tmp_path / "cos2000.txt"),
+                 "--skip", "50", "--json", "--plot", str(tmp_path / "fig.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    wsd, cos2 = out["predictions"]
+    assert wsd["name"] == "wsd" and abs(wsd["rel_error"]) < 0.01  # an exact world: the law recovers it
+    assert cos2["predicted"] == pytest.approx(truth(schedule("cos", 2000), [2000])[0], rel=0.01)
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    # bad input: constant runs only, a schedule file with a negative lr, a missing path: one line, exit 2
+    (tmp_path / "bad.txt").write_text("0.001\n-0.002\n")
+    for argv, msg in (([dirs["const"]], "loss-drop term cannot be fitted"),
+                      ([dirs["const"], dirs["cos"], "--predict", str(tmp_path / "bad.txt")], "finite lr >= 0"),
+                      ([dirs["const"], dirs["cos"], "--predict", str(tmp_path / "nope")], "neither a run directory")):
+        assert main(["curves", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1

@@ -113,3 +113,43 @@ def test_backtests_reach_as_far_as_the_forecast():
         forecast.forecast(df.iloc[:5], [df["C"].iloc[4] * 30], laws=("powerlaw",), windows=(None,))
     with pytest.raises(UsageError, match="--horizon"):
         forecast.forecast(df, [at], horizon=0)
+
+
+def _repeating_world(U_corpus, seed=0):
+    """Runs of Muennighoff et al.'s law (their C4 base, R_D* 15.4, R_N* 5.3) on a corpus of
+    ``U_corpus`` unique tokens, so that the larger budgets repeat it; and the true frontier."""
+    from scaling.fit import data_constrained as dc
+
+    base = dict(A=406.4, B=410.7, E=1.69, alpha=0.34, beta=0.28)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for C in np.logspace(17, 19.5, 11):
+        for f in (0.33, 0.6, 1.0, 1.7, 3.0):
+            N = f * 0.09 * (C / 6) ** 0.5
+            D = C / (6 * N)
+            rows.append(dict(N=N, D=D, U=min(D, U_corpus), C=C,
+                             loss=float(dc.predict(N, D, min(D, U_corpus), 15.4, 5.3, base)) * np.exp(rng.normal(0, 0.003))))
+
+    def true_frontier(C):
+        Ns = np.logspace(8, 12, 4000)
+        Ds = C / (6 * Ns)
+        return float(dc.predict(Ns, Ds, np.minimum(Ds, U_corpus), 15.4, 5.3, base).min())
+    return pd.DataFrame(rows), true_frontier
+
+
+@pytest.mark.slow
+def test_kaplan_and_data_constrained_are_forecast_candidates():
+    df, true_frontier = _repeating_world(3e9)
+    assert (df["D"] > df["U"]).sum() >= 20  # the larger budgets repeat the corpus
+    at = 4 * df["C"].max()
+    r = forecast.forecast(df, [at], laws=("data_constrained", "kaplan"))
+    scored = {s["config"]: s for s in r.selection}
+    assert scored["data_constrained/all"]["n_backtests"] >= 2 and scored["kaplan/all"]["n_backtests"] >= 2
+    dcf = forecast.forecast(df, [at], laws=("data_constrained",))
+    assert dcf.forecasts[0]["loss"] == pytest.approx(true_frontier(at), rel=0.01)
+    # a smaller corpus leaves the last windows without single-epoch runs: data_constrained can
+    # be backtested on early windows but not fitted on the last, so it must not be chosen there
+    small, _ = _repeating_world(1.5e9)
+    r = forecast.forecast(small, [at], laws=("data_constrained",))
+    assert np.isfinite(r.forecasts[0]["loss"])
+    assert r.chosen == "data_constrained/all"

@@ -6,6 +6,12 @@ run of each budget, budgets clustered as ``isoflop.budget_groups`` does). Candid
 - ``saturating``: ``L*(C) = E + A C^-alpha`` on the per-budget best losses,
 - ``powerlaw``:   ``L*(C) = A C^-alpha`` on the per-budget best losses,
 - ``chinchilla``: ``L(N, D)`` on every run of the window, its frontier ``min_N L(N, C / (k N))``;
+- ``kaplan``: Kaplan et al.'s ``L(N, D) = ((N_c/N)^(a_N/a_D) + D_c/D)^a_D`` likewise, its
+  frontier minimised over a grid of N (``k`` the median ``C / (N D)`` of the window's runs);
+- ``data_constrained``: Muennighoff et al.'s law (``scaling.fit.data_constrained``) on runs with
+  unique tokens ``U``; its frontier assumes the corpus stays as it is: a run of ``D`` tokens sees
+  ``min(D, U_max)`` unique ones, ``U_max`` the most any run of the window saw. It needs 3
+  repeating and 6 single-epoch runs in the window; elsewhere it is not a candidate;
 
 each with a fit window of the last ``w`` budgets (``all``, or e.g. 3, 4). For a configuration
 (law, window), **leave-future-out** fits it on budgets ``<= k`` and scores the best loss of a
@@ -46,8 +52,10 @@ from scipy import stats
 
 from scaling.errors import UsageError
 
-LAWS = ("saturating", "powerlaw", "chinchilla")
-MIN_BUDGETS = {"powerlaw": 3, "saturating": 4, "chinchilla": 3}  # budgets a fit needs
+LAWS = ("saturating", "powerlaw", "chinchilla", "kaplan", "data_constrained")
+DEFAULT_LAWS = ("saturating", "powerlaw", "chinchilla")
+MIN_BUDGETS = {"powerlaw": 3, "saturating": 4, "chinchilla": 3, "kaplan": 3, "data_constrained": 3}  # budgets a fit needs
+RUN_LAWS = ("chinchilla", "kaplan", "data_constrained")  # fitted on every run of the window, not on the frontier
 MIN_BACKTESTS = 2  # a configuration with fewer scored budgets is not chosen
 HORIZON_TOL_DEX = 0.15  # how far (decades of C) a backtest's reach may be from the forecast's
 
@@ -96,12 +104,9 @@ def _fit_predict(cfg: Config, df: pd.DataFrame, front: pd.DataFrame, upto: int, 
     cache = {} if cache is None else cache
     if key not in cache:
         with np.errstate(all="ignore"):
-            if cfg.law == "chinchilla":
+            if cfg.law in RUN_LAWS:
                 runs = df[(df["_budget"] >= lo) & (df["_budget"] <= upto)]
-                if len(runs) < 6 or not {"N", "D"} <= set(runs.columns):
-                    cache[key] = None
-                else:
-                    cache[key] = parametric.chinchilla(runs[["N", "D", "C", "loss"]].reset_index(drop=True))
+                cache[key] = _fit_runs(cfg.law, runs)
             else:
                 pts = front.iloc[lo:upto + 1][["C", "loss"]].reset_index(drop=True)
                 fit = parametric.saturating if cfg.law == "saturating" else parametric.powerlaw
@@ -110,7 +115,48 @@ def _fit_predict(cfg: Config, df: pd.DataFrame, front: pd.DataFrame, upto: int, 
     if r is None:
         return None
     with np.errstate(all="ignore"):
+        if callable(r):
+            return r(at_C)
         return r.predict(C=at_C)["loss"].to_numpy(float)
+
+
+def _fit_runs(law: str, runs: pd.DataFrame):
+    """A fit of a per-run law on ``runs`` (None when they cannot support it): a result with
+    ``predict(C=)`` (Chinchilla) or a function ``C -> frontier loss``."""
+    from scaling.fit import data_constrained, parametric
+
+    if len(runs) < 6 or not {"N", "D"} <= set(runs.columns):
+        return None
+    runs = runs.reset_index(drop=True)
+    if law == "chinchilla":
+        return parametric.chinchilla(runs[["N", "D", "C", "loss"]])
+    N, D = runs["N"].to_numpy(float), runs["D"].to_numpy(float)
+    k = float(np.median(runs["C"].to_numpy(float) / (N * D)))
+    grid_N = np.logspace(np.log10(N.min()) - 2, np.log10(N.max()) + 3, 400)
+    if law == "kaplan":
+        fit = parametric.kaplan(runs[["N", "D", "loss"]])
+
+        def frontier_loss(C):
+            D_ = np.asarray(C, float)[:, None] / (k * grid_N[None, :])
+            L = fit.predict(N=np.broadcast_to(grid_N, D_.shape).ravel(), D=D_.ravel())["loss"].to_numpy(float)
+            return np.nanmin(L.reshape(D_.shape), axis=1)
+        return frontier_loss
+    if "U" not in runs.columns and "unique_tokens" in runs.columns:
+        runs = runs.assign(U=runs["unique_tokens"])
+    if "U" not in runs.columns or not runs["U"].notna().all():
+        return None
+    try:
+        fit = data_constrained.fit(runs[["N", "D", "U", "loss"]])
+    except UsageError:  # too few repeating or single-epoch runs in this window
+        return None
+    U_max = float(runs["U"].max())
+
+    def frontier_loss(C):
+        D_ = np.asarray(C, float)[:, None] / (k * grid_N[None, :])
+        N_ = np.broadcast_to(grid_N, D_.shape)
+        L = data_constrained.predict(N_, D_, np.minimum(D_, U_max), fit.R_D_star, fit.R_N_star, fit.base)
+        return np.nanmin(L, axis=1)
+    return frontier_loss
 
 
 def _targets(front: pd.DataFrame, horizon, at_C: np.ndarray):
@@ -156,6 +202,10 @@ def _choose(configs, df, front, upto: int, cache: dict, target=None):
     for cfg in configs:
         bt = leave_future_out(cfg, df, front, upto, cache, target)
         score = float(np.mean([abs(b["log_err"]) for b in bt])) if len(bt) >= MIN_BACKTESTS else math.inf
+        # a configuration that cannot be fitted on the window ending at `upto` cannot make the
+        # forecast it would be chosen for (e.g. data_constrained with no single-epoch run there)
+        if score < math.inf and _fit_predict(cfg, df, front, upto, front["C"].to_numpy(float)[upto:upto + 1], cache) is None:
+            score = math.inf
         table.append({"config": cfg.label, "n_backtests": len(bt), "mean_abs_log_err": score if bt else None,
                       "bias": float(np.mean([b["log_err"] for b in bt])) if bt else None})
         if score < math.inf and (best is None or score < best[1]):
@@ -194,7 +244,7 @@ class ForecastResult:
                 "budgets": self.budgets, "notes": self.notes, "warnings": self.warnings}
 
 
-def forecast(data, at_C, *, laws=LAWS, windows=(None, 3, 4), level: float = 0.9, tol_dex: float = 0.1,
+def forecast(data, at_C, *, laws=DEFAULT_LAWS, windows=(None, 3, 4), level: float = 0.9, tol_dex: float = 0.1,
              columns=None, where=None, horizon: str | int = "match") -> ForecastResult:
     """Forecast the frontier loss (nats) at ``at_C`` FLOPs from the runs in ``data`` (module
     docstring). ``windows``: fit windows in budgets (None = all). ``horizon``: ``"match"``

@@ -14,7 +14,8 @@ def register(sub) -> None:
     p = sub.add_parser("forecast", help="forecast the compute frontier at larger budgets (law and window chosen by leave-future-out)")
     p.add_argument("input", help="CSV/JSONL table or sweep directory (columns C, loss; N, D for chinchilla)")
     p.add_argument("--at", required=True, metavar="C=V[,V..]", help="budgets to forecast, e.g. C=1e14,1e15 (FLOPs)")
-    p.add_argument("--laws", default="saturating,powerlaw,chinchilla", help="candidate laws (default all three)")
+    p.add_argument("--laws", default="saturating,powerlaw,chinchilla", help="candidate laws: saturating, powerlaw, chinchilla (the default three), kaplan, data_constrained "
+                        "(needs unique tokens U and runs that repeat data)")
     p.add_argument("--windows", default="all,3,4", help="fit windows in budgets, 'all' for every budget (default all,3,4)")
     p.add_argument("--level", type=float, default=0.9, help="interval level (default 0.9)")
     p.add_argument("--horizon", default="match",

@@ -1,0 +1,147 @@
+"""``scaling curves FIT_RUN [FIT_RUN ..] --predict RUN|FILE [..]``: fit a loss-curve law over lr
+schedules (``scaling.fit.curves``: multi-power or LR-annealing) on the per-step held-out losses
+of runs of one shape, and predict the curve of other schedules: a trained run's logged schedule
+(its observed losses are then scored) or a file of per-step learning rates (an unseen schedule,
+e.g. to compare decay shapes for a budget before training them)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from scaling.errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("curves", help="fit a loss-curve law (multi-power, LR-annealing) over lr schedules; predict others")
+    p.add_argument("fit", nargs="+", help="run directories (one shape; constant and decaying schedules together)")
+    p.add_argument("--predict", action="append", default=[], metavar="RUN|FILE",
+                   help="a run directory (its logged lr; its losses are scored) or a .csv/.txt/.json file of the "
+                        "lr of every step (column 'lr', or one number per line); repeatable")
+    p.add_argument("--law", default="multipower", help="multipower (Luo et al. 2025, default) or annealing (Tissue et al. 2024)")
+    p.add_argument("--skip", type=int, default=0, metavar="STEPS", help="leave out points at steps <= STEPS (the initial transient)")
+    p.add_argument("--loss", default="eval_loss", help="the logged column fitted (default eval_loss, the held-out loss)")
+    p.add_argument("--plot", help="write a figure of the fitted and predicted curves to this file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def _schedule_file(path: Path):
+    """Per-step lr from a file: JSON list (or {"lr": [...]}), CSV with an ``lr`` column, or one
+    number per line."""
+    import numpy as np
+    import pandas as pd
+
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            v = json.loads(text)
+            v = v["lr"] if isinstance(v, dict) else v
+        elif path.suffix == ".csv":
+            df = pd.read_csv(path)
+            if "lr" not in df.columns:
+                raise UsageError(f"--predict {path}: a CSV schedule needs an 'lr' column (one row per step)")
+            v = df["lr"].tolist()
+        else:
+            v = [float(x) for x in text.split()]
+        lr = np.asarray(v, float)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--predict {path}: not a list of per-step learning rates ({e})") from None
+    if lr.ndim != 1 or len(lr) == 0 or not np.isfinite(lr).all() or (lr < 0).any():
+        raise UsageError(f"--predict {path}: a schedule needs a finite lr >= 0 for every step")
+    return lr
+
+
+def _load_run(path: str, loss: str):
+    from scaling import runs
+    from scaling.fit import curves
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{path}: not a run directory")
+    got = curves.curves_from_steps(runs.load_steps(p), loss=loss)
+    if not got:
+        raise UsageError(f"{path}: no trial with 3 logged values of {loss}")
+    if len(got) == 1:  # a single run: name it by its directory, not its trial id
+        got = [curves.Curve(p.name, got[0].lr, got[0].steps, got[0].loss)]
+    return got
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from scaling.fit import curves
+    from scaling.fit.cli import _clean
+
+    if args.law not in ("multipower", "annealing"):
+        raise UsageError(f"--law: {args.law!r}; choose multipower or annealing")
+    if args.skip < 0:
+        raise UsageError(f"--skip: {args.skip} steps; use 0 or more")
+    fitted = [c for path in args.fit for c in _load_run(path, args.loss)]
+    with np.errstate(all="ignore"):
+        r = curves.fit(fitted, warmup_skip=args.skip, law=args.law)
+    preds = []
+    shown = [(c, "fitted") for c in fitted]
+    for spec in args.predict:
+        p = Path(spec)
+        if p.is_dir():
+            for c in _load_run(spec, args.loss):
+                final = float(r.predict_curve(c.lr, [len(c.lr)])[0])
+                obs = c.loss[c.steps == len(c.lr)]
+                o = float(obs[0]) if len(obs) else math.nan
+                keep = c.steps > args.skip
+                curve_err = np.log(r.predict_curve(c.lr, c.steps[keep]) / c.loss[keep])
+                preds.append({"name": c.name, "steps": len(c.lr),
+                              "predicted": final, "observed": o, "rel_error": final / o - 1,
+                              "curve_rmse_log": float(np.sqrt(np.mean(curve_err ** 2)))})
+                shown.append((c, "predicted"))
+        elif p.is_file():
+            lr = _schedule_file(p)
+            preds.append({"name": spec, "steps": len(lr), "predicted": float(r.predict_curve(lr, [len(lr)])[0])})
+            shown.append((curves.Curve(spec, lr, np.zeros(0, int), np.zeros(0)), "predicted"))
+        else:
+            raise UsageError(f"--predict {spec}: neither a run directory nor a schedule file")
+    out = _clean({"law": r.law, "params": r.params, "objective_mse_log": r.objective, "rmse_log": r.rmse_log,
+                  "n_points": r.n_points, "skip": args.skip, "fitted_on": [c.name for c in fitted],
+                  "predictions": preds, "warnings": r.warnings})
+    if args.plot:
+        _plot(r, shown, args.skip, Path(args.plot))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{r.law} law fitted on {len(fitted)} curve(s), {r.n_points} points after step {args.skip}: "
+              + ", ".join(f"{k}={v:.4g}" for k, v in r.params.items()))
+        for name, e in r.rmse_log.items():
+            print(f"  fit {name}: RMSE {e:.2%} (log)")
+        for d in preds:
+            obs = "" if d.get("observed") is None else f", observed {d['observed']:.4f} ({d['rel_error']:+.2%})"
+            print(f"predict {d['name']} ({d['steps']} steps): final loss {d['predicted']:.4f}{obs}")
+    for w in r.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def _plot(r, shown, skip: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c, kind in shown:
+        steps = np.arange(max(skip, 1) + 1, len(c.lr) + 1)
+        (line,) = ax.plot(steps, r.predict_curve(c.lr, steps), lw=1.2, ls="-" if kind == "fitted" else "--",
+                          label=f"{c.name} ({kind})")
+        if len(c.steps):
+            ax.plot(c.steps, c.loss, "o", ms=2.0, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_title(f"{r.law} law: lines fitted/predicted, dots observed", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)

@@ -53,7 +53,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(UsageError, match="1 compute budget"):
         forecast.forecast(df.assign(C=1e10), [1e15])
     for argv, msg in ((["--at", "C=1e12"], "inside the data"), (["--at", "N=1e9"], "expected C=V"),
-                      (["--at", "C=1e15", "--laws", "kaplan"], "--laws: kaplan"),
+                      (["--at", "C=1e15", "--laws", "hoffmann"], "--laws: hoffmann"),
                       (["--at", "C=1e15", "--windows", "2"], "too few"),
                       (["--at", "C=1e15", "--horizon", "far"], "--horizon: 'far'")):
         assert main(["forecast", str(f), *argv]) == 2

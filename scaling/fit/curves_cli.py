@@ -132,7 +132,9 @@ def _plot(r, shown, skip: int, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c, kind in shown:
-        steps = np.arange(max(skip, 1) + 1, len(c.lr) + 1)
+        # a few hundred log-spaced steps draw the line: predict_curve builds [steps, decrements]
+        # arrays, which over every step of a long schedule would take gigabytes
+        steps = np.unique(np.geomspace(max(skip, 1) + 1, len(c.lr), 400).round().astype(int))
         (line,) = ax.plot(steps, r.predict_curve(c.lr, steps), lw=1.2, ls="-" if kind == "fitted" else "--",
                           label=f"{c.name} ({kind})")
         if len(c.steps):

@@ -135,26 +135,22 @@ def _fit_runs(law: str, runs: pd.DataFrame):
     grid_N = np.logspace(np.log10(N.min()) - 2, np.log10(N.max()) + 3, 400)
     if law == "kaplan":
         fit = parametric.kaplan(runs[["N", "D", "loss"]])
-
-        def frontier_loss(C):
-            D_ = np.asarray(C, float)[:, None] / (k * grid_N[None, :])
-            L = fit.predict(N=np.broadcast_to(grid_N, D_.shape).ravel(), D=D_.ravel())["loss"].to_numpy(float)
-            return np.nanmin(L.reshape(D_.shape), axis=1)
-        return frontier_loss
-    if "U" not in runs.columns and "unique_tokens" in runs.columns:
-        runs = runs.assign(U=runs["unique_tokens"])
-    if "U" not in runs.columns or not runs["U"].notna().all():
+        return _grid_frontier(lambda N_, D_: fit.predict(N=N_.ravel(), D=D_.ravel())["loss"].to_numpy(float), k, grid_N)
+    try:  # data_constrained: its own column check (U or unique_tokens, finite, U <= D), then the fit
+        N_, D_, U, y = data_constrained._columns(runs)
+        U_max = float(U.max())
+        fit = data_constrained.fit(pd.DataFrame({"N": N_, "D": D_, "U": U, "loss": y}))
+    except UsageError:  # no U, or too few repeating or single-epoch runs in this window
         return None
-    try:
-        fit = data_constrained.fit(runs[["N", "D", "U", "loss"]])
-    except UsageError:  # too few repeating or single-epoch runs in this window
-        return None
-    U_max = float(runs["U"].max())
+    return _grid_frontier(lambda N_, D_: data_constrained.predict(N_, D_, np.minimum(D_, U_max), fit.R_D_star,
+                                                                  fit.R_N_star, fit.base), k, grid_N)
 
+
+def _grid_frontier(loss_of, k: float, grid_N: np.ndarray):
+    """``C -> min over grid_N of loss_of(N, C / (k N))`` (``loss_of`` takes [n_C, n_N] arrays)."""
     def frontier_loss(C):
         D_ = np.asarray(C, float)[:, None] / (k * grid_N[None, :])
-        N_ = np.broadcast_to(grid_N, D_.shape)
-        L = data_constrained.predict(N_, D_, np.minimum(D_, U_max), fit.R_D_star, fit.R_N_star, fit.base)
+        L = np.asarray(loss_of(np.broadcast_to(grid_N, D_.shape), D_), float).reshape(D_.shape)
         return np.nanmin(L, axis=1)
     return frontier_loss
 

@@ -268,6 +268,10 @@ class DataConfig:
     synthetic_vocab: int = 64
     synthetic_zipf: float = 1.2
     synthetic_tokens: int = 20_000_000
+    # train on at most this many unique tokens (a data-constrained run): whole training windows
+    # spread evenly over the training split, repeated epoch after epoch; the held-out set is
+    # unchanged. None = the whole training split
+    unique_tokens: Optional[int] = None
 
     def __post_init__(self):
         _one_of("data.source", self.source, ("stdlib", "packages", "local_text", "hf", "tfds", "shards", "mixture",
@@ -296,6 +300,14 @@ class DataConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 _fail(f"data.{name}", f"must be a positive integer, got {v!r}")
+        if self.unique_tokens is not None:
+            if isinstance(self.unique_tokens, bool) or not isinstance(self.unique_tokens, int) \
+                    or self.unique_tokens < self.seq_len * self.batch_size:
+                _fail("data.unique_tokens", f"must be a whole number of tokens, at least one batch "
+                                            f"({self.seq_len * self.batch_size}), got {self.unique_tokens!r}")
+            if self.source == "mixture":
+                _fail("data.unique_tokens", "caps one source's training split; a mixture's components are not capped "
+                                            "(prepare smaller shards for a component instead)")
         if self.eval_tokens is not None and (not isinstance(self.eval_tokens, int) or self.eval_tokens < self.seq_len):
             _fail("data.eval_tokens", f"must be a whole number of at least one sequence ({self.seq_len} tokens), "
                                       f"got {self.eval_tokens!r}")

@@ -279,3 +279,35 @@ def test_synthetic_entropy_rate_is_exact(data_dir):
     ev = [-np.log(P[b["inputs"], b["targets"]]).mean() for b in loader.eval_batches(cfg)]
     assert float(np.mean(ev)) == pytest.approx(info["entropy_rate_nats"], rel=0.03)
     assert info["unigram_entropy_nats"] == pytest.approx(info["stationary_entropy_nats"], rel=0.01)
+
+
+def test_unique_tokens_caps_training_to_evenly_spread_windows_repeated_each_epoch(data_dir, tmp_path):
+    """``data.unique_tokens``: a run trains on that many tokens of whole windows spread over the
+    split, each epoch the same windows in a new order; the held-out set and the trial ids of
+    uncapped configs do not change; a cap larger than the split is one ConfigError."""
+    from scaling.config import config_hash
+
+    root = _write_text_dir(tmp_path / "txt", n_files=6, size=2000)
+    full = DataConfig(source="local_text", path=str(root), seq_len=32, batch_size=4, eval_tokens=256)
+    cfg = DataConfig(source="local_text", path=str(root), seq_len=32, batch_size=4, eval_tokens=256, unique_tokens=32 * 40)
+    info, full_info = corpus.corpus_info(cfg), corpus.corpus_info(full)
+    assert info["unique_tokens"] == 40 * 32 and info["windows_per_epoch"] == 40 and info["steps_per_epoch"] == 10
+    assert full_info["unique_tokens"] == full_info["n_train_tokens"] == info["n_train_tokens"]
+    stream = corpus.load(cfg).train
+    starts = corpus.training_windows(cfg, corpus.load(cfg))
+    assert starts[0] == 0 and starts[-1] > 0.9 * stream.size - 2 * 32  # spread over the split, not its first files
+    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)
+                           for b in _take(loader.make_train_iterator(cfg, seed=1), 30)])
+    kept = {stream[s: s + 33].tobytes() for s in starts}
+    epochs = [{r.astype(np.uint8).tobytes() for r in rows[e * 40:(e + 1) * 40]} for e in range(3)]
+    assert all(ep == kept for ep in epochs)
+    assert loader.eval_set(cfg).sha256 == loader.eval_set(full).sha256
+    from scaling.config import hashed_dict
+
+    assert "unique_tokens" not in hashed_dict(TrainConfig(data=full))["data"]  # trial ids of earlier sweeps kept
+    assert config_hash(TrainConfig(data=cfg)) != config_hash(TrainConfig(data=full))
+    with pytest.raises(ConfigError, match="data.unique_tokens: .* is more than the"):
+        corpus.corpus_info(DataConfig(source="local_text", path=str(root), seq_len=32, batch_size=4, eval_tokens=256,
+                                      unique_tokens=10 ** 6))
+    with pytest.raises(ConfigError, match="data.unique_tokens: must be a whole number"):
+        DataConfig(seq_len=32, batch_size=4, unique_tokens=64)

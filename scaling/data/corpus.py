@@ -211,6 +211,23 @@ def window_starts(n_tokens: int, seq_len: int, chain_len: Optional[int] = None) 
     return (np.arange(chains, dtype=np.int64)[:, None] * chain_len + np.arange(per_chain) * seq_len).ravel()
 
 
+def training_windows(cfg: DataConfig, c: Corpus) -> np.ndarray:
+    """Start offsets of the windows a run trains on: every window of the training split, or with
+    ``data.unique_tokens`` the ``unique_tokens // seq_len`` of them spread evenly over the split
+    (so a data-constrained run sees the split's mixture of documents, not its first files).
+    Raises ``ConfigError`` when the cap exceeds the split."""
+    from scaling.errors import ConfigError
+
+    starts = window_starts(c.train.size, cfg.seq_len, c.chain_len)
+    if cfg.unique_tokens is None:
+        return starts
+    n_keep = cfg.unique_tokens // cfg.seq_len
+    if n_keep > len(starts):
+        raise ConfigError(f"data.unique_tokens: {cfg.unique_tokens} is more than the {len(starts) * cfg.seq_len} "
+                          f"training tokens of corpus {c.name} at seq_len {cfg.seq_len}; lower it or leave it unset")
+    return starts[(np.arange(n_keep, dtype=np.int64) * len(starts)) // n_keep]
+
+
 def tokenizer_for(cfg: DataConfig):
     """The tokenizer that reads and writes ``cfg``'s tokens (shards: their own copy)."""
     if cfg.source == "shards":
@@ -230,8 +247,9 @@ def corpus_info(cfg: DataConfig) -> dict:
     """What a run records about its data.
 
     Keys: ``name``, ``source``, ``sha256`` (content hash of the train and eval token streams),
-    ``text_sha256`` (of the documents' text, tokenizer-independent), ``n_train_tokens`` (=
-    ``unique_tokens``: one epoch), ``n_eval_tokens``, ``n_train_bytes`` / ``n_eval_bytes`` (UTF-8
+    ``text_sha256`` (of the documents' text, tokenizer-independent), ``n_train_tokens`` (the
+    training split), ``unique_tokens`` (one epoch: the split, or ``data.unique_tokens`` rounded
+    down to whole windows), ``n_eval_tokens``, ``n_train_bytes`` / ``n_eval_bytes`` (UTF-8
     text bytes, separators as one), ``train_bytes_per_token``, ``n_documents``, ``vocab_size``,
     ``unigram_entropy_nats`` (of the training tokens), ``windows_per_epoch`` (training sequences
     of ``seq_len + 1`` tokens), ``steps_per_epoch`` (windows / batch_size, a float),
@@ -245,7 +263,7 @@ def corpus_info(cfg: DataConfig) -> dict:
         comps = mixture.parse(cfg)
         return mixture.combined_info(cfg, comps, [corpus_info(c.cfg) for c in comps])
     c = load(cfg)
-    n_windows = len(window_starts(c.train.size, cfg.seq_len, c.chain_len))
+    n_windows = len(training_windows(cfg, c))
     synthetic = cfg.source == "synthetic"
     info = {
         "name": c.name,
@@ -253,7 +271,7 @@ def corpus_info(cfg: DataConfig) -> dict:
         "sha256": c.sha256,
         "text_sha256": c.text_sha256,
         "n_train_tokens": int(c.train.size),
-        "unique_tokens": int(c.train.size),
+        "unique_tokens": int(c.train.size) if cfg.unique_tokens is None else n_windows * cfg.seq_len,
         "n_eval_tokens": int(c.eval.size),
         "n_train_bytes": c.n_train_bytes,
         "n_eval_bytes": c.n_eval_bytes,

@@ -104,7 +104,7 @@ def _check(cfg: DataConfig, c: corpus_lib.Corpus, n_train_windows: int, n_eval_w
 
 def _windows(cfg: DataConfig) -> tuple[corpus_lib.Corpus, np.ndarray, np.ndarray]:
     c = corpus_lib.load(cfg)
-    train = corpus_lib.window_starts(c.train.size, cfg.seq_len, c.chain_len)
+    train = corpus_lib.training_windows(cfg, c)
     eval_ = corpus_lib.window_starts(c.eval.size, cfg.seq_len, c.chain_len)
     _check(cfg, c, len(train), len(eval_))
     return c, train, eval_

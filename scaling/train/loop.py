@@ -408,7 +408,7 @@ class _Session:
         tps_step = cfg.tokens_per_step
         peak = peak_flops(len(self.mesh.devices.flat))
         warm = optim.warmup_steps(cfg.optim, total_steps)
-        n_train_tokens = float(self.corpus.get("n_train_tokens") or 0)
+        unique_tokens = float(self.corpus.get("unique_tokens") or self.corpus.get("n_train_tokens") or 0)
         train_bpt = self.corpus.get("train_bytes_per_token")  # the corpus mean: loss_bpb is approximate
 
         self.summary = self._base_summary(step, total_steps)
@@ -455,7 +455,7 @@ class _Session:
             loss = float(m["loss"])
             row = {"step": step, "tokens": step * tps_step, "flops": step * tps_step * fpt,
                    "wall_s": train_s, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak,
-                   "epochs": step * tps_step / n_train_tokens if n_train_tokens else None}
+                   "epochs": step * tps_step / unique_tokens if unique_tokens else None}
             row.update({k: float(v) for k, v in m.items()})
             row["loss_bpb"] = bits_per_byte(loss, train_bpt)
             diverged = None
@@ -567,7 +567,7 @@ class _Session:
         r = self.resolved
         tokens = step * r["tokens_per_step"]
         tok_s = session_tokens / session_s if session_s > 0 else float("nan")
-        n_train = float(self.corpus.get("n_train_tokens") or 0)
+        n_train = float(self.corpus.get("unique_tokens") or self.corpus.get("n_train_tokens") or 0)
         return {
             "steps": step, "tokens": tokens, "D": tokens,
             "flops": tokens * r["train_flops_per_token"], "C": tokens * r["train_flops_per_token"],

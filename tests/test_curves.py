@@ -76,12 +76,12 @@ def test_the_annealing_law_fits_and_predicts_its_own_curves():
     assert r.predict_curve(lr, [1000])[0] == pytest.approx(law(lr, [1000])[0], rel=1e-3)
 
 
-def _run_dir(path, lr, steps, loss):
+def _run_dir(path, lr, steps, loss, config=None):
     """A run directory as the trainer leaves it, reduced to what ``runs.load_steps`` reads."""
     import json
 
     path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
+    (path / "config.json").write_text(json.dumps(config or {}))
     rows = [{"step": int(s), "lr": float(lr[s - 1]), "eval_loss": float(y)} for s, y in zip(steps, loss)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -110,3 +110,42 @@ def test_scaling_curves_fits_runs_and_predicts_a_run_and_a_schedule_file(tmp_pat
         assert main(["curves", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1
+
+
+def test_scaling_curves_names_runs_apart_scores_the_last_evaluation_and_refuses_mixed_shapes(tmp_path, capsys):
+    """Two runs named alike in different folders stay two curves; a run whose last evaluation
+    precedes its last step is scored there (not 'observed nan'); runs of two shapes, a non-UTF-8
+    or all-zero schedule file: one line, exit 2."""
+    import json
+
+    from scaling.cli import main
+
+    steps = np.arange(25, 1001, 25)
+    shape = {"model": {"d_model": 48, "n_layers": 2}, "data": {"batch_size": 16, "seq_len": 128}}
+    a = _run_dir(tmp_path / "a" / "run", schedule("const", 1000), steps, truth(schedule("const", 1000), steps), shape)
+    b = _run_dir(tmp_path / "b" / "run", schedule("cos", 1000), steps, truth(schedule("cos", 1000), steps), shape)
+    wsd = _run_dir(tmp_path / "wsd", schedule("wsd", 1000), steps, truth(schedule("wsd", 1000), steps), shape)
+    rows = [json.loads(line) for line in (tmp_path / "wsd" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # logged every 25 steps to step 1000, evaluated last at step 950
+        if r["step"] > 950:
+            del r["eval_loss"]
+    (tmp_path / "wsd" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["curves", a, b, "--predict", wsd, "--skip", "50", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(out["rmse_log"]) == sorted([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")])
+    (p,) = out["predictions"]
+    assert p["observed_step"] == 950 and p["steps"] == 1000
+    assert p["observed"] == pytest.approx(truth(schedule("wsd", 1000), [950])[0])
+    assert abs(p["rel_error"]) < 0.01  # scored against the law's value at step 950, not at 1000
+
+    wide = {**shape, "model": {"d_model": 64, "n_layers": 2}}
+    c = _run_dir(tmp_path / "wide", schedule("wsd", 1000), steps, truth(schedule("wsd", 1000), steps), wide)
+    (tmp_path / "latin1.txt").write_bytes("0.001\n\xe9\n".encode("latin-1"))
+    (tmp_path / "zeros.json").write_text(json.dumps([0.0] * 100))
+    for argv, msg in (([a, b, "--predict", c], "model.d_model is 48 in"),
+                      ([a, b, "--predict", str(tmp_path / "latin1.txt")], "not UTF-8 text"),
+                      ([a, b, "--predict", str(tmp_path / "zeros.json")], "every lr is 0"),
+                      ([a, a], "is given twice")):
+        assert main(["curves", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err

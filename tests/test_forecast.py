@@ -61,6 +61,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert main(["forecast", str(f), "--at", "C=4e14", "--laws", "saturating", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["chosen"].startswith("saturating") and len(d["forecasts"]) == 1
+    assert {s["status"] for s in d["selection"]} <= {"candidate", "fewer than 2 backtests", "cannot fit the last window"}
+    # data_constrained's data problems are named, not reported as "no law could be backtested"
+    runs = df.assign(N=1e6, D=df["C"] / 6e6)
+    with pytest.raises(UsageError, match="missing U"):
+        forecast.forecast(runs, [4e14], laws=("data_constrained",))
+    with pytest.raises(UsageError, match=r"U > D"):
+        forecast.forecast(runs.assign(U=runs["D"] * 2), [4e14], laws=("data_constrained", "powerlaw"))
 
 
 @pytest.mark.slow

@@ -136,6 +136,8 @@ class MultiPowerFit:
         lr = np.asarray(lr_schedule, float)
         if lr.ndim != 1 or len(lr) == 0 or not np.isfinite(lr).all() or (lr < 0).any():
             raise UsageError("lr_schedule: a 1-D array of the lr of every step, finite and >= 0")
+        if not (lr > 0).any():
+            raise UsageError("lr_schedule: every lr is 0, so nothing is trained; give the schedule's learning rates")
         steps = np.arange(1, len(lr) + 1) if steps is None else np.asarray(steps, int)
         if (steps < 1).any() or (steps > len(lr)).any():
             raise UsageError(f"steps: must be within 1..{len(lr)} (the schedule's length)")

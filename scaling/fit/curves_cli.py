@@ -7,7 +7,6 @@ e.g. to compare decay shapes for a budget before training them)."""
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -34,8 +33,8 @@ def _schedule_file(path: Path):
     import numpy as np
     import pandas as pd
 
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
             v = json.loads(text)
             v = v["lr"] if isinstance(v, dict) else v
@@ -47,14 +46,20 @@ def _schedule_file(path: Path):
         else:
             v = [float(x) for x in text.split()]
         lr = np.asarray(v, float)
+    except UnicodeDecodeError:
+        raise UsageError(f"--predict {path}: not UTF-8 text; write the per-step learning rates as text "
+                         "(.json list, .csv with an 'lr' column, or one number per line)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--predict {path}: not a list of per-step learning rates ({e})") from None
     if lr.ndim != 1 or len(lr) == 0 or not np.isfinite(lr).all() or (lr < 0).any():
         raise UsageError(f"--predict {path}: a schedule needs a finite lr >= 0 for every step")
+    if not (lr > 0).any():
+        raise UsageError(f"--predict {path}: every lr is 0, so nothing is trained; give the schedule's learning rates")
     return lr
 
 
 def _load_run(path: str, loss: str):
+    """The curves of a run (or sweep) directory, and each one's ``_shape_of``."""
     from scaling import runs
     from scaling.fit import curves
 
@@ -64,9 +69,61 @@ def _load_run(path: str, loss: str):
     got = curves.curves_from_steps(runs.load_steps(p), loss=loss)
     if not got:
         raise UsageError(f"{path}: no trial with 3 logged values of {loss}")
-    if len(got) == 1:  # a single run: name it by its directory, not its trial id
+    single = (p / "config.json").exists() or (p / "summary.json").exists()
+    shapes = {c.name: _shape_of(p if single else p / c.name) for c in got}
+    if len(got) == 1:  # a single run: name it by its directory, not by its trial id
         got = [curves.Curve(p.name, got[0].lr, got[0].steps, got[0].loss)]
-    return got
+        shapes = {p.name: next(iter(shapes.values()))}
+    return got, shapes
+
+
+def _named_apart(loaded: list[tuple[str, list, dict]]):
+    """Curves from several directories, renamed by the path as given where two share a name
+    (``a/run`` and ``b/run``), so fit errors and predictions are never merged. The same
+    directory given twice is refused."""
+    from scaling.fit import curves
+
+    seen = {}
+    for path, _, _ in loaded:
+        real = Path(path).resolve()
+        if real in seen:
+            raise UsageError(f"curves: {path} is given twice (as {seen[real]} too); fit or predict each run once")
+        seen[real] = path
+    names = [c.name for _, got, _ in loaded for c in got]
+    out, shapes = [], {}
+    for path, got, sh in loaded:
+        for c in got:
+            name = c.name if names.count(c.name) == 1 else (
+                str(Path(path)) if len(got) == 1 else f"{Path(path)}/{c.name}")
+            out.append(curves.Curve(name, c.lr, c.steps, c.loss))
+            shapes[name] = sh[c.name]
+    return out, shapes
+
+
+def _shape_of(run_dir: Path) -> dict:
+    """What a curve law holds fixed, from a run's ``config.json``: the ``model`` section and
+    ``data.batch_size`` / ``data.seq_len`` ({} when the run records no config)."""
+    from scaling.files import read_json
+
+    cfg = read_json(run_dir / "config.json")
+    if not isinstance(cfg, dict):
+        return {}
+    out = {f"model.{k}": v for k, v in (cfg.get("model") or {}).items()}
+    data = cfg.get("data") or {}
+    out.update({f"data.{k}": data[k] for k in ("batch_size", "seq_len") if k in data})
+    return out
+
+
+def _one_shape(shapes: dict) -> None:
+    """A curve law describes one model shape and batch: refuse runs (fitted or predicted) that
+    differ in a recorded model field, the batch or the sequence length."""
+    known = [(name, sh) for name, sh in shapes.items() if sh]
+    for name, sh in known[1:]:
+        ref_name, ref = known[0]
+        for k in sorted(set(ref) | set(sh)):
+            if ref.get(k) != sh.get(k):
+                raise UsageError(f"curves: {k} is {ref.get(k)!r} in {ref_name} but {sh.get(k)!r} in {name}; "
+                                 "a curve law is fitted on runs of one shape and batch")
 
 
 def run(args) -> int:
@@ -79,7 +136,14 @@ def run(args) -> int:
         raise UsageError(f"--law: {args.law!r}; choose multipower or annealing")
     if args.skip < 0:
         raise UsageError(f"--skip: {args.skip} steps; use 0 or more")
-    fitted = [c for path in args.fit for c in _load_run(path, args.loss)]
+    run_paths = [s for s in args.predict if Path(s).is_dir()]
+    loaded = [(path, *_load_run(path, args.loss)) for path in [*args.fit, *run_paths]]
+    named, shapes = _named_apart(loaded)
+    by_path, i = {}, 0
+    for path, got, _ in loaded:
+        by_path[path], i = named[i:i + len(got)], i + len(got)
+    fitted = [c for path in args.fit for c in by_path[path]]
+    _one_shape(shapes)
     with np.errstate(all="ignore"):
         r = curves.fit(fitted, warmup_skip=args.skip, law=args.law)
     preds = []
@@ -87,15 +151,17 @@ def run(args) -> int:
     for spec in args.predict:
         p = Path(spec)
         if p.is_dir():
-            for c in _load_run(spec, args.loss):
+            for c in by_path[spec]:
                 final = float(r.predict_curve(c.lr, [len(c.lr)])[0])
-                obs = c.loss[c.steps == len(c.lr)]
-                o = float(obs[0]) if len(obs) else math.nan
+                # scored at the last evaluation, which need not be the schedule's last step
+                last = int(c.steps[-1])
+                at_last = float(r.predict_curve(c.lr, [last])[0])
                 keep = c.steps > args.skip
-                curve_err = np.log(r.predict_curve(c.lr, c.steps[keep]) / c.loss[keep])
-                preds.append({"name": c.name, "steps": len(c.lr),
-                              "predicted": final, "observed": o, "rel_error": final / o - 1,
-                              "curve_rmse_log": float(np.sqrt(np.mean(curve_err ** 2)))})
+                curve_err = np.log(r.predict_curve(c.lr, c.steps[keep]) / c.loss[keep]) if keep.any() else np.zeros(0)
+                preds.append({"name": c.name, "steps": len(c.lr), "predicted": final,
+                              "observed_step": last, "predicted_at_observed": at_last, "observed": float(c.loss[-1]),
+                              "rel_error": at_last / float(c.loss[-1]) - 1,
+                              "curve_rmse_log": float(np.sqrt(np.mean(curve_err ** 2))) if len(curve_err) else None})
                 shown.append((c, "predicted"))
         elif p.is_file():
             lr = _schedule_file(p)
@@ -116,7 +182,11 @@ def run(args) -> int:
         for name, e in r.rmse_log.items():
             print(f"  fit {name}: RMSE {e:.2%} (log)")
         for d in preds:
-            obs = "" if d.get("observed") is None else f", observed {d['observed']:.4f} ({d['rel_error']:+.2%})"
+            obs = ""
+            if d.get("observed") is not None:
+                at = "" if d["observed_step"] == d["steps"] else \
+                    f" at its last evaluation, step {d['observed_step']}: predicted {d['predicted_at_observed']:.4f},"
+                obs = f";{at} observed {d['observed']:.4f} ({d['rel_error']:+.2%})"
             print(f"predict {d['name']} ({d['steps']} steps): final loss {d['predicted']:.4f}{obs}")
     for w in r.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -136,11 +136,13 @@ def _fit_runs(law: str, runs: pd.DataFrame):
     if law == "kaplan":
         fit = parametric.kaplan(runs[["N", "D", "loss"]])
         return _grid_frontier(lambda N_, D_: fit.predict(N=N_.ravel(), D=D_.ravel())["loss"].to_numpy(float), k, grid_N)
-    try:  # data_constrained: its own column check (U or unique_tokens, finite, U <= D), then the fit
-        N_, D_, U, y = data_constrained._columns(runs)
-        U_max = float(U.max())
+    # data_constrained: the columns were checked once for the whole table (forecast() calls
+    # data_constrained._columns), so a UsageError here is a window too thin for the fit
+    N_, D_, U, y = data_constrained._columns(runs)
+    U_max = float(U.max())
+    try:
         fit = data_constrained.fit(pd.DataFrame({"N": N_, "D": D_, "U": U, "loss": y}))
-    except UsageError:  # no U, or too few repeating or single-epoch runs in this window
+    except UsageError:  # too few repeating or single-epoch runs in this window
         return None
     return _grid_frontier(lambda N_, D_: data_constrained.predict(N_, D_, np.minimum(D_, U_max), fit.R_D_star,
                                                                   fit.R_N_star, fit.base), k, grid_N)
@@ -198,12 +200,15 @@ def _choose(configs, df, front, upto: int, cache: dict, target=None):
     for cfg in configs:
         bt = leave_future_out(cfg, df, front, upto, cache, target)
         score = float(np.mean([abs(b["log_err"]) for b in bt])) if len(bt) >= MIN_BACKTESTS else math.inf
+        status = "candidate" if score < math.inf else f"fewer than {MIN_BACKTESTS} backtests"
         # a configuration that cannot be fitted on the window ending at `upto` cannot make the
         # forecast it would be chosen for (e.g. data_constrained with no single-epoch run there)
         if score < math.inf and _fit_predict(cfg, df, front, upto, front["C"].to_numpy(float)[upto:upto + 1], cache) is None:
             score = math.inf
-        table.append({"config": cfg.label, "n_backtests": len(bt), "mean_abs_log_err": score if bt else None,
-                      "bias": float(np.mean([b["log_err"] for b in bt])) if bt else None})
+            status = "cannot fit the last window"
+        table.append({"config": cfg.label, "n_backtests": len(bt),
+                      "mean_abs_log_err": float(np.mean([abs(b["log_err"]) for b in bt])) if bt else None,
+                      "bias": float(np.mean([b["log_err"] for b in bt])) if bt else None, "status": status})
         if score < math.inf and (best is None or score < best[1]):
             best = (cfg, score, bt)
     return best, table
@@ -260,6 +265,10 @@ def forecast(data, at_C, *, laws=DEFAULT_LAWS, windows=(None, 3, 4), level: floa
     df, notes = io.load_table(data, columns=columns, where=where)
     io.require(df, ["C", "loss"], what="scaling forecast", min_points=4)
     df = df.reset_index(drop=True)
+    if "data_constrained" in laws:  # a data problem (no U, NaN, U > D) is the user's to fix, not a thin window
+        from scaling.fit import data_constrained
+
+        data_constrained._columns(df)
     front = frontier(df, tol_dex)
     m = len(front)
     if m < 4:

@@ -93,11 +93,12 @@ def run(args) -> int:
     reach = "as far as the forecast" if d["horizon"] == "match" else f"{d['horizon']} budget(s) ahead"
     print(f"chosen by leave-future-out, backtests {reach}: {d['chosen']}  ({len(d['budgets'])} budgets, "
           f"C {d['budgets'][0]['C']:.3g} .. {d['budgets'][-1]['C']:.3g})")
-    print(f"{'config':>16} {'backtests':>9} {'mean |ln err|':>14} {'bias':>9}")
+    print(f"{'config':>16} {'backtests':>9} {'mean |ln err|':>14} {'bias':>9}  status")
     for s in d["selection"]:
         m = f"{s['mean_abs_log_err']:.4f}" if s["mean_abs_log_err"] is not None else "-"
         b = f"{s['bias']:+.4f}" if s["bias"] is not None else "-"
-        print(f"{s['config']:>16} {s['n_backtests']:>9} {m:>14} {b:>9}")
+        chosen = " (chosen)" if s["config"] == d["chosen"] else ""
+        print(f"{s['config']:>16} {s['n_backtests']:>9} {m:>14} {b:>9}  {s['status']}{chosen}")
     if d["nested"]:
         errs = [abs(x["log_err"]) for x in d["nested"]]
         cov, ci = d["coverage"], d["coverage_ci"]

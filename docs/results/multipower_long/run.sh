@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The longer multi-power check (issue 18): one shape, one peak lr, packages corpus (no byte seen
 # twice). Fitted: constant 4000 steps, cosine 2000 steps. Predicted: WSD 2000, cosine 4000.
-# About 16 minutes on 2 cores. Usage: bash run.sh [OUT_DIR] (default /tmp/mpl2)
+# About 7 minutes on 2 cores (results.md). Usage: bash run.sh [OUT_DIR] (default /tmp/mpl2)
 set -euo pipefail
 OUT=${1:-/tmp/mpl2}
 S=${SCALING:-scaling}

@@ -272,6 +272,9 @@ class DataConfig:
     # spread evenly over the training split, repeated epoch after epoch; the held-out set is
     # unchanged. None = the whole training split
     unique_tokens: Optional[int] = None
+    # gradient accumulation: sequences per device in one forward/backward pass; a step makes
+    # batch_size / (devices x microbatch) passes and updates once. None = one pass per step
+    microbatch: Optional[int] = None
 
     def __post_init__(self):
         _one_of("data.source", self.source, ("stdlib", "packages", "local_text", "hf", "tfds", "shards", "mixture",
@@ -300,6 +303,10 @@ class DataConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 _fail(f"data.{name}", f"must be a positive integer, got {v!r}")
+        if self.microbatch is not None and (isinstance(self.microbatch, bool) or not isinstance(self.microbatch, int)
+                                            or self.microbatch < 1 or self.batch_size % self.microbatch):
+            _fail("data.microbatch", f"must be a positive number of sequences dividing data.batch_size={self.batch_size}, "
+                                     f"got {self.microbatch!r}")
         if self.unique_tokens is not None:
             if isinstance(self.unique_tokens, bool) or not isinstance(self.unique_tokens, int) \
                     or self.unique_tokens < self.seq_len * self.batch_size:
@@ -342,6 +349,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     z_loss: float = 1e-4  # weight of log(Z)^2 on the output logits
+    # gradient-noise statistics on every n-th step (and the last); None = every logging step
+    # (log_every), 0 = never. Other steps pay nothing for them (scaling.train.step)
+    gns_every: Optional[int] = None
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
@@ -361,6 +371,10 @@ class OptimConfig:
         for name in ("b1", "b2"):
             if not (0.0 <= getattr(self, name) < 1.0):
                 _fail(f"optim.{name}", "must be in [0, 1)")
+        if self.gns_every is not None and (isinstance(self.gns_every, bool) or not isinstance(self.gns_every, int)
+                                           or self.gns_every < 0):
+            _fail("optim.gns_every", f"must be a whole number of steps >= 0 (0: no noise-scale statistics), "
+                                     f"got {self.gns_every!r}")
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,7 @@ def validate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh: Mesh | Mapping[
                               f"{'x'.join(axes)}); change {field} or the mesh")
 
     need("data.batch_size", data_cfg.batch_size, "batch")
+    accumulation(data_cfg, mesh)
     need("model.d_model", model_cfg.d_model, "embed")
     need("model.n_heads", model_cfg.n_heads, "heads")
     need("model.n_kv_heads", model_cfg.resolved_n_kv_heads, "heads")
@@ -281,6 +282,22 @@ def validate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh: Mesh | Mapping[
     need("model.moe.granularity", model_cfg.expert_d_ff, "mlp")  # each expert's hidden size
     if moe.n_shared_experts:
         need("model.moe.n_shared_experts", model_cfg.expert_d_ff * moe.n_shared_experts, "mlp")
+
+
+def accumulation(data_cfg: DataConfig, mesh: Mesh | Mapping[str, int]) -> tuple[int, int]:
+    """``(accum, shards)``: forward/backward passes per step and the row blocks the batch splits
+    into (the batch axes' product). ``data.microbatch`` sequences per device per pass; unset:
+    one pass. Raises ``ConfigError`` when it does not divide the per-device batch."""
+    sizes = {a: 1 for a in AXES} | _axis_sizes(mesh)
+    shards = int(math.prod(sizes.get(a, 1) for a in batch_axes()))
+    per_device, m = data_cfg.batch_size // shards, data_cfg.microbatch
+    if m is None:
+        return 1, shards
+    if data_cfg.batch_size % shards or per_device % m:
+        raise ConfigError(f"data.microbatch: {m} sequences does not divide the per-device batch of {per_device} "
+                          f"(data.batch_size={data_cfg.batch_size} over {shards} device(s)); use a divisor of "
+                          f"{per_device}")
+    return per_device // m, shards
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,11 +439,14 @@ def activation_bytes_estimate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh
     softmax) ``2 H L``, MLP hidden ``2 f`` (GELU: pre/post activation) or ``3 f`` (SwiGLU), the
     last three divided over ``tensor``; MoE layers count ``k G`` routed expert hiddens times the
     capacity factor. Plus float32 logits and their gradient ``2 V`` per token over ``tensor``.
-    Tokens per device = ``B L / (data x fsdp x expert)``.
+    Tokens per device = ``B L / (data x fsdp x expert)``, or ``data.microbatch x L`` with
+    gradient accumulation (one pass's activations are live at a time).
     """
     sizes = {a: 1 for a in AXES} | _axis_sizes(mesh)
     m = model_cfg
     tokens = data_cfg.batch_size * data_cfg.seq_len / math.prod(sizes[a] for a in batch_axes())
+    if data_cfg.microbatch is not None:
+        tokens = min(tokens, data_cfg.microbatch * data_cfg.seq_len)
     width = 2 if m.dtype == "bfloat16" else 4
     hd, t = m.resolved_head_dim, sizes["tensor"]
     per_mult = 3 if m.activation == "swiglu" else 2

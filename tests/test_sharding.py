@@ -358,3 +358,39 @@ def test_single_process_initialisation_is_a_no_op():
     assert initialize_distributed({}) == (0, 1)
     assert not jax.distributed.is_initialized()
     assert math.prod(S.mesh_shape(MeshConfig(), jax.device_count()).values()) == jax.device_count()
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_trains_like_one_pass_on_one_device_and_on_eight(trainer, reference):
+    """``data.microbatch``: 4 passes of 4 sequences on one device, and 2 passes of 1 sequence on
+    each of 8 devices, give the one-device one-pass losses over the module's steps (float32,
+    within 1e-5 relative); the per-device batch that a microbatch does not divide is refused."""
+    import dataclasses
+
+    from scaling.train import optim, step
+
+    ocfg = OptimConfig(lr=1e-2, warmup_steps=2)
+
+    def losses_of(mesh, accum, shards, n_steps=2 * STEPS):  # 20 steps: the module's batches twice
+        st = step.make_train_step(trainer.graphdef, trainer.tx, z_loss_weight=1e-4, lr_fn=optim.make_lr_fn(ocfg),
+                                  accum=accum, shards=shards)
+        state, out = trainer.init(mesh), []
+        with S.mesh_context(mesh):
+            compiled = None
+            for i in range(n_steps):
+                batch = S.shard_batch(trainer.batches[i % STEPS], mesh)
+                compiled = compiled or st.lower(state, batch).compile({"xla_backend_optimization_level": 0})
+                state, m = compiled(state, batch)
+                out.append(float(m["loss"]))
+        return np.array(out)
+
+    one = _mesh((1, 1, 1, 1), jax.devices()[:1])
+    plain = losses_of(one, 1, 1)
+    np.testing.assert_allclose(plain[:STEPS], reference["losses"], rtol=1e-6)  # the module's reference
+    for shape, micro, devices in (((1, 1, 1, 1), 4, jax.devices()[:1]), ((8, 1, 1, 1), 1, None)):
+        mesh = _mesh(shape, devices)
+        accum, shards = S.accumulation(dataclasses.replace(DATA, microbatch=micro), mesh)
+        assert accum == {4: 4, 1: 2}[micro] and shards == shape[0]
+        np.testing.assert_allclose(losses_of(mesh, accum, shards), plain, rtol=1e-5)
+    with pytest.raises(ConfigError, match="data.microbatch: 4 sequences does not divide the per-device batch of 2"):
+        S.validate(MODEL, DataConfig(source="synthetic", batch_size=16, seq_len=16, microbatch=4), _mesh((8, 1, 1, 1)))

@@ -220,3 +220,24 @@ def test_mod_run_stores_the_causal_loss_and_logs_the_top_k_one(tmp_path):
         total -= np.take_along_axis(logp, chunk["targets"][..., None], axis=-1).sum()
         count += chunk["targets"].size
     assert total / count == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+
+def test_microbatched_run_matches_plain_and_logs_statistics_every_gns_every_steps(tmp_path):
+    """``data.microbatch`` through the trainer (8 devices: 16 sequences, 1 per device per pass)
+    gives the plain run's losses; ``optim.gns_every=3`` adds a row with the statistics on every
+    third step (and the last), and only there, with ``gns_b_small`` the 8-sequence pass."""
+    plain = tiny_cfg("budget.steps=12", "checkpoint_every=100", "optim.gns_every=0")
+    micro = tiny_cfg("budget.steps=12", "checkpoint_every=100", "data.microbatch=1", "optim.gns_every=3")
+    for name, cfg in (("plain", plain), ("micro", micro)):
+        assert main(["train", "--config", write_cfg(tmp_path / f"{name}.json", cfg), "--out", str(tmp_path / name)]) == 0
+    rows = {n: read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("plain", "micro")}
+    assert [r["step"] for r in rows["plain"]] == [5, 10, 12]
+    assert [r["step"] for r in rows["micro"]] == [3, 5, 6, 9, 10, 12]
+    assert not any("gns_g_small_sq" in r for r in rows["plain"])
+    with_stats = [r["step"] for r in rows["micro"] if "gns_g_small_sq" in r]
+    assert with_stats == [3, 6, 9, 12]
+    assert all(r["gns_b_small"] == 8 and r["gns_b_big"] == 16 for r in rows["micro"] if "gns_b_small" in r)
+    by_step = {r["step"]: r for r in rows["micro"]}
+    for r in rows["plain"]:
+        assert by_step[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-5)
+    assert json.loads((tmp_path / "micro" / "summary.json").read_text())["final_eval_loss"] == pytest.approx(
+        json.loads((tmp_path / "plain" / "summary.json").read_text())["final_eval_loss"], rel=1e-5)

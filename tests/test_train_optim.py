@@ -138,3 +138,47 @@ def test_optimizer_times_lr_is_optax_adamw(tiny):
     for u_ref, u in two_updates(params, grads):
         for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-10)
+
+
+def test_accumulated_step_is_full_batch_step_with_microbatch_noise_stats(tiny):
+    """accum=4 passes of 2 rows: the update is the full-batch gradient, ``gns_g_small_sq`` the
+    mean of the four microbatches' |g_k|^2 with ``gns_b_small`` 2; with ``gns_every=3`` a step
+    that is not a multiple of 3 (nor the last) computes no statistics (NaN), and
+    ``gns_every=0`` none at all."""
+    import optax
+
+    graphdef, params, rest = tiny
+    tx = optax.sgd(1.0)
+    rng = np.random.default_rng(1)
+    tok = rng.integers(0, 64, size=(8, 17)).astype(np.int32)
+    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+    loss_fn = step_lib.make_loss_fn(graphdef, 1e-3)
+
+    @jax.jit
+    def grad(x, y):
+        (_, (ce, _)), g = jax.value_and_grad(lambda p: loss_fn(p, rest, x, y), has_aux=True)(params)
+        return ce, g
+
+    def sq(t):
+        return float(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in jax.tree.leaves(t)))
+
+    ce_full, g_full = grad(batch["inputs"], batch["targets"])
+    small = np.mean([sq(grad(batch["inputs"][k:k + 2], batch["targets"][k:k + 2])[1]) for k in range(0, 8, 2)])
+    state = step_lib.init_state(params, rest, tx, total_steps=10)
+    acc = step_lib.make_train_step(graphdef, tx, z_loss_weight=1e-3, donate=False, accum=4, gns_every=1)
+    new_state, m = acc(state, batch)
+    assert float(m["gns_b_small"]) == 2 and float(m["gns_b_big"]) == 8
+    assert float(m["gns_g_small_sq"]) == pytest.approx(small, rel=1e-4)
+    assert float(m["gns_g_big_sq"]) == pytest.approx(sq(g_full), rel=1e-4)
+    assert float(m["loss"]) == pytest.approx(float(ce_full), rel=1e-5)
+    for new, old, g in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(params), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(old) - np.asarray(new), g, rtol=1e-4, atol=1e-7)
+    every3 = step_lib.make_train_step(graphdef, tx, z_loss_weight=1e-3, donate=False, accum=1, gns_every=3)
+    _, m1 = every3(state, batch)  # step 1 of 10: no statistics
+    assert np.isnan(float(m1["gns_g_small_sq"])) and float(m1["loss"]) == pytest.approx(float(ce_full), rel=1e-5)
+    _, m3 = every3({**state, "step": jnp.asarray(2, jnp.int32)}, batch)  # step 3: halves of 4 rows
+    assert float(m3["gns_b_small"]) == 4 and np.isfinite(float(m3["gns_g_small_sq"]))
+    _, m10 = every3({**state, "step": jnp.asarray(9, jnp.int32)}, batch)  # the last step always has them
+    assert np.isfinite(float(m10["gns_g_small_sq"]))
+    none = step_lib.make_train_step(graphdef, tx, z_loss_weight=1e-3, donate=False, gns_every=0)
+    assert not any(k.startswith("gns_") for k in none(state, batch)[1])

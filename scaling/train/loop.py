@@ -169,6 +169,12 @@ def _check_same_data(out: Path, info: dict) -> None:
                               f"{old[key][:12]}; restore the original {what} or use a new --out")
 
 
+def gns_every(cfg: TrainConfig) -> int:
+    """Steps between gradient-noise statistics: ``optim.gns_every``, by default every logging
+    step (``log_every``); 0 = never."""
+    return cfg.log_every if cfg.optim.gns_every is None else cfg.optim.gns_every
+
+
 def preflight(cfg: TrainConfig) -> dict:
     """Checks that need no device work; returns the resolved run facts (steps may be None for a
     seconds budget). Raises ``ConfigError`` naming the field."""
@@ -177,9 +183,9 @@ def preflight(cfg: TrainConfig) -> dict:
     d = cfg.data
     if d.source == "local_text" and d.path and not Path(d.path).is_dir():
         raise ConfigError(f"data.path: {d.path} is not a directory; point it at a directory of text files")
-    if d.batch_size % 2:
-        raise ConfigError(f"data.batch_size: must be even (each step splits the batch in two halves for the "
-                          f"gradient-noise statistics), got {d.batch_size}")
+    if d.batch_size % 2 and d.microbatch is None and gns_every(cfg):
+        raise ConfigError(f"data.batch_size: must be even (a statistics step splits the batch in two halves for the "
+                          f"gradient-noise statistics), got {d.batch_size}; or set optim.gns_every=0 or data.microbatch")
     if cfg.init_from:
         parse_init_from(cfg.init_from)
     counts = flops.param_counts(cfg.model)
@@ -326,7 +332,16 @@ class _Session:
 
     def _build_step(self):
         tx = optim.make_optimizer(self.cfg.optim, model_cfg=self.cfg.model)  # the state's structure; the step traces the values
-        self.train_step = step_lib.make_traced_train_step(self.graphdef, self.cfg.optim, self.cfg.model)
+        from scaling import sharding
+
+        accum, shards = sharding.accumulation(self.cfg.data, self.mesh)
+        every = gns_every(self.cfg)
+        if accum == 1 and every and self.cfg.data.batch_size % 2:
+            raise ConfigError(f"data.microbatch: {self.cfg.data.microbatch} makes one pass per step, and a statistics "
+                              f"step splits an odd batch ({self.cfg.data.batch_size}) in halves; use an even batch "
+                              "or optim.gns_every=0")
+        self.train_step = step_lib.make_traced_train_step(self.graphdef, self.cfg.optim, self.cfg.model, accum=accum,
+                                                          shards=shards, gns_every=every)
         mod = self.cfg.model.mod
         # MoD trains with top-k over the whole sequence, which looks at later tokens and which a
         # sampler cannot use: the stored loss is each token's causal decision; the top-k number
@@ -430,6 +445,7 @@ class _Session:
             return dt
 
         time_spent = cfg.budget.kind == "seconds" and train_s >= cfg.budget.seconds  # resumed after the end
+        every = gns_every(cfg)
         while step < total_steps and not time_spent:
             batch = self.put(next(self.iterator))
             state, m = self.train_step(state, batch)
@@ -440,6 +456,7 @@ class _Session:
                 compiled = True
                 seg_t, seg_step = time.perf_counter(), step
             logging = step % cfg.log_every == 0 or step == total_steps
+            logging = logging or bool(every and step % every == 0)  # every statistic computed is logged
             evaluating = step % cfg.eval_every == 0 or step == total_steps
             saving = step % cfg.checkpoint_every == 0 or step == total_steps or step in cfg.checkpoint_at
             over_time = cfg.budget.kind == "seconds" and (train_s + time.perf_counter() - seg_t) >= cfg.budget.seconds
@@ -456,7 +473,8 @@ class _Session:
             row = {"step": step, "tokens": step * tps_step, "flops": step * tps_step * fpt,
                    "wall_s": train_s, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak,
                    "epochs": step * tps_step / unique_tokens if unique_tokens else None}
-            row.update({k: float(v) for k, v in m.items()})
+            # the noise-scale statistics are NaN on steps that did not compute them: not logged
+            row.update({k: float(v) for k, v in m.items() if not (k.startswith("gns_") and not math.isfinite(float(v)))})
             row["loss_bpb"] = bits_per_byte(loss, train_bpt)
             diverged = None
             if not math.isfinite(loss):

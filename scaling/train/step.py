@@ -5,21 +5,26 @@ for the small models a CPU runs).
 Loss (nats per token): mean cross-entropy + ``z_loss * mean(logsumexp(logits)^2)`` + the
 model's ``aux["aux_loss"]`` (already weighted by the model).
 
-Gradient noise scale (McCandlish et al. 2018, appendix A). Every step splits the global batch of
-``B`` sequences into two interleaved halves (even / odd rows, so each device keeps its own rows
-under data sharding), takes the gradient of each half, and updates with their mean. For a
-per-token mean loss that mean *is* the full-batch gradient, so the update is the usual one; the
-path is the same on every step (logging or not), which keeps resumes bitwise exact. At no extra
-FLOPs it gives the two-batch-size statistics:
+Gradient accumulation. A step over a global batch of ``B`` sequences runs ``accum`` = K
+forward/backward passes of ``B / K`` sequences (``data.microbatch`` per device, so one pass
+holds one microbatch of activations) in a ``lax.scan`` and updates with the mean of their
+gradients. Microbatch ``k`` takes rows ``k m .. (k+1) m - 1`` of every device's block of ``m K``
+rows, so each device keeps its own rows under data sharding. For a per-token mean loss the mean
+of the K gradients *is* the full-batch gradient (up to float rounding).
 
-- ``gns_b_small = B / 2``, ``gns_g_small_sq = (|g_1|^2 + |g_2|^2) / 2`` (mean over the halves),
-- ``gns_b_big = B``, ``gns_g_big_sq = |(g_1 + g_2) / 2|^2``;
-
-from which ``|G|^2 = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)`` and
+Gradient noise scale (McCandlish et al. 2018, appendix A), from gradients the step has anyway:
+``gns_b_big = B`` with ``gns_g_big_sq = |g|^2`` (the update's gradient), and ``gns_b_small``
+the sequences of one pass with ``gns_g_small_sq`` the mean of the passes' ``|g_k|^2``. Without
+accumulation (K = 1) a statistics step splits the batch in two interleaved halves (even / odd
+rows) instead of one pass, ``gns_b_small = B / 2``. From these
+``|G|^2 = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)`` and
 ``tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big)``, ``B_noise = tr(Sigma) / |G|^2``
 (``scaling.fit.batch`` does that part, averaging over steps first as the paper advises).
-Model aux losses that are not means over tokens (MoE load balance) are averaged over the two
-halves, which is the loss the update follows.
+Statistics are computed on steps ``s`` (1-based) with ``s % gns_every == 0`` and on the last
+step, decided inside the program from the state's step, so other steps pay nothing (no extra
+norms, no half-batch passes) and a resumed run takes the same path as an uninterrupted one.
+Model aux losses that are not means over tokens (MoE load balance) are averaged over the
+passes, which is the loss the update follows.
 """
 
 from __future__ import annotations
@@ -101,39 +106,90 @@ def init_state(params, rest, tx: optax.GradientTransformation, total_steps: int 
             "step": jnp.zeros((), jnp.int32), "total_steps": jnp.asarray(total_steps, jnp.int32)}
 
 
-def _update(graphdef, state, batch, tx, z_loss_weight, lr, aux_weights=None):
-    """One update of ``state`` on ``batch`` (the body shared by both step builders)."""
+def _microbatches(x_BxL: jax.Array, accum: int, shards: int) -> jax.Array:
+    """``[B, L] -> [K, B / K, L]``: microbatch ``k`` holds rows ``k m .. (k+1) m - 1`` of each of
+    the ``shards`` row blocks (``m = B / (K shards)``), so no row leaves its device."""
+    b, l = x_BxL.shape
+    m = b // (accum * shards)
+    return x_BxL.reshape(shards, accum, m, l).swapaxes(0, 1).reshape(accum, shards * m, l)
+
+
+def _gradients(grad_fn, params, rest, inputs, targets, *, accum: int, shards: int, gns):
+    """``(loss_total, ce, metrics, grads, g_small_sq, b_small)``: the mean over ``accum``
+    passes (module docstring); ``g_small_sq`` is the mean of the passes' squared gradient
+    norms where ``gns`` (a traced bool, or the constant False) holds, else 0."""
+    b = inputs.shape[0]
+    if accum == 1:
+        def whole(_):
+            (lt, (ce, m)), g = grad_fn(params, rest, inputs, targets)
+            return lt, ce, m, g, jnp.zeros((), jnp.float32)
+
+        def halves(_):
+            # [B, L] -> [B/2, 2, L]: half h is rows h, h+2, h+4, ... (device-local under data sharding)
+            x2, y2 = inputs.reshape(b // 2, 2, -1), targets.reshape(b // 2, 2, -1)
+            (la, (ca, ma)), ga = grad_fn(params, rest, x2[:, 0], y2[:, 0])
+            (lb, (cb, mb)), gb = grad_fn(params, rest, x2[:, 1], y2[:, 1])
+            g = jax.tree.map(lambda u, v: 0.5 * (u + v), ga, gb)
+            m = {k: 0.5 * (ma[k] + mb[k]) for k in ma}
+            return 0.5 * (la + lb), 0.5 * (ca + cb), m, g, 0.5 * (_sq_norm(ga) + _sq_norm(gb))
+
+        if gns is False:
+            return (*whole(None), jnp.float32(b))
+        lt, ce, m, g, small = jax.lax.cond(gns, halves, whole, None)
+        return lt, ce, m, g, small, jnp.float32(b // 2)
+
+    xs, ys = _microbatches(inputs, accum, shards), _microbatches(targets, accum, shards)
+
+    def one(x, y):
+        (lt, (ce, m)), g = grad_fn(params, rest, x, y)
+        sq = jnp.zeros((), jnp.float32) if gns is False else \
+            jax.lax.cond(gns, _sq_norm, lambda _: jnp.zeros((), jnp.float32), g)
+        return lt, ce, m, g, sq
+
+    shapes = jax.eval_shape(one, xs[0], ys[0])
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    def body(acc, xy):
+        return jax.tree.map(jnp.add, acc, one(*xy)), None
+
+    total, _ = jax.lax.scan(body, zeros, (xs, ys))
+    lt, ce, m, g, sq = jax.tree.map(lambda v: v / accum, total)
+    return lt, ce, m, g, sq, jnp.float32(b // accum)
+
+
+def _update(graphdef, state, batch, tx, z_loss_weight, lr, aux_weights=None, *, accum: int = 1, shards: int = 1,
+            gns_every: int = 1):
+    """One update of ``state`` on ``batch`` (the body shared by both step builders): ``accum``
+    passes over ``shards`` row blocks, noise-scale statistics every ``gns_every`` steps (0:
+    never) and on the last (module docstring)."""
     loss_fn = make_loss_fn(graphdef, z_loss_weight, aux_weights)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params, rest = state["params"], state["rest"]
     inputs, targets = batch["inputs"], batch["targets"]
-    b, l = inputs.shape
-    if b % 2:
-        raise ValueError(f"global batch must be even for the noise-scale split, got {b}")
-    # [B, L] -> [B/2, 2, L]: half h is rows h, h+2, h+4, ... (device-local under data sharding)
-    x2 = inputs.reshape(b // 2, 2, l)
-    y2 = targets.reshape(b // 2, 2, l)
-    halves = [grad_fn(params, rest, x2[:, h], y2[:, h]) for h in (0, 1)]
-    (loss_a, (ce_a, m_a)), g_a = halves[0]
-    (loss_b, (ce_b, m_b)), g_b = halves[1]
-    grads = jax.tree.map(lambda u, v: 0.5 * (u + v), g_a, g_b)
+    b, _ = inputs.shape
+    if b % (accum * shards):
+        raise ValueError(f"global batch {b} does not split into {accum} passes over {shards} row blocks")
+    if accum == 1 and gns_every and b % 2:
+        raise ValueError(f"global batch must be even for the noise-scale halves, got {b}")
+    if gns_every:
+        s = state["step"] + 1  # the step this update completes (1-based, as the trainer logs it)
+        gns = (s % gns_every == 0) | (s == state["total_steps"])
+    else:
+        gns = False
+    loss_total, ce, metrics, grads, g_small_sq, b_small = _gradients(
+        grad_fn, params, rest, inputs, targets, accum=accum, shards=shards, gns=gns)
     g_big_sq = _sq_norm(grads)
-    g_small_sq = 0.5 * (_sq_norm(g_a) + _sq_norm(g_b))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     if lr is not None:
         lr = jnp.asarray(lr, jnp.float32)
         updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
     new_params = optax.apply_updates(params, updates)
-    metrics = {k: 0.5 * (m_a[k] + m_b[k]) for k in m_a}
-    metrics.update(
-        loss=0.5 * (ce_a + ce_b),
-        loss_total=0.5 * (loss_a + loss_b),
-        grad_norm=jnp.sqrt(g_big_sq),
-        gns_b_small=jnp.float32(b // 2),
-        gns_b_big=jnp.float32(b),
-        gns_g_small_sq=g_small_sq,
-        gns_g_big_sq=g_big_sq,
-    )
+    metrics = dict(metrics)
+    metrics.update(loss=ce, loss_total=loss_total, grad_norm=jnp.sqrt(g_big_sq))
+    if gns_every:
+        nan = jnp.float32(jnp.nan)  # NaN on steps without statistics; the trainer logs none there
+        metrics.update(gns_b_small=jnp.where(gns, b_small, nan), gns_b_big=jnp.where(gns, jnp.float32(b), nan),
+                       gns_g_small_sq=jnp.where(gns, g_small_sq, nan), gns_g_big_sq=jnp.where(gns, g_big_sq, nan))
     if lr is not None:
         metrics["lr"] = lr
     new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
@@ -141,22 +197,26 @@ def _update(graphdef, state, batch, tx, z_loss_weight, lr, aux_weights=None):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, z_loss_weight: float,
-                    lr_fn: Callable | None = None, donate: bool = True) -> Callable:
+                    lr_fn: Callable | None = None, donate: bool = True, accum: int = 1, shards: int = 1,
+                    gns_every: int = 1) -> Callable:
     """Jitted ``step(state, batch) -> (state, metrics)`` with its hyperparameters compiled in.
 
-    ``state`` from ``init_state``; ``batch = {"inputs", "targets"}`` int32 ``[B, L]`` with even
-    ``B``. ``lr_fn(step, total_steps) -> lr`` scales the optimizer's output by ``-lr`` (with
+    ``state`` from ``init_state``; ``batch = {"inputs", "targets"}`` int32 ``[B, L]``, ``B`` a
+    multiple of ``accum x shards`` (and even with statistics and no accumulation); ``accum``
+    passes per step over ``shards`` row blocks (the mesh's batch split), noise-scale statistics
+    every ``gns_every`` steps (0: never; module docstring). ``lr_fn(step, total_steps) -> lr`` scales the optimizer's output by ``-lr`` (with
     ``tx = optim.make_optimizer(...)`` this is AdamW); ``None`` applies ``tx``'s updates as they
     are. The LR is computed from the state's traced step and total, so changing the budget does
     not recompile. Metrics (device scalars): ``loss`` (cross-entropy, nats), ``loss_total`` (what
     is differentiated), ``grad_norm`` (before clipping), ``lr`` (the LR this update used), the
-    four ``gns_*`` statistics and the model's aux metrics. The trainer uses
+    four ``gns_*`` statistics (NaN on steps without them; absent with ``gns_every=0``) and the
+    model's aux metrics. The trainer uses
     ``make_traced_train_step``, which takes the hyperparameters as values instead.
     """
 
     def step(state, batch):
         lr = lr_fn(state["step"], state["total_steps"]) if lr_fn is not None else None
-        return _update(graphdef, state, batch, tx, z_loss_weight, lr)
+        return _update(graphdef, state, batch, tx, z_loss_weight, lr, accum=accum, shards=shards, gns_every=gns_every)
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
@@ -201,11 +261,13 @@ class _Lowered:
         return lambda state, batch: compiled(state, batch, hp)
 
 
-def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool = True) -> TrainStep:
+def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool = True, accum: int = 1,
+                           shards: int = 1, gns_every: int = 1) -> TrainStep:
     """The trainer's step: AdamW (``optim.make_optimizer``) and the schedule
     (``optim.learning_rate``) of ``optim_cfg`` with every number in ``optim.HPARAMS`` (and, given
     ``model_cfg``, the MoE/MoD aux-loss weights) passed to the compiled program as a value (see
-    ``TrainStep``); metrics as ``make_train_step``."""
+    ``TrainStep``); ``accum``, ``shards``, ``gns_every`` and metrics as ``make_train_step``
+    (``train.loop`` passes ``accumulation(cfg, mesh)`` and ``gns_every(cfg)``)."""
     from scaling.train import optim
 
     traced_aux = model_cfg is not None
@@ -213,7 +275,8 @@ def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool 
     def step(state, batch, hp):
         tx = optim.make_optimizer(optim_cfg, hp, model_cfg)
         lr = optim.learning_rate(optim_cfg, state["step"], state["total_steps"], hp)
-        return _update(graphdef, state, batch, tx, hp["z_loss"], lr, hp if traced_aux else None)
+        return _update(graphdef, state, batch, tx, hp["z_loss"], lr, hp if traced_aux else None,
+                       accum=accum, shards=shards, gns_every=gns_every)
 
     return TrainStep(jax.jit(step, donate_argnums=(0,) if donate else ()), optim.hparams(optim_cfg, model_cfg),
                      _static_settings(optim_cfg, model_cfg))

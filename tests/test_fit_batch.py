@@ -109,3 +109,116 @@ def test_minimum_compute_adjustment_at_b_equal_b_crit_halves_compute():
     # at B = B_crit a run spends twice the minimum compute and twice the minimum steps
     np.testing.assert_allclose(out["C_min"], [0.5e18, 1e18], rtol=1e-9)
     np.testing.assert_allclose(out["S_min"], [500.0, 1500.0], rtol=1e-9)
+
+
+def test_the_train_step_measures_a_known_noise_scale():
+    """Known truth through the real train step (accumulation, statistics, then the fit): a
+    unigram model (logits = a bias b, b = 0) at lr 0 on targets drawn i.i.d. from p. The
+    per-token gradient is softmax(b) - e_y = u - e_y, so G = u - p and tr(Sigma_token) = 1 - |p|^2;
+    a sequence of L tokens has B_simple = (1 - |p|^2) / (L |u - p|^2) sequences."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from scaling.train import step as step_lib
+
+    V, L, B, K, steps = 16, 8, 64, 8, 300
+
+    class Unigram(nnx.Module):
+        def __init__(self):
+            self.b = nnx.Param(jnp.zeros(V))
+
+        def __call__(self, tokens, train=True, mod_routing="topk"):
+            return jnp.broadcast_to(self.b[...], (*tokens.shape, V)), {}
+
+    p = 1.0 / np.arange(1, V + 1) ** 1.2
+    p /= p.sum()
+    u = np.full(V, 1 / V)
+    truth = (1 - p @ p) / (L * (u - p) @ (u - p))
+    graphdef, params, rest = step_lib.split_model(Unigram())
+    tx = optax.sgd(0.0)
+    state = step_lib.init_state(params, rest, tx, total_steps=steps)
+    train = step_lib.make_train_step(graphdef, tx, z_loss_weight=0.0, accum=K, gns_every=1)
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(steps):
+        y = rng.choice(V, size=(B, L), p=p).astype(np.int32)
+        state, m = train(state, {"inputs": jnp.zeros((B, L), jnp.int32), "targets": jnp.asarray(y)})
+        rows.append({"step": s + 1, **{k: float(v) for k, v in jax.device_get(m).items()}})
+    logs = pd.DataFrame(rows)
+    assert logs["gns_b_small"].iloc[0] == B // K and logs["gns_b_big"].iloc[0] == B
+    est = fit.noise_scale_window(logs, start=0.0)
+    assert est["B_simple"].iloc[0] == pytest.approx(truth, rel=0.10)
+    assert est["B_simple_lo"].iloc[0] < truth < est["B_simple_hi"].iloc[0]
+
+
+def test_noise_scale_never_pools_runs():
+    """Two runs with noise scales 10x apart: each run's EMA and window estimate is its own."""
+    a, true_a, _ = linear_regression_logs(d=5, seed=2, steps=2000)
+    b, true_b, _ = linear_regression_logs(d=50, seed=3, steps=2000)
+    assert true_b > 5 * true_a
+    both = pd.concat([a.assign(trial_id="a"), b.assign(trial_id="b")]).sort_values("step")
+    ns = fit.noise_scale(both, decay=0.998)
+    last = ns.groupby("trial_id")["B_simple"].last()
+    assert last["a"] == pytest.approx(true_a, rel=0.15) and last["b"] == pytest.approx(true_b, rel=0.15)
+    win = fit.noise_scale_window(both).set_index("trial_id")
+    assert win.loc["a", "B_simple"] == pytest.approx(true_a, rel=0.15)
+    assert win.loc["b", "B_simple"] == pytest.approx(true_b, rel=0.15)
+
+
+def _sweep_dir(root, S_inf=20.0, B_noise=4096.0, L=32):
+    """A batch-size sweep as the trainer leaves it: per batch size B (tokens) two learning rates,
+    the better one on eval curves ``2 + (s / S_min(B))^-0.5`` (S_min(B) = S_inf (1 + B_noise/B)),
+    the worse one 20% slower; training losses one noisy batch each (their running minimum would
+    reach every target early)."""
+    import json
+
+    rng = np.random.default_rng(0)
+    for b_seq in (16, 32, 64, 128, 256):
+        B = b_seq * L
+        for lr, slow in ((1e-3, 1.2), (3e-3, 1.0)):
+            d = root / f"b{b_seq}_lr{lr:g}"
+            d.mkdir(parents=True)
+            (d / "config.json").write_text(json.dumps({"data": {"batch_size": b_seq, "seq_len": L}}))
+            (d / "trial.json").write_text(json.dumps({"trial_id": d.name, "batch": b_seq, "lr": lr}))
+            rows = []
+            for s in range(10, 4001, 10):
+                ev = 2 + (s / (slow * S_inf * (1 + B_noise / B))) ** -0.5
+                row = {"step": s, "tokens": s * B, "loss": ev + rng.normal(0, 0.5 / np.sqrt(b_seq))}
+                if s % 20 == 0:
+                    row["eval_loss"] = ev
+                rows.append(row)
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "summary.json").write_text(json.dumps({"state": "done", "final_eval_loss": rows[-1]["eval_loss"],
+                                                        "steps": 4000, "schema_version": 3}))
+    return root
+
+
+def test_bcrit_from_a_sweep_directory_reads_eval_curves_and_keeps_the_best_lr(tmp_path, capsys):
+    """``scaling fit SWEEP --law bcrit``: steps to each target read on the held-out curve
+    (interpolated between evaluations, not the running minimum of the training loss), the best lr
+    per batch size, B in tokens; B_noise recovered; a target no batch size reaches is reported as
+    unusable, not an error; one batch size is one line, exit 2."""
+    import json
+
+    from scaling.cli import main
+
+    root = _sweep_dir(tmp_path / "sweep")
+    r = fit.tradeoff(str(root), targets=[2.8, 2.6, 2.45, 2.3, 1.5])
+    assert list(r.table["target"]) == [2.8, 2.6, 2.45, 2.3]
+    np.testing.assert_allclose(r.table["B_crit"], 4096.0, rtol=0.05)  # tokens
+    np.testing.assert_allclose(r.table["S_min"], 20.0 / (r.table["target"] - 2) ** 2, rtol=0.05)
+    assert r.unusable == [{"target": 1.5, "n": 0, "status": "unusable: reached at 0 batch size(s), 3 needed"}]
+    assert main(["fit", str(root), "--law", "bcrit", "--targets", "2.8,2.6,2.45,1.5", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["targets"]) == 3 and d["unusable_targets"][0]["target"] == 1.5
+    one = tmp_path / "one"
+    one.mkdir()
+    for d in (root / "b16_lr0.001", root / "b16_lr0.003"):
+        (one / d.name).symlink_to(d)
+    assert main(["fit", str(one), "--law", "bcrit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one batch size" in err and len(err.splitlines()) == 1
+    assert main(["fit", str(root), "--law", "bcrit", "--targets", "2.8,x"]) == 2
+    assert "--targets" in capsys.readouterr().err

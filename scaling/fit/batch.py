@@ -52,57 +52,226 @@ def _ema(v: np.ndarray, decay: float) -> np.ndarray:
     return out
 
 
+def _runs_of(df: pd.DataFrame) -> str | None:
+    """The column that tells runs apart in a per-step table (``trial_id`` from a sweep, ``run``)."""
+    return next((c for c in ("trial_id", "run") if c in df.columns), None)
+
+
 def noise_scale(data, *, decay: float = 0.95, columns=None, where: str | None = None) -> pd.DataFrame:
     """Per-step ``B_simple`` from logged two-batch statistics (columns ``gns_*``; ``step``, ``loss``).
 
     Returns columns ``step, loss, g2, trace, B_simple`` (smoothed with an EMA of ``decay``) and
-    ``B_simple_raw`` (per-step ratio, noisy). B_simple is in the unit of ``gns_b_*``.
+    ``B_simple_raw`` (per-step ratio, noisy), plus ``trial_id`` (or ``run``) when the table has
+    several runs: each run is smoothed on its own, never across runs. Rows without statistics
+    (steps that did not compute them) are left out. B_simple is in the unit of ``gns_b_*``
+    (sequences, from the trainer).
     """
     if not 0 <= decay < 1:
         raise UsageError(f"decay: must be in [0, 1), got {decay}")
     df, _ = io.load_table(data, columns=columns, where=where, steps=True)
+    missing = [c for c in GNS_COLS if c not in df.columns]
+    if missing:
+        raise UsageError(f"noise scale: needs columns {', '.join(GNS_COLS)}; missing {', '.join(missing)} "
+                         "(runs log them every optim.gns_every steps)")
+    df = df[np.isfinite(df[list(GNS_COLS)].astype(float)).all(axis=1)]
     io.require(df, GNS_COLS, what="noise scale", min_points=1, positive=False)
-    if "step" in df.columns:
-        df = df.sort_values("step")
-    g2, tr = two_batch_estimates(*(df[c].to_numpy(float) for c in GNS_COLS))
-    g2s, trs = _ema(g2, decay), _ema(tr, decay)
-    out = pd.DataFrame({"step": df["step"].to_numpy() if "step" in df else np.arange(len(df))})
-    if "loss" in df:
-        out["loss"] = df["loss"].to_numpy(float)
-    out["g2"], out["trace"] = g2s, trs
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["B_simple"] = trs / g2s
-        out["B_simple_raw"] = tr / g2
-    return out
+    key = _runs_of(df)
+    parts = []
+    for run, g in (df.groupby(key, sort=True) if key else [(None, df)]):
+        g = g.sort_values("step") if "step" in g.columns else g
+        g2, tr = two_batch_estimates(*(g[c].to_numpy(float) for c in GNS_COLS))
+        g2s, trs = _ema(g2, decay), _ema(tr, decay)
+        out = pd.DataFrame({"step": g["step"].to_numpy() if "step" in g else np.arange(len(g))})
+        if key:
+            out.insert(0, key, run)
+        if "loss" in g:
+            out["loss"] = g["loss"].to_numpy(float)
+        out["g2"], out["trace"] = g2s, trs
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["B_simple"] = trs / g2s
+            out["B_simple_raw"] = tr / g2
+        parts.append(out)
+    return pd.concat(parts, ignore_index=True)
 
 
-def steps_to_target(steps, targets, *, run_col: str = "run", columns=None, where: str | None = None) -> pd.DataFrame:
-    """From per-step logs of a batch-size sweep (columns ``run``, ``B``, ``step``, ``loss``), the
-    first (linearly interpolated) step at which each run reaches each target loss.
+def noise_scale_window(data, *, start: float = 0.5, end: float = 1.0, n_boot: int = 1000, seed: int = 0,
+                       columns=None, where: str | None = None) -> pd.DataFrame:
+    """One ``B_simple`` per run: ``mean(tr(Sigma)) / mean(|G|^2)`` over the run's statistics rows
+    with step in ``[start, end]`` x its last step (fractions of the run; the second half by
+    default), with a 95% bootstrap interval over those rows (``B_simple_lo``, ``_hi``).
 
-    Returns rows ``target, B, S, E`` (E = B * S examples); runs that never reach a target are
-    omitted for it.
+    Returns ``trial_id`` (or ``run``), ``B_simple``, its interval, ``n`` (rows used), ``step_lo``,
+    ``step_hi``, ``loss`` (mean over the window) and ``B`` (``gns_b_big``, the run's batch).
+    Runs are never pooled. Units: those of ``gns_b_*``."""
+    if not (0 <= start < end <= 1):
+        raise UsageError(f"window: need 0 <= start < end <= 1 (fractions of each run), got {start}, {end}")
+    df, _ = io.load_table(data, columns=columns, where=where, steps=True)
+    missing = [c for c in (*GNS_COLS, "step") if c not in df.columns]
+    if missing:
+        raise UsageError(f"noise scale: needs columns {', '.join(GNS_COLS)} and step; missing {', '.join(missing)}")
+    df = df[np.isfinite(df[list(GNS_COLS)].astype(float)).all(axis=1)]
+    key = _runs_of(df)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for run, g in (df.groupby(key, sort=True) if key else [(None, df)]):
+        last = float(g["step"].max())
+        w = g[(g["step"] >= start * last) & (g["step"] <= end * last)]
+        if len(w) < 2:
+            continue
+        g2, tr = two_batch_estimates(*(w[c].to_numpy(float) for c in GNS_COLS))
+        est = tr.mean() / g2.mean()
+        idx = rng.integers(0, len(w), size=(n_boot, len(w)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            boot = tr[idx].mean(1) / g2[idx].mean(1)
+        boot = boot[np.isfinite(boot) & (boot > 0)]
+        lo, hi = (np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan))
+        row = {"B_simple": float(est), "B_simple_lo": float(lo), "B_simple_hi": float(hi), "n": int(len(w)),
+               "step_lo": float(w["step"].min()), "step_hi": float(w["step"].max()),
+               "loss": float(w["loss"].mean()) if "loss" in w else np.nan, "B": float(w["gns_b_big"].iloc[0])}
+        rows.append({key: run, **row} if key else row)
+    if not rows:
+        raise UsageError("noise scale: no run has 2 statistics rows in the window; widen it or log them more often "
+                         "(optim.gns_every)")
+    return pd.DataFrame(rows)
+
+
+def _loss_column(df: pd.DataFrame) -> str:
+    """The held-out ``eval_loss`` where the logs have it, else ``loss``."""
+    if "eval_loss" in df.columns and pd.to_numeric(df["eval_loss"], errors="coerce").notna().any():
+        return "eval_loss"
+    return "loss"
+
+
+def steps_to_target(steps, targets, *, run_col: str = "run", loss_col: str | None = None, columns=None,
+                    where: str | None = None) -> pd.DataFrame:
+    """From per-step logs of a batch-size sweep (columns ``run``, ``B``, ``step`` and the loss),
+    the step at which each run's loss first reaches each target, interpolated linearly between
+    the two logged points around the crossing.
+
+    The loss is ``loss_col``, by default the held-out ``eval_loss`` where the logs have it (the
+    training loss is one noisy batch: its running minimum reaches a target early, more so at small
+    batches). Returns rows ``run, target, B, S, E`` (E = B * S examples); a run that never reaches
+    a target, or reaches it at its first logged point (only an upper bound on S), has no row for it.
     """
     df, _ = io.load_table(steps, columns=columns, where=where, steps=True)
     io.require(df, [run_col], what="steps to target", numeric=False)
-    io.require(df, ["B", "step", "loss"], what="steps to target", min_points=2, positive=False)
+    col = loss_col or _loss_column(df)
+    if col not in df.columns:
+        raise UsageError(f"steps to target: needs a {col} column")
+    df = df[pd.to_numeric(df[col], errors="coerce").notna()]  # rows of steps that did not evaluate
+    io.require(df, ["B", "step", col], what="steps to target", min_points=2, positive=False)
     rows = []
-    for _, g in df.groupby(run_col):
-        g = g.sort_values("step")
-        s, L = g["step"].to_numpy(float), g["loss"].to_numpy(float)
+    for run, g in df.groupby(run_col, sort=True):
+        g = g[pd.to_numeric(g[col], errors="coerce").notna()].sort_values("step")
+        s, L = g["step"].to_numpy(float), g[col].to_numpy(float)
+        if len(s) < 2:
+            continue
         B = float(g["B"].iloc[0])
-        best = np.minimum.accumulate(L)  # loss reached so far
         for t in np.atleast_1d(targets):
-            hit = np.flatnonzero(best <= t)
-            if hit.size == 0:
+            hit = np.flatnonzero(L <= t)
+            if hit.size == 0 or hit[0] == 0:
                 continue
             i = hit[0]
-            if i == 0:
-                S = s[0]
-            else:  # interpolate between the last step above and the first at/below the target
-                S = s[i - 1] + (s[i] - s[i - 1]) * (best[i - 1] - t) / max(best[i - 1] - L[i], 1e-300)
-            rows.append({"target": float(t), "B": B, "S": float(S), "E": float(B * S)})
-    return pd.DataFrame(rows, columns=["target", "B", "S", "E"])
+            S = s[i - 1] + (s[i] - s[i - 1]) * (L[i - 1] - t) / max(L[i - 1] - L[i], 1e-300)
+            rows.append({"run": run, "target": float(t), "B": B, "S": float(S), "E": float(B * S)})
+    return pd.DataFrame(rows, columns=["run", "target", "B", "S", "E"])
+
+
+def _per_step_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, str, list[str]]:
+    """Per-step logs of a sweep (``runs.load_steps``) with ``B`` in tokens per step where the
+    table does not carry ``B``; the run column's name; notes."""
+    run_col = next((c for c in ("run", "trial", "trial_id", "name") if c in df.columns), None)
+    if run_col is None:
+        raise UsageError("--law bcrit: per-step logs need a run column (run, trial or trial_id)")
+    notes = []
+    if "B" not in df.columns:
+        if not {"tokens", "step"} <= set(df.columns):
+            raise UsageError("--law bcrit: per-step logs need B (batch size) or tokens and step")
+        per = (df["tokens"] / df["step"]).where(df["step"] > 0)
+        df = df.assign(B=per.groupby(df[run_col]).transform("median"))
+        notes.append("B in tokens per step")
+    return df, run_col, notes
+
+
+def _auto_targets(df: pd.DataFrame, run_col: str, col: str, n: int = 5) -> np.ndarray:
+    """``n`` target losses, log-spaced, that the best run of every batch size reaches: from
+    ``max over B of (best final loss at B)`` up to where every run already is after its first
+    logged points."""
+    best_final = df.groupby(run_col)[col].min().groupby(df.groupby(run_col)["B"].first()).min()
+    floor = float(best_final.max())
+    start = float(df.groupby(run_col)[col].max().min())
+    if not start > floor:
+        return np.array([floor])
+    return np.geomspace(floor, start, n + 2)[:-1][::-1][:n]
+
+
+def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: float = 1e-3, columns=None,
+             where=None) -> "BcritResult":
+    """Fit ``S = S_min (1 + B_noise/B)`` for each target loss, then ``B_crit(L)``.
+
+    ``table``: rows ``target`` (loss, nats), ``B`` (batch size), ``S`` (steps to reach the target),
+    e.g. from ``steps_to_target``; or per-step logs (a sweep directory, or ``run, B, step`` and
+    ``eval_loss``/``loss``), from which each run's steps to each target are read on its held-out
+    curve and, per batch size, the best run (fewest steps: the best learning rate of a grid) is
+    kept. ``targets`` (nats): the losses to measure at; default 5 that every batch size reaches.
+    A target reached at fewer than 3 batch sizes is reported as unusable (a row with its reason),
+    not fitted. Batch sizes from a sweep directory are in tokens per step.
+    """
+    per_step = isinstance(table, (str, bytes)) or hasattr(table, "__fspath__") or isinstance(table, io.Source)
+    df, notes = io.load_table(table, columns=columns, where=where, steps=per_step)
+    if "target" not in df.columns and {"step"} <= set(df.columns):
+        df, run_col, more = _per_step_runs(df)
+        notes += more
+        if df["B"].nunique() < 2:
+            raise UsageError(f"--law bcrit: the runs have one batch size (B={float(df['B'].iloc[0]):g}); the trade-off "
+                             "needs 3 or more")
+        col = _loss_column(df)
+        if targets is None:
+            targets = _auto_targets(df, run_col, col)
+            notes.append(f"targets chosen from the logs ({col}): {', '.join(f'{t:.4g}' for t in targets)}")
+        hits = steps_to_target(df, targets, run_col=run_col, loss_col=col)
+        # per batch size the best run (a grid over lr): the fewest steps to each target
+        df = hits.loc[hits.groupby(["target", "B"])["S"].idxmin()] if len(hits) else hits
+        notes.append(f"steps to each target read on {col}, interpolated between logged points; best run per batch size")
+    elif "target" not in df.columns and "loss" in df.columns:
+        df = df.rename(columns={"loss": "target"})
+    io.require(df if len(df) else pd.DataFrame({"target": [], "B": [], "S": []}), ["target", "B", "S"],
+               what="--law bcrit", min_points=0)
+    if df["B"].nunique() < 2 and len(df):
+        raise UsageError(f"--law bcrit: the table has one batch size (B={float(df['B'].iloc[0]):g}); the trade-off "
+                         "needs 3 or more")
+    rows, warnings = [], []
+    law = laws.tradeoff()
+    asked = sorted(set(np.atleast_1d(targets).astype(float)) if targets is not None else set(df["target"]), reverse=True)
+    for t in asked:
+        g = df[np.isclose(df["target"], t)]
+        if g["B"].nunique() < 3:
+            rows.append({"target": float(t), "n": int(g["B"].nunique()),
+                         "status": f"unusable: reached at {g['B'].nunique()} batch size(s), 3 needed"})
+            continue
+        r = fit_law(law, g[["B", "S"]].reset_index(drop=True), bootstrap=bootstrap, seed=seed, delta=delta)
+        row = {"target": float(t), "n": len(g), "S_min": r.params["S_min"], "B_crit": r.params["B_noise"],
+               "status": "fitted"}
+        row["E_min"] = row["S_min"] * row["B_crit"]
+        for k, name in (("S_min", "S_min"), ("B_noise", "B_crit")):
+            lo, hi = r.ci.get(k, (np.nan, np.nan))
+            row[name + "_lo"], row[name + "_hi"] = lo, hi
+        warnings += [f"target {t:.4g}: {w}" for w in r.warnings]
+        rows.append(row)
+    tab = pd.DataFrame(rows)
+    fitted = tab[tab["status"] == "fitted"].reset_index(drop=True) if len(tab) else tab
+    for _, r in tab[tab["status"] != "fitted"].iterrows() if len(tab) else []:
+        warnings.append(f"target {r['target']:.4g}: {r['status']}")
+    if fitted.empty:
+        raise UsageError("--law bcrit: no target loss has runs at 3 or more batch sizes")
+    fitted = fitted.sort_values("target", ascending=False).reset_index(drop=True)
+    fit = None
+    if len(fitted) >= 3:
+        fit = bcrit_law(fitted, bootstrap=bootstrap, seed=seed)
+    else:
+        warnings.append("fewer than 3 targets: B_crit(L) law not fitted")
+    return BcritResult(fitted, fit, warnings=warnings, notes=notes,
+                       unusable=tab.loc[tab["status"] != "fitted", ["target", "n", "status"]].to_dict(orient="records"))
 
 
 @dataclass
@@ -120,6 +289,7 @@ class BcritResult:
     notes: list[str] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
     backtest: dict | None = None
+    unusable: list = field(default_factory=list)  # targets not fitted, with the reason
 
     @property
     def params(self) -> dict[str, float]:
@@ -154,55 +324,11 @@ class BcritResult:
             "ci": {k: list(v) for k, v in self.ci.items()},
             "objective": self.objective,
             "targets": self.table.replace({np.nan: None}).to_dict(orient="records"),
+            "unusable_targets": self.unusable,
             "warnings": self.warnings,
             "notes": self.notes,
         }
         return io.with_results(d, self)
-
-
-def tradeoff(table, *, bootstrap: int = 0, seed: int = 0, delta: float = 1e-3, columns=None, where=None) -> BcritResult:
-    """Fit ``S = S_min (1 + B_noise/B)`` for each target loss, then ``B_crit(L)``.
-
-    ``table``: rows ``target`` (loss, nats), ``B`` (batch size), ``S`` (steps to reach the target),
-    e.g. from ``steps_to_target``; or per-step logs (``run, B, step, loss``), from which targets
-    are chosen as 5 losses spanning what every run reaches.
-    """
-    df, notes = io.load_table(table, columns=columns, where=where)
-    if "target" not in df.columns and {"step", "B", "loss"} <= set(df.columns):
-        run_col = next((c for c in ("run", "trial", "trial_id", "name") if c in df.columns), None)
-        if run_col is None:
-            raise UsageError("--law bcrit: per-step logs need a run column (run, trial or trial_id)")
-        worst_final = df.groupby(run_col)["loss"].min().max()
-        start = df.groupby(run_col)["loss"].max().min()
-        targets = np.geomspace(worst_final, start, 7)[:-1][::-1][:5] if start > worst_final else [worst_final]
-        notes.append(f"targets chosen from the logs: {', '.join(f'{t:.4g}' for t in targets)}")
-        df = steps_to_target(df, targets, run_col=run_col)
-    if "target" not in df.columns and "loss" in df.columns:
-        df = df.rename(columns={"loss": "target"})
-    io.require(df, ["target", "B", "S"], what="--law bcrit", min_points=3)
-    rows, warnings = [], []
-    law = laws.tradeoff()
-    for t, g in df.groupby("target"):
-        if g["B"].nunique() < 3:
-            warnings.append(f"target {t:.4g}: {g['B'].nunique()} batch size(s); need 3, skipped")
-            continue
-        r = fit_law(law, g[["B", "S"]].reset_index(drop=True), bootstrap=bootstrap, seed=seed, delta=delta)
-        row = {"target": float(t), "n": len(g), "S_min": r.params["S_min"], "B_crit": r.params["B_noise"]}
-        row["E_min"] = row["S_min"] * row["B_crit"]
-        for k, name in (("S_min", "S_min"), ("B_noise", "B_crit")):
-            lo, hi = r.ci.get(k, (np.nan, np.nan))
-            row[name + "_lo"], row[name + "_hi"] = lo, hi
-        warnings += [f"target {t:.4g}: {w}" for w in r.warnings]
-        rows.append(row)
-    if not rows:
-        raise UsageError("--law bcrit: no target loss has runs at 3 or more batch sizes")
-    tab = pd.DataFrame(rows).sort_values("target", ascending=False).reset_index(drop=True)
-    fit = None
-    if len(tab) >= 3:
-        fit = bcrit_law(tab, bootstrap=bootstrap, seed=seed)
-    else:
-        warnings.append("fewer than 3 targets: B_crit(L) law not fitted")
-    return BcritResult(tab, fit, warnings=warnings, notes=notes)
 
 
 def bcrit_law(table: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0) -> FitResult:

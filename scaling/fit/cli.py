@@ -45,6 +45,8 @@ def _common(p) -> None:
                    "envelope of per-step loss curves (approach 1; needs per-step logs: a sweep dir or run,C,N,loss rows)")
     p.add_argument("--budget-column", dest="budget_col", help="column naming each run's compute budget (IsoFLOP)")
     p.add_argument("--x", default="C", help="input variable of --law powerlaw: C (FLOPs), N or D")
+    p.add_argument("--targets", default=None, metavar="L[,L..]",
+                   help="--law bcrit: target losses (nats) to measure steps at (default: 5 every batch size reaches)")
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
     p.add_argument("--allow-mixed-schema", dest="allow_mixed_schema", action="store_true",
                    help="fit runs written under different schema versions together (refused by default)")
@@ -109,6 +111,19 @@ def _e_bounds(text) -> tuple[float, float]:
     if not (0 <= lo <= hi):
         raise UsageError(f"--e-bounds {text}: need 0 <= LO <= HI")
     return lo, hi
+
+
+def _targets(spec):
+    """``--targets 2.1,2.0``: target losses (nats), or None."""
+    if spec is None:
+        return None
+    try:
+        out = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--targets: {spec!r} is not a list of losses (nats), e.g. --targets 2.2,2.0,1.9") from None
+    if not out or not all(v > 0 and v == v for v in out):
+        raise UsageError(f"--targets: losses must be positive numbers, got {spec!r}")
+    return out
 
 
 def _pins(items) -> dict[str, float]:
@@ -176,7 +191,7 @@ def _fit(args):
         res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col,
                           seed_noise=args.seed_noise, window_dex=_window(args), **kw)
     elif args.law == "bcrit":
-        res = batch.tradeoff(args.input, bootstrap=args.bootstrap, seed=args.seed, **kw)
+        res = batch.tradeoff(args.input, targets=_targets(args.targets), bootstrap=args.bootstrap, seed=args.seed, **kw)
     elif args.law == "data_constrained":
         from scaling.fit import data_constrained
 
@@ -259,7 +274,11 @@ def _print_table(d: dict) -> None:
         print(f"compute-optimal: N_opt ~ C^a, a = {d['a']:.4f}" + (f" [{a_ci[0]:.4f}, {a_ci[1]:.4f}]" if a_ci else ""))
         print(f"                 D_opt ~ C^b, b = {d['b']:.4f}" + (f" [{b_ci[0]:.4f}, {b_ci[1]:.4f}]" if b_ci else ""))
     for t in d.get("targets", []):
-        print(f"  target L={t['target']:.4g}: S_min={t['S_min']:.4g} steps, E_min={t['E_min']:.4g}, B_crit={t['B_crit']:.4g}")
+        ci_b = f" [{t['B_crit_lo']:.4g}, {t['B_crit_hi']:.4g}]" if t.get("B_crit_lo") is not None else ""
+        print(f"  target L={t['target']:.4g}: S_min={t['S_min']:.4g} steps, E_min={t['E_min']:.4g}, "
+              f"B_crit={t['B_crit']:.4g}{ci_b}")
+    for t in d.get("unusable_targets", []):
+        print(f"  target L={t['target']:.4g}: {t['status']}")
     if d.get("table") and d.get("law", "").startswith("isoflop"):
         for t in d["table"]:
             n = f"{t['N_opt']:.4g}" if t["N_opt"] is not None else "-"

@@ -2,9 +2,11 @@
 
 ``scaling bench train [--json] [--mesh data=8] [--steps N]`` measures, in one process, the
 float32 matmul peak of the default device and the jitted train step (``scaling.train.step``,
-the one ``scaling train`` runs, noise-scale statistics included) of the reference model: dense,
+the one ``scaling train`` runs) of the reference model: dense,
 d_model 256, 4 layers, 4 heads, seq 256, batch 16, vocab 256, float32. FLOPs per token come from
-``scaling.flops.train_flops_per_token`` (exact count), so MFU = tokens/s x FLOPs/token / peak.
+``scaling.flops.train_flops_per_token`` (exact count), so MFU = tokens/s x FLOPs/token / peak. ``step_s`` is a step without the
+noise-scale statistics; ``gns_overhead`` gives the step time with them on every step
+(``optim.gns_every=1``) and on every 10th (``10``) relative to it, all measured in this process.
 
 With ``--mesh``, the same step is also timed with the batch and parameters sharded over that
 mesh and reported as ``sharded_step_s / single_step_s``. On CPU, a mesh larger than the device
@@ -73,6 +75,7 @@ def measure(args) -> dict:
     peak = measure_matmul_flops()
     one = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     single = time_train_step(cfg, one, steps=args.steps)
+    with_stats = {n: time_train_step(cfg, one, steps=args.steps, gns_every=n)["step_s"] for n in (1, 10)}
     peak = max(peak, measure_matmul_flops())
     fpt = float(flops.train_flops_per_token(cfg.model, cfg.data.seq_len))
     tok_s = cfg.tokens_per_step / single["step_s"]
@@ -88,6 +91,7 @@ def measure(args) -> dict:
         "achieved_flops": tok_s * fpt,
         "mfu": tok_s * fpt / peak,
         "peak_rss_bytes": _peak_rss_bytes(),
+        "gns_overhead": {f"every_{n}": t / single["step_s"] - 1 for n, t in with_stats.items()},
     }
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -117,6 +121,8 @@ def report(out: dict) -> None:
     print(f"achieved                 {out['achieved_flops'] / 1e9:8.1f} GFLOP/s")
     print(f"MFU                      {100 * out['mfu']:8.1f} %")
     print(f"peak RSS                 {out['peak_rss_bytes'] / 2**20:8.0f} MiB")
+    for k, v in out["gns_overhead"].items():
+        print(f"noise-scale statistics {k.replace('_', ' ')} step(s): {100 * v:+.1f} % step time")
     if "mesh" in out:
         print(f"sharded step on {out['mesh']}: {out['sharded_step_s'] * 1e3:.1f} ms "
               f"({out['sharded_over_single']:.2f}x single device)")

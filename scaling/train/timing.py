@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 
 
-def prepare_train_step(cfg, mesh):
+def prepare_train_step(cfg, mesh, *, gns_every: int = 0):
     """Compiled train step of ``cfg`` on ``mesh``, its initial state and a random-token batch.
 
-    Returns ``(compiled, state, batch, compile_s)``; one warm-up step has already run.
+    Returns ``(compiled, state, batch, compile_s)``; one warm-up step has already run. The step
+    accumulates as ``data.microbatch`` asks and computes noise-scale statistics every
+    ``gns_every`` steps (0, the default: never, the trainer's step between statistics steps).
     """
     import jax
     import numpy as np
@@ -29,7 +31,9 @@ def prepare_train_step(cfg, mesh):
         graphdef, params, rest = step_lib.split_model(model)
         tx = optim.make_optimizer(cfg.optim, model_cfg=cfg.model)
         state = step_lib.init_state(params, rest, tx, total_steps=1000, mesh=mesh)
-        train_step = step_lib.make_traced_train_step(graphdef, cfg.optim, cfg.model)
+        accum, shards = sharding.accumulation(cfg.data, mesh)
+        train_step = step_lib.make_traced_train_step(graphdef, cfg.optim, cfg.model, accum=accum, shards=shards,
+                                                     gns_every=gns_every)
         rng = np.random.default_rng(0)
         b, l, v = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
         tokens = rng.integers(0, v, size=(b, l + 1), dtype=np.int32)
@@ -42,19 +46,23 @@ def prepare_train_step(cfg, mesh):
     return compiled, state, batch, compile_s
 
 
-def time_train_step(cfg, mesh, *, steps: int) -> dict:
+def time_train_step(cfg, mesh, *, steps: int, gns_every: int = 0) -> dict:
     """Compile and time the train step of ``cfg`` on ``mesh`` with random tokens.
 
-    Returns ``compile_s``, ``step_s`` (median of ``steps`` timed steps, seconds) and ``final_loss``.
+    Returns ``compile_s``, ``step_s`` (seconds per step: the median over ``steps`` timed blocks
+    of ``max(gns_every, 1)`` consecutive steps, so a block holds one statistics step) and
+    ``final_loss``.
     """
     import jax
     import numpy as np
 
-    compiled, state, batch, compile_s = prepare_train_step(cfg, mesh)
+    compiled, state, batch, compile_s = prepare_train_step(cfg, mesh, gns_every=gns_every)
+    block = max(gns_every, 1)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        state, m = compiled(state, batch)
+        for _ in range(block):
+            state, m = compiled(state, batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) / block)
     return {"compile_s": compile_s, "step_s": float(np.median(times)), "final_loss": float(m["loss"])}

@@ -48,6 +48,11 @@ def test_known_parameters_are_recovered_from_synthetic_repeated_runs():
     loss = dc.predict(N, D, U, *truth, BASE) * np.exp(rng.normal(0, 1e-4, N.size))
     r = dc.fit(pd.DataFrame({"N": N, "D": D, "U": U, "loss": loss}), base=BASE)
     assert r.R_D_star == pytest.approx(truth[0], rel=0.1) and r.R_N_star == pytest.approx(truth[1], rel=0.1)
+    # a sweep directory records the corpus's tokens per epoch (unique_tokens); single-epoch runs
+    # on a larger corpus saw D distinct tokens: U = min(unique_tokens, D), the same fit
+    corpus = np.where(D == U, 1e12, U)
+    r2 = dc.fit(pd.DataFrame({"N": N, "D": D, "unique_tokens": corpus, "loss": loss}), base=BASE)
+    assert (r2.R_D_star, r2.R_N_star) == (r.R_D_star, r.R_N_star)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys, datablations):

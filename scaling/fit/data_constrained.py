@@ -127,9 +127,17 @@ class DataConstrainedFit:
                 "warnings": self.warnings, "notes": self.notes}
 
 
+def _with_U(df):
+    """``df`` with ``U``, the distinct tokens each run saw: as given, or from a sweep directory's
+    ``unique_tokens`` (the corpus's tokens per epoch), at most ``D`` (a run of less than one
+    epoch saw ``D``)."""
+    if "U" not in df.columns and "unique_tokens" in df.columns and "D" in df.columns:
+        return df.assign(U=np.minimum(df["unique_tokens"].astype(float), df["D"].astype(float)))
+    return df
+
+
 def _columns(df):
-    if "U" not in df.columns and "unique_tokens" in df.columns:  # a sweep directory (runs.load)
-        df = df.assign(U=df["unique_tokens"])
+    df = _with_U(df)
     need = ["N", "D", "U", "loss"]
     missing = [c for c in need if c not in df.columns]
     if missing:
@@ -155,8 +163,7 @@ def fit(data, *, base: dict | None = None, delta: float = 1e-3, columns=None, wh
 
     df, notes = io.load_table(data, columns=columns, where=where)
     N, D, U, y = _columns(df)
-    if "U" not in df.columns and "unique_tokens" in df.columns:
-        df = df.assign(U=df["unique_tokens"])
+    df = _with_U(df)
     repeated = D > U * (1 + 1e-9)
     if repeated.sum() < 3:
         raise UsageError(f"--law data_constrained: {int(repeated.sum())} run(s) repeat data (D > U); "

@@ -108,6 +108,8 @@ def duplicated_sizes(df: pd.DataFrame, keys=None) -> int:
     ``D`` first: runs of one size at continuous budgets (Chinchilla's) are not a grid."""
     if keys is None:
         keys = ("N", "D") if "D" in df.columns else ("N", "C")
+        # runs of one (N, D) on corpora of different sizes (a data-constrained study) are no grid
+        keys = (*keys, *[k for k in ("U", "unique_tokens") if k in df.columns][:1])
     if any(k not in df.columns for k in (*keys, "loss")) or df.empty:
         return 0
     try:

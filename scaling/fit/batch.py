@@ -194,15 +194,15 @@ def _per_step_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, str, list[str]]:
 
 
 def _auto_targets(df: pd.DataFrame, run_col: str, col: str, n: int = 5) -> np.ndarray:
-    """``n`` target losses, log-spaced, that the best run of every batch size reaches: from
-    ``max over B of (best final loss at B)`` up to where every run already is after its first
-    logged points."""
-    best_final = df.groupby(run_col)[col].min().groupby(df.groupby(run_col)["B"].first()).min()
-    floor = float(best_final.max())
+    """``n`` target losses, log-spaced, that at least 3 batch sizes reach: from just above the
+    third-lowest of the batch sizes' best losses up to halfway to where every run starts (its
+    highest logged loss), so the targets sit in the later part of training."""
+    best_at_B = df.groupby(run_col)[col].min().groupby(df.groupby(run_col)["B"].first()).min().sort_values()
+    floor = float(best_at_B.iloc[min(2, len(best_at_B) - 1)]) * 1.002
     start = float(df.groupby(run_col)[col].max().min())
     if not start > floor:
         return np.array([floor])
-    return np.geomspace(floor, start, n + 2)[:-1][::-1][:n]
+    return np.geomspace(floor + 0.5 * (start - floor), floor, n)
 
 
 def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: float = 1e-3, columns=None,
@@ -213,7 +213,8 @@ def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: f
     e.g. from ``steps_to_target``; or per-step logs (a sweep directory, or ``run, B, step`` and
     ``eval_loss``/``loss``), from which each run's steps to each target are read on its held-out
     curve and, per batch size, the best run (fewest steps: the best learning rate of a grid) is
-    kept. ``targets`` (nats): the losses to measure at; default 5 that every batch size reaches.
+    kept. ``targets`` (nats): the losses to measure at; default 5 that at least 3 batch sizes
+    reach (``_auto_targets``).
     A target reached at fewer than 3 batch sizes is reported as unusable (a row with its reason),
     not fitted. Batch sizes from a sweep directory are in tokens per step.
     """

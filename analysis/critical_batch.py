@@ -52,7 +52,6 @@ OUT = _nb.out_dir("critical_batch")
 RUNS = _nb.runs_dir("critical_batch", "batch_size")
 JOBS = int(os.environ.get("SCALING_JOBS", "1"))
 N_BOOT = 50 if SMOKE else 500
-SMOOTH = 5  # logged points in the centred moving average of the training loss (noise-scale axis only)
 print(f"SMOKE={SMOKE}  runs={RUNS}  out={OUT}")
 
 # %% [markdown]
@@ -157,17 +156,19 @@ _nb.save(fig, OUT, "tradeoff")
 # %% [markdown]
 # ## B_crit(L) and the gradient noise scale on the same axes
 # The noise scale is computed per run with `fit.noise_scale` (McCandlish et al.'s unbiased
-# two-batch estimators of |G|² and tr(Σ), each smoothed before the ratio) and drawn against the
-# run's smoothed training loss.
+# two-batch estimators of |G|² and tr(Σ), each smoothed before the ratio, the run's own EMA) and
+# drawn against the run's held-out loss, interpolated to the steps with statistics.
 
 # %%
 gns = []
 for tid, g in steps.groupby("trial_id"):
+    ev_g = g[g["eval_loss"].notna()].sort_values("step")
     g = g[g[list(fit.batch.GNS_COLS)].notna().all(axis=1)].sort_values("step")  # the statistics rows
-    if len(g) > 1:
+    if len(g) > 1 and len(ev_g) > 1:
         ns = fit.noise_scale(g)  # one run: its own EMA
-        # a centred moving average of the training loss places each estimate on the loss axis
-        ns["loss"] = g["loss"].rolling(SMOOTH, center=True, min_periods=1).mean().to_numpy()
+        # the held-out loss, interpolated to the statistics' steps, places each estimate on the
+        # same loss axis as the targets and B_crit
+        ns["loss"] = np.interp(g["step"].to_numpy(float), ev_g["step"].to_numpy(float), ev_g["eval_loss"].to_numpy(float))
         ns["trial_id"], ns["B"] = tid, g["B"].iloc[0]
         ns["B_simple_tokens"] = ns["B_simple"] * seq_len
         gns.append(ns)
@@ -175,7 +176,7 @@ gns = pd.concat(gns, ignore_index=True) if gns else pd.DataFrame()
 
 
 def bsimple_at(loss: float) -> float:
-    """Median over runs of B_simple (tokens) where each run's smoothed loss crosses ``loss``."""
+    """Median over runs of B_simple (tokens) where each run's held-out loss crosses ``loss``."""
     vals = []
     for _, g in gns.groupby("trial_id"):
         g = g[np.isfinite(g["B_simple_tokens"]) & (g["B_simple_tokens"] > 0)]

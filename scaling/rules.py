@@ -27,7 +27,8 @@ A power law is ``coef * prod_X (X / at_X) ** e_X`` over the variables
 
 The batch rule may use ``N``, ``N_active``, ``C`` and ``W`` only (``D`` and ``B`` follow from the
 batch). Its value is rounded to a whole number of sequences, a multiple of ``multiple_of``
-(default 2: each step splits the batch in two halves for the gradient-noise statistics).
+(default 2: without ``data.microbatch`` a statistics step splits the batch in two halves for the
+gradient-noise statistics).
 A per-size grid multiplies the rule's value by each factor; the fit keeps the best run per
 ``(N, C)`` (``scaling fit --best-per N,C``), as Porian et al. (2024) do.
 
@@ -318,7 +319,7 @@ def _batch(path: str, v: Any) -> BatchRule:
             _fail(f"{path}.unit", f"must be tokens or sequences, got {unit!r}")
         m = _number(f"{path}.multiple_of", v.get("multiple_of", 2))
         if m != int(m) or int(m) % 2:
-            _fail(f"{path}.multiple_of", f"must be an even whole number of sequences (the batch splits in two halves), "
+            _fail(f"{path}.multiple_of", f"must be an even whole number of sequences (a statistics step splits the batch in two halves), "
                                          f"got {v.get('multiple_of')!r}")
         multiple = int(m)
     return BatchRule(rule, unit, multiple)

@@ -137,6 +137,8 @@ def test_scaling_curves_names_runs_apart_scores_the_last_evaluation_and_refuses_
     assert p["observed_step"] == 950 and p["steps"] == 1000
     assert p["observed"] == pytest.approx(truth(schedule("wsd", 1000), [950])[0])
     assert abs(p["rel_error"]) < 0.01  # scored against the law's value at step 950, not at 1000
+    assert main(["curves", a, b, "--predict", b, "--json"]) == 0  # a fitted run predicted: an in-sample check
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["name"] == str(tmp_path / "b" / "run")
 
     wide = {**shape, "model": {"d_model": 64, "n_layers": 2}}
     c = _run_dir(tmp_path / "wide", schedule("wsd", 1000), steps, truth(schedule("wsd", 1000), steps), wide)

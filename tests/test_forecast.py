@@ -62,6 +62,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["chosen"].startswith("saturating") and len(d["forecasts"]) == 1
     assert {s["status"] for s in d["selection"]} <= {"candidate", "fewer than 2 backtests", "cannot fit the last window"}
+    assert {s["config"]: s["status"] for s in d["selection"]}[d["chosen"]] == "candidate"
     # data_constrained's data problems are named, not reported as "no law could be backtested"
     runs = df.assign(N=1e6, D=df["C"] / 6e6)
     with pytest.raises(UsageError, match="missing U"):

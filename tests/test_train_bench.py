@@ -2,6 +2,7 @@
 step computes."""
 
 import json
+import math
 
 import pytest
 
@@ -23,3 +24,4 @@ def test_bench_train_json_and_sharded_equivalence(capsys):
     assert out["tokens_per_s"] == 16 * 32 / out["step_s"]
     assert 0 < out["mfu"] < 1.5 and out["peak_rss_bytes"] > 0
     assert set(out["gns_overhead"]) == {"every_1", "every_10"}  # ratios, measured in this process
+    assert all(math.isfinite(v) and v > -1 for v in out["gns_overhead"].values())

@@ -182,3 +182,13 @@ def test_accumulated_step_is_full_batch_step_with_microbatch_noise_stats(tiny):
     assert np.isfinite(float(m10["gns_g_small_sq"]))
     none = step_lib.make_train_step(graphdef, tx, z_loss_weight=1e-3, donate=False, gns_every=0)
     assert not any(k.startswith("gns_") for k in none(state, batch)[1])
+
+
+def test_microbatches_keep_each_device_block_and_take_consecutive_rows():
+    """Pass k takes rows k m .. (k+1) m - 1 of every device's contiguous block of m K rows:
+    24 rows, 2 devices, 3 passes of 4 rows per device."""
+    rows = jnp.arange(24)[:, None]
+    mb = np.asarray(step_lib._microbatches(rows, 3, 2))[..., 0]
+    assert mb.shape == (3, 8)
+    np.testing.assert_array_equal(mb, [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 16, 17, 18, 19],
+                                       [8, 9, 10, 11, 20, 21, 22, 23]])

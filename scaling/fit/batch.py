@@ -100,7 +100,8 @@ def noise_scale_window(data, *, start: float = 0.5, end: float = 1.0, n_boot: in
     with step in ``[start, end]`` x its last step (fractions of the run; the second half by
     default), with a 95% bootstrap interval over those rows (``B_simple_lo``, ``_hi``).
 
-    Returns ``trial_id`` (or ``run``), ``B_simple``, its interval, ``n`` (rows used), ``step_lo``,
+    Returns ``trial_id`` (or ``run``), ``B_simple``, its interval (NaN when the estimate is not
+    positive: |G|^2 unresolved), ``n`` (rows used), ``step_lo``,
     ``step_hi``, ``loss`` (mean over the window) and ``B`` (``gns_b_big``, the run's batch).
     Runs are never pooled. Units: those of ``gns_b_*``."""
     if not (0 <= start < end <= 1):
@@ -123,8 +124,9 @@ def noise_scale_window(data, *, start: float = 0.5, end: float = 1.0, n_boot: in
         idx = rng.integers(0, len(w), size=(n_boot, len(w)))
         with np.errstate(divide="ignore", invalid="ignore"):
             boot = tr[idx].mean(1) / g2[idx].mean(1)
-        boot = boot[np.isfinite(boot) & (boot > 0)]
-        lo, hi = (np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan))
+        boot = boot[np.isfinite(boot)]
+        # a non-positive estimate means |G|^2 is not resolved over the window: no interval
+        lo, hi = (np.percentile(boot, [2.5, 97.5]) if len(boot) and est > 0 else (np.nan, np.nan))
         row = {"B_simple": float(est), "B_simple_lo": float(lo), "B_simple_hi": float(hi), "n": int(len(w)),
                "step_lo": float(w["step"].min()), "step_hi": float(w["step"].max()),
                "loss": float(w["loss"].mean()) if "loss" in w else np.nan, "B": float(w["gns_b_big"].iloc[0])}

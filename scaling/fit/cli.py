@@ -121,7 +121,7 @@ def _targets(spec):
         out = [float(v) for v in spec.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"--targets: {spec!r} is not a list of losses (nats), e.g. --targets 2.2,2.0,1.9") from None
-    if not out or not all(v > 0 and v == v for v in out):
+    if not out or not all(0 < v < float("inf") for v in out):
         raise UsageError(f"--targets: losses must be positive numbers, got {spec!r}")
     return out
 
@@ -161,6 +161,8 @@ def _fit(args):
         raise UsageError(f"--pin: --law {args.law} has no parameters to pin; use it with a parametric law (chinchilla, powerlaw, ...)")
     if args.method == "varpro" and args.law != "chinchilla":
         raise UsageError("--method varpro: variable projection is for --law chinchilla")
+    if getattr(args, "targets", None) is not None and args.law != "bcrit":
+        raise UsageError(f"--targets: target losses are for --law bcrit, not --law {args.law}")
     if args.e_bounds is not None and args.method != "varpro":
         raise UsageError("--e-bounds: needs --law chinchilla --method varpro (or pin E with --pin E=VALUE)")
     if args.method == "varpro" and args.holdout is not None:

@@ -69,8 +69,8 @@ def _load_run(path: str, loss: str):
     got = curves.curves_from_steps(runs.load_steps(p), loss=loss)
     if not got:
         raise UsageError(f"{path}: no trial with 3 logged values of {loss}")
-    single = (p / "config.json").exists() or (p / "summary.json").exists()
-    shapes = {c.name: _shape_of(p if single else p / c.name) for c in got}
+    dirs = {str(desc.get("trial_id", d.name)): d for d, desc in runs._trial_dirs(p)}
+    shapes = {c.name: _shape_of(dirs.get(c.name, p / c.name)) for c in got}
     if len(got) == 1:  # a single run: name it by its directory, not by its trial id
         got = [curves.Curve(p.name, got[0].lr, got[0].steps, got[0].loss)]
         shapes = {p.name: next(iter(shapes.values()))}
@@ -79,17 +79,23 @@ def _load_run(path: str, loss: str):
 
 def _named_apart(loaded: list[tuple[str, list, dict]]):
     """Curves from several directories, renamed by the path as given where two share a name
-    (``a/run`` and ``b/run``), so fit errors and predictions are never merged. The same
-    directory given twice is refused."""
+    (``a/run`` and ``b/run``), so fit errors and predictions are never merged. ``loaded`` holds
+    ``(path, curves, shapes, role)``; a directory given twice in one role (fitted, predicted) is
+    refused; one both fitted and predicted (an in-sample check) keeps one name."""
     from scaling.fit import curves
 
     seen = {}
-    for path, _, _ in loaded:
-        real = Path(path).resolve()
-        if real in seen:
-            raise UsageError(f"curves: {path} is given twice (as {seen[real]} too); fit or predict each run once")
-        seen[real] = path
-    names = [c.name for _, got, _ in loaded for c in got]
+    for path, _, _, role in loaded:
+        key = (Path(path).resolve(), role)
+        if key in seen:
+            raise UsageError(f"curves: {path} is given twice (as {seen[key]} too); {role} each run once")
+        seen[key] = path
+    first = {}
+    for path, _, _, _ in loaded:
+        first.setdefault(Path(path).resolve(), path)
+    loaded = [(first[Path(path).resolve()], got, sh) for path, got, sh, _ in loaded]
+    names = [c.name for path, got, _ in dict((Path(p).resolve(), (p, g, s)) for p, g, s in loaded).values()
+             for c in got]
     out, shapes = [], {}
     for path, got, sh in loaded:
         for c in got:
@@ -104,11 +110,15 @@ def _shape_of(run_dir: Path) -> dict:
     """What a curve law holds fixed, from a run's ``config.json``: the ``model`` section and
     ``data.batch_size`` / ``data.seq_len`` ({} when the run records no config)."""
     from scaling.files import read_json
+    from scaling.schema import LATE_FIELDS
 
     cfg = read_json(run_dir / "config.json")
     if not isinstance(cfg, dict):
         return {}
-    out = {f"model.{k}": v for k, v in (cfg.get("model") or {}).items()}
+    # a field added after the run was written holds its old value there
+    model = {name: old for (section, name), old in LATE_FIELDS.items() if section == "model"}
+    model.update(cfg.get("model") or {})
+    out = {f"model.{k}": (tuple(v) if isinstance(v, list) else v) for k, v in model.items()}
     data = cfg.get("data") or {}
     out.update({f"data.{k}": data[k] for k in ("batch_size", "seq_len") if k in data})
     return out
@@ -137,12 +147,13 @@ def run(args) -> int:
     if args.skip < 0:
         raise UsageError(f"--skip: {args.skip} steps; use 0 or more")
     run_paths = [s for s in args.predict if Path(s).is_dir()]
-    loaded = [(path, *_load_run(path, args.loss)) for path in [*args.fit, *run_paths]]
+    loaded = [(path, *_load_run(path, args.loss), role) for paths, role in ((args.fit, "fit"), (run_paths, "predict"))
+              for path in paths]
     named, shapes = _named_apart(loaded)
     by_path, i = {}, 0
-    for path, got, _ in loaded:
-        by_path[path], i = named[i:i + len(got)], i + len(got)
-    fitted = [c for path in args.fit for c in by_path[path]]
+    for path, got, _, role in loaded:
+        by_path[(path, role)], i = named[i:i + len(got)], i + len(got)
+    fitted = [c for path in args.fit for c in by_path[(path, "fit")]]
     _one_shape(shapes)
     with np.errstate(all="ignore"):
         r = curves.fit(fitted, warmup_skip=args.skip, law=args.law)
@@ -151,7 +162,7 @@ def run(args) -> int:
     for spec in args.predict:
         p = Path(spec)
         if p.is_dir():
-            for c in by_path[spec]:
+            for c in by_path[(spec, "predict")]:
                 final = float(r.predict_curve(c.lr, [len(c.lr)])[0])
                 # scored at the last evaluation, which need not be the schedule's last step
                 last = int(c.steps[-1])

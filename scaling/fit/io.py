@@ -170,7 +170,8 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
     elif not steps:
         n = select.duplicated_sizes(df)
         if n:
-            notes.append(f"{n} run(s) share their size and data (N, D) with another configuration: if that is a hyperparameter grid, "
+            notes.append(f"{n} run(s) share their size and data (N, D and the corpus size U where recorded) with another "
+                         f"configuration: if that is a hyperparameter grid, "
                          f"--best-per N,C keeps the best-tuned run of each (Porian et al.); seeds of one "
                          f"configuration are averaged by it, never picked")
     return df.reset_index(drop=True), notes

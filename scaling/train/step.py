@@ -14,15 +14,17 @@ of the K gradients *is* the full-batch gradient (up to float rounding).
 
 Gradient noise scale (McCandlish et al. 2018, appendix A), from gradients the step has anyway:
 ``gns_b_big = B`` with ``gns_g_big_sq = |g|^2`` (the update's gradient), and ``gns_b_small``
-the sequences of one pass with ``gns_g_small_sq`` the mean of the passes' ``|g_k|^2``. Without
+the sequences of one pass with ``gns_g_small_sq`` the mean of the passes' ``|g_k|^2`` (taken on
+every pass when statistics are on at all, and reported on statistics steps only). Without
 accumulation (K = 1) a statistics step splits the batch in two interleaved halves (even / odd
 rows) instead of one pass, ``gns_b_small = B / 2``. From these
 ``|G|^2 = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)`` and
 ``tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big)``, ``B_noise = tr(Sigma) / |G|^2``
 (``scaling.fit.batch`` does that part, averaging over steps first as the paper advises).
-Statistics are computed on steps ``s`` (1-based) with ``s % gns_every == 0`` and on the last
-step, decided inside the program from the state's step, so other steps pay nothing (no extra
-norms, no half-batch passes) and a resumed run takes the same path as an uninterrupted one.
+Statistics are reported on steps ``s`` (1-based) with ``s % gns_every == 0`` and on the last
+step, decided inside the program from the state's step, so a resumed run takes the same path as
+an uninterrupted one. Without accumulation the other steps make one full-batch pass (no
+half-batch passes, no extra norms); with it they pay only the passes' norms.
 Model aux losses that are not means over tokens (MoE load balance) are averaged over the
 passes, which is the loss the update follows.
 """
@@ -141,9 +143,10 @@ def _gradients(grad_fn, params, rest, inputs, targets, *, accum: int, shards: in
     xs, ys = _microbatches(inputs, accum, shards), _microbatches(targets, accum, shards)
 
     def one(x, y):
+        # with statistics possible, every pass takes its norm (a reduction, small beside a
+        # forward/backward pass) rather than a data-dependent branch inside the scan
         (lt, (ce, m)), g = grad_fn(params, rest, x, y)
-        sq = jnp.zeros((), jnp.float32) if gns is False else \
-            jax.lax.cond(gns, _sq_norm, lambda _: jnp.zeros((), jnp.float32), g)
+        sq = jnp.zeros((), jnp.float32) if gns is False else _sq_norm(g)
         return lt, ce, m, g, sq
 
     shapes = jax.eval_shape(one, xs[0], ys[0])

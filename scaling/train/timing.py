@@ -1,7 +1,8 @@
 """Timing the trainer's own compiled step on random tokens (what the benches measure).
 
-``prepare_train_step(cfg, mesh)`` builds the model, optimizer state and jitted step exactly as
-``scaling train`` does (``scaling.train.step``, sharded on ``mesh``) and compiles it;
+``prepare_train_step(cfg, mesh, gns_every=0)`` builds the model, optimizer state and jitted
+step as ``scaling train`` does on its steps without noise-scale statistics (``gns_every=N``:
+statistics every N steps) (``scaling.train.step``, sharded on ``mesh``) and compiles it;
 ``time_train_step`` times it. Used by ``scaling bench train`` (``scaling.train.bench``) and
 ``scaling bench moe|mod`` (``scaling.models.bench``).
 """

@@ -76,14 +76,9 @@ def test_weight_decay_only_on_matrices_not_embeddings_or_norms(tiny):
     assert any("head" in n for n in decayed)  # an untied output head is an ordinary matrix
 
 
-def test_split_step_is_full_batch_step_and_noise_stats_are_exact(tiny):
-    import optax
-
-    graphdef, params, rest = tiny
-    z = 1e-3
-    tx = optax.sgd(1.0)  # plain SGD exposes the gradient the step applies
-    rng = np.random.default_rng(0)
-    tok = rng.integers(0, 64, size=(8, 17)).astype(np.int32)
+def _batch_and_grad(graphdef, params, rest, z: float, seed: int):
+    """A random 8 x 16 batch and a jitted ``grad(x, y) -> (cross-entropy, gradient)`` at ``params``."""
+    tok = np.random.default_rng(seed).integers(0, 64, size=(8, 17)).astype(np.int32)
     batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
     loss_fn = step_lib.make_loss_fn(graphdef, z)
 
@@ -92,9 +87,21 @@ def test_split_step_is_full_batch_step_and_noise_stats_are_exact(tiny):
         (_, (ce, _)), g = jax.value_and_grad(lambda p: loss_fn(p, rest, x, y), has_aux=True)(params)
         return ce, g
 
-    def sq(t):
-        return float(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in jax.tree.leaves(t)))
+    return batch, grad
 
+
+def sq(t) -> float:
+    """Squared norm of a gradient tree, in float64."""
+    return float(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in jax.tree.leaves(t)))
+
+
+def test_split_step_is_full_batch_step_and_noise_stats_are_exact(tiny):
+    import optax
+
+    graphdef, params, rest = tiny
+    z = 1e-3
+    tx = optax.sgd(1.0)  # plain SGD exposes the gradient the step applies
+    batch, grad = _batch_and_grad(graphdef, params, rest, z, seed=0)
     ce_full, g_full = grad(batch["inputs"], batch["targets"])
     _, g_even = grad(batch["inputs"][0::2], batch["targets"][0::2])
     _, g_odd = grad(batch["inputs"][1::2], batch["targets"][1::2])
@@ -149,19 +156,7 @@ def test_accumulated_step_is_full_batch_step_with_microbatch_noise_stats(tiny):
 
     graphdef, params, rest = tiny
     tx = optax.sgd(1.0)
-    rng = np.random.default_rng(1)
-    tok = rng.integers(0, 64, size=(8, 17)).astype(np.int32)
-    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
-    loss_fn = step_lib.make_loss_fn(graphdef, 1e-3)
-
-    @jax.jit
-    def grad(x, y):
-        (_, (ce, _)), g = jax.value_and_grad(lambda p: loss_fn(p, rest, x, y), has_aux=True)(params)
-        return ce, g
-
-    def sq(t):
-        return float(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in jax.tree.leaves(t)))
-
+    batch, grad = _batch_and_grad(graphdef, params, rest, 1e-3, seed=1)
     ce_full, g_full = grad(batch["inputs"], batch["targets"])
     small = np.mean([sq(grad(batch["inputs"][k:k + 2], batch["targets"][k:k + 2])[1]) for k in range(0, 8, 2)])
     state = step_lib.init_state(params, rest, tx, total_steps=10)

@@ -189,7 +189,7 @@ def bsimple_at(loss: float) -> float:
 tt = res.table.copy()
 tt["B_simple"] = [bsimple_at(t) for t in tt["target"]]
 tt["B_simple/B_crit"] = tt["B_simple"] / tt["B_crit"]
-print(tt[["target", "B_crit", "B_crit_lo", "B_crit_hi", "B_simple", "B_simple/B_crit"]].to_string(index=False))
+print(tt[["target", "B_crit", "B_crit_lo", "B_crit_hi", "B_simple", "B_simple/B_crit", "status"]].to_string(index=False))
 
 fig, ax = plt.subplots(figsize=(7.5, 5.2))
 labelled = set()
@@ -201,18 +201,23 @@ for tid, g in gns.groupby("trial_id"):  # one line per run, coloured by its batc
     ax.plot(g["loss"], g["B_simple_tokens"], lw=0.6, alpha=0.5, color=cmap(Bs.index(B) / max(len(Bs) - 1, 1)),
             label=None if B in labelled else f"B_simple, runs at B = {B:g}")
     labelled.add(B)
-yerr = np.vstack([tt["B_crit"] - tt["B_crit_lo"], tt["B_crit_hi"] - tt["B_crit"]]).clip(min=0)
-ax.errorbar(tt["target"], tt["B_crit"], yerr=yerr if np.isfinite(yerr).all() else None, fmt="o", color="k",
+tf, tu = tt[tt["status"] == "fitted"], tt[tt["status"] != "fitted"]
+yerr = np.vstack([tf["B_crit"] - tf["B_crit_lo"], tf["B_crit_hi"] - tf["B_crit"]]).clip(min=0)
+ax.errorbar(tf["target"], tf["B_crit"], yerr=yerr if np.isfinite(yerr).all() else None, fmt="o", color="k",
             capsize=3, zorder=5, label="B_crit per target (trade-off fit, 95% CI)")
+if len(tu):  # B_crit beyond the batch sizes that reach the target: a lower bound (2x the largest)
+    b_max = [table.loc[np.isclose(table["target"], t), "B"].max() * fit.batch.RESOLVED_FACTOR for t in tu["target"]]
+    ax.plot(tu["target"], b_max, "^", color="k", mfc="none", ms=8, zorder=5,
+            label="B_crit unresolved: above the batch sizes run (lower bound)")
 if res.law is not None:
-    Lg = np.geomspace(tt["target"].min() * 0.97, tt["target"].max() * 1.03, 100)
+    Lg = np.geomspace(tf["target"].min() * 0.97, tf["target"].max() * 1.03, 100)
     pb = res.predict(Lg)
     ax.plot(Lg, pb["B_crit"], color="C3", label=f"B_crit = {res.params['B_star']:.3g} / L^(1/{res.params['alpha_B']:.3f})")
     if np.isfinite(pb["B_crit_lo"]).all():
         ax.fill_between(Lg, pb["B_crit_lo"], pb["B_crit_hi"], color="C3", alpha=0.15)
 # an interval whose lower end collapses to ~0 (B_crit not resolved by the batch sizes run) would
 # stretch the axis over many decades: keep the axis on the measured values
-vals = np.concatenate([tt["B_crit"].to_numpy(float), gns["B_simple_tokens"].to_numpy(float) if len(gns) else []])
+vals = np.concatenate([tf["B_crit"].to_numpy(float), gns["B_simple_tokens"].to_numpy(float) if len(gns) else []])
 vals = vals[np.isfinite(vals) & (vals > 0)]
 if vals.size:
     ax.set_ylim(np.percentile(vals, 2) / 5, np.percentile(vals, 98) * 5)
@@ -235,7 +240,7 @@ _nb.save(fig, OUT, "bcrit_vs_loss")
 
 # %%
 tt["D_at_Bcrit"] = 2 * tt["E_min"]
-ok = tt[np.isfinite(tt["B_crit"]) & (tt["B_crit"] > 0) & (tt["D_at_Bcrit"] > 0)]
+ok = tt[(tt["status"] == "fitted") & np.isfinite(tt["B_crit"]) & (tt["B_crit"] > 0) & (tt["D_at_Bcrit"] > 0)]
 bcrit_d = {"p": None, "ci95": None, "n": len(ok)}
 if len(ok) >= 3:
     lx, ly = np.log(ok["D_at_Bcrit"].to_numpy(float)), np.log(ok["B_crit"].to_numpy(float))
@@ -248,7 +253,7 @@ if len(ok) >= 3:
             boot.append(np.polyfit(lx[i], ly[i], 1)[0])
     bcrit_d = {"p": p_hat, "ci95": [float(v) for v in np.percentile(boot, [2.5, 97.5])], "n": len(ok)}
 print("B_crit ∝ D^p:", bcrit_d, "(Bergsma et al.: p = 0.462)")
-ratio = (tt["B_simple"] / tt["B_crit"]).replace([np.inf, -np.inf], np.nan).dropna()
+ratio = (tt["B_simple"] / tt["B_crit"])[tt["status"] == "fitted"].replace([np.inf, -np.inf], np.nan).dropna()
 print(f"B_simple / B_crit (B_noise): median {ratio.median():.3g}, range {ratio.min():.3g} .. {ratio.max():.3g}")
 
 # %% [markdown]

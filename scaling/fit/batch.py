@@ -24,6 +24,8 @@ from scaling.fit import io, laws
 from scaling.fit.parametric import FitResult, fit_law
 
 GNS_COLS = ("gns_b_small", "gns_b_big", "gns_g_small_sq", "gns_g_big_sq")
+# a trade-off fit's B_crit counts as measured within this factor of the batch sizes that reach the target
+RESOLVED_FACTOR = 2.0
 
 
 def two_batch_estimates(b_small, b_big, g_small_sq, g_big_sq) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +220,9 @@ def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: f
     kept. ``targets`` (nats): the losses to measure at; default 5 that at least 3 batch sizes
     reach (``_auto_targets``).
     A target reached at fewer than 3 batch sizes is reported as unusable (a row with its reason),
-    not fitted. Batch sizes from a sweep directory are in tokens per step.
+    not fitted; one whose fitted B_crit lies more than ``RESOLVED_FACTOR`` beyond the batch sizes
+    that reach it keeps its row with ``status`` "unresolved: ..." and stays out of B_crit(L).
+    Batch sizes from a sweep directory are in tokens per step.
     """
     per_step = isinstance(table, (str, bytes)) or hasattr(table, "__fspath__") or isinstance(table, io.Source)
     df, notes = io.load_table(table, columns=columns, where=where, steps=per_step)
@@ -255,6 +259,13 @@ def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: f
         r = fit_law(law, g[["B", "S"]].reset_index(drop=True), bootstrap=bootstrap, seed=seed, delta=delta)
         row = {"target": float(t), "n": len(g), "S_min": r.params["S_min"], "B_crit": r.params["B_noise"],
                "status": "fitted"}
+        b_lo, b_hi = float(g["B"].min()), float(g["B"].max())
+        # S = S_min (1 + B_crit/B) is only resolved where the batch sizes run straddle its corner:
+        # beyond them the fit extrapolates (all points in one regime), whatever its bootstrap says
+        if not (b_lo / RESOLVED_FACTOR <= row["B_crit"] <= b_hi * RESOLVED_FACTOR):
+            side = f"> {b_hi * RESOLVED_FACTOR:.4g}" if row["B_crit"] > b_hi else f"< {b_lo / RESOLVED_FACTOR:.4g}"
+            row["status"] = (f"unresolved: B_crit {row['B_crit']:.3g} {side}, outside the batch sizes that reach the "
+                             f"target ({b_lo:.4g}-{b_hi:.4g}) by more than {RESOLVED_FACTOR:g}x; not in B_crit(L)")
         row["E_min"] = row["S_min"] * row["B_crit"]
         for k, name in (("S_min", "S_min"), ("B_noise", "B_crit")):
             lo, hi = r.ci.get(k, (np.nan, np.nan))
@@ -262,28 +273,32 @@ def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: f
         warnings += [f"target {t:.4g}: {w}" for w in r.warnings]
         rows.append(row)
     tab = pd.DataFrame(rows)
-    fitted = tab[tab["status"] == "fitted"].reset_index(drop=True) if len(tab) else tab
     for _, r in tab[tab["status"] != "fitted"].iterrows() if len(tab) else []:
         warnings.append(f"target {r['target']:.4g}: {r['status']}")
-    if fitted.empty:
+    measured = tab[tab["S_min"].notna()] if "S_min" in tab else tab.iloc[:0]
+    if measured.empty:
         raise UsageError("--law bcrit: no target loss has runs at 3 or more batch sizes")
-    fitted = fitted.sort_values("target", ascending=False).reset_index(drop=True)
+    measured = measured.sort_values("target", ascending=False).reset_index(drop=True)
+    fitted = measured[measured["status"] == "fitted"]
     fit = None
     if len(fitted) >= 3:
-        fit = bcrit_law(fitted, bootstrap=bootstrap, seed=seed)
+        fit = bcrit_law(fitted.reset_index(drop=True), bootstrap=bootstrap, seed=seed)
     else:
-        warnings.append("fewer than 3 targets: B_crit(L) law not fitted")
-    return BcritResult(fitted, fit, warnings=warnings, notes=notes,
-                       unusable=tab.loc[tab["status"] != "fitted", ["target", "n", "status"]].to_dict(orient="records"))
+        warnings.append(f"{len(fitted)} target(s) with a resolved B_crit: B_crit(L) law not fitted (needs 3)")
+    unusable = tab[tab["S_min"].isna()] if "S_min" in tab else tab
+    return BcritResult(measured, fit, warnings=warnings, notes=notes,
+                       unusable=unusable[["target", "n", "status"]].to_dict(orient="records"))
 
 
 @dataclass
 class BcritResult:
     """Per-target trade-off fits and the B_crit(L) law.
 
-    ``table``: one row per target loss with ``S_min`` (steps), ``E_min`` (examples),
-    ``B_crit`` (= B_noise, batch units) and 95% intervals where bootstrapped.
-    ``law``: the fit ``B_crit = B_star * L^(-1/alpha_B)`` (None with fewer than 3 targets).
+    ``table``: one row per fitted target loss with ``S_min`` (steps), ``E_min`` (examples),
+    ``B_crit`` (= B_noise, batch units), 95% intervals where bootstrapped, and ``status``
+    ("fitted", or "unresolved: ..." where B_crit lies beyond the batch sizes run).
+    ``law``: the fit ``B_crit = B_star * L^(-1/alpha_B)`` on the "fitted" rows (None with fewer
+    than 3). ``unusable``: targets too few batch sizes reach, with the reason.
     """
 
     table: pd.DataFrame

@@ -277,8 +277,9 @@ def _print_table(d: dict) -> None:
         print(f"                 D_opt ~ C^b, b = {d['b']:.4f}" + (f" [{b_ci[0]:.4f}, {b_ci[1]:.4f}]" if b_ci else ""))
     for t in d.get("targets", []):
         ci_b = f" [{t['B_crit_lo']:.4g}, {t['B_crit_hi']:.4g}]" if t.get("B_crit_lo") is not None else ""
+        flag = "" if t.get("status", "fitted") == "fitted" else f"  ({t['status']})"
         print(f"  target L={t['target']:.4g}: S_min={t['S_min']:.4g} steps, E_min={t['E_min']:.4g}, "
-              f"B_crit={t['B_crit']:.4g}{ci_b}")
+              f"B_crit={t['B_crit']:.4g}{ci_b}{flag}")
     for t in d.get("unusable_targets", []):
         print(f"  target L={t['target']:.4g}: {t['status']}")
     if d.get("table") and d.get("law", "").startswith("isoflop"):

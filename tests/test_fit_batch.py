@@ -222,3 +222,20 @@ def test_bcrit_from_a_sweep_directory_reads_eval_curves_and_keeps_the_best_lr(tm
     assert "one batch size" in err and len(err.splitlines()) == 1
     assert main(["fit", str(root), "--law", "bcrit", "--targets", "2.8,x"]) == 2
     assert "--targets" in capsys.readouterr().err
+
+
+def test_a_bcrit_beyond_the_batch_sizes_run_is_unresolved_and_left_out_of_the_law():
+    """Three targets with B_crit inside the batch sizes run, one whose points all lie in the
+    linear regime (S B constant): that one is reported unresolved (its row kept, its reason
+    given) and B_crit(L) is fitted on the other three."""
+    rows = []
+    Bs = np.array([512.0, 1024, 2048, 4096, 8192])
+    for t, s_min, b_crit in ((2.0, 100.0, 2000.0), (1.9, 150.0, 3000.0), (1.8, 200.0, 4500.0)):
+        rows += [{"target": t, "B": B, "S": s_min * (1 + b_crit / B)} for B in Bs]
+    rows += [{"target": 1.7, "B": B, "S": 3e6 / B} for B in Bs[:3]]
+    r = fit.tradeoff(pd.DataFrame(rows))
+    status = dict(zip(r.table["target"], r.table["status"]))
+    assert status[2.0] == status[1.9] == status[1.8] == "fitted"
+    assert status[1.7].startswith("unresolved: B_crit") and "512-2048" in status[1.7]
+    np.testing.assert_allclose(r.table.set_index("target").loc[[2.0, 1.9, 1.8], "B_crit"], [2000, 3000, 4500], rtol=1e-3)
+    assert r.law is not None and r.law.n_points == 3

@@ -55,8 +55,20 @@ def _ema(v: np.ndarray, decay: float) -> np.ndarray:
 
 
 def _runs_of(df: pd.DataFrame) -> str | None:
-    """The column that tells runs apart in a per-step table (``trial_id`` from a sweep, ``run``)."""
-    return next((c for c in ("trial_id", "run") if c in df.columns), None)
+    """The column that tells runs apart in a per-step table (``run``, ``trial``, ``trial_id``
+    from a sweep, ``name``), or None for one run."""
+    return next((c for c in ("run", "trial", "trial_id", "name") if c in df.columns), None)
+
+
+def _statistics_rows(data, columns, where, need=()) -> pd.DataFrame:
+    """The per-step rows of ``data`` that carry the noise-scale statistics (``GNS_COLS`` and
+    ``need``): steps that did not compute them are left out."""
+    df, _ = io.load_table(data, columns=columns, where=where, steps=True)
+    missing = [c for c in (*GNS_COLS, *need) if c not in df.columns]
+    if missing:
+        raise UsageError(f"noise scale: needs columns {', '.join((*GNS_COLS, *need))}; missing {', '.join(missing)} "
+                         "(runs log them every optim.gns_every steps)")
+    return df[np.isfinite(df[list(GNS_COLS)].astype(float)).all(axis=1)]
 
 
 def noise_scale(data, *, decay: float = 0.95, columns=None, where: str | None = None) -> pd.DataFrame:
@@ -70,12 +82,7 @@ def noise_scale(data, *, decay: float = 0.95, columns=None, where: str | None = 
     """
     if not 0 <= decay < 1:
         raise UsageError(f"decay: must be in [0, 1), got {decay}")
-    df, _ = io.load_table(data, columns=columns, where=where, steps=True)
-    missing = [c for c in GNS_COLS if c not in df.columns]
-    if missing:
-        raise UsageError(f"noise scale: needs columns {', '.join(GNS_COLS)}; missing {', '.join(missing)} "
-                         "(runs log them every optim.gns_every steps)")
-    df = df[np.isfinite(df[list(GNS_COLS)].astype(float)).all(axis=1)]
+    df = _statistics_rows(data, columns, where)
     io.require(df, GNS_COLS, what="noise scale", min_points=1, positive=False)
     key = _runs_of(df)
     parts = []
@@ -108,11 +115,7 @@ def noise_scale_window(data, *, start: float = 0.5, end: float = 1.0, n_boot: in
     Runs are never pooled. Units: those of ``gns_b_*``."""
     if not (0 <= start < end <= 1):
         raise UsageError(f"window: need 0 <= start < end <= 1 (fractions of each run), got {start}, {end}")
-    df, _ = io.load_table(data, columns=columns, where=where, steps=True)
-    missing = [c for c in (*GNS_COLS, "step") if c not in df.columns]
-    if missing:
-        raise UsageError(f"noise scale: needs columns {', '.join(GNS_COLS)} and step; missing {', '.join(missing)}")
-    df = df[np.isfinite(df[list(GNS_COLS)].astype(float)).all(axis=1)]
+    df = _statistics_rows(data, columns, where, need=("step",))
     key = _runs_of(df)
     rng = np.random.default_rng(seed)
     rows = []
@@ -166,7 +169,7 @@ def steps_to_target(steps, targets, *, run_col: str = "run", loss_col: str | Non
     io.require(df, ["B", "step", col], what="steps to target", min_points=2, positive=False)
     rows = []
     for run, g in df.groupby(run_col, sort=True):
-        g = g[pd.to_numeric(g[col], errors="coerce").notna()].sort_values("step")
+        g = g.sort_values("step")
         s, L = g["step"].to_numpy(float), g[col].to_numpy(float)
         if len(s) < 2:
             continue
@@ -184,7 +187,7 @@ def steps_to_target(steps, targets, *, run_col: str = "run", loss_col: str | Non
 def _per_step_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, str, list[str]]:
     """Per-step logs of a sweep (``runs.load_steps``) with ``B`` in tokens per step where the
     table does not carry ``B``; the run column's name; notes."""
-    run_col = next((c for c in ("run", "trial", "trial_id", "name") if c in df.columns), None)
+    run_col = _runs_of(df)
     if run_col is None:
         raise UsageError("--law bcrit: per-step logs need a run column (run, trial or trial_id)")
     notes = []
@@ -209,6 +212,12 @@ def _auto_targets(df: pd.DataFrame, run_col: str, col: str, n: int = 5) -> np.nd
     return np.geomspace(floor + 0.5 * (start - floor), floor, n)
 
 
+def _more_than_one_batch_size(df: pd.DataFrame, what: str) -> None:
+    if df["B"].nunique() == 1:
+        raise UsageError(f"--law bcrit: the {what} one batch size (B={float(df['B'].iloc[0]):g}); the trade-off "
+                         "needs 3 or more")
+
+
 def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: float = 1e-3, columns=None,
              where=None) -> "BcritResult":
     """Fit ``S = S_min (1 + B_noise/B)`` for each target loss, then ``B_crit(L)``.
@@ -229,9 +238,7 @@ def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: f
     if "target" not in df.columns and {"step"} <= set(df.columns):
         df, run_col, more = _per_step_runs(df)
         notes += more
-        if df["B"].nunique() < 2:
-            raise UsageError(f"--law bcrit: the runs have one batch size (B={float(df['B'].iloc[0]):g}); the trade-off "
-                             "needs 3 or more")
+        _more_than_one_batch_size(df, "runs have")
         col = _loss_column(df)
         if targets is None:
             targets = _auto_targets(df, run_col, col)
@@ -240,13 +247,11 @@ def tradeoff(table, *, targets=None, bootstrap: int = 0, seed: int = 0, delta: f
         # per batch size the best run (a grid over lr): the fewest steps to each target
         df = hits.loc[hits.groupby(["target", "B"])["S"].idxmin()] if len(hits) else hits
         notes.append(f"steps to each target read on {col}, interpolated between logged points; best run per batch size")
-    elif "target" not in df.columns and "loss" in df.columns:
-        df = df.rename(columns={"loss": "target"})
-    io.require(df if len(df) else pd.DataFrame({"target": [], "B": [], "S": []}), ["target", "B", "S"],
-               what="--law bcrit", min_points=0)
-    if df["B"].nunique() < 2 and len(df):
-        raise UsageError(f"--law bcrit: the table has one batch size (B={float(df['B'].iloc[0]):g}); the trade-off "
-                         "needs 3 or more")
+    else:
+        if "target" not in df.columns and "loss" in df.columns:
+            df = df.rename(columns={"loss": "target"})
+        io.require(df, ["target", "B", "S"], what="--law bcrit", min_points=0)
+        _more_than_one_batch_size(df, "table has")
     rows, warnings = [], []
     law = laws.tradeoff()
     asked = sorted(set(np.atleast_1d(targets).astype(float)) if targets is not None else set(df["target"]), reverse=True)

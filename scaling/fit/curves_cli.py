@@ -77,33 +77,31 @@ def _load_run(path: str, loss: str):
     return got, shapes
 
 
-def _named_apart(loaded: list[tuple[str, list, dict]]):
-    """Curves from several directories, renamed by the path as given where two share a name
-    (``a/run`` and ``b/run``), so fit errors and predictions are never merged. ``loaded`` holds
-    ``(path, curves, shapes, role)``; a directory given twice in one role (fitted, predicted) is
-    refused; one both fitted and predicted (an in-sample check) keeps one name."""
+def _named_apart(loaded: list[tuple[str, list, dict, str]]) -> tuple[dict, dict]:
+    """``({(path, role): curves}, {name: shape})`` for ``loaded``'s ``(path, curves, shapes,
+    role)``: curves renamed by the path as given where two directories share a name (``a/run``
+    and ``b/run``), so fit errors and predictions are never merged. A directory given twice in
+    one role (fitted, predicted) is refused; one both fitted and predicted (an in-sample check)
+    is one run with one name."""
     from scaling.fit import curves
 
-    seen = {}
-    for path, _, _, role in loaded:
-        key = (Path(path).resolve(), role)
-        if key in seen:
-            raise UsageError(f"curves: {path} is given twice (as {seen[key]} too); {role} each run once")
-        seen[key] = path
-    first = {}
-    for path, _, _, _ in loaded:
-        first.setdefault(Path(path).resolve(), path)
-    loaded = [(first[Path(path).resolve()], got, sh) for path, got, sh, _ in loaded]
-    names = [c.name for path, got, _ in dict((Path(p).resolve(), (p, g, s)) for p, g, s in loaded).values()
-             for c in got]
-    out, shapes = [], {}
-    for path, got, sh in loaded:
+    seen, first = {}, {}
+    for path, got, _, role in loaded:
+        real = Path(path).resolve()
+        if (real, role) in seen:
+            raise UsageError(f"curves: {path} is given twice (as {seen[real, role]} too); {role} each run once")
+        seen[real, role] = path
+        first.setdefault(real, (path, got))
+    names = [c.name for _, got in first.values() for c in got]  # each directory once
+    named, shapes = {}, {}
+    for path, got, sh, role in loaded:
+        where = Path(first[Path(path).resolve()][0])
+        named[path, role] = []
         for c in got:
-            name = c.name if names.count(c.name) == 1 else (
-                str(Path(path)) if len(got) == 1 else f"{Path(path)}/{c.name}")
-            out.append(curves.Curve(name, c.lr, c.steps, c.loss))
+            name = c.name if names.count(c.name) == 1 else (str(where) if len(got) == 1 else f"{where}/{c.name}")
+            named[path, role].append(curves.Curve(name, c.lr, c.steps, c.loss))
             shapes[name] = sh[c.name]
-    return out, shapes
+    return named, shapes
 
 
 def _shape_of(run_dir: Path) -> dict:
@@ -149,11 +147,8 @@ def run(args) -> int:
     run_paths = [s for s in args.predict if Path(s).is_dir()]
     loaded = [(path, *_load_run(path, args.loss), role) for paths, role in ((args.fit, "fit"), (run_paths, "predict"))
               for path in paths]
-    named, shapes = _named_apart(loaded)
-    by_path, i = {}, 0
-    for path, got, _, role in loaded:
-        by_path[(path, role)], i = named[i:i + len(got)], i + len(got)
-    fitted = [c for path in args.fit for c in by_path[(path, "fit")]]
+    by_path, shapes = _named_apart(loaded)
+    fitted = [c for path in args.fit for c in by_path[path, "fit"]]
     _one_shape(shapes)
     with np.errstate(all="ignore"):
         r = curves.fit(fitted, warmup_skip=args.skip, law=args.law)
@@ -162,7 +157,7 @@ def run(args) -> int:
     for spec in args.predict:
         p = Path(spec)
         if p.is_dir():
-            for c in by_path[(spec, "predict")]:
+            for c in by_path[spec, "predict"]:
                 final = float(r.predict_curve(c.lr, [len(c.lr)])[0])
                 # scored at the last evaluation, which need not be the schedule's last step
                 last = int(c.steps[-1])

@@ -275,6 +275,10 @@ class DataConfig:
     # gradient accumulation: sequences per device in one forward/backward pass; a step makes
     # batch_size / (devices x microbatch) passes and updates once. None = one pass per step
     microbatch: Optional[int] = None
+    # batch-size schedule: "TOKENS:BATCH" entries; from the first step that starts at or after
+    # TOKENS training tokens the batch is BATCH sequences (data.batch_size before the first
+    # entry). The data order stays a pure function of the step (scaling.data.batch_schedule)
+    batch_schedule: tuple[str, ...] = ()
 
     def __post_init__(self):
         _one_of("data.source", self.source, ("stdlib", "packages", "local_text", "hf", "tfds", "shards", "mixture",
@@ -307,6 +311,14 @@ class DataConfig:
                                             or self.microbatch < 1 or self.batch_size % self.microbatch):
             _fail("data.microbatch", f"must be a positive number of sequences dividing data.batch_size={self.batch_size}, "
                                      f"got {self.microbatch!r}")
+        if self.batch_schedule:
+            from scaling.data.batch_schedule import parse_entries
+
+            for i, (_, b) in enumerate(parse_entries(self.batch_schedule, self.batch_size)):
+                if self.microbatch is not None and b % self.microbatch:
+                    _fail(f"data.batch_schedule[{i}]", f"batch {b} is not a multiple of data.microbatch={self.microbatch}")
+            if self.source == "mixture":
+                _fail("data.batch_schedule", "is not supported with data.source=mixture yet; use one batch size")
         if self.unique_tokens is not None:
             if isinstance(self.unique_tokens, bool) or not isinstance(self.unique_tokens, int) \
                     or self.unique_tokens < self.seq_len * self.batch_size:

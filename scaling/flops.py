@@ -170,6 +170,15 @@ def causal_attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
     return total
 
 
+def tokens_for_steps(cfg: TrainConfig, steps: int) -> int:
+    """Training tokens the first ``steps`` steps consume (``data.batch_schedule`` aware)."""
+    if not cfg.data.batch_schedule:
+        return int(steps) * cfg.tokens_per_step
+    from scaling.data.batch_schedule import BatchSchedule
+
+    return BatchSchedule.of(cfg.data).tokens_before(int(steps))
+
+
 def steps_for_budget(cfg: TrainConfig) -> int:
     """Training steps that spend ``cfg.budget``: FLOPs (counted as ``train_flops_per_token``),
     tokens or steps. Wall-clock budgets (``budget.seconds``) are resolved while training and
@@ -181,6 +190,15 @@ def steps_for_budget(cfg: TrainConfig) -> int:
         return int(budget.steps)
     if kind == "seconds":
         raise ValueError("budget.seconds is a wall-clock budget: the number of steps is known only while training")
+    if cfg.data.batch_schedule:  # the batch changes with the tokens seen
+        from scaling.data.batch_schedule import BatchSchedule
+
+        tokens = budget.tokens if kind == "tokens" else budget.flops / train_flops_per_token(cfg.model, cfg.data.seq_len)
+        steps = BatchSchedule.of(cfg.data).steps_for_tokens(tokens)
+        if steps < 1:
+            raise ConfigError(f"budget.{kind}: {getattr(budget, kind):.3g} {kind} is less than one step of the first "
+                              f"batch ({per_step_tokens} tokens); raise the budget")
+        return int(steps)
     if kind == "tokens":
         steps = round(budget.tokens / per_step_tokens)
         if steps < 1:

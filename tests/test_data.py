@@ -175,7 +175,30 @@ def test_iterator_state_is_a_step_counter(data_dir):
     """Resuming costs nothing: the checkpointed state is the next step index, whatever the corpus."""
     it = loader.make_train_iterator(DataConfig(), seed=0)
     _take(it, 3)
-    assert it.get_state() == {"next_index": 3}
+    assert it.get_state() == {"next_index": 3, "sequences": 3 * DataConfig().batch_size}
+
+
+def test_batch_schedule_reads_each_window_once_in_order_across_the_switch(data_dir):
+    """A schedule 4 -> 12 sequences reads global slots back to back: the scheduled run's windows
+    are the constant-batch run's windows regrouped (no slot skipped or read twice), and a batch
+    switch lands on the first step that starts at or after its token count."""
+    from scaling.data.batch_schedule import BatchSchedule
+
+    base = dict(seq_len=16, batch_size=4)
+    plain = loader.make_train_iterator(DataConfig(**base), seed=0)
+    sched_cfg = DataConfig(**base, batch_schedule=("100:12",))
+    sched = loader.make_train_iterator(sched_cfg, seed=0)
+    flat_plain = np.concatenate([next(plain)["inputs"] for _ in range(12)])
+    got = [next(sched)["inputs"] for _ in range(5)]
+    assert [g.shape[0] for g in got] == [4, 4, 12, 12, 12]  # step 2 starts at 128 >= 100 tokens
+    assert np.array_equal(np.concatenate(got), flat_plain[:44])
+    assert sched.get_state() == {"next_index": 5, "sequences": 44}
+    s = BatchSchedule.of(sched_cfg)
+    assert (s.tokens_before(5), s.steps_for_tokens(44 * 16)) == (44 * 16, 5)
+    with pytest.raises(ConfigError, match=r"data.batch_schedule\[0\]: expected TOKENS:BATCH"):
+        DataConfig(**base, batch_schedule=("lots",))
+    with pytest.raises(ConfigError, match=r"data.batch_schedule\[1\]: tokens must increase"):
+        DataConfig(**base, batch_schedule=("100:8", "50:16"))
 
 
 # --------------------------------------------------------------------------------------------

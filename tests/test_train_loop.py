@@ -17,6 +17,7 @@ import pytest
 import experiments
 from scaling import flops
 from scaling.cli import main
+from scaling.config import ConfigError
 from scaling.data import corpus
 from scaling.train import loop
 from scaling.train.loop import WALL_FIELDS
@@ -241,3 +242,32 @@ def test_microbatched_run_matches_plain_and_logs_statistics_every_gns_every_step
         assert by_step[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-5)
     assert json.loads((tmp_path / "micro" / "summary.json").read_text())["final_eval_loss"] == pytest.approx(
         json.loads((tmp_path / "plain" / "summary.json").read_text())["final_eval_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_batch_schedule_branch_from_a_checkpoint_equals_the_scheduled_run(tmp_path):
+    """A branch that doubles the batch at another run's checkpoint (``init_from`` +
+    ``data.batch_schedule``, how the branched critical-batch measurement runs) equals the run
+    trained from scratch with that schedule, row for row: the data position, the token count
+    and the optimizer state carry over exactly. Without the schedule the mismatch is refused."""
+    const = ["optim.schedule=constant", "optim.warmup_steps=3", "checkpoint_every=100", "log_every=2", "eval_every=4"]
+    at, b0, L = 8, 16, 32
+    main_cfg = tiny_cfg(*const, "budget.steps=12", f"checkpoint_at={at}")
+    sched = tiny_cfg(*const, f"data.batch_schedule={at * b0 * L}:32", "budget.steps=12")
+    loop.run(main_cfg, tmp_path / "main")
+    branch = sched.with_overrides([f"init_from={tmp_path / 'main'}@{at}"])
+    sb = loop.run(branch, tmp_path / "branch")
+    ss = loop.run(sched, tmp_path / "scratch")
+    assert sb["state"] == ss["state"] == "done"
+    assert sb["tokens"] == ss["tokens"] == (at * b0 + 4 * 32) * L
+    rows_b = read_jsonl(tmp_path / "branch" / "metrics.jsonl")
+    rows_s = [r for r in read_jsonl(tmp_path / "scratch" / "metrics.jsonl") if r["step"] > at]
+    assert comparable(rows_b) == comparable(rows_s)
+    assert [(r["step"], r["tokens"], r["batch_size"]) for r in rows_b] == [
+        (10, (at * b0 + 2 * 32) * L, 32), (12, (at * b0 + 4 * 32) * L, 32)]
+    main_rows = {r["step"]: r for r in read_jsonl(tmp_path / "main" / "metrics.jsonl")}
+    assert main_rows[at]["loss"] == {r["step"]: r for r in read_jsonl(tmp_path / "scratch" / "metrics.jsonl")}[at]["loss"]
+    wrong = tiny_cfg(*const, "data.batch_size=32", "budget.steps=12",
+                     f"init_from={tmp_path / 'main'}@{at}")
+    with pytest.raises(ConfigError, match="data.batch_size.*data.batch_schedule"):
+        loop.run(wrong, tmp_path / "wrong")

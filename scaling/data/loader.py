@@ -46,12 +46,18 @@ class PackedBatches:
     """
 
     def __init__(self, tokens: np.ndarray, starts: np.ndarray, seq_len: int, global_batch: int,
-                 key: tuple[int, ...], process_index: int = 0, process_count: int = 1):
+                 key: tuple[int, ...], process_index: int = 0, process_count: int = 1, schedule=None):
         self.tokens, self.starts, self.seq_len = tokens, starts, seq_len
         self.global_batch, self.key = global_batch, key
+        self.process_index, self.process_count = process_index, process_count
+        self.schedule = schedule  # a BatchSchedule when the batch changes, else None
         b_local = global_batch // process_count
         self.rows = process_index * b_local + np.arange(b_local, dtype=np.int64)
         self._perms: dict[int, np.ndarray] = {}
+
+    def sequences_before(self, step: int) -> int:
+        """First global window slot of ``step`` (sequences read by the steps before it)."""
+        return step * self.global_batch if self.schedule is None else self.schedule.sequences_before(step)
 
     def permutation(self, epoch: int) -> np.ndarray:
         """Window order of ``epoch`` (int64[n_windows]); the two most recent are kept."""
@@ -64,7 +70,12 @@ class PackedBatches:
 
     def windows(self, step: int) -> np.ndarray:
         """Indices (into ``starts``) of this host's windows at ``step``: int64[B_local]."""
-        slots = step * self.global_batch + self.rows
+        if self.schedule is None:
+            slots = step * self.global_batch + self.rows
+        else:
+            b_local = self.schedule.batch_at(step) // self.process_count
+            rows = self.process_index * b_local + np.arange(b_local, dtype=np.int64)
+            slots = self.schedule.sequences_before(step) + rows
         epoch, pos = np.divmod(slots, len(self.starts))
         out = np.empty_like(slots)
         for e in np.unique(epoch):  # a batch spans at most two epochs
@@ -139,7 +150,19 @@ def make_train_iterator(cfg: DataConfig, *, seed: int, process_index: int = 0, p
                                   cfg.seq_len, cfg.batch_size, key, process_index, process_count)
         return TrainIterator(fn, cfg.worker_count)
     c, starts, _ = _windows(cfg)
-    fn = PackedBatches(c.train, starts, cfg.seq_len, cfg.batch_size, key, process_index, process_count)
+    schedule = None
+    if cfg.batch_schedule:
+        from scaling.data.batch_schedule import BatchSchedule
+
+        schedule = BatchSchedule.of(cfg)
+        for b in schedule.batches:
+            if b % process_count:
+                raise ConfigError(f"data.batch_schedule: batch {b} does not split over {process_count} hosts; "
+                                  f"use multiples of {process_count}")
+            if b > len(starts):
+                raise ConfigError(f"data.batch_schedule: batch {b} exceeds the {len(starts)} training sequences of "
+                                  f"corpus {c.name} at seq_len {cfg.seq_len}; use a smaller batch or a larger corpus")
+    fn = PackedBatches(c.train, starts, cfg.seq_len, cfg.batch_size, key, process_index, process_count, schedule)
     return TrainIterator(fn, cfg.worker_count)
 
 
@@ -175,7 +198,12 @@ class TrainIterator:
         return batch
 
     def get_state(self) -> dict:
-        return {"next_index": self.step}
+        """``{"next_index": step, "sequences": first window slot of that step}``; the second
+        lets a restore check that the sequences read so far agree (a branch with another batch)."""
+        state = {"next_index": self.step}
+        if hasattr(self.fn, "sequences_before"):
+            state["sequences"] = int(self.fn.sequences_before(self.step))
+        return state
 
     def close(self) -> None:
         """Stop the worker processes (if any); a later ``set_state`` starts new ones."""
@@ -187,6 +215,12 @@ class TrainIterator:
         step = state.get("next_index") if isinstance(state, dict) else None
         if not isinstance(step, int) or step < 0:
             raise ConfigError(f"data iterator state {state!r} is not {{'next_index': step}}; the checkpoint is not ours")
+        seqs = state.get("sequences")
+        if seqs is not None and hasattr(self.fn, "sequences_before") and int(seqs) != self.fn.sequences_before(step):
+            raise ConfigError(f"data.batch_size: the checkpoint stopped after {int(seqs)} sequences at step {step}, but "
+                              f"this run's batches put step {step} after {self.fn.sequences_before(step)}; to change the "
+                              "batch from a checkpoint keep the run's data.batch_size and add "
+                              "data.batch_schedule=TOKENS:NEW_BATCH")
         if step != self.step:
             self._start(step)
 

@@ -8,6 +8,8 @@
     to ``S = S_min (1 + B_noise/B)``, i.e. ``(S/S_min - 1)(E/E_min - 1) = 1`` with E = B S;
     ``B_crit = E_min / S_min = B_noise``.
 (iii) ``bcrit_law``: ``B_crit(L) = B* / L^(1/alpha_B)`` across targets (Kaplan et al. 2020, eq. 5.3).
+(iv) ``branched_cbs``: the critical batch size over training from short branches at several batch
+    sizes off one run's checkpoints (Merrill et al. 2025), and ``cbs = A * D^p`` in the tokens seen.
 
 Batch sizes are in whatever unit the table uses (sequences or tokens); results keep that unit.
 """
@@ -389,3 +391,170 @@ def to_minimum_compute(runs: pd.DataFrame, bcrit: BcritResult) -> pd.DataFrame:
     if "S" in out:
         out["S_min"] = out["S"] / (1.0 + out["B_crit"] / out["B"])
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# (iv) branched critical batch size (Merrill et al. 2025) and B_crit against the tokens seen
+# ----------------------------------------------------------------------------------------------
+
+CBS_TOLERANCE = 0.01  # relative loss excess over the smallest batch still counted as "no harm"
+CBS_COLS = ("cbs_at_tokens", "cbs_batch")
+
+
+@dataclass
+class CbsResult:
+    """Critical batch size per branch point and its power law in the tokens seen.
+
+    ``table``: one row per branch point with ``D`` (tokens seen when the branches start),
+    ``cbs`` (tokens per step; interpolated in log batch where the loss excess over the smallest
+    batch crosses ``tolerance``), ``cbs_grid`` (the largest batch run within tolerance),
+    the branches' batch sizes and excesses, and ``status`` ("resolved", or "lower bound" when
+    every batch run stays within tolerance). ``law``: ``cbs = A * D^p`` on the resolved rows,
+    least squares in log-log with a t-interval on ``p`` (None with fewer than 3 rows).
+    """
+
+    table: pd.DataFrame
+    law: dict | None
+    tolerance: float
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    predictions: list[dict] = field(default_factory=list)
+    backtest: dict | None = None
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {} if self.law is None else {"A": self.law["A"], "p": self.law["p"]}
+
+    @property
+    def ci(self) -> dict:
+        return {} if self.law is None else {"p": self.law["p_ci"]}
+
+    @property
+    def objective(self) -> float | None:
+        return None if self.law is None else self.law["rss"]
+
+    def predict(self, D) -> pd.DataFrame:
+        """The critical batch (tokens per step) after ``D`` training tokens, from the law."""
+        if self.law is None:
+            raise UsageError("predict: cbs(D) needs at least 3 resolved branch points")
+        D = np.atleast_1d(np.asarray(D, float))
+        return pd.DataFrame({"D": D, "cbs": self.law["A"] * D ** self.law["p"]})
+
+    def to_dict(self) -> dict:
+        d = {
+            "law": "cbs",
+            "formula": "cbs(D) = largest batch whose loss after the branch is within tolerance of the smallest; "
+                       "cbs = A * D^p",
+            "tolerance": self.tolerance,
+            "params": self.params,
+            "ci": {k: list(v) for k, v in self.ci.items()},
+            "ci_level": 0.95,
+            "objective": self.objective,
+            "branch_points": self.table.replace({np.nan: None}).to_dict(orient="records"),
+            "warnings": self.warnings,
+            "notes": self.notes,
+        }
+        return io.with_results(d, self)
+
+
+def _crossing(batches: np.ndarray, excess: np.ndarray, tol: float) -> tuple[float, float, str]:
+    """``(cbs, cbs_grid, status)`` for one branch point: batches ascending, excess[0] = 0."""
+    grid = float(batches[0])
+    for i in range(1, len(batches)):
+        e = excess[i]
+        if e <= tol:
+            grid = float(batches[i])
+            continue
+        lo, e_lo = float(batches[i - 1]), float(excess[i - 1])
+        if not np.isfinite(e):  # a diverged branch: nothing to interpolate towards
+            return lo, grid, "resolved"
+        frac = (tol - e_lo) / (e - e_lo)
+        return float(np.exp(np.log(lo) + frac * (np.log(batches[i]) - np.log(lo)))), grid, "resolved"
+    return grid, grid, "lower bound"
+
+
+def cbs_power_law(D, cbs, level: float = 0.95) -> dict | None:
+    """``cbs = A * D^p`` by least squares in log-log; ``p_ci`` the two-sided Student-t interval
+    at ``level`` (n - 2 degrees of freedom). None with fewer than 3 points."""
+    from scipy import stats
+
+    x, y = np.log(np.asarray(D, float)), np.log(np.asarray(cbs, float))
+    n = len(x)
+    if n < 3:
+        return None
+    X = np.column_stack([np.ones(n), x])
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ coef
+    rss = float(resid @ resid)
+    dof = n - 2
+    se = np.sqrt(rss / dof / float(((x - x.mean()) ** 2).sum())) if dof > 0 else np.inf
+    t = float(stats.t.ppf(0.5 + level / 2, dof)) if dof > 0 else np.inf
+    p = float(coef[1])
+    return {"A": float(np.exp(coef[0])), "p": p, "p_ci": (p - t * se, p + t * se), "p_se": float(se), "n": n,
+            "rss": rss}
+
+
+def branched_cbs(table, *, tolerance: float = CBS_TOLERANCE, columns=None, where=None) -> CbsResult:
+    """The critical batch size over training from branches (a ``strategy: cbs_branch`` sweep
+    directory, or rows with ``cbs_at_tokens`` (tokens), ``cbs_batch`` (sequences), ``seq_len``,
+    ``loss`` (nats; the held-out loss at the branch's end) and ``main``).
+
+    Per branch point the branches' losses are compared with the smallest batch's: excess =
+    loss / loss_smallest - 1; a diverged branch (no finite loss) counts as failing. The CBS is
+    where the excess first crosses ``tolerance`` (log-linear between the two batches around
+    it); it and ``D`` are in tokens. A branch point with one batch size is a UsageError; one
+    where every batch stays within tolerance is a lower bound, reported and kept out of the law.
+    """
+    if not 0 < tolerance < 1:
+        raise UsageError(f"--tolerance: must be a relative loss excess in (0, 1), e.g. 0.01; got {tolerance}")
+    df, notes = io.load_table(table, columns=columns, where=where)
+    missing = [c for c in (*CBS_COLS, "loss") if c not in df.columns]
+    if missing:
+        raise UsageError(f"--law cbs: the table has no {', '.join(missing)} column(s); it reads the branches of a "
+                         "strategy: cbs_branch sweep")
+    df = df[df["cbs_at_tokens"].notna() & df["cbs_batch"].notna()].copy()
+    if "state" in df.columns:
+        bad = ~df["state"].isin(["done", "diverged"])
+        if bad.any():
+            notes.append(f"{int(bad.sum())} branch(es) not finished (state {', '.join(sorted(map(str, df.loc[bad, 'state'].unique())))}): left out")
+            df = df[~bad]
+        df.loc[df["state"] == "diverged", "loss"] = np.inf
+    if df.empty:
+        raise UsageError("--law cbs: no finished branches in the table")
+    seq = df["seq_len"].astype(float) if "seq_len" in df.columns else 1.0
+    if "seq_len" not in df.columns:
+        notes.append("no seq_len column: batch sizes in sequences")
+    df["B_tokens"] = df["cbs_batch"].astype(float) * seq
+    df["loss"] = pd.to_numeric(df["loss"], errors="coerce").fillna(np.inf)
+    keys = [k for k in ("main", "cbs_at_tokens") if k in df.columns]
+    rows, warnings = [], []
+    for key, g in df.groupby(keys, sort=True):
+        g = g.sort_values("B_tokens")
+        at = float(g["cbs_at_tokens"].iloc[0])
+        if g["B_tokens"].nunique() < 2:
+            raise UsageError(f"--law cbs: branch point at {at:g} tokens has one batch size; run at least two factors")
+        if g["B_tokens"].duplicated().any():
+            raise UsageError(f"--law cbs: branch point at {at:g} tokens has two branches at one batch size "
+                             "(two seeds or lrs?); select one with --where")
+        ref = float(g["loss"].iloc[0])
+        if not np.isfinite(ref):
+            warnings.append(f"branch point at {at:g} tokens: the smallest batch diverged; no CBS")
+            continue
+        excess = g["loss"].to_numpy(float) / ref - 1.0
+        batches = g["B_tokens"].to_numpy(float)
+        cbs, grid, status = _crossing(batches, excess, tolerance)
+        rows.append({"D": at, "cbs": cbs, "cbs_grid": grid, "status": status, "reference_loss": ref,
+                     "batches": batches.tolist(),
+                     "excess": [float(e) if np.isfinite(e) else None for e in excess],
+                     **({"main": key[0]} if "main" in keys and isinstance(key, tuple) else {})})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return CbsResult(out, None, tolerance, warnings, notes)
+    ok = out[out["status"] == "resolved"]
+    law = cbs_power_law(ok["D"], ok["cbs"]) if "main" not in out or out["main"].nunique() <= 1 else None
+    if "main" in out and out["main"].nunique() > 1:
+        notes.append("several main runs: one CBS table, no pooled law (select one main with --where)")
+    if law is None and len(ok) < 3:
+        notes.append(f"cbs(D) needs 3 resolved branch points, have {len(ok)}")
+    notes.append("cbs and D in tokens")
+    return CbsResult(out, law, tolerance, warnings, notes)

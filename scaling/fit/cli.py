@@ -20,7 +20,7 @@ import numpy as np
 
 from scaling.errors import UsageError
 
-LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "clark", "krajewski", "data_constrained")
+LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "cbs", "clark", "krajewski", "data_constrained")
 FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe", "lr")
 
 
@@ -47,6 +47,8 @@ def _common(p) -> None:
     p.add_argument("--x", default="C", help="input variable of --law powerlaw: C (FLOPs), N or D")
     p.add_argument("--targets", default=None, metavar="L[,L..]",
                    help="--law bcrit: target losses (nats) to measure steps at (default: 5 every batch size reaches)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="EPS",
+                   help="--law cbs: relative loss excess over the smallest batch still within the critical batch (default 0.01)")
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
     p.add_argument("--allow-mixed-schema", dest="allow_mixed_schema", action="store_true",
                    help="fit runs written under different schema versions together (refused by default)")
@@ -161,6 +163,11 @@ def _fit(args):
         raise UsageError(f"--pin: --law {args.law} has no parameters to pin; use it with a parametric law (chinchilla, powerlaw, ...)")
     if args.method == "varpro" and args.law != "chinchilla":
         raise UsageError("--method varpro: variable projection is for --law chinchilla")
+    if getattr(args, "tolerance", None) is not None and args.law != "cbs":
+        raise UsageError(f"--tolerance: the loss tolerance is for --law cbs, not --law {args.law}")
+    if args.law == "cbs" and (args.bootstrap or args.holdout is not None or getattr(args, "pin", None)):
+        raise UsageError("--law cbs: reports a t-interval on the exponent p; --bootstrap, --holdout-largest and --pin "
+                         "do not apply")
     if getattr(args, "targets", None) is not None and args.law != "bcrit":
         raise UsageError(f"--targets: target losses are for --law bcrit, not --law {args.law}")
     if args.e_bounds is not None and args.method != "varpro":
@@ -192,6 +199,9 @@ def _fit(args):
     elif args.law == "isoflop":
         res = fit_isoflop(args.input, method=args.method, bootstrap=args.bootstrap, seed=args.seed, budget_col=args.budget_col,
                           seed_noise=args.seed_noise, window_dex=_window(args), **kw)
+    elif args.law == "cbs":
+        tol = batch.CBS_TOLERANCE if args.tolerance is None else args.tolerance
+        res = batch.branched_cbs(args.input, tolerance=tol, **kw)
     elif args.law == "bcrit":
         res = batch.tradeoff(args.input, targets=_targets(args.targets), bootstrap=args.bootstrap, seed=args.seed, **kw)
     elif args.law == "data_constrained":
@@ -218,6 +228,10 @@ def _fit(args):
             if set(inp) != {"C"}:
                 raise UsageError("--predict: an IsoFLOP fit predicts from C only (C=1e21,...)")
             table = res.predict(inp["C"])
+        elif args.law == "cbs":
+            if set(inp) != {"D"}:
+                raise UsageError("--predict: a cbs fit predicts from D only (D=1e9,...)")
+            table = res.predict(inp["D"])
         elif args.law == "bcrit":
             if set(inp) != {"loss"}:
                 raise UsageError("--predict: a B_crit fit predicts from loss only (loss=2.5,...)")
@@ -280,6 +294,10 @@ def _print_table(d: dict) -> None:
         flag = "" if t.get("status", "fitted") == "fitted" else f"  ({t['status']})"
         print(f"  target L={t['target']:.4g}: S_min={t['S_min']:.4g} steps, E_min={t['E_min']:.4g}, "
               f"B_crit={t['B_crit']:.4g}{ci_b}{flag}")
+    for t in d.get("branch_points", []):
+        ex = ", ".join(f"{b:g}:{'diverged' if e is None else f'{e:+.2%}'}" for b, e in zip(t["batches"], t["excess"]))
+        print(f"  D={t['D']:.4g}: cbs={t['cbs']:.4g} tokens (grid {t['cbs_grid']:.4g}; {t['status']})  "
+              f"loss excess by batch: {ex}")
     for t in d.get("unusable_targets", []):
         print(f"  target L={t['target']:.4g}: {t['status']}")
     if d.get("table") and d.get("law", "").startswith("isoflop"):

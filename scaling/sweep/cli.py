@@ -66,13 +66,18 @@ def plan_text(sp, trial_list: list) -> str:
               f"{'tokens':>10}{'FLOPs':>10}  grid"]
     for t in trial_list:
         n = flops.param_counts(t.config.model).active_non_embedding
-        tokens = t.steps * t.config.tokens_per_step if t.steps else None
+        tokens = flops.tokens_for_steps(t.config, t.steps) if t.steps else None
         grid = " ".join(f"{k}={v}" for k, v in t.tags) + (f" seed={t.config.seed}" if len(sp.seeds) > 1 else "")
         role = t.role + (f"@{t.branch_step}" if t.branch_step else "")
         lines.append(f"{t.id:<13}{role:<12}{t.budget:>9.3g}{'d%dL%d' % (t.config.model.d_model, t.config.model.n_layers):>10}"
                      f"{n:>10.3g}{t.config.data.batch_size:>6d}{t.config.optim.lr:>10.3g}{_fmt(t.steps, '{:d}'):>8}"
                      f"{_fmt(tokens):>10}{_fmt(t.planned_flops):>10}  {grid}")
     indep = wsd.planned_compute(spec_mod.trials(sp, "independent"))
+    if sp.strategy == "cbs_branch":
+        branched = wsd.planned_compute(trial_list)
+        main = wsd.planned_compute([t for t in trial_list if t.role == "main"])
+        lines.append(f"compute: main runs {main:.4g} FLOPs, branches {branched - main:.4g} FLOPs")
+        return "\n".join(lines)
     try:
         branched = wsd.planned_compute(spec_mod.trials(sp, "wsd_branch"))
         lines.append(f"compute: independent {indep:.4g} FLOPs, wsd_branch {branched:.4g} FLOPs "

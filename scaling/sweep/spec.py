@@ -9,7 +9,7 @@ runs. Example (see ``sweeps/*.yaml`` for all forms)::
 
     name: quickstart
     experiment: dense
-    strategy: independent          # or wsd_branch (see scaling/sweep/wsd.py)
+    strategy: independent          # or wsd_branch (scaling/sweep/wsd.py), cbs_branch (scaling/sweep/cbs.py)
     set: {data.seq_len: 64, data.batch_size: 16}
     sizes:                         # default for buckets without their own
       isoflop: {n: 5, ratio: 2, center: {params: 3.4e4, flops: 1e12, exponent: 0.5}}
@@ -40,8 +40,8 @@ from scaling import rules as rules_mod
 from scaling.config import BudgetConfig, ConfigError, TrainConfig, apply_overrides, coerce_field, config_hash
 from scaling.rules import Rules
 
-Strategy = Literal["independent", "wsd_branch"]
-STRATEGIES = ("independent", "wsd_branch")
+Strategy = Literal["independent", "wsd_branch", "cbs_branch"]
+STRATEGIES = ("independent", "wsd_branch", "cbs_branch")
 
 # Short grid keys -> config paths (any dotted TrainConfig path is accepted as well).
 ALIASES = {
@@ -167,6 +167,7 @@ class SweepSpec:
     description: str = ""
     rules: Rules = field(default_factory=Rules)  # per-trial lr / batch / warmup (scaling.rules)
     raw: Any = None  # the YAML mapping as loaded (copied into the sweep manifest)
+    cbs: Any = None  # strategy cbs_branch: the branch points and factors (scaling.sweep.cbs.CbsSpec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class SweepSpec:
 # --------------------------------------------------------------------------------------------
 
 _TOP_KEYS = ("name", "experiment", "description", "strategy", "set", "buckets", "sizes", "grid", "seeds", "variants", "resources",
-             "rules")
+             "rules", "cbs")
 
 
 def load(path: str | Path) -> SweepSpec:
@@ -402,6 +403,13 @@ def parse(raw: Any, *, default_name: str = "sweep") -> SweepSpec:
     if strategy not in STRATEGIES:
         _fail("sweep.strategy", f"must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     base_set = tuple(_flatten(_mapping("sweep.set", d.get("set") or {})))
+    cbs_spec = None
+    if strategy == "cbs_branch":
+        from scaling.sweep import cbs
+
+        cbs_spec = cbs.parse(d.get("cbs"))
+    elif "cbs" in d:
+        _fail("sweep.cbs", "applies to strategy: cbs_branch only; remove it or set the strategy")
     resources = _parse_resources("sweep.resources", d["resources"]) if "resources" in d else Resources()
     default_sizes = _parse_sizes("sweep.sizes", d["sizes"]) if "sizes" in d else None
     if "buckets" not in d:
@@ -445,7 +453,7 @@ def parse(raw: Any, *, default_name: str = "sweep") -> SweepSpec:
     _check_rule_owned(rules, base_set, grid, variants, strategy)
     spec = SweepSpec(name=name, experiment=experiment, buckets=buckets, strategy=strategy, set=base_set,
                      grid=tuple(grid), seeds=seeds, variants=variants, resources=resources,
-                     description=str(d.get("description", "")), rules=rules, raw=d)
+                     description=str(d.get("description", "")), rules=rules, raw=d, cbs=cbs_spec)
     trials(spec)  # resolve everything now: every error surfaces before anything runs
     return spec
 
@@ -696,6 +704,12 @@ def trials(spec: SweepSpec, strategy: str | None = None) -> list[Trial]:
     indep = _independent(spec)
     if strategy == "independent":
         return indep
+    if strategy == "cbs_branch":
+        from scaling.sweep import cbs
+
+        if spec.cbs is None:
+            _fail("sweep.cbs", "strategy cbs_branch needs a cbs: mapping in the spec")
+        return cbs.branch(indep, spec.cbs)
     from scaling.sweep import wsd
 
     return wsd.branch(indep)

@@ -72,7 +72,7 @@ def write_manifest(sweep_dir: str | Path, spec, trial_list: list, spec_path: str
         pc = flops.param_counts(t.config.model)
         row = t.describe()
         row.update({"N_planned": pc.active_non_embedding, "N_total": pc.total, "D_planned":
-                    (t.steps * t.config.tokens_per_step) if t.steps else None, "current": True,
+                    flops.tokens_for_steps(t.config, t.steps) if t.steps else None, "current": True,
                     "config": t.config.to_dict(), "resources": t.resources.__dict__})
         rows[t.id] = row
     for r in old.get("trials", []):

@@ -286,9 +286,14 @@ class _Session:
         self.cfg, self.out, self.resolved = cfg, out, resolved
         self.lease = lease
         self.t_start = time.perf_counter()
+        from scaling.data.batch_schedule import BatchSchedule
+
         self.mesh = sharding.make_mesh(cfg.mesh)
-        sharding.validate(cfg.model, cfg.data, self.mesh)
-        sharding.check_memory(cfg, self.mesh)  # one line instead of an XLA out-of-memory traceback
+        self.schedule = BatchSchedule.of(cfg.data)
+        for b in self.schedule.batches:  # every batch of the schedule must split over the mesh
+            sharding.validate(cfg.model, self._data_at(b), self.mesh)
+        # one line instead of an XLA out-of-memory traceback (the largest batch decides)
+        sharding.check_memory(dataclasses.replace(cfg, data=self._data_at(max(self.schedule.batches))), self.mesh)
         self.shard_index, self.shard_count = sharding.host_data_shard(self.mesh, cfg.data.batch_size)
         self.corpus = corpus.corpus_info(cfg.data)
         _check_vocab(cfg, self.corpus)
@@ -319,6 +324,28 @@ class _Session:
         self.summary: dict[str, Any] = {}
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _data_at(self, batch: int):
+        """``cfg.data`` with ``batch`` sequences per step (one segment of a batch schedule)."""
+        d = self.cfg.data
+        return d if batch == d.batch_size else dataclasses.replace(d, batch_size=batch, batch_schedule=())
+
+    def step_for(self, batch: int):
+        """The compiled train step for a global batch of ``batch`` sequences (one per batch size
+        of the schedule: the number of accumulation passes is part of the program)."""
+        fn = self._train_steps.get(batch)
+        if fn is None:
+            from scaling import sharding
+
+            accum, shards = sharding.accumulation(self._data_at(batch), self.mesh)
+            every = gns_every(self.cfg)
+            if accum == 1 and every and batch % 2:
+                raise ConfigError(f"data.microbatch: {self.cfg.data.microbatch} makes one pass per step, and a "
+                                  f"statistics step splits an odd batch ({batch}) in halves; use an even batch "
+                                  "or optim.gns_every=0")
+            fn = self._train_steps[batch] = step_lib.make_traced_train_step(
+                self.graphdef, self.cfg.optim, self.cfg.model, accum=accum, shards=shards, gns_every=every)
+        return fn
+
     def put(self, batch: dict) -> dict:
         """Host-local batch -> global sharded arrays (inputs, targets and eval weights)."""
         keys = [k for k in ("inputs", "targets", "weights") if k in batch]
@@ -332,16 +359,10 @@ class _Session:
 
     def _build_step(self):
         tx = optim.make_optimizer(self.cfg.optim, model_cfg=self.cfg.model)  # the state's structure; the step traces the values
-        from scaling import sharding
-
-        accum, shards = sharding.accumulation(self.cfg.data, self.mesh)
-        every = gns_every(self.cfg)
-        if accum == 1 and every and self.cfg.data.batch_size % 2:
-            raise ConfigError(f"data.microbatch: {self.cfg.data.microbatch} makes one pass per step, and a statistics "
-                              f"step splits an odd batch ({self.cfg.data.batch_size}) in halves; use an even batch "
-                              "or optim.gns_every=0")
-        self.train_step = step_lib.make_traced_train_step(self.graphdef, self.cfg.optim, self.cfg.model, accum=accum,
-                                                          shards=shards, gns_every=every)
+        self._train_steps = {}
+        for b in self.schedule.batches:  # bad shapes fail before training, not at the switch
+            self.step_for(b)
+        self.train_step = self.step_for(self.cfg.data.batch_size)
         mod = self.cfg.model.mod
         # MoD trains with top-k over the whole sequence, which looks at later tokens and which a
         # sampler cannot use: the stored loss is each token's causal decision; the top-k number
@@ -420,7 +441,7 @@ class _Session:
                                  config={**cfg.to_dict(), "resolved": resolved})
         self.progress = ProgressLine(total_steps, enabled=cfg.progress)
         fpt = resolved["train_flops_per_token"]
-        tps_step = cfg.tokens_per_step
+        tokens_at = self.schedule.tokens_before  # training tokens before a step (the batch may change)
         peak = peak_flops(len(self.mesh.devices.flat))
         warm = optim.warmup_steps(cfg.optim, total_steps)
         unique_tokens = float(self.corpus.get("unique_tokens") or self.corpus.get("n_train_tokens") or 0)
@@ -440,7 +461,7 @@ class _Session:
             dt = now - seg_t
             if compiled:
                 train_s += dt
-                session_tokens += (step - seg_step) * tps_step
+                session_tokens += tokens_at(step) - tokens_at(seg_step)
                 session_s += dt
             return dt
 
@@ -448,7 +469,7 @@ class _Session:
         every = gns_every(cfg)
         while step < total_steps and not time_spent:
             batch = self.put(next(self.iterator))
-            state, m = self.train_step(state, batch)
+            state, m = self.step_for(self.schedule.batch_at(step))(state, batch)
             step += 1
             faults.point("train_step", step)
             if not compiled:
@@ -468,11 +489,13 @@ class _Session:
             now = time.perf_counter()
             seg_steps = step - seg_step
             dt = close_segment(now)
-            tok_s = seg_steps * tps_step / dt if dt > 0 and seg_steps else float("nan")
+            tok_s = (tokens_at(step) - tokens_at(seg_step)) / dt if dt > 0 and seg_steps else float("nan")
             loss = float(m["loss"])
-            row = {"step": step, "tokens": step * tps_step, "flops": step * tps_step * fpt,
+            row = {"step": step, "tokens": tokens_at(step), "flops": tokens_at(step) * fpt,
                    "wall_s": train_s, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak,
-                   "epochs": step * tps_step / unique_tokens if unique_tokens else None}
+                   "epochs": tokens_at(step) / unique_tokens if unique_tokens else None}
+            if not self.schedule.constant:
+                row["batch_size"] = self.schedule.batch_at(step - 1)
             # the noise-scale statistics are NaN on steps that did not compute them: not logged
             row.update({k: float(v) for k, v in m.items() if not (k.startswith("gns_") and not math.isfinite(float(v)))})
             row["loss_bpb"] = bits_per_byte(loss, train_bpt)
@@ -583,7 +606,7 @@ class _Session:
 
     def _figures(self, step, last_row, eval_loss, session_tokens, session_s, train_s, peak) -> dict:
         r = self.resolved
-        tokens = step * r["tokens_per_step"]
+        tokens = self.schedule.tokens_before(step)
         tok_s = session_tokens / session_s if session_s > 0 else float("nan")
         n_train = float(self.corpus.get("unique_tokens") or self.corpus.get("n_train_tokens") or 0)
         return {

@@ -235,8 +235,8 @@ _nb.save(fig, OUT, "bcrit_vs_loss")
 # Bergsma et al. 2025 ("Power Lines") find B_crit ∝ D^0.462 and Filatov et al. B_crit growing
 # with the data seen rather than the model size. From the trade-off fits, a target is reached at
 # B = B_crit after D = 2 E_min tokens (E = E_min (1 + B / B_crit)); the exponent p of
-# B_crit ∝ D^p is fitted in log-log space with a 95% bootstrap interval over targets (the
-# branched measurement of Merrill et al. is not built yet).
+# B_crit ∝ D^p is fitted in log-log space with a 95% bootstrap interval over targets. The
+# branched measurement of the next section gives the same exponent a second way.
 
 # %%
 tt["D_at_Bcrit"] = 2 * tt["E_min"]
@@ -257,6 +257,105 @@ ratio = (tt["B_simple"] / tt["B_crit"])[tt["status"] == "fitted"].replace([np.in
 print(f"B_simple / B_crit (B_noise): median {ratio.median():.3g}, range {ratio.min():.3g} .. {ratio.max():.3g}")
 
 # %% [markdown]
+# ## The branched critical batch size over training (Merrill et al. 2025)
+# `sweeps/cbs_branch.yaml` (`strategy: cbs_branch`): one constant-lr main run of the same shape
+# at 8 sequences per step keeps checkpoints at 64K, 256K, 1M and 2M tokens; from each, branches
+# train 256K more tokens at k = 1..32 times the batch with lr × √k. A branch switches batch by
+# `data.batch_schedule` exactly at the checkpoint, so it reads the sequences the main run would
+# have read next. The CBS at a checkpoint is the largest batch whose held-out loss after the
+# branch stays within 1% of the k = 1 branch's (log-interpolated where the excess crosses 1%);
+# `fit.branched_cbs` is what `scaling fit runs/cbs_branch --law cbs` runs. Below, the branched
+# CBS, the trade-off fits' B_crit and the main run's B_simple share one axis: tokens seen.
+
+# %%
+CBS_RUNS = RUNS.parent / "cbs_branch"
+raw_c = yaml.safe_load(spec_mod.resolve_path("cbs_branch").read_text())
+if SMOKE:
+    raw_c = copy.deepcopy(raw_c)
+    raw_c["set"].update({"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "data.seq_len": 32,
+                         "data.batch_size": 4, "data.eval_tokens": 1024, "optim.warmup_steps": 4,
+                         "optim.lr": 3e-3, "eval_every": 8, "log_every": 2})
+    raw_c["cbs"] = {"at_tokens": [1024, 2048, 4096], "factors": [1, 2, 4], "delta_tokens": 1024}
+    raw_c["buckets"] = [{"tokens": 8192}]
+spec_c = spec_mod.parse(raw_c)
+trials_c = spec_mod.trials(spec_c)
+store.write_manifest(CBS_RUNS, spec_c, trials_c)
+t0 = time.time()
+counts_c = launch.run_local(CBS_RUNS, trials_c, jobs=JOBS, progress=False)
+print(f"{len(trials_c)} trials: {counts_c}  ({time.time() - t0:.0f} s)")
+cbs = fit.branched_cbs(CBS_RUNS)
+for n in cbs.notes + cbs.warnings:
+    print("note:", n)
+print(cbs.table[["D", "cbs", "cbs_grid", "status", "reference_loss"]].to_string(index=False))
+print("cbs ∝ D^p:", cbs.params, cbs.ci)
+
+# the k = 1 branch is the main run continued: its loss must equal the main run's at that step
+runs_c = store.load(CBS_RUNS)
+main_c = runs_c[runs_c["role"] == "main"].iloc[0]
+main_steps = store.load_steps(CBS_RUNS)
+main_eval = main_steps[(main_steps["trial_id"] == main_c["trial_id"]) & main_steps["eval_loss"].notna()]
+main_eval_at = dict(zip(main_eval["step"].astype(int), main_eval["eval_loss"]))
+k1 = runs_c[(runs_c["role"] == "branch") & (runs_c["cbs_factor"] == 1)]
+k1_check = [{"steps": int(r["steps"]), "branch_loss": float(r["loss"]),
+             "main_loss": float(main_eval_at[int(r["steps"])]) if int(r["steps"]) in main_eval_at else None}
+            for _, r in k1.iterrows()]
+print("k=1 branch vs main run:", k1_check)
+
+# B_simple of the main run against the tokens it has seen (window estimate per quarter of the run)
+seq_c = int(main_c["seq_len"])
+gm = main_steps[main_steps["trial_id"] == main_c["trial_id"]]
+bs_main = []
+edges = np.quantile(gm["tokens"], [0.0, 0.25, 0.5, 0.75, 1.0])
+for lo_q, hi_q in zip(edges[:-1], edges[1:]):
+    part = gm[(gm["tokens"] >= lo_q) & (gm["tokens"] <= hi_q)]
+    try:
+        w = fit.noise_scale_window(part, start=0.0, end=1.0, n_boot=N_BOOT)
+    except UsageError:
+        continue
+    if w.empty:
+        continue
+    bs_main.append({"D": float(part["tokens"].median()), "B_simple": float(w["B_simple"].iloc[0]) * seq_c,
+                    "lo": float(w["B_simple_lo"].iloc[0]) * seq_c, "hi": float(w["B_simple_hi"].iloc[0]) * seq_c})
+bs_main = pd.DataFrame(bs_main)
+print(bs_main.to_string(index=False))
+
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+for i, (_, row) in enumerate(cbs.table.iterrows()):
+    ex = [np.nan if e is None else 100 * e for e in row["excess"]]
+    a1.plot(row["batches"], ex, "o-", color=cmap(i / max(len(cbs.table) - 1, 1)), label=f"branch at D = {row['D']:.3g}")
+    if row["status"] == "resolved":
+        a1.axvline(row["cbs"], color=cmap(i / max(len(cbs.table) - 1, 1)), ls=":", lw=0.8)
+a1.axhline(100 * cbs.tolerance, color="k", lw=0.8, ls="--", label=f"tolerance {100 * cbs.tolerance:g}%")
+a1.set_xscale("log")
+_nb.plain_log_ticks(a1, "x")
+a1.set_xlabel("branch batch (tokens per step)")
+a1.set_ylabel("held-out loss excess over the smallest batch (%)")
+a1.set_title("Loss after the branch vs batch size")
+a1.legend(fontsize=7)
+res_t = cbs.table[cbs.table["status"] == "resolved"]
+lb_t = cbs.table[cbs.table["status"] != "resolved"]
+a2.plot(res_t["D"], res_t["cbs"], "s", color="C0", ms=7, label="branched CBS (1% tolerance)")
+if len(lb_t):
+    a2.plot(lb_t["D"], lb_t["cbs"], "^", color="C0", mfc="none", ms=8, label="branched CBS: lower bound")
+if cbs.law is not None:
+    Dg = np.geomspace(res_t["D"].min() * 0.8, res_t["D"].max() * 1.25, 50)
+    a2.plot(Dg, cbs.predict(Dg)["cbs"], color="C0", lw=1,
+            label=f"cbs ∝ D^{cbs.params['p']:.2f} [{cbs.ci['p'][0]:.2f}, {cbs.ci['p'][1]:.2f}]")
+tf_d = tt[(tt["status"] == "fitted")]
+a2.plot(2 * tf_d["E_min"], tf_d["B_crit"], "o", color="k", label="B_crit (trade-off fits), at D = 2 E_min")
+if len(bs_main):
+    a2.errorbar(bs_main["D"], bs_main["B_simple"],
+                yerr=np.vstack([bs_main["B_simple"] - bs_main["lo"], bs_main["hi"] - bs_main["B_simple"]]).clip(min=0),
+                fmt="D", color="C2", capsize=3, label="B_simple of the main run (window, 95% CI)")
+a2.set_xscale("log")
+a2.set_yscale("log")
+a2.set_xlabel("tokens seen D")
+a2.set_ylabel("batch size (tokens)")
+a2.set_title("Critical batch size against tokens")
+a2.legend(fontsize=7)
+_nb.save(fig, OUT, "bcrit_vs_tokens")
+
+# %% [markdown]
 # ## Results
 
 # %%
@@ -271,11 +370,16 @@ results = {
     "bcrit_law": {"params": res.params, "ci95": {k: list(v) for k, v in res.ci.items()}, "fitted": res.law is not None},
     "unusable_targets": res.unusable,
     "bcrit_vs_tokens": bcrit_d,
+    "branched": {"runs_dir": str(CBS_RUNS), "n_runs": int(len(runs_c)), "tolerance": cbs.tolerance,
+                 "branch_points": cbs.table.replace({np.nan: None}).to_dict(orient="records"),
+                 "law": {"params": cbs.params, "ci95": {k: list(v) for k, v in cbs.ci.items()},
+                         "fitted": cbs.law is not None},
+                 "k1_equals_main": k1_check, "main_B_simple_vs_tokens": bs_main.to_dict(orient="records")},
     "B_simple_over_B_crit": {"median": float(ratio.median()) if len(ratio) else None,
                              "min": float(ratio.min()) if len(ratio) else None,
                              "max": float(ratio.max()) if len(ratio) else None},
     "warnings": res.warnings,
-    "figures": ["loss_curves.png", "tradeoff.png", "bcrit_vs_loss.png"],
+    "figures": ["loss_curves.png", "tradeoff.png", "bcrit_vs_loss.png", "bcrit_vs_tokens.png"],
 }
 _nb.write_results(OUT, results)
 

@@ -239,3 +239,72 @@ def test_a_bcrit_beyond_the_batch_sizes_run_is_unresolved_and_left_out_of_the_la
     assert status[1.7].startswith("unresolved: B_crit") and "512-2048" in status[1.7]
     np.testing.assert_allclose(r.table.set_index("target").loc[[2.0, 1.9, 1.8], "B_crit"], [2000, 3000, 4500], rtol=1e-3)
     assert r.law is not None and r.law.n_points == 3
+
+
+def _branch_table(cbs_of_D, Ds=(6.4e4, 2.56e5, 1.024e6, 4.096e6), factors=(1, 2, 4, 8, 16, 32), b0=8, L=128,
+                  noise=0.0, seed=0):
+    """Branches as a cbs_branch sweep's run table has them: per branch point D, the loss after the
+    branch is ``ref * (1 + excess)`` with excess = 0.01 (1 + log2(B / CBS(D))), floored at 0: it
+    crosses 1% exactly at CBS(D) and is linear in log B from CBS/2 up (the grid's spacing)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for D in Ds:
+        ref = 3.0 - 0.2 * np.log10(D)
+        for k in factors:
+            B = k * b0 * L
+            excess = 0.0 if k == 1 else max(0.0, 0.01 * (1 + np.log2(B / cbs_of_D(D))))
+            rows.append({"main": "m", "cbs_at_tokens": D, "cbs_factor": k, "cbs_batch": k * b0, "seq_len": L,
+                         "loss": ref * (1 + excess) * (1 + (rng.normal(0, noise) if k > 1 else 0.0)),
+                         "state": "done"})
+    return pd.DataFrame(rows)
+
+
+def test_branched_cbs_recovers_the_crossing_and_its_power_law_in_tokens():
+    """Known truth: CBS(D) = 2500 (D / 64K)^0.4 tokens. Without noise each branch point's CBS and
+    the exponent come back to float precision; with 0.1% loss noise the 95% interval on p holds
+    0.4. A diverged largest batch fails the tolerance (no interpolation towards it); a point
+    where every batch stays within tolerance is a lower bound, kept out of the law."""
+    truth = lambda D: 2500.0 * (D / 6.4e4) ** 0.4  # noqa: E731
+    r = fit.branched_cbs(_branch_table(truth))
+    np.testing.assert_allclose(r.table["cbs"], [truth(D) for D in r.table["D"]], rtol=1e-9)
+    assert list(r.table["status"]) == ["resolved"] * 4
+    assert r.params["p"] == pytest.approx(0.4, abs=1e-9) and r.params["A"] * 6.4e4 ** 0.4 == pytest.approx(2500.0)
+    noisy = fit.branched_cbs(_branch_table(truth, noise=1e-3, seed=1))
+    lo, hi = noisy.ci["p"]
+    assert lo < 0.4 < hi and abs(noisy.params["p"] - 0.4) < 0.15
+    t = _branch_table(truth)
+    t.loc[(t["cbs_at_tokens"] == 6.4e4) & (t["cbs_factor"] >= 2), "state"] = "diverged"
+    assert fit.branched_cbs(t).table.iloc[0]["cbs"] == 1024.0  # the k=1 batch: every larger one diverged
+    wide = fit.branched_cbs(_branch_table(lambda D: 1e6))
+    assert set(wide.table["status"]) == {"lower bound"} and wide.law is None
+    assert any("3 resolved branch points" in n for n in wide.notes)
+
+
+def test_scaling_fit_law_cbs_from_the_command_line(tmp_path, capsys):
+    """``scaling fit TABLE --law cbs``: the per-point CBS and p with its interval; --predict D=...;
+    --tolerance outside (0, 1), a branch point with one batch, --tolerance with another law: one
+    line, exit 2."""
+    import json
+
+    from scaling.cli import main
+
+    truth = lambda D: 2500.0 * (D / 6.4e4) ** 0.4  # noqa: E731
+    path = tmp_path / "branches.csv"
+    _branch_table(truth).to_csv(path, index=False)
+    assert main(["fit", str(path), "--law", "cbs", "--predict", "D=1e7", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params"]["p"] == pytest.approx(0.4) and d["tolerance"] == 0.01
+    assert d["predictions"][0]["cbs"] == pytest.approx(truth(1e7))
+    # a looser tolerance puts every CBS higher
+    assert main(["fit", str(path), "--law", "cbs", "--tolerance", "0.02", "--json"]) == 0
+    d2 = json.loads(capsys.readouterr().out)
+    assert all(b["cbs"] > a["cbs"] for a, b in zip(d["branch_points"], d2["branch_points"]))
+    for argv, word in ((["--tolerance", "1.5"], "--tolerance"), (["--law", "bcrit", "--tolerance", "0.01"], "--tolerance")):
+        law = [] if "--law" in argv else ["--law", "cbs"]
+        assert main(["fit", str(path), *law, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert word in err and len(err.splitlines()) == 1
+    one = _branch_table(truth)
+    one[one["cbs_factor"] == 1].to_csv(tmp_path / "one.csv", index=False)
+    assert main(["fit", str(tmp_path / "one.csv"), "--law", "cbs"]) == 2
+    assert "one batch size" in capsys.readouterr().err

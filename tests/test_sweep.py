@@ -14,6 +14,10 @@ from scaling.sweep import spec, wsd
 TINY = {"data.seq_len": 32, "data.batch_size": 8, "model.vocab_size": 256}
 
 
+CBS = {"at_tokens": [4096], "factors": [1, 4], "delta_tokens": 2048}
+CONST = {**TINY, "optim.schedule": "constant", "optim.warmup_steps": 4}
+
+
 def write(tmp_path: Path, raw: dict, name: str = "s.yaml") -> Path:
     p = tmp_path / name
     p.write_text(yaml.safe_dump(raw))
@@ -127,6 +131,14 @@ def test_only_filter_selects_and_pulls_in_main_runs():
     ({"strategy": "magic"}, "sweep.strategy", "independent, wsd_branch"),
     ({"bukets": [1e9]}, "sweep.bukets", "unknown field"),
     ({"strategy": "wsd_branch"}, "optim.schedule", "wsd"),
+    ({"strategy": "cbs_branch"}, "sweep.cbs", "needs a mapping"),
+    ({"cbs": {"at_tokens": [1e4]}}, "sweep.cbs", "cbs_branch only"),
+    ({"strategy": "cbs_branch", "cbs": CBS}, "optim.schedule", "constant"),
+    ({"strategy": "cbs_branch", "cbs": {**CBS, "factors": [2]}}, "sweep.cbs.factors", "at least two"),
+    ({"strategy": "cbs_branch", "cbs": {**CBS, "delta_tokens": 1000}, "set": CONST}, "sweep.cbs.delta_tokens",
+     "multiple of 1024"),
+    ({"strategy": "cbs_branch", "cbs": {**CBS, "at_tokens": [512]}, "set": CONST}, "sweep.cbs.at_tokens",
+     "outside its constant-LR part"),
 ])
 def test_bad_specs_exit_2_naming_the_field_before_anything_runs(tmp_path, capsys, raw_kw, field, hint):
     p = write(tmp_path, base(**raw_kw))
@@ -171,3 +183,23 @@ def test_moe_grid_and_seconds_buckets():
     assert t.config.budget.kind == "seconds" and t.config.budget.seconds == 30.0 and t.steps is None
     with pytest.raises(ConfigError, match="wsd_branch needs FLOP buckets"):
         spec.trials(sp, "wsd_branch")
+
+
+def test_cbs_branch_plan_regroups_the_main_runs_data_at_k_times_the_batch():
+    """Each trial becomes a main run (checkpoints at the branch points) and one branch per
+    (point, factor): batch k x B from the point's token count on, lr x sqrt(k), delta tokens
+    more; the branch's steps and tokens follow its batch schedule."""
+    sp = spec.parse(base(strategy="cbs_branch", set=CONST, buckets=[{"tokens": 16384}], sizes=[2e3],
+                         cbs={"at_tokens": [2048, 8192], "factors": [1, 2, 4], "delta_tokens": 4096}))
+    ts = spec.trials(sp)
+    main = [t for t in ts if t.role == "main"]
+    assert len(main) == 1 and main[0].config.checkpoint_at == (8, 32)
+    branches = [t for t in ts if t.role == "branch"]
+    assert len(branches) == 6 and all(t.main == main[0].id for t in branches)
+    for t in branches:
+        k, at = dict(t.tags)["cbs_factor"], dict(t.tags)["cbs_at_tokens"]
+        assert t.config.init_from == f"{main[0].id}@{at // 256}"
+        assert t.config.optim.lr == pytest.approx(main[0].config.optim.lr * k ** 0.5)
+        assert t.config.data.batch_schedule == (() if k == 1 else (f"{at}:{8 * k}",))
+        assert t.steps == at // 256 + 4096 // (256 * k)
+        assert flops.tokens_for_steps(t.config, t.steps) == at + 4096 == t.config.budget.tokens

@@ -150,3 +150,38 @@ def test_wsd_branch_equals_independent_run(tmp_path, env):
     assert br["loss"] == pytest.approx(i["loss"], rel=1e-5, abs=1e-5)
     steps = store.load_steps(tmp_path / "b")
     assert steps[steps.trial_id == br["trial_id"]]["step"].min() > 40
+
+
+@pytest.mark.slow
+def test_cbs_branch_sweep_runs_and_fits_end_to_end(tmp_path, env, capsys):
+    """A tiny ``strategy: cbs_branch`` sweep through the real trainer: the k=1 branch is the main
+    run continued (its held-out loss equals the main run's at the same step, to the last digit),
+    the larger branches read their tokens at the larger batch, and ``scaling fit --law cbs``
+    reads the directory (one CBS per branch point, 1% tolerance)."""
+    import json
+
+    from scaling.cli import main as cli_main
+
+    raw = {"name": "cbs", "experiment": "dense", "strategy": "cbs_branch",
+           "set": {**TINY, "optim.schedule": "constant", "optim.warmup_steps": 3, "eval_every": 4,
+                   "checkpoint_every": 1000},
+           "cbs": {"at_tokens": [2048, 4096], "factors": [1, 2], "delta_tokens": 1024},
+           "buckets": [{"tokens": 8192}]}
+    sp = spec.parse(raw)
+    ts = spec.trials(sp)
+    store.write_manifest(tmp_path / "c", sp, ts)
+    launch.run_local(tmp_path / "c", ts, jobs=1, progress=False)
+    df = store.load(tmp_path / "c")
+    assert set(df["state"]) == {"done"} and len(df) == 5
+    main_id = df.loc[df["role"] == "main", "trial_id"].iloc[0]
+    main_eval = {r["step"]: r["eval_loss"] for r in read_jsonl(tmp_path / "c" / main_id / "metrics.jsonl")
+                 if "eval_loss" in r}
+    k1 = df[(df["role"] == "branch") & (df["cbs_factor"] == 1)]
+    for _, r in k1.iterrows():
+        assert r["loss"] == main_eval[int(r["steps"])]
+    k2 = df[(df["role"] == "branch") & (df["cbs_factor"] == 2)]
+    assert sorted(k2["D"]) == [2048 + 1024, 4096 + 1024] and sorted(k2["steps"]) == [10, 18]
+    assert cli_main(["fit", str(tmp_path / "c"), "--law", "cbs", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [p["D"] for p in d["branch_points"]] == [2048, 4096]
+    assert all(p["batches"] == [256, 512] for p in d["branch_points"])

@@ -39,6 +39,7 @@ Critical batch size (``scaling.fit.batch``):
     fit.noise_scale(steps_df)   # B_simple = tr(Sigma)/|G|^2 from two-batch logs (McCandlish et al. 2018), per run
     fit.noise_scale_window(steps_df)  # one B_simple per run over a window of its steps, with an interval
     fit.tradeoff(table)         # S = S_min(1 + B_noise/B) per target loss, then B_crit(L) = B*/L^(1/alpha_B)
+    fit.branched_cbs(sweep_dir) # critical batch per checkpoint from branches (Merrill et al. 2025), cbs ~ D^p
     fit.to_minimum_compute(runs, bcrit)  # Kaplan C_min, S_min; then fit.powerlaw(out, x="C_min") = L(C_min)
 
 Extrapolation: ``fit.backtest(df, law="chinchilla", k=1)`` refits without the largest k budgets
@@ -50,7 +51,7 @@ from __future__ import annotations
 import importlib
 
 from scaling.fit import laws, robust
-from scaling.fit.batch import noise_scale, noise_scale_window, steps_to_target, to_minimum_compute, tradeoff
+from scaling.fit.batch import branched_cbs, noise_scale, noise_scale_window, steps_to_target, to_minimum_compute, tradeoff
 from scaling.fit.extrapolate import backtest
 from scaling.fit.isoflop import compare, envelope, isoflop
 from scaling.fit.parametric import FitResult, chinchilla, clark, fit_law, kaplan, krajewski, powerlaw, saturating
@@ -64,5 +65,5 @@ def __getattr__(name):
 
 __all__ = [
     "FitResult", "backtest", "chinchilla", "clark", "compare", "envelope", "fit_law", "isoflop", "kaplan",
-    "krajewski", "laws", "noise_scale", "noise_scale_window", "powerlaw", "robust", "saturating", "steps_to_target", "to_minimum_compute", "tradeoff",
+    "krajewski", "laws", "branched_cbs", "noise_scale", "noise_scale_window", "powerlaw", "robust", "saturating", "steps_to_target", "to_minimum_compute", "tradeoff",
 ]

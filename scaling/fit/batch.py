@@ -507,17 +507,13 @@ def branched_cbs(table, *, tolerance: float = CBS_TOLERANCE, columns=None, where
     """
     if not 0 < tolerance < 1:
         raise UsageError(f"--tolerance: must be a relative loss excess in (0, 1), e.g. 0.01; got {tolerance}")
-    df, notes = io.load_table(table, columns=columns, where=where)
+    df, notes = io.load_table(table, columns=columns, where=where, keep_states=("done", "diverged"))
     missing = [c for c in (*CBS_COLS, "loss") if c not in df.columns]
     if missing:
         raise UsageError(f"--law cbs: the table has no {', '.join(missing)} column(s); it reads the branches of a "
                          "strategy: cbs_branch sweep")
     df = df[df["cbs_at_tokens"].notna() & df["cbs_batch"].notna()].copy()
     if "state" in df.columns:
-        bad = ~df["state"].isin(["done", "diverged"])
-        if bad.any():
-            notes.append(f"{int(bad.sum())} branch(es) not finished (state {', '.join(sorted(map(str, df.loc[bad, 'state'].unique())))}): left out")
-            df = df[~bad]
         df.loc[df["state"] == "diverged", "loss"] = np.inf
     if df.empty:
         raise UsageError("--law cbs: no finished branches in the table")

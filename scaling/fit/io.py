@@ -103,8 +103,10 @@ def _check_one_tokenizer(df: pd.DataFrame, renames: dict) -> None:
 
 def load_table(src, *, columns=None, where: str | None = None, steps: bool = False,
                allow_mixed_schema: bool = False, allow_noncausal: bool = False,
-               best_per=None) -> tuple[pd.DataFrame, list[str]]:
+               best_per=None, keep_states=("done",)) -> tuple[pd.DataFrame, list[str]]:
     """Read ``src``, apply ``--columns`` renames, the ``--where`` filter, the run-state filter
+    (rows whose ``state`` is not in ``keep_states`` are left out; a diverged run is a result
+    for the branched critical batch, which reads it as a failure)
     and the causality filter (runs whose ``causal`` is false, i.e. expert-choice MoE whose
     loss looks at later tokens, are left out unless ``allow_noncausal``), then, given
     ``best_per`` keys (``("N", "C")``), keep the best-tuned run of each (``scaling.fit.select``).
@@ -151,12 +153,13 @@ def load_table(src, *, columns=None, where: str | None = None, steps: bool = Fal
                          f"--allow-noncausal keeps them")
             df = df[~leaky]
     if "state" in df.columns:
-        bad = df["state"].astype(str) != "done"
+        bad = ~df["state"].astype(str).isin(keep_states)
         if bad.all() and len(df):
             states = ", ".join(f"{k}={v}" for k, v in df["state"].astype(str).value_counts().items())
             raise UsageError(f"state: no run finished ('done'): {states}; nothing to fit")
         if bad.any():
-            notes.append(f"excluded {int(bad.sum())} run(s) whose state is not 'done' (diverged/failed/running)")
+            notes.append(f"excluded {int(bad.sum())} run(s) whose state is not {' or '.join(keep_states)} "
+                         "(diverged/failed/running)")
             df = df[~bad]
     for c in COUNT_COLUMNS:
         # counts multiplied together (C / (N D)) overflow int64: W&B exports give integer columns

@@ -327,7 +327,8 @@ for i, (_, row) in enumerate(cbs.table.iterrows()):
         a1.axvline(row["cbs"], color=cmap(i / max(len(cbs.table) - 1, 1)), ls=":", lw=0.8)
 a1.axhline(100 * cbs.tolerance, color="k", lw=0.8, ls="--", label=f"tolerance {100 * cbs.tolerance:g}%")
 a1.set_xscale("log")
-_nb.plain_log_ticks(a1, "x")
+a1.set_xticks(cbs.table["batches"].iloc[0], [f"{b:g}" for b in cbs.table["batches"].iloc[0]])
+a1.minorticks_off()
 a1.set_xlabel("branch batch (tokens per step)")
 a1.set_ylabel("held-out loss excess over the smallest batch (%)")
 a1.set_title("Loss after the branch vs batch size")
@@ -396,5 +397,10 @@ _nb.write_results(OUT, results)
 # * The gradient noise scale measured during training (B_simple, no extra runs needed) lands
 #   on the same axes; `B_simple/B_crit` in the table shows how well the cheap estimate predicts
 #   the expensive one (McCandlish et al. find them within a small factor).
+# * The branched measurement (Merrill et al.) needs no grid of full runs: from one run's
+#   checkpoints it finds the largest batch that costs no loss per token over a short stretch.
+#   It grows with the tokens seen (`results.json` → `branched.branch_points`), and the trade-off
+#   B_crit and the main run's B_simple sit on the same tokens axis for comparison. The k = 1
+#   branch is the main run continued; `branched.k1_equals_main` checks it.
 # * In smoke mode (one learning rate, four batch sizes, a tiny budget) the numbers only show that
 #   the pipeline runs end to end.

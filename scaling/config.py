@@ -364,9 +364,16 @@ class OptimConfig:
     # gradient-noise statistics on every n-th step (and the last); None = every logging step
     # (log_every), 0 = never. Other steps pay nothing for them (scaling.train.step)
     gns_every: Optional[int] = None
+    # with data.batch_schedule: the lr of a step at batch B is lr * (B / data.batch_size)^this
+    # (0.5: the square-root rule for Adam; 0: one lr whatever the batch)
+    batch_lr_exponent: float = 0.0
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
+        if isinstance(self.batch_lr_exponent, bool) or not isinstance(self.batch_lr_exponent, (int, float)) \
+                or not (0.0 <= self.batch_lr_exponent <= 1.0):
+            _fail("optim.batch_lr_exponent", f"must be a number in [0, 1] (0.5: lr x sqrt of the batch ratio), "
+                                             f"got {self.batch_lr_exponent!r}")
         _one_of("optim.schedule", self.schedule, ("cosine", "linear", "wsd", "constant"))
         if not (0.0 <= self.warmup_fraction < 1.0):
             _fail("optim.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction!r}")

@@ -186,6 +186,13 @@ def test_critical_batch(tmp_path):
     assert s_min[-1] > s_min[0]
     law = r["bcrit_law"]
     assert law["fitted"] and finite(law["params"]["B_star"], law["params"]["alpha_B"])
+    # the branched CBS: three branch points x three factors off one main run; the k=1 branch is
+    # the main run continued, to the last digit
+    br = r["branched"]
+    assert br["n_runs"] == 10 and [p["D"] for p in br["branch_points"]] == [1024, 2048, 4096]
+    assert all(p["batches"] == [128, 256, 512] and p["excess"][0] == 0.0 for p in br["branch_points"])
+    assert len(br["k1_equals_main"]) == 3
+    assert all(c["branch_loss"] == c["main_loss"] for c in br["k1_equals_main"])
 
 
 @pytest.mark.slow

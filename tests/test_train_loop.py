@@ -267,6 +267,12 @@ def test_batch_schedule_branch_from_a_checkpoint_equals_the_scheduled_run(tmp_pa
         (10, (at * b0 + 2 * 32) * L, 32), (12, (at * b0 + 4 * 32) * L, 32)]
     main_rows = {r["step"]: r for r in read_jsonl(tmp_path / "main" / "metrics.jsonl")}
     assert main_rows[at]["loss"] == {r["step"]: r for r in read_jsonl(tmp_path / "scratch" / "metrics.jsonl")}[at]["loss"]
+    # optim.batch_lr_exponent: the lr follows the batch (x sqrt(2) after the switch to 32)
+    sqrt_rule = sched.with_overrides(["optim.batch_lr_exponent=0.5"])
+    loop.run(sqrt_rule, tmp_path / "sqrt")
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "sqrt" / "metrics.jsonl")}
+    base_lr = sched.optim.lr
+    assert lrs[8] == pytest.approx(base_lr, rel=1e-6) and lrs[10] == pytest.approx(base_lr * 2 ** 0.5, rel=1e-6)
     wrong = tiny_cfg(*const, "data.batch_size=32", "budget.steps=12",
                      f"init_from={tmp_path / 'main'}@{at}")
     with pytest.raises(ConfigError, match="data.batch_size.*data.batch_schedule"):

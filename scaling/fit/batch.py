@@ -508,6 +508,8 @@ def branched_cbs(table, *, tolerance: float = CBS_TOLERANCE, columns=None, where
     if not 0 < tolerance < 1:
         raise UsageError(f"--tolerance: must be a relative loss excess in (0, 1), e.g. 0.01; got {tolerance}")
     df, notes = io.load_table(table, columns=columns, where=where, keep_states=("done", "diverged"))
+    # branches share their model and tokens by design: the grid note of load_table is not for them
+    notes = [n for n in notes if "share their size and data" not in n]
     missing = [c for c in (*CBS_COLS, "loss") if c not in df.columns]
     if missing:
         raise UsageError(f"--law cbs: the table has no {', '.join(missing)} column(s); it reads the branches of a "

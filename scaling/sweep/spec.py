@@ -680,7 +680,8 @@ def _make_trial(spec, variant, scfg, model, bi, bucket, target, gitems, seed, mp
         from scaling import flops
 
         steps = int(flops.steps_for_budget(cfg))
-        planned = steps * fps
+        planned = steps * fps if not cfg.data.batch_schedule else (
+            flops.tokens_for_steps(cfg, steps) * fps / cfg.tokens_per_step)
     group = config_hash(dataclasses.replace(cfg, name=group_name, budget=BudgetConfig(flops=1.0)))
     tid = config_hash(cfg)
     where = f"{mpath} ({shape}, {tag_str or 'no grid'}, seed {seed}, variant {variant})"

@@ -342,8 +342,11 @@ class _Session:
                 raise ConfigError(f"data.microbatch: {self.cfg.data.microbatch} makes one pass per step, and a "
                                   f"statistics step splits an odd batch ({batch}) in halves; use an even batch "
                                   "or optim.gns_every=0")
+            o = self.cfg.optim
+            if o.batch_lr_exponent and batch != self.cfg.data.batch_size:
+                o = dataclasses.replace(o, lr=o.lr * (batch / self.cfg.data.batch_size) ** o.batch_lr_exponent)
             fn = self._train_steps[batch] = step_lib.make_traced_train_step(
-                self.graphdef, self.cfg.optim, self.cfg.model, accum=accum, shards=shards, gns_every=every)
+                self.graphdef, o, self.cfg.model, accum=accum, shards=shards, gns_every=every)
         return fn
 
     def put(self, batch: dict) -> dict:

@@ -357,6 +357,53 @@ a2.legend(fontsize=7)
 _nb.save(fig, OUT, "bcrit_vs_tokens")
 
 # %% [markdown]
+# ## A batch-size warmup from the measured CBS
+# `sweeps/batch_warmup.yaml`: the main run's settings three ways at the same tokens: a constant
+# small batch, a warmup whose batch stays below the branched CBS measured at each point
+# (`data.batch_schedule`, lr × √(B/B₀) through `optim.batch_lr_exponent`), and a constant large
+# batch. Merrill et al. report that such a warmup trains with far fewer steps at no loss.
+
+# %%
+WARM_RUNS = RUNS.parent / "batch_warmup"
+raw_w = yaml.safe_load(spec_mod.resolve_path("batch_warmup").read_text())
+if SMOKE:
+    raw_w = copy.deepcopy(raw_w)
+    raw_w["set"].update({k: raw_c["set"][k] for k in ("model.d_model", "model.n_layers", "model.n_heads",
+                                                       "data.seq_len", "data.batch_size", "data.eval_tokens",
+                                                       "optim.warmup_steps", "optim.lr")})
+    raw_w["variants"] = {"const4": {"set": {"eval_every": 8}},
+                         "warmup": {"set": {"data.batch_schedule": ["2048:8", "4096:16"],
+                                            "optim.batch_lr_exponent": 0.5, "eval_every": 4}},
+                         "const16": {"set": {"data.batch_size": 16, "optim.lr": 6e-3, "eval_every": 2}}}
+    raw_w["buckets"] = [{"tokens": 8192}]
+spec_w = spec_mod.parse(raw_w)
+trials_w = spec_mod.trials(spec_w)
+store.write_manifest(WARM_RUNS, spec_w, trials_w)
+counts_w = launch.run_local(WARM_RUNS, trials_w, jobs=JOBS, progress=False)
+runs_w = store.load(WARM_RUNS).set_index("variant")
+steps_w = store.load_steps(WARM_RUNS)
+warm = [{"variant": v, "steps": int(r["steps"]), "tokens": float(r["D"]), "loss": float(r["loss"]),
+         "wall_s": float(r["wall_s"])} for v, r in runs_w.iterrows()]
+ref_v = next(v for v in runs_w.index if v.startswith("const") and runs_w.loc[v, "batch"] == runs_w["batch"].min())
+for w in warm:
+    w["loss_vs_small_batch"] = w["loss"] / runs_w.loc[ref_v, "loss"] - 1
+    w["steps_vs_small_batch"] = w["steps"] / runs_w.loc[ref_v, "steps"] - 1
+print(pd.DataFrame(warm).to_string(index=False))
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+for i, (v, r) in enumerate(runs_w.iterrows()):
+    g = steps_w[(steps_w["trial_id"] == r["trial_id"]) & steps_w["eval_loss"].notna()]
+    a1.plot(g["tokens"], g["eval_loss"], color=f"C{i}", label=f"{v} ({int(r['steps'])} steps)")
+    a2.plot(g["step"], g["eval_loss"], color=f"C{i}", label=v)
+for ax, xl in ((a1, "tokens"), (a2, "optimizer steps")):
+    ax.set_xscale("log")
+    ax.set_xlabel(xl)
+    ax.set_ylabel("held-out loss (nats)")
+    ax.legend(fontsize=7)
+a1.set_title("Same tokens: the warmup matches the small batch")
+a2.set_title("... in fewer steps")
+_nb.save(fig, OUT, "batch_warmup")
+
+# %% [markdown]
 # ## Results
 
 # %%
@@ -376,11 +423,13 @@ results = {
                  "law": {"params": cbs.params, "ci95": {k: list(v) for k, v in cbs.ci.items()},
                          "fitted": cbs.law is not None},
                  "k1_equals_main": k1_check, "main_B_simple_vs_tokens": bs_main.to_dict(orient="records")},
+    "batch_warmup": {"runs_dir": str(WARM_RUNS), "runs": warm, "reference": ref_v},
     "B_simple_over_B_crit": {"median": float(ratio.median()) if len(ratio) else None,
                              "min": float(ratio.min()) if len(ratio) else None,
                              "max": float(ratio.max()) if len(ratio) else None},
     "warnings": res.warnings,
-    "figures": ["loss_curves.png", "tradeoff.png", "bcrit_vs_loss.png", "bcrit_vs_tokens.png"],
+    "figures": ["loss_curves.png", "tradeoff.png", "bcrit_vs_loss.png", "bcrit_vs_tokens.png",
+                "batch_warmup.png"],
 }
 _nb.write_results(OUT, results)
 

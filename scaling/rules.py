@@ -420,7 +420,8 @@ def resolve(rules: Rules, cfg, *, budget_kind: str, budget: float, factor: float
                   f"{where}: a batch of {batch} x {seq} tokens is more than the whole {budget_kind} budget "
                   f"({budget:.3g}); lower the batch or raise the budget")
     values["B"] = float(tokens_per_step)
-    values["D"] = float(steps * tokens_per_step) if steps is not None else math.nan
+    # D follows a batch schedule where there is one (B stays the first batch: the rule's anchor)
+    values["D"] = float(flops.tokens_for_steps(sized, steps)) if steps is not None else math.nan
     if budget_kind != "flops":
         values["C"] = values["D"] * fpt
     if rules.warmup is not None:

@@ -275,6 +275,25 @@ def test_branched_cbs_recovers_the_crossing_and_its_power_law_in_tokens():
     t = _branch_table(truth)
     t.loc[(t["cbs_at_tokens"] == 6.4e4) & (t["cbs_factor"] >= 2), "state"] = "diverged"
     assert fit.branched_cbs(t).table.iloc[0]["cbs"] == 1024.0  # the k=1 batch: every larger one diverged
+    # unfinished branches: above the crossing they change nothing; at or below it the point is
+    # incomplete (out of the law), never a lower bound from a silently shorter grid
+    t = _branch_table(truth)
+    t.loc[(t["cbs_at_tokens"] == 6.4e4) & (t["cbs_factor"] == 32), "state"] = "running"
+    t.loc[(t["cbs_at_tokens"] == 4.096e6) & (t["cbs_factor"] >= 16), "state"] = "failed"
+    part = fit.branched_cbs(t).table.set_index("D")
+    assert part.loc[6.4e4, "status"] == "resolved" and part.loc[6.4e4, "cbs"] == pytest.approx(truth(6.4e4))
+    assert part.loc[4.096e6, "status"].startswith("incomplete") and part.loc[4.096e6, "unfinished"] == [16384.0, 32768.0]
+    t.loc[(t["cbs_at_tokens"] == 2.56e5) & (t["cbs_factor"] == 1), "state"] = "pending"
+    assert "smallest batch" in fit.branched_cbs(t).table.set_index("D").loc[2.56e5, "status"]
+    # two seeds of one design: averaged per (point, batch), one law
+    a, b = _branch_table(truth, noise=1e-3, seed=2), _branch_table(truth, noise=1e-3, seed=3).assign(main="m2")
+    mains = pd.DataFrame([{"role": "main", "trial_id": m, "shape": "d48L2", "batch": 8, "seq_len": 128, "lr": 4e-3,
+                           "seed": i, "loss": 2.0, "state": "done"} for i, m in enumerate(("m", "m2"))])
+    two = fit.branched_cbs(pd.concat([mains, a, b], ignore_index=True))
+    assert list(two.table["n_seeds"]) == [2] * 4 and two.law is not None
+    avg = (a["loss"].to_numpy() + b["loss"].to_numpy()) / 2
+    ref = avg[(a["cbs_at_tokens"] == 6.4e4).to_numpy() & (a["cbs_factor"] == 1).to_numpy()][0]
+    assert two.table.iloc[0]["reference_loss"] == pytest.approx(ref)
     wide = fit.branched_cbs(_branch_table(lambda D: 1e6))
     assert set(wide.table["status"]) == {"lower bound"} and wide.law is None
     assert any("3 resolved branch points" in n for n in wide.notes)

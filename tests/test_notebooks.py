@@ -193,6 +193,11 @@ def test_critical_batch(tmp_path):
     assert all(p["batches"] == [128, 256, 512] and p["excess"][0] == 0.0 for p in br["branch_points"])
     assert len(br["k1_equals_main"]) == 3
     assert all(c["branch_loss"] == c["main_loss"] for c in br["k1_equals_main"])
+    # the warmup run reads the same tokens as the small-batch run in fewer steps
+    warm = {w["variant"]: w for w in r["batch_warmup"]["runs"]}
+    assert set(warm) == {"const4", "warmup", "const16"} and r["batch_warmup"]["reference"] == "const4"
+    assert warm["warmup"]["tokens"] == warm["const4"]["tokens"] == warm["const16"]["tokens"] == 8192
+    assert warm["const16"]["steps"] < warm["warmup"]["steps"] < warm["const4"]["steps"] == 64
 
 
 @pytest.mark.slow

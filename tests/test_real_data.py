@@ -171,7 +171,7 @@ def test_worker_processes_serve_the_same_batches_and_resume_from_any_step(tmp_pa
     it = loader.make_train_iterator(DataConfig(**base, worker_count=2), seed=1)
     got = [next(it)["inputs"] for _ in range(3)]
     state = it.get_state()
-    assert state["next_index"] == 3
+    assert state == {"next_index": 3, "sequences": 3 * base.get("batch_size", DataConfig().batch_size)}
     it.close()
     again = loader.make_train_iterator(DataConfig(**base, worker_count=1), seed=1)
     again.set_state(state)

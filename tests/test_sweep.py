@@ -139,6 +139,20 @@ def test_only_filter_selects_and_pulls_in_main_runs():
      "multiple of 1024"),
     ({"strategy": "cbs_branch", "cbs": {**CBS, "at_tokens": [512]}, "set": CONST}, "sweep.cbs.at_tokens",
      "outside its constant-LR part"),
+    # every branch trains exactly delta_tokens: 2048 is not a whole number of steps at 3 x 256
+    ({"strategy": "cbs_branch", "cbs": {**CBS, "factors": [1, 3, 4]}, "set": CONST}, "sweep.cbs.delta_tokens",
+     "multiple of 3072"),
+    ({"strategy": "cbs_branch", "cbs": {**CBS, "at_tokens": [2048, 2100]}, "set": CONST}, "sweep.cbs.at_tokens",
+     "both step 8"),
+    ({"strategy": "cbs_branch", "cbs": CBS, "set": {**CONST, "optim.batch_lr_exponent": 0.5}},
+     "optim.batch_lr_exponent", "leave optim.batch_lr_exponent at 0"),
+    ({"strategy": "cbs_branch", "cbs": {**CBS, "lr_exponent": 1e308}, "set": CONST}, "sweep.cbs.lr_exponent",
+     "[0, 2]"),
+    ({"strategy": "cbs_branch", "cbs": {**CBS, "factors": [True, 2]}, "set": CONST}, "sweep.cbs.factors[0]",
+     "whole number"),
+    ({"set": {**TINY, "data.batch_schedule": ["4096:inf"]}}, "data.batch_schedule[0]", "TOKENS:BATCH"),
+    ({"strategy": "wsd_branch", "set": {**TINY, "optim.schedule": "wsd", "optim.warmup_steps": 2,
+                                        "data.batch_schedule": ["1e6:16"]}}, "data.batch_schedule", "wsd_branch"),
 ])
 def test_bad_specs_exit_2_naming_the_field_before_anything_runs(tmp_path, capsys, raw_kw, field, hint):
     p = write(tmp_path, base(**raw_kw))

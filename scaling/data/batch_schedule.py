@@ -33,7 +33,7 @@ def parse_entries(entries, first_batch: int) -> tuple[tuple[int, int], ...]:
             if len(parts) != 2:
                 raise ValueError
             t, b = float(parts[0]), float(parts[1])
-            if not (math.isfinite(t) and t == int(t) and b == int(b)):
+            if not (math.isfinite(t) and math.isfinite(b) and t == int(t) and b == int(b)):
                 raise ValueError
             t, b = int(t), int(b)
         except ValueError:

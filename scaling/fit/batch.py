@@ -193,6 +193,11 @@ def _per_step_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, str, list[str]]:
     if run_col is None:
         raise UsageError("--law bcrit: per-step logs need a run column (run, trial or trial_id)")
     notes = []
+    if "batch_size" in df.columns:  # logged per row by runs with a data.batch_schedule
+        varying = df.groupby(run_col)["batch_size"].nunique()
+        if (varying > 1).any():
+            raise UsageError(f"--law bcrit: run {varying[varying > 1].index[0]} changes its batch size during training "
+                             "(data.batch_schedule); the trade-off needs one batch size per run")
     if "B" not in df.columns:
         if not {"tokens", "step"} <= set(df.columns):
             raise UsageError("--law bcrit: per-step logs need B (batch size) or tokens and step")
@@ -494,64 +499,96 @@ def cbs_power_law(D, cbs, level: float = 0.95) -> dict | None:
             "rss": rss}
 
 
+def _arm_of(df: pd.DataFrame) -> pd.Series:
+    """Per branch row, the main run's configuration apart from its seed (seeds of one design are
+    replicates and get averaged): from the main run's own row where the table has it, else the
+    main run's id."""
+    if "main" not in df.columns:
+        return pd.Series("all", index=df.index)
+    cols = [c for c in ("variant", "shape", "batch", "seq_len", "lr") if c in df.columns]
+    mains = df[df.get("role", pd.Series(index=df.index, dtype=object)) == "main"] if "role" in df.columns else df.iloc[:0]
+    if "trial_id" in df.columns and len(mains) and cols:
+        arm = {tid: " ".join(f"{c}={mains.loc[i, c]}" for c in cols) for i, tid in mains["trial_id"].items()}
+    else:
+        arm = {}
+    return df["main"].map(lambda m: arm.get(m, f"main={m}"))
+
+
 def branched_cbs(table, *, tolerance: float = CBS_TOLERANCE, columns=None, where=None) -> CbsResult:
     """The critical batch size over training from branches (a ``strategy: cbs_branch`` sweep
     directory, or rows with ``cbs_at_tokens`` (tokens), ``cbs_batch`` (sequences), ``seq_len``,
     ``loss`` (nats; the held-out loss at the branch's end) and ``main``).
 
     Per branch point the branches' losses are compared with the smallest batch's: excess =
-    loss / loss_smallest - 1; a diverged branch (no finite loss) counts as failing. The CBS is
-    where the excess first crosses ``tolerance`` (log-linear between the two batches around
-    it); it and ``D`` are in tokens. A branch point with one batch size is a UsageError; one
-    where every batch stays within tolerance is a lower bound, reported and kept out of the law.
+    loss / loss_smallest - 1; a diverged branch counts as failing. The CBS is where the excess
+    first crosses ``tolerance`` (log-linear between the two batches around it); it and ``D``
+    are in tokens. Main runs that differ only in their seed are replicates: their branches'
+    losses are averaged per (point, batch) (``n_seeds``). Status per point: "resolved"; "lower
+    bound" (every batch within tolerance); "incomplete: ..." when a branch the crossing depends
+    on has not finished (pending, running, failed, or no loss), never a silently shorter grid.
+    Only resolved points enter ``cbs = A D^p``, fitted per design (no law across designs).
+    A point planned with one batch size is a UsageError.
     """
     if not 0 < tolerance < 1:
         raise UsageError(f"--tolerance: must be a relative loss excess in (0, 1), e.g. 0.01; got {tolerance}")
-    df, notes = io.load_table(table, columns=columns, where=where, keep_states=("done", "diverged"))
+    df, notes = io.load_table(table, columns=columns, where=where,
+                              keep_states=("done", "diverged", "pending", "running", "failed"))
     # branches share their model and tokens by design: the grid note of load_table is not for them
     notes = [n for n in notes if "share their size and data" not in n]
     missing = [c for c in (*CBS_COLS, "loss") if c not in df.columns]
     if missing:
         raise UsageError(f"--law cbs: the table has no {', '.join(missing)} column(s); it reads the branches of a "
                          "strategy: cbs_branch sweep")
+    df = df.assign(arm=_arm_of(df))
     df = df[df["cbs_at_tokens"].notna() & df["cbs_batch"].notna()].copy()
-    if "state" in df.columns:
-        df.loc[df["state"] == "diverged", "loss"] = np.inf
     if df.empty:
-        raise UsageError("--law cbs: no finished branches in the table")
+        raise UsageError("--law cbs: no branches in the table")
     seq = df["seq_len"].astype(float) if "seq_len" in df.columns else 1.0
     if "seq_len" not in df.columns:
         notes.append("no seq_len column: batch sizes in sequences")
     df["B_tokens"] = df["cbs_batch"].astype(float) * seq
-    df["loss"] = pd.to_numeric(df["loss"], errors="coerce").fillna(np.inf)
-    keys = [k for k in ("main", "cbs_at_tokens") if k in df.columns]
+    df["loss"] = pd.to_numeric(df["loss"], errors="coerce")
+    state = df["state"].astype(str) if "state" in df.columns else pd.Series("done", index=df.index)
+    df.loc[state == "diverged", "loss"] = np.inf
+    df["finished"] = (state == "diverged") | ((state == "done") & df["loss"].notna())
     rows, warnings = [], []
-    for key, g in df.groupby(keys, sort=True):
-        g = g.sort_values("B_tokens")
-        at = float(g["cbs_at_tokens"].iloc[0])
-        if g["B_tokens"].nunique() < 2:
+    for (arm, at), g in df.groupby(["arm", "cbs_at_tokens"], sort=True):
+        at = float(at)
+        per_b = g.groupby("B_tokens").agg(loss=("loss", "mean"), finished=("finished", "all"), n=("loss", "size"))
+        if len(per_b) < 2:
             raise UsageError(f"--law cbs: branch point at {at:g} tokens has one batch size; run at least two factors")
-        if g["B_tokens"].duplicated().any():
-            raise UsageError(f"--law cbs: branch point at {at:g} tokens has two branches at one batch size "
-                             "(two seeds or lrs?); select one with --where")
-        ref = float(g["loss"].iloc[0])
+        batches = per_b.index.to_numpy(float)
+        done = per_b["finished"].to_numpy(bool)
+        row = {"arm": arm, "D": at, "batches": batches.tolist(), "n_seeds": int(per_b["n"].max()),
+               "excess": [None] * len(batches), "unfinished": batches[~done].tolist()}
+        if not done[0]:
+            rows.append({**row, "cbs": np.nan, "cbs_grid": np.nan, "reference_loss": np.nan,
+                         "status": "incomplete: the smallest batch's branch has not finished"})
+            continue
+        ref = float(per_b["loss"].iloc[0])
         if not np.isfinite(ref):
             warnings.append(f"branch point at {at:g} tokens: the smallest batch diverged; no CBS")
             continue
-        excess = g["loss"].to_numpy(float) / ref - 1.0
-        batches = g["B_tokens"].to_numpy(float)
-        cbs, grid, status = _crossing(batches, excess, tolerance)
-        rows.append({"D": at, "cbs": cbs, "cbs_grid": grid, "status": status, "reference_loss": ref,
-                     "batches": batches.tolist(),
-                     "excess": [float(e) if np.isfinite(e) else None for e in excess],
-                     **({"main": key[0]} if "main" in keys and isinstance(key, tuple) else {})})
+        n_done = int(np.argmin(done)) if not done.all() else len(done)  # the finished prefix
+        excess = per_b["loss"].to_numpy(float)[:n_done] / ref - 1.0
+        cbs, grid, status = _crossing(batches[:n_done], excess, tolerance)
+        if status == "lower bound" and n_done < len(batches):
+            unfinished = ", ".join(f"{b:g}" for b in batches[~done])
+            status = f"incomplete: branches at {unfinished} tokens per step have not finished"
+        row["excess"] = [float(e) if np.isfinite(e) else None for e in excess] + [None] * (len(batches) - n_done)
+        rows.append({**row, "cbs": cbs, "cbs_grid": grid, "status": status, "reference_loss": ref})
     out = pd.DataFrame(rows)
     if out.empty:
         return CbsResult(out, None, tolerance, warnings, notes)
+    if out["n_seeds"].max() > 1:
+        notes.append(f"losses averaged over up to {int(out['n_seeds'].max())} seeds per point and batch")
     ok = out[out["status"] == "resolved"]
-    law = cbs_power_law(ok["D"], ok["cbs"]) if "main" not in out or out["main"].nunique() <= 1 else None
-    if "main" in out and out["main"].nunique() > 1:
-        notes.append("several main runs: one CBS table, no pooled law (select one main with --where)")
+    law = None
+    if out["arm"].nunique() > 1:
+        notes.append("several designs (main runs that differ beyond the seed): one CBS table, no pooled law; "
+                     "select one with --where")
+    else:
+        law = cbs_power_law(ok["D"], ok["cbs"])
     if law is None and len(ok) < 3:
         notes.append(f"cbs(D) needs 3 resolved branch points, have {len(ok)}")
     notes.append("cbs and D in tokens")

@@ -295,9 +295,11 @@ def _print_table(d: dict) -> None:
         print(f"  target L={t['target']:.4g}: S_min={t['S_min']:.4g} steps, E_min={t['E_min']:.4g}, "
               f"B_crit={t['B_crit']:.4g}{ci_b}{flag}")
     for t in d.get("branch_points", []):
-        ex = ", ".join(f"{b:g}:{'diverged' if e is None else f'{e:+.2%}'}" for b, e in zip(t["batches"], t["excess"]))
-        print(f"  D={t['D']:.4g}: cbs={t['cbs']:.4g} tokens (grid {t['cbs_grid']:.4g}; {t['status']})  "
-              f"loss excess by batch: {ex}")
+        left = set(t.get("unfinished") or [])
+        ex = ", ".join(f"{b:g}:" + ("not finished" if b in left else "diverged" if e is None else f"{e:+.2%}")
+                       for b, e in zip(t["batches"], t["excess"]))
+        cbs = f"{t['cbs']:.4g} tokens (grid {t['cbs_grid']:.4g}; " if t.get("cbs") is not None else "- ("
+        print(f"  D={t['D']:.4g}: cbs={cbs}{t['status']})  loss excess by batch: {ex}")
     for t in d.get("unusable_targets", []):
         print(f"  target L={t['target']:.4g}: {t['status']}")
     if d.get("table") and d.get("law", "").startswith("isoflop"):

@@ -119,6 +119,7 @@ def _shape_of(run_dir: Path) -> dict:
     out = {f"model.{k}": (tuple(v) if isinstance(v, list) else v) for k, v in model.items()}
     data = cfg.get("data") or {}
     out.update({f"data.{k}": data[k] for k in ("batch_size", "seq_len") if k in data})
+    out["data.batch_schedule"] = tuple(data.get("batch_schedule") or ())  # a batch warmup is another curve
     return out
 
 

@@ -43,8 +43,8 @@ class CbsSpec:
                               f"got {list(self.factors)}")
         if self.delta_tokens <= 0:
             raise ConfigError(f"sweep.cbs.delta_tokens: must be a positive token count, got {self.delta_tokens}")
-        if not math.isfinite(self.lr_exponent):
-            raise ConfigError(f"sweep.cbs.lr_exponent: must be a finite number, got {self.lr_exponent}")
+        if not 0 <= self.lr_exponent <= 2:
+            raise ConfigError(f"sweep.cbs.lr_exponent: must be in [0, 2] (0.5: the square-root rule), got {self.lr_exponent:g}")
 
 
 def parse(raw) -> CbsSpec:
@@ -63,7 +63,7 @@ def parse(raw) -> CbsSpec:
         out = []
         for i, x in enumerate(v):
             try:
-                f = float(x)
+                f = math.nan if isinstance(x, bool) else float(x)
             except (TypeError, ValueError):
                 f = math.nan
             if not math.isfinite(f) or f != int(f):
@@ -74,7 +74,7 @@ def parse(raw) -> CbsSpec:
     def number(key, default=None):
         v = raw.get(key, default)
         try:
-            f = float(v)
+            f = math.nan if isinstance(v, bool) else float(v)
         except (TypeError, ValueError):
             f = math.nan
         if not math.isfinite(f):
@@ -92,7 +92,8 @@ def branch(independent: list, cbs: CbsSpec) -> list:
     branch per (branch point, factor): ``init_from = "<main id>@<step>"``, batch ``k * B`` from
     the checkpoint's token count on, lr times ``k ** lr_exponent``, ``delta_tokens`` more tokens.
     ConfigError for a main run that is not constant-LR with a fixed warmup, a branch point past
-    its budget or inside its warmup, or a ``delta_tokens`` that the largest batch does not divide."""
+    its budget or inside its warmup, two points on one step, or a ``delta_tokens`` that some
+    branch batch does not divide (every branch trains exactly ``delta_tokens``)."""
     out = []
     for t in independent:
         cfg = t.config
@@ -104,20 +105,27 @@ def branch(independent: list, cbs: CbsSpec) -> list:
         if d.batch_schedule:
             raise ConfigError("sweep.set.data.batch_schedule: cbs_branch sets the branches' batch schedule; "
                               "leave it unset for the main run")
+        if o.batch_lr_exponent:
+            raise ConfigError("sweep.set.optim.batch_lr_exponent: cbs_branch scales each branch's lr by "
+                              "k^cbs.lr_exponent itself; leave optim.batch_lr_exponent at 0")
         if t.steps is None:
             raise ConfigError(f"sweep.buckets[{t.bucket}]: cbs_branch needs token or FLOP buckets (the main run's length)")
         tps = cfg.tokens_per_step
-        step_of = {}
+        step_of, at_of = {}, {}
         for at in cbs.at_tokens:
             s = at // tps
             if s <= o.warmup_steps or s >= t.steps:
-                raise ConfigError(f"sweep.cbs.at_tokens: {at} tokens is step {s} of {cfg.name}, outside its constant-LR "
-                                  f"part (after warmup step {o.warmup_steps}, before its last step {t.steps})")
-            step_of[at] = s
-        big = max(cbs.factors) * tps
-        if cbs.delta_tokens % big:
-            raise ConfigError(f"sweep.cbs.delta_tokens: {cbs.delta_tokens} is not a whole number of steps at the "
-                              f"largest branch batch ({big} tokens); use a multiple of {big}")
+                raise ConfigError(f"sweep.cbs.at_tokens: {at:.6g} tokens is step {s} of {cfg.name}, outside its "
+                                  f"constant-LR part (after warmup step {o.warmup_steps}, before its last step {t.steps})")
+            if s in at_of:
+                raise ConfigError(f"sweep.cbs.at_tokens: {at_of[s]} and {at} tokens are both step {s} at {tps} tokens "
+                                  "per step; give branch points at least one step apart")
+            step_of[at], at_of[s] = s, at
+        # every branch must train exactly delta_tokens, so every branch batch divides it
+        unit = math.lcm(*cbs.factors) * tps
+        if cbs.delta_tokens % unit:
+            raise ConfigError(f"sweep.cbs.delta_tokens: {cbs.delta_tokens} is not a whole number of steps at every "
+                              f"branch batch (factors {list(cbs.factors)} x {tps} tokens); use a multiple of {unit}")
         mcfg = dataclasses.replace(cfg, checkpoint_at=tuple(sorted(set(step_of.values()))))
         main_id = config_hash(mcfg)
         out.append(dataclasses.replace(t, id=main_id, config=mcfg, role="main"))
@@ -130,7 +138,10 @@ def branch(independent: list, cbs: CbsSpec) -> list:
                     cfg, data=data, optim=dataclasses.replace(o, lr=o.lr * k ** cbs.lr_exponent),
                     budget=BudgetConfig(flops=None, tokens=start + cbs.delta_tokens),
                     name=f"{cfg.name}_at{start}_k{k}", init_from=f"{main_id}@{s}")
-                steps = s + cbs.delta_tokens // (k * tps)
+                from scaling import flops
+
+                steps = int(flops.steps_for_budget(bcfg))
+                assert flops.tokens_for_steps(bcfg, steps) == start + cbs.delta_tokens
                 tags = t.tags + (("cbs_at_tokens", start), ("cbs_factor", k), ("cbs_batch", k * d.batch_size))
                 out.append(dataclasses.replace(
                     t, id=config_hash(bcfg), config=bcfg, role="branch", main=main_id, branch_step=s, steps=steps,

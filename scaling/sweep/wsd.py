@@ -38,6 +38,9 @@ def branch(independent: list) -> list:
             raise ConfigError(f"sweep.buckets[{t.bucket}]: wsd_branch needs FLOP buckets; use strategy: independent for "
                               f"{t.budget_kind} buckets")
         o = t.config.optim
+        if t.config.data.batch_schedule:
+            raise ConfigError("sweep.set.data.batch_schedule: wsd_branch shares one run across budgets at a fixed "
+                              "batch; use strategy: independent for a batch schedule")
         if o.schedule != "wsd":
             raise ConfigError(f"sweep.set.optim.schedule: wsd_branch needs optim.schedule: wsd (got {o.schedule!r})")
         if o.warmup_steps is None:

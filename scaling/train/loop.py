@@ -470,14 +470,21 @@ class _Session:
 
         time_spent = cfg.budget.kind == "seconds" and train_s >= cfg.budget.seconds  # resumed after the end
         every = gns_every(cfg)
+        ran_batches: set[int] = set()
         while step < total_steps and not time_spent:
             batch = self.put(next(self.iterator))
-            state, m = self.step_for(self.schedule.batch_at(step))(state, batch)
+            b_now = self.schedule.batch_at(step)
+            fresh = b_now not in ran_batches  # the first step at a batch size compiles its program
+            if fresh and compiled:  # a batch-schedule switch: time the steps before it, not the compile
+                jax.block_until_ready(state)
+                close_segment(time.perf_counter())
+            state, m = self.step_for(b_now)(state, batch)
             step += 1
             faults.point("train_step", step)
-            if not compiled:
-                jax.block_until_ready(m)  # first step = compilation; not counted as training time
+            if fresh:
+                jax.block_until_ready(m)  # compilation is not counted as training time
                 compiled = True
+                ran_batches.add(b_now)
                 seg_t, seg_step = time.perf_counter(), step
             logging = step % cfg.log_every == 0 or step == total_steps
             logging = logging or bool(every and step % every == 0)  # every statistic computed is logged

@@ -144,8 +144,15 @@ class ModelConfig:
     mup_base_head_dim: Optional[int] = None
     moe: Optional[MoEConfig] = None
     mod: Optional[MoDConfig] = None
+    # rematerialisation per block (jax.checkpoint): none | full (keep only each block's input) |
+    # dots_saveable | dots_with_no_batch_dims_saveable (keep matmul outputs). Memory, not maths
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    # attention kernel: auto (cudnn flash attention on a GPU in bfloat16, else xla) | xla | cudnn
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
 
     def __post_init__(self):
+        _one_of("model.remat", self.remat, REMAT_POLICIES)
+        _one_of("model.attention", self.attention, ("auto", "xla", "cudnn"))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -342,6 +349,7 @@ class DataConfig:
 
 
 Schedule = Literal["cosine", "linear", "wsd", "constant"]
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclass(frozen=True)

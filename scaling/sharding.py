@@ -440,7 +440,10 @@ def activation_bytes_estimate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh
     last three divided over ``tensor``; MoE layers count ``k G`` routed expert hiddens times the
     capacity factor. Plus float32 logits and their gradient ``2 V`` per token over ``tensor``.
     Tokens per device = ``B L / (data x fsdp x expert)``, or ``data.microbatch x L`` with
-    gradient accumulation (one pass's activations are live at a time).
+    gradient accumulation (one pass's activations are live at a time). ``model.remat=full``
+    keeps only each block's input (``d`` per token and layer) plus one block's activations
+    while it is recomputed; the ``dots`` policies are counted as no rematerialisation (an upper
+    bound).
     """
     sizes = {a: 1 for a in AXES} | _axis_sizes(mesh)
     m = model_cfg
@@ -450,7 +453,7 @@ def activation_bytes_estimate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh
     width = 2 if m.dtype == "bfloat16" else 4
     hd, t = m.resolved_head_dim, sizes["tensor"]
     per_mult = 3 if m.activation == "swiglu" else 2
-    total = 0.0
+    per_layer = []
     for i in range(m.n_layers):
         if m.is_moe_layer(i):
             moe = m.moe
@@ -458,7 +461,11 @@ def activation_bytes_estimate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh
         else:
             ff = m.resolved_d_ff
         sharded = (2 * m.n_heads + 2 * m.resolved_n_kv_heads) * hd + 2 * m.n_heads * data_cfg.seq_len + per_mult * ff
-        total += tokens * (5 * m.d_model + sharded / t) * width
+        per_layer.append(tokens * (5 * m.d_model + sharded / t) * width)
+    if getattr(m, "remat", "none") == "full":
+        total = m.n_layers * tokens * m.d_model * width + max(per_layer)
+    else:
+        total = sum(per_layer)
     total += tokens * 2 * m.vocab_size / t * 4
     return int(total)
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from scaling import flops
-from scaling.config import MoDConfig, MoEConfig, ModelConfig
+from scaling.config import ConfigError, MoDConfig, MoEConfig, ModelConfig
 from scaling.models import family, layers
 from scaling.models.transformer import Transformer
 
@@ -186,3 +186,54 @@ def test_dense_experiment_default_and_size_rule():
     sized = experiments.load("dense").model_for_params(3e5)
     assert math.isclose(flops.param_counts(sized).non_embedding, 3e5, rel_tol=0.12)
     assert sized.tie_embeddings == cfg.model.tie_embeddings and sized.activation == cfg.model.activation
+
+
+def test_remat_keeps_the_loss_and_cuts_the_saved_activations():
+    """``model.remat``: the same loss and gradients (recomputation, not new maths); the residuals
+    the backward pass keeps for the issue's 12-layer d256 seq-1024 model fall >= 2x with
+    ``full`` (read from the traced program: XLA's CPU ``memory_analysis`` does not show it)."""
+    import experiments
+    from scaling.models.remat import saved_residual_bytes
+    from scaling.train import step as step_lib
+
+    def loss_and_grad(extra, toks):
+        cfg = experiments.get("dense").with_overrides(extra)
+        g, params, rest = step_lib.split_model(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+
+        def loss(p):
+            logits, _ = nnx.merge(g, p, rest)(toks)
+            return jnp.mean(logits ** 2)
+
+        return loss, params
+
+    small = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.seq_len=16"]
+    toks = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 256
+    ref_loss, ref_params = loss_and_grad(small, toks)
+    v0, g0 = jax.value_and_grad(ref_loss)(ref_params)
+    for policy in ("full", "dots_saveable"):
+        fn, params = loss_and_grad([*small, f"model.remat={policy}"], toks)
+        v, g = jax.value_and_grad(fn)(params)
+        assert float(v) == pytest.approx(float(v0), rel=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, g0)
+    big = ["model.d_model=256", "model.n_layers=12", "model.n_heads=4", "data.seq_len=1024"]
+    toks = jnp.zeros((2, 1024), jnp.int32)
+    none = saved_residual_bytes(*loss_and_grad(big, toks))
+    full = saved_residual_bytes(*loss_and_grad([*big, "model.remat=full"], toks))
+    assert none >= 2 * full, (none, full)
+    with pytest.raises(ConfigError, match="model.remat: must be one of none, full"):
+        experiments.get("dense").with_overrides(["model.remat=sometimes"])
+
+
+def test_attention_kernel_by_backend():
+    """``model.attention``: auto is cuDNN flash attention on a GPU in bfloat16 and XLA
+    otherwise; cudnn named where it cannot run is one ConfigError naming the field."""
+    from scaling.config import ModelConfig
+    from scaling.models.layers import attention_implementation
+
+    bf16, f32 = ModelConfig(dtype="bfloat16"), ModelConfig()
+    assert attention_implementation(bf16, "gpu") == "cudnn" and attention_implementation(f32, "gpu") == "xla"
+    assert attention_implementation(bf16, "cpu") == attention_implementation(bf16, "tpu") == "xla"
+    with pytest.raises(ConfigError, match="model.attention: cudnn needs a GPU backend, this one is cpu"):
+        attention_implementation(ModelConfig(attention="cudnn", dtype="bfloat16"), "cpu")
+    with pytest.raises(ConfigError, match="model.attention: cudnn flash attention takes 16-bit inputs"):
+        attention_implementation(ModelConfig(attention="cudnn"), "gpu")

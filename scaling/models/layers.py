@@ -142,8 +142,29 @@ def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
     return out.astype(x_BxLxNxE.dtype)
 
 
+def attention_implementation(cfg: ModelConfig, backend: str | None = None) -> str:
+    """The kernel ``model.attention`` resolves to on ``backend`` (default: jax's):
+    ``auto`` is cuDNN flash attention on a GPU in bfloat16 (cuDNN's fused kernel takes 16-bit
+    inputs only) and XLA otherwise. Raises ``ConfigError`` naming ``model.attention`` when
+    ``cudnn`` is asked for where it cannot run."""
+    from scaling.config import ConfigError
+
+    backend = backend or jax.default_backend()
+    if cfg.attention == "xla":
+        return "xla"
+    if cfg.attention == "cudnn":
+        if backend != "gpu":
+            raise ConfigError(f"model.attention: cudnn needs a GPU backend, this one is {backend}; use auto or xla")
+        if cfg.dtype != "bfloat16":
+            raise ConfigError("model.attention: cudnn flash attention takes 16-bit inputs; set model.dtype=bfloat16 "
+                              "or use auto / xla")
+        return "cudnn"
+    return "cudnn" if backend == "gpu" and cfg.dtype == "bfloat16" else "xla"
+
+
 def causal_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
-                     key_mask_BxL: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+                     key_mask_BxL: jax.Array | None = None, scale: float | None = None,
+                     implementation: str = "xla") -> jax.Array:
     """Causal softmax attention, grouped-query (query head ``h`` reads kv head ``h // (H/K)``).
 
     ``jax.nn.dot_product_attention`` with its XLA implementation: it computes the full ``L x L``
@@ -153,13 +174,14 @@ def causal_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.
     ``key_mask_BxL`` (bool) restricts every query to the keys marked True, plus itself so that no
     row is empty (mixture-of-depths' causal routing: selected tokens see selected tokens only).
     ``scale`` multiplies the scores (default ``1/sqrt(E)``; μP passes ``mup.attention_scale``).
-    Returns ``[B, L, H, E]`` in the input dtype."""
+    ``implementation``: ``xla`` or ``cudnn`` (fused flash attention on GPU; no L x L scores in
+    memory). Returns ``[B, L, H, E]`` in the input dtype."""
     mask = None
     if key_mask_BxL is not None:
         L = key_mask_BxL.shape[1]
         mask = (key_mask_BxL[:, None, None, :] | jnp.eye(L, dtype=bool)[None, None])
     return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask=mask, is_causal=True,
-                                        scale=scale, implementation="xla")
+                                        scale=scale, implementation=implementation)
 
 
 class Attention(nnx.Module):
@@ -197,7 +219,9 @@ class Attention(nnx.Module):
         q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
         k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
         scale = mup.attention_scale(cfg) if mup.is_mup(cfg) else None  # None: jax's own 1/sqrt(E) (SP)
-        o_BxLxHxE = causal_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, key_mask_BxL, scale)
+        impl = attention_implementation(cfg)
+        o_BxLxHxE = causal_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, key_mask_BxL, scale,
+                                     implementation=impl if key_mask_BxL is None else "xla")
         return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.wo[...].astype(dt))
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from scaling.config import ModelConfig
 from scaling.models import mup
+from scaling.models.remat import remat_policy
 from scaling.models.layers import Block, Embed, RMSNorm, compute_dtype, one_draw_init, param
 
 
@@ -60,8 +61,14 @@ class Transformer(nnx.Module):
         x_BxLxD = self.embed(tokens_BxL)
         aux_loss = jnp.zeros((), jnp.float32)
         metrics: dict[str, jax.Array] = {}
+        def run_block(block, x_BxLxD, positions_BxL):
+            return block(x_BxLxD, positions=positions_BxL, train=train, mod_routing=mod_routing)
+
+        policy = remat_policy(self.cfg.remat)
+        if policy is not False:  # recompute the block's activations in the backward pass
+            run_block = nnx.remat(run_block, policy=policy)
         for i, block in enumerate(self.blocks):
-            x_BxLxD, block_aux = block(x_BxLxD, positions=positions_BxL, train=train, mod_routing=mod_routing)
+            x_BxLxD, block_aux = run_block(block, x_BxLxD, positions_BxL)
             for name, value in (block_aux or {}).items():
                 if name == "aux_loss":
                     aux_loss = aux_loss + value

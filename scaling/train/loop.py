@@ -288,7 +288,14 @@ class _Session:
         self.t_start = time.perf_counter()
         from scaling.data.batch_schedule import BatchSchedule
 
+        from scaling.models.layers import attention_implementation
+
         self.mesh = sharding.make_mesh(cfg.mesh)
+        # the attention kernel: a named one the backend lacks is a ConfigError before anything runs
+        resolved["attention"] = attention_implementation(cfg.model)
+        if cfg.model.attention == "auto" and cfg.progress:
+            print(f"{out}: attention kernel {resolved['attention']} (model.attention=auto on {jax.default_backend()}, "
+                  f"{cfg.model.dtype})", file=sys.stderr)
         self.schedule = BatchSchedule.of(cfg.data)
         for b in self.schedule.batches:  # every batch of the schedule must split over the mesh
             sharding.validate(cfg.model, self._data_at(b), self.mesh)

@@ -149,6 +149,9 @@ class ModelConfig:
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
     # attention kernel: auto (cudnn flash attention on a GPU in bfloat16, else xla) | xla | cudnn
     attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # store the blocks stacked and run them with one lax.scan over the repeating group of
+    # blocks (the program no longer grows with depth; scaling.models.transformer)
+    scan_layers: bool = False
 
     def __post_init__(self):
         _one_of("model.remat", self.remat, REMAT_POLICIES)
@@ -198,6 +201,24 @@ class ModelConfig:
             expert_ff = self.resolved_d_ff * self.moe.expert_size
             if expert_ff % self.moe.granularity != 0 or int(expert_ff) != expert_ff:
                 _fail("model.moe.granularity", f"granularity={self.moe.granularity} must divide the expert hidden size {expert_ff:g}; pick a divisor")
+        if not isinstance(self.scan_layers, bool):
+            _fail("model.scan_layers", f"must be true or false, got {self.scan_layers!r}")
+        if self.scan_layers and self.n_layers > 1 and self.layer_period() == self.n_layers:
+            kinds = ", ".join(f"{i}:{k}" for i, k in enumerate(self._layer_kinds()))
+            _fail("model.scan_layers", f"the block pattern ({kinds}) does not repeat within {self.n_layers} layers, "
+                                       "so the blocks cannot be grouped for a scan; make n_layers a multiple of the "
+                                       "moe/mod 'every' or set model.scan_layers=false")
+
+    def _layer_kinds(self) -> list[str]:
+        return [("mod+" if self.is_mod_layer(i) else "") + ("moe" if self.is_moe_layer(i) else "dense")
+                for i in range(self.n_layers)]
+
+    def layer_period(self) -> int:
+        """Blocks in the smallest repeating group of the layer pattern (dense / MoE / MoD): a
+        scanned model stacks ``n_layers / period`` copies of that group."""
+        kinds = self._layer_kinds()
+        n = self.n_layers
+        return next(p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)))
 
     @property
     def resolved_head_dim(self) -> int:

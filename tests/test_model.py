@@ -237,3 +237,41 @@ def test_attention_kernel_by_backend():
         attention_implementation(ModelConfig(attention="cudnn", dtype="bfloat16"), "cpu")
     with pytest.raises(ConfigError, match="model.attention: cudnn flash attention takes 16-bit inputs"):
         attention_implementation(ModelConfig(attention="cudnn"), "gpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    {},
+    {"moe": MoEConfig(n_experts=4, top_k=1, every=2)},
+    {"mod": MoDConfig(capacity=0.5, every=2)},
+])
+def test_scanned_blocks_equal_the_loop(extra):
+    """``model.scan_layers``: the stacked model starts from the loop model's parameters (the
+    same draws, stacked) and gives the same loss, aux metrics per layer and gradients; MoE or
+    MoD every second layer scans over the repeating pair."""
+    cfg = ModelConfig(d_model=32, n_layers=4, n_heads=2, **extra)
+    toks = (jnp.arange(64, dtype=jnp.int32).reshape(2, 32) * 7) % 256
+
+    def run(c):
+        from scaling.train import step as step_lib
+
+        g, params, rest = step_lib.split_model(Transformer(c, rngs=nnx.Rngs(0)))
+
+        def loss(p):
+            logits, aux = nnx.merge(g, p, rest)(toks)
+            return jnp.mean(logits ** 2) + aux["aux_loss"], aux
+
+        (v, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return float(v), aux, grads
+
+    v0, aux0, g0 = run(cfg)
+    v1, aux1, g1 = run(dataclasses.replace(cfg, scan_layers=True))
+    assert v1 == pytest.approx(v0, rel=1e-6)
+    assert set(aux1) == set(aux0)
+    for k in aux0:
+        np.testing.assert_allclose(aux1[k], aux0[k], rtol=1e-5, atol=1e-7)
+    # layer i of the loop is slice i // period, block i % period of the stack
+    period = cfg.layer_period()
+    wq = lambda b: (b["attn"] if "attn" in b else b["block"]["attn"])["wq"][...]  # noqa: E731 (MoD wraps a block)
+    for i in range(cfg.n_layers):
+        np.testing.assert_allclose(wq(g1["stack"][i % period])[i // period], wq(g0["blocks"][i]), rtol=1e-5, atol=1e-8)

@@ -38,11 +38,11 @@ class Trainer:
     """The trainer's own step and optimizer over the real Transformer, on any mesh. One jitted
     step is shared by all tests, so each mesh compiles once for the whole module."""
 
-    def __init__(self):
+    def __init__(self, model: ModelConfig = MODEL):
         from scaling.models.transformer import Transformer
         from scaling.train import optim, step
 
-        self.make = lambda: Transformer(MODEL, rngs=nnx.Rngs(0))
+        self.make = lambda: Transformer(model, rngs=nnx.Rngs(0))
         ocfg = OptimConfig(lr=1e-2, warmup_steps=2)
         self.tx = optim.make_optimizer(ocfg)
         self.split = step.split_model
@@ -394,3 +394,41 @@ def test_gradient_accumulation_trains_like_one_pass_on_one_device_and_on_eight(t
         np.testing.assert_allclose(losses_of(mesh, accum, shards), plain, rtol=1e-5)
     with pytest.raises(ConfigError, match="data.microbatch: 4 sequences does not divide the per-device batch of 2"):
         S.validate(MODEL, DataConfig(source="synthetic", batch_size=16, seq_len=16, microbatch=4), _mesh((8, 1, 1, 1)))
+
+
+@pytest.mark.slow
+def test_scanned_layers_on_a_mesh_train_like_the_loop_on_one_device():
+    """``model.scan_layers`` on a (data 2, fsdp 2, tensor 2) mesh: the stacked parameters keep
+    their logical sharding behind a replicated layer axis, and the losses are the loop model's
+    on one device (float32, 1e-5 relative)."""
+    import dataclasses
+
+    m = dataclasses.replace(MODEL, n_layers=2)
+    loop_t, scan_t = Trainer(m), Trainer(dataclasses.replace(m, scan_layers=True))
+    one, mesh = _mesh((1, 1, 1, 1), jax.devices()[:1]), _mesh((2, 2, 2, 1))
+    _, ref = loop_t.train(loop_t.init(one), one, range(STEPS))
+    state, got = scan_t.train(scan_t.init(mesh), mesh, range(STEPS))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    w = state["params"]["stack"][0]["mlp"]["w_in"]
+    assert w.shape == (2, 64, 256)
+    assert w.sharding.is_equivalent_to(jax.NamedSharding(mesh, S.logical_to_spec(("layers", "embed", "mlp"))), 3)
+
+
+def test_activations_are_constrained_by_the_parameter_rules():
+    """MaxText-style activation sharding from ``LOGICAL_RULES``: per block the lowered forward
+    constrains q, k, v and the attention output (heads over ``tensor``), the MLP hidden (``mlp``
+    over ``tensor``) and the residual stream twice (rows over the batch axes, embed whole)."""
+    from scaling.models.transformer import Transformer
+
+    m = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, d_ff=256)
+    mesh = _mesh((2, 2, 2, 1))
+    model = S.create_sharded_model(lambda: Transformer(m, rngs=nnx.Rngs(0)), mesh)
+    with S.mesh_context(mesh):
+        toks = S.shard_batch({"inputs": jnp.zeros((16, 16), jnp.int32)}, mesh)["inputs"]
+        text = jax.jit(lambda mm, t: mm(t)[0]).lower(model, toks).as_text()
+    lines = [line for line in text.splitlines() if "sharding_constraint" in line]
+    assert len(lines) == 7 * m.n_layers
+    rows = '{"data", "fsdp", "expert"}'
+    assert sum(f'[{rows}, {{}}, {{"tensor"}}, {{}}]' in line for line in lines) == 4 * m.n_layers  # q, k, v, o
+    assert sum(f'[{rows}, {{}}, {{"tensor"}}]' in line for line in lines) == m.n_layers  # MLP hidden
+    assert sum(f'[{rows}, {{}}, {{}}]' in line for line in lines) == 2 * m.n_layers  # residual stream

@@ -25,3 +25,29 @@ def test_bench_train_json_and_sharded_equivalence(capsys):
     assert 0 < out["mfu"] < 1.5 and out["peak_rss_bytes"] > 0
     assert set(out["gns_overhead"]) == {"every_1", "every_10"}  # ratios, measured in this process
     assert all(math.isfinite(v) and v > -1 for v in out["gns_overhead"].values())
+    # the scanned program does not grow with depth (op counts, never wall-clock); remat cuts
+    # what the backward pass keeps
+    prog = out["program"]
+    assert set(prog) == {"L4_loop", "L4_scan", "L24_loop", "L24_scan"}
+    assert prog["L24_scan"]["hlo_ops"] <= 1.2 * prog["L4_scan"]["hlo_ops"]
+    assert prog["L24_loop"]["hlo_ops"] > 3 * prog["L4_loop"]["hlo_ops"]
+    rb = out["remat_saved_bytes"]
+    assert rb["none"] >= 2 * rb["full"] and rb["none"] > rb["dots_saveable"] > rb["full"]
+
+
+def test_accelerator_presets_are_sized_and_refused_on_cpu(capsys):
+    """``--preset gpu-1b`` is a ~1B dense model and ``gpu-moe`` a Mixtral-like MoE, both bf16,
+    seq 2048, scanned, rematerialised, fused attention by backend; on a CPU the preset is one
+    line, exit 2 (they are for an accelerator; MFU quotes come from runs there)."""
+    from scaling import flops
+    from scaling.train.bench import preset_config
+
+    dense, moe = preset_config("gpu-1b"), preset_config("gpu-moe")
+    assert 0.9e9 < flops.param_counts(dense.model).total < 1.1e9
+    pc = flops.param_counts(moe.model)
+    assert moe.model.moe.n_experts == 8 and moe.model.moe.top_k == 2 and pc.active < 0.4 * pc.total
+    for c in (dense, moe):
+        assert (c.model.dtype, c.data.seq_len, c.model.scan_layers, c.model.remat) == ("bfloat16", 2048, True, "full")
+    assert main(["bench", "train", "--preset", "gpu-1b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--preset gpu-1b" in err and "this backend is cpu" in err and len(err.splitlines()) == 1

@@ -26,6 +26,20 @@ from flax import nnx
 from scaling.config import ModelConfig
 from scaling.models import mup
 
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+    """Activation sharding by logical axis names, from the rules that place the parameters
+    (``scaling.sharding.LOGICAL_RULES``; MaxText style): rows over the batch axes, heads and the
+    MLP hidden over ``tensor``. A no-op outside a mesh."""
+    from scaling.sharding import constrain as by_rules
+
+    return by_rules(x, names)
+
+
+RESIDUAL = ("batch", "length", "embed")  # embed stays whole: the batch holds fsdp already
+HEADS = ("batch", "length", "heads", "kv")
+HIDDEN = ("batch", "length", "mlp")
+
+
 def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
@@ -210,9 +224,9 @@ class Attention(nnx.Module):
         dt = x_BxLxD.dtype
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt))
-        k_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, self.wk[...].astype(dt))
-        v_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, self.wv[...].astype(dt))
+        q_BxLxHxE = constrain(jnp.einsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt)), HEADS)
+        k_BxLxKxE = constrain(jnp.einsum("bld,dke->blke", x_BxLxD, self.wk[...].astype(dt)), HEADS)
+        v_BxLxKxE = constrain(jnp.einsum("bld,dke->blke", x_BxLxD, self.wv[...].astype(dt)), HEADS)
         if self.q_norm is not None:
             q_BxLxHxE = self.q_norm(q_BxLxHxE)
             k_BxLxKxE = self.k_norm(k_BxLxKxE)
@@ -222,6 +236,7 @@ class Attention(nnx.Module):
         impl = attention_implementation(cfg)
         o_BxLxHxE = causal_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, key_mask_BxL, scale,
                                      implementation=impl if key_mask_BxL is None else "xla")
+        o_BxLxHxE = constrain(o_BxLxHxE, HEADS)
         return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.wo[...].astype(dt))
 
 
@@ -247,6 +262,7 @@ class MLP(nnx.Module):
             h_BxLxF = act(x_BxLxD @ self.w_gate[...].astype(dt)) * h_BxLxF
         else:
             h_BxLxF = act(h_BxLxF)
+        h_BxLxF = constrain(h_BxLxF, HIDDEN)
         return h_BxLxF @ self.w_out[...].astype(dt), {}
 
 
@@ -267,6 +283,6 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, positions: jax.Array | None = None, key_mask: jax.Array | None = None,
                  train: bool = True, **_unused) -> tuple[jax.Array, dict]:
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions, key_mask)
+        x_BxLxD = constrain(x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions, key_mask), RESIDUAL)
         y_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD), train=train)
-        return x_BxLxD + y_BxLxD, aux
+        return constrain(x_BxLxD + y_BxLxD, RESIDUAL), aux

@@ -128,11 +128,19 @@ def path_text(path) -> str:
     return "/".join(path_keys(path))
 
 
+def tensor_ndim(path, x) -> int:
+    """Dimensions of the tensor a parameter holds per layer: a scanned model's blocks
+    (``stack/...``, ``model.scan_layers``) carry a leading layer axis that is not one of the
+    tensor's own (a norm scale stays a vector, a projection a matrix)."""
+    keys = path_keys(path)
+    return len(getattr(x, "shape", ())) - (1 if keys and keys[0] == "stack" else 0)
+
+
 def lr_multipliers(cfg: ModelConfig, params):
     """Pytree like ``params`` of Python floats: each tensor's Adam LR multiplier."""
     import jax
 
-    return jax.tree_util.tree_map_with_path(lambda p, x: lr_multiplier(cfg, path_name(p), x.ndim), params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: lr_multiplier(cfg, path_name(p), tensor_ndim(p, x)), params)
 
 
 def describe(cfg: ModelConfig, params=None) -> dict:
@@ -147,7 +155,7 @@ def describe(cfg: ModelConfig, params=None) -> dict:
 
         tensors = {}
         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-            name, ndim = path_name(path), len(getattr(x, "shape", ()))
+            name, ndim = path_name(path), tensor_ndim(path, x)
             r = role(name, ndim)
             tensors[path_text(path)] = {"role": r, "init_std": None if r == "vector" else init_std(cfg, name, ndim),
                                         "lr_multiplier": lr_multiplier(cfg, name, ndim)}

@@ -20,6 +20,47 @@ from scaling.models.remat import remat_policy
 from scaling.models.layers import Block, Embed, RMSNorm, compute_dtype, one_draw_init, param
 
 
+STACKED_AXIS = "layers"  # the logical name of a stacked parameter's leading axis (replicated)
+
+
+def stack_blocks(blocks: list, period: int) -> nnx.List:
+    """``n_layers`` blocks -> one group of ``period`` blocks whose every variable holds the
+    ``n_layers / period`` groups' values stacked on a new leading axis (logical axis
+    ``layers``). Layer ``g * period + j`` is group ``g``'s block ``j``."""
+    groups = [nnx.List(blocks[g:g + period]) for g in range(0, len(blocks), period)]
+    graphdef, *_ = nnx.split(groups[0])
+    states = [nnx.split(g)[1] for g in groups]
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def stack(*vs):
+        meta = dict(vs[0].get_metadata())
+        names = meta.get("out_sharding")
+        if names is not None:
+            meta["out_sharding"] = (STACKED_AXIS, *names)
+        return type(vs[0])(jnp.stack([v.get_value() for v in vs]), **meta)
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=is_var))
+
+
+def run_stacked(stack: nnx.List, run_block, x_BxLxD: jax.Array, positions_BxL: jax.Array):
+    """Run the stacked groups in order with one ``lax.scan`` (the group's blocks traced once);
+    returns ``(x, [aux of layer 0, 1, ...])``."""
+    graphdef, state = nnx.split(stack)
+
+    def body(x, group_state):
+        group = nnx.merge(graphdef, group_state)
+        auxes = []
+        for block in group:
+            x, aux = run_block(block, x, positions_BxL)
+            auxes.append(aux or {})
+        return x, auxes
+
+    x_BxLxD, auxes = jax.lax.scan(body, x_BxLxD, state)
+    n_groups = jax.tree.leaves(state)[0].shape[0]
+    per_layer = [{k: v[g] for k, v in auxes[j].items()} for g in range(n_groups) for j in range(len(auxes))]
+    return x_BxLxD, per_layer
+
+
 def make_block(cfg: ModelConfig, i: int, *, rngs: nnx.Rngs) -> nnx.Module:
     """Block ``i``: MoE MLP where ``cfg.is_moe_layer(i)``, wrapped in mixture-of-depths routing
     where ``cfg.is_mod_layer(i)``. Every block is called ``block(x, positions=...) -> (x, aux)``."""
@@ -43,12 +84,20 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         with one_draw_init(rngs):  # one random draw for all dense parameters (fast to compile)
             self.embed = Embed(cfg, rngs=rngs)
-            self.blocks = nnx.List([make_block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+            blocks = [make_block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)]
             self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", rngs=rngs)
             if cfg.tie_embeddings:
                 self.head = None
             else:
                 self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), mup.init_std(cfg, "head"))
+        # the blocks are drawn one by one either way, so a scanned model starts from the very
+        # parameters of the loop model (stacked after the draw has filled them)
+        if cfg.scan_layers:
+            self.blocks = None
+            self.stack = stack_blocks(blocks, cfg.layer_period())
+        else:
+            self.blocks = nnx.List(blocks)
+            self.stack = None
 
     def __call__(self, tokens_BxL: jax.Array, *, train: bool = True, mod_routing: str = "topk") -> tuple[jax.Array, dict]:
         """tokens int32[B, L] -> (logits float32[B, L, V], aux dict of float32 scalars).
@@ -67,9 +116,15 @@ class Transformer(nnx.Module):
         policy = remat_policy(self.cfg.remat)
         if policy is not False:  # recompute the block's activations in the backward pass
             run_block = nnx.remat(run_block, policy=policy)
-        for i, block in enumerate(self.blocks):
-            x_BxLxD, block_aux = run_block(block, x_BxLxD, positions_BxL)
-            for name, value in (block_aux or {}).items():
+        if self.stack is not None:
+            x_BxLxD, per_layer = run_stacked(self.stack, run_block, x_BxLxD, positions_BxL)
+        else:
+            per_layer = []
+            for block in self.blocks:
+                x_BxLxD, block_aux = run_block(block, x_BxLxD, positions_BxL)
+                per_layer.append(block_aux or {})
+        for i, block_aux in enumerate(per_layer):
+            for name, value in block_aux.items():
                 if name == "aux_loss":
                     aux_loss = aux_loss + value
                 else:

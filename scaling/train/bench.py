@@ -7,6 +7,9 @@ d_model 256, 4 layers, 4 heads, seq 256, batch 16, vocab 256, float32. FLOPs per
 ``scaling.flops.train_flops_per_token`` (exact count), so MFU = tokens/s x FLOPs/token / peak. ``step_s`` is a step without the
 noise-scale statistics; ``gns_overhead`` gives the step time with them on every step
 (``optim.gns_every=1``) and on every 10th (``10``) relative to it, all measured in this process.
+``program`` gives the lowered train step's size and compile seconds at 4 and 24 layers, blocks in
+a loop and scanned (``model.scan_layers``); ``remat_saved_bytes`` what the backward pass keeps
+per ``model.remat`` policy for a 12-layer d256 seq-1024 model.
 
 With ``--mesh``, the same step is also timed with the batch and parameters sharded over that
 mesh and reported as ``sharded_step_s / single_step_s``. On CPU, a mesh larger than the device
@@ -23,6 +26,31 @@ import sys
 
 REFERENCE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "seq_len": 256, "batch_size": 16, "vocab_size": 256}
 
+# Accelerator presets (``--preset``): bf16, seq 2048, scanned and rematerialised blocks, the
+# backend's fused attention. gpu-1b: a Llama-shaped dense model of ~0.96B parameters; gpu-moe:
+# a small Mixtral-like model (8 experts, top-2, every block) of 0.81B total, 0.28B active.
+PRESETS = {
+    "gpu-1b": {"model.vocab_size": 32768, "model.d_model": 2048, "model.n_layers": 16, "model.n_heads": 16,
+               "model.activation": "swiglu", "model.d_ff": 5632, "model.tie_embeddings": False,
+               "model.dtype": "bfloat16", "model.scan_layers": True, "model.remat": "full",
+               "model.attention": "auto", "data.seq_len": 2048, "data.batch_size": 8},
+    "gpu-moe": {"model.vocab_size": 32768, "model.d_model": 1024, "model.n_layers": 8, "model.n_heads": 16,
+                "model.activation": "swiglu", "model.d_ff": 3584, "model.tie_embeddings": False,
+                "model.moe": "on", "model.moe.n_experts": 8, "model.moe.top_k": 2,
+                "model.dtype": "bfloat16", "model.scan_layers": True, "model.remat": "full",
+                "model.attention": "auto", "data.seq_len": 2048, "data.batch_size": 8},
+}
+
+
+def preset_config(name: str):
+    """The ``TrainConfig`` of an accelerator preset (``PRESETS``)."""
+    from scaling.config import TrainConfig
+    from scaling.errors import UsageError
+
+    if name not in PRESETS:
+        raise UsageError(f"--preset: {name!r} is not a preset; choose {', '.join(PRESETS)}")
+    return TrainConfig().with_overrides(dict(PRESETS[name]))
+
 
 def add_arguments(parser, kind: str = "train") -> None:
     parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
@@ -32,6 +60,9 @@ def add_arguments(parser, kind: str = "train") -> None:
     parser.add_argument("--n-layers", type=int, default=REFERENCE["n_layers"])
     parser.add_argument("--seq-len", type=int, default=REFERENCE["seq_len"])
     parser.add_argument("--batch-size", type=int, default=REFERENCE["batch_size"])
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="an accelerator-sized model (bf16, seq 2048, scan + remat + fused attention); MFU "
+                             "against the device's bf16 peak. Refused on CPU")
 
 
 def _ensure_devices(n: int) -> None:
@@ -50,7 +81,40 @@ def _peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def measure_preset(name: str, steps: int) -> dict:
+    """Step time, tokens/s and MFU of a preset on one accelerator, MFU against the vendor bf16
+    peak of the device (``scaling.train.metrics.PEAK_TABLE``)."""
+    import jax
+
+    from scaling import flops, sharding
+    from scaling.config import MeshConfig
+    from scaling.errors import UsageError
+    from scaling.models.layers import attention_implementation
+    from scaling.train.metrics import peak_flops
+    from scaling.train.timing import time_train_step
+
+    cfg = preset_config(name)
+    backend = jax.default_backend()
+    if backend not in ("gpu", "tpu"):
+        raise UsageError(f"--preset {name}: sized for an accelerator ({flops.param_counts(cfg.model).total / 1e9:.2f}B "
+                         f"parameters at seq {cfg.data.seq_len}); this backend is {backend}. Run it on a GPU/TPU, or "
+                         "size a model with --d-model/--n-layers")
+    one = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    t = time_train_step(cfg, one, steps=steps)
+    fpt = float(flops.train_flops_per_token(cfg.model, cfg.data.seq_len))
+    tok_s = cfg.tokens_per_step / t["step_s"]
+    peak = peak_flops(1)
+    return {"preset": name, "backend": backend, "device_kind": jax.devices()[0].device_kind,
+            "params": flops.param_counts(cfg.model).total, "active_params": flops.param_counts(cfg.model).active,
+            "attention": attention_implementation(cfg.model), "config": PRESETS[name],
+            "step_s": t["step_s"], "compile_s": t["compile_s"], "tokens_per_s": tok_s, "train_flops_per_token": fpt,
+            "achieved_flops": tok_s * fpt, "bf16_peak_flops": peak, "mfu": tok_s * fpt / peak,
+            "final_loss": t["final_loss"]}
+
+
 def measure(args) -> dict:
+    if getattr(args, "preset", None):
+        return measure_preset(args.preset, args.steps)
     mesh_cfg = None
     if args.mesh:
         from scaling.sharding import parse_mesh
@@ -93,6 +157,8 @@ def measure(args) -> dict:
         "peak_rss_bytes": _peak_rss_bytes(),
         "gns_overhead": {f"every_{n}": t / single["step_s"] - 1 for n, t in with_stats.items()},
     }
+    out["program"] = program_sizes()
+    out["remat_saved_bytes"] = remat_residuals()
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["peak_device_bytes"] = int(stats["peak_bytes_in_use"])
@@ -108,8 +174,72 @@ def measure(args) -> dict:
     return out
 
 
+def program_sizes(depths=(4, 24), d_model: int = 64, seq_len: int = 32, batch: int = 4) -> dict:
+    """Operations in the lowered train step (StableHLO lines) and seconds to lower + compile it
+    at each depth, with the blocks in a Python loop and with ``model.scan_layers``: a scanned
+    program does not grow with depth. Small shapes: the figures are about the program."""
+    import time
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from scaling.config import TrainConfig
+    from scaling.models.transformer import Transformer
+    from scaling.train import optim
+    from scaling.train import step as step_lib
+
+    out = {}
+    for n in depths:
+        for layout in ("loop", "scan"):
+            cfg = TrainConfig().with_overrides({"model.d_model": d_model, "model.n_layers": n, "model.n_heads": 2,
+                                                "model.scan_layers": layout == "scan", "data.seq_len": seq_len,
+                                                "data.batch_size": batch})
+            graphdef, params, rest = step_lib.split_model(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+            state = step_lib.init_state(params, rest, optim.make_optimizer(cfg.optim, model_cfg=cfg.model))
+            fn = step_lib.make_traced_train_step(graphdef, cfg.optim, cfg.model, gns_every=0)
+            zeros = jnp.zeros((batch, seq_len), jnp.int32)
+            t = time.perf_counter()
+            lowered = fn.lower(state, {"inputs": zeros, "targets": zeros})
+            ops = sum(1 for line in lowered.as_text().splitlines() if " = " in line)
+            lowered.compile()
+            out[f"L{n}_{layout}"] = {"hlo_ops": ops, "compile_s": time.perf_counter() - t}
+    return out
+
+
+def remat_residuals(d_model: int = 256, n_layers: int = 12, seq_len: int = 1024, batch: int = 2) -> dict:
+    """Bytes the backward pass keeps from the forward (``scaling.models.remat``) per
+    ``model.remat`` policy, for the issue's 12-layer d256 seq-1024 model (traced, not run)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from scaling.config import ModelConfig
+    from scaling.models.remat import saved_residual_bytes
+    from scaling.models.transformer import Transformer
+    from scaling.train import step as step_lib
+
+    out = {}
+    toks = jnp.zeros((batch, seq_len), jnp.int32)
+    for policy in ("none", "full", "dots_saveable"):
+        m = ModelConfig(d_model=d_model, n_layers=n_layers, n_heads=4, remat=policy)
+        graphdef, params, rest = step_lib.split_model(Transformer(m, rngs=nnx.Rngs(0)))
+
+        def loss(p):
+            logits, _ = nnx.merge(graphdef, p, rest)(toks)
+            return jnp.mean(logits)
+
+        out[policy] = saved_residual_bytes(loss, params)
+    return out
+
+
 def report(out: dict) -> None:
     """Print ``measure``'s figures as a table (``--json`` prints the dict instead)."""
+    if "preset" in out:
+        print(f"preset {out['preset']} on {out['backend']} ({out['device_kind']}): {out['params'] / 1e9:.2f}B params "
+              f"({out['active_params'] / 1e9:.2f}B active), attention {out['attention']}")
+        print(f"compile {out['compile_s']:.1f} s, step {out['step_s'] * 1e3:.1f} ms, {out['tokens_per_s']:.0f} tokens/s, "
+              f"{out['achieved_flops'] / 1e12:.1f} TFLOP/s, MFU {100 * out['mfu']:.1f} % of the bf16 peak "
+              f"{out['bf16_peak_flops'] / 1e12:.0f} TFLOP/s")
+        return
     m = out["model"]
     print(f"backend {out['backend']} ({out['device_kind']}, {out['cpu_count']} cores)")
     print(f"float32 matmul peak      {out['matmul_peak_flops'] / 1e9:8.1f} GFLOP/s")
@@ -123,6 +253,12 @@ def report(out: dict) -> None:
     print(f"peak RSS                 {out['peak_rss_bytes'] / 2**20:8.0f} MiB")
     for k, v in out["gns_overhead"].items():
         print(f"noise-scale statistics {k.replace('_', ' ')} step(s): {100 * v:+.1f} % step time")
+    for k, v in out.get("program", {}).items():
+        print(f"program {k:<9} {v['hlo_ops']:6d} HLO ops, lowered + compiled in {v['compile_s']:.2f} s")
+    rb = out.get("remat_saved_bytes", {})
+    if rb:
+        print("saved for backward (d256 L12 seq 1024 batch 2): "
+              + ", ".join(f"remat {k} {v / 2**20:.0f} MiB" for k, v in rb.items()))
     if "mesh" in out:
         print(f"sharded step on {out['mesh']}: {out['sharded_step_s'] * 1e3:.1f} ms "
               f"({out['sharded_over_single']:.2f}x single device)")

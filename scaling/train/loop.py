@@ -187,7 +187,13 @@ def preflight(cfg: TrainConfig) -> dict:
         raise ConfigError(f"data.batch_size: must be even (a statistics step splits the batch in two halves for the "
                           f"gradient-noise statistics), got {d.batch_size}; or set optim.gns_every=0 or data.microbatch")
     if cfg.init_from:
-        parse_init_from(cfg.init_from)
+        ckpt, _ = parse_init_from(cfg.init_from)
+        src = (read_json(ckpt.parent / "config.json") or {}).get("model") or {}
+        if bool(src.get("scan_layers", False)) != cfg.model.scan_layers:
+            how = lambda v: "stacked (model.scan_layers=true)" if v else "one by one (model.scan_layers=false)"  # noqa: E731
+            raise ConfigError(f"init_from: that run stores its blocks {how(bool(src.get('scan_layers')))}, this one "
+                              f"{how(cfg.model.scan_layers)}; checkpoints are not converted between the layouts yet, "
+                              f"so set model.scan_layers={str(bool(src.get('scan_layers'))).lower()}")
     counts = flops.param_counts(cfg.model)
     train_fpt = float(flops.train_flops_per_token(cfg.model, d.seq_len))
     total_steps = None

@@ -138,7 +138,7 @@ def decay_mask(params):
         keys = [k.lower() for k in mup.path_keys(path)]
         if any(k in EMBEDDING_KEYS for k in keys):
             return False
-        return getattr(leaf, "ndim", 0) >= 2
+        return mup.tensor_ndim(path, leaf) >= 2
 
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
@@ -151,7 +151,7 @@ def scale_by_parametrization(model_cfg) -> optax.GradientTransformation:
     ``m``). Stateless."""
     def scale(updates, params=None):
         def one(path, u):
-            f = mup.lr_multiplier(model_cfg, mup.path_name(path), u.ndim)
+            f = mup.lr_multiplier(model_cfg, mup.path_name(path), mup.tensor_ndim(path, u))
             return u if f == 1.0 else (u * f).astype(u.dtype)
 
         return jax.tree_util.tree_map_with_path(one, updates)

@@ -259,6 +259,10 @@ class _Lowered:
     def __init__(self, lowered, hp):
         self._lowered, self._hp = lowered, hp
 
+    def as_text(self) -> str:
+        """The lowered program (StableHLO text), e.g. to count its operations."""
+        return self._lowered.as_text()
+
     def compile(self):
         compiled, hp = self._lowered.compile(), self._hp
         return lambda state, batch: compiled(state, batch, hp)

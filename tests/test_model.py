@@ -275,3 +275,25 @@ def test_scanned_blocks_equal_the_loop(extra):
     wq = lambda b: (b["attn"] if "attn" in b else b["block"]["attn"])["wq"][...]  # noqa: E731 (MoD wraps a block)
     for i in range(cfg.n_layers):
         np.testing.assert_allclose(wq(g1["stack"][i % period])[i // period], wq(g0["blocks"][i]), rtol=1e-5, atol=1e-8)
+
+
+def test_layout_conversion_round_trips_parameters_and_adam_moments():
+    """``scaling.models.layout.convert``: the loop model's state converted to the scanned layout
+    is the scanned model's (same structure, same values, the stacked axis named ``layers``), and
+    back; Adam's moments inside the optax state convert with the parameters."""
+    from scaling.config import OptimConfig
+    from scaling.models import layout
+    from scaling.train import optim
+    from scaling.train import step as step_lib
+
+    cfg = ModelConfig(d_model=16, n_layers=4, n_heads=2, moe=MoEConfig(n_experts=4, top_k=1, every=2))
+    _, p_loop, rest = step_lib.split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+    _, p_scan, _ = step_lib.split_model(Transformer(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(0)))
+    same = lambda a, b: jax.tree.structure(a) == jax.tree.structure(b) and all(  # noqa: E731
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert same(layout.convert(p_loop, cfg, to_scan=True), p_scan)
+    assert same(layout.convert(p_scan, cfg, to_scan=False), p_loop)
+    assert layout.convert(p_loop, cfg, to_scan=True)["stack"][1]["mlp"]["router"].get_metadata()["out_sharding"][0] == "layers"
+    tx = optim.make_optimizer(OptimConfig())
+    st = step_lib.init_state(p_loop, rest, tx)
+    assert same(layout.convert(st, cfg, to_scan=True)["opt_state"], step_lib.init_state(p_scan, rest, tx)["opt_state"])

@@ -187,13 +187,7 @@ def preflight(cfg: TrainConfig) -> dict:
         raise ConfigError(f"data.batch_size: must be even (a statistics step splits the batch in two halves for the "
                           f"gradient-noise statistics), got {d.batch_size}; or set optim.gns_every=0 or data.microbatch")
     if cfg.init_from:
-        ckpt, _ = parse_init_from(cfg.init_from)
-        src = (read_json(ckpt.parent / "config.json") or {}).get("model") or {}
-        if bool(src.get("scan_layers", False)) != cfg.model.scan_layers:
-            how = lambda v: "stacked (model.scan_layers=true)" if v else "one by one (model.scan_layers=false)"  # noqa: E731
-            raise ConfigError(f"init_from: that run stores its blocks {how(bool(src.get('scan_layers')))}, this one "
-                              f"{how(cfg.model.scan_layers)}; checkpoints are not converted between the layouts yet, "
-                              f"so set model.scan_layers={str(bool(src.get('scan_layers'))).lower()}")
+        parse_init_from(cfg.init_from)
     counts = flops.param_counts(cfg.model)
     train_fpt = float(flops.train_flops_per_token(cfg.model, d.seq_len))
     total_steps = None
@@ -438,7 +432,17 @@ class _Session:
         elif cfg.init_from:
             ckpt_dir, at = parse_init_from(cfg.init_from)
             src = Checkpointer(ckpt_dir, read_only=True)
-            state, data_state, src_meta = src.restore(at, state)
+            src_scan = bool(((read_json(ckpt_dir.parent / "config.json") or {}).get("model") or {}).get("scan_layers"))
+            if src_scan != cfg.model.scan_layers:  # the other block layout: restore as written, then convert
+                from scaling.models import layout
+
+                written, data_state, src_meta = src.restore(at, layout.convert(state, cfg.model, to_scan=src_scan))
+                state = jax.device_put(layout.convert(written, cfg.model, to_scan=cfg.model.scan_layers),
+                                       jax.tree.map(lambda a: a.sharding, state))
+                print(f"{out}: converted {cfg.init_from} from the {'scanned' if src_scan else 'loop'} block layout",
+                      file=sys.stderr)
+            else:
+                state, data_state, src_meta = src.restore(at, state)
             src.close()
             self.iterator.set_state(data_state)
             meta.update(step=at, best_loss=src_meta.get("best_loss"))

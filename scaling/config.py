@@ -203,11 +203,13 @@ class ModelConfig:
                 _fail("model.moe.granularity", f"granularity={self.moe.granularity} must divide the expert hidden size {expert_ff:g}; pick a divisor")
         if not isinstance(self.scan_layers, bool):
             _fail("model.scan_layers", f"must be true or false, got {self.scan_layers!r}")
-        if self.scan_layers and self.n_layers > 1 and self.layer_period() == self.n_layers:
+        pattern = math.lcm(self.moe.every if self.moe else 1, self.mod.every if self.mod else 1)
+        if self.scan_layers and self.n_layers % pattern:
             kinds = ", ".join(f"{i}:{k}" for i, k in enumerate(self._layer_kinds()))
-            _fail("model.scan_layers", f"the block pattern ({kinds}) does not repeat within {self.n_layers} layers, "
-                                       "so the blocks cannot be grouped for a scan; make n_layers a multiple of the "
-                                       "moe/mod 'every' or set model.scan_layers=false")
+            _fail("model.scan_layers", f"the blocks ({kinds}) end in a partial group: the moe/mod pattern repeats "
+                                       f"every {pattern} layers and n_layers={self.n_layers} is not a multiple of "
+                                       f"{pattern}, so they cannot be stacked for a scan; use a multiple of {pattern} "
+                                       "or model.scan_layers=false")
 
     def _layer_kinds(self) -> list[str]:
         return [("mod+" if self.is_mod_layer(i) else "") + ("moe" if self.is_moe_layer(i) else "dense")

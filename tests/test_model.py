@@ -237,18 +237,23 @@ def test_attention_kernel_by_backend():
         attention_implementation(ModelConfig(attention="cudnn", dtype="bfloat16"), "cpu")
     with pytest.raises(ConfigError, match="model.attention: cudnn flash attention takes 16-bit inputs"):
         attention_implementation(ModelConfig(attention="cudnn"), "gpu")
+    # head dimensions cuDNN's kernel rejects (12 = d_model 24 / 2 heads) fall back under auto
+    odd = ModelConfig(d_model=24, n_heads=2, dtype="bfloat16")
+    assert attention_implementation(odd, "gpu") == "xla"
+    with pytest.raises(ConfigError, match="model.head_dim: cudnn flash attention needs .* got 12"):
+        attention_implementation(dataclasses.replace(odd, attention="cudnn"), "gpu")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     {},
-    {"moe": MoEConfig(n_experts=4, top_k=1, every=2)},
+    {"moe": MoEConfig(n_experts=4, top_k=1, every=2), "remat": "full"},
     {"mod": MoDConfig(capacity=0.5, every=2)},
 ])
 def test_scanned_blocks_equal_the_loop(extra):
     """``model.scan_layers``: the stacked model starts from the loop model's parameters (the
     same draws, stacked) and gives the same loss, aux metrics per layer and gradients; MoE or
-    MoD every second layer scans over the repeating pair."""
+    MoD every second layer scans over the repeating pair (the MoE case rematerialised too)."""
     cfg = ModelConfig(d_model=32, n_layers=4, n_heads=2, **extra)
     toks = (jnp.arange(64, dtype=jnp.int32).reshape(2, 32) * 7) % 256
 

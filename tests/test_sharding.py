@@ -427,8 +427,9 @@ def test_activations_are_constrained_by_the_parameter_rules():
         toks = S.shard_batch({"inputs": jnp.zeros((16, 16), jnp.int32)}, mesh)["inputs"]
         text = jax.jit(lambda mm, t: mm(t)[0]).lower(model, toks).as_text()
     lines = [line for line in text.splitlines() if "sharding_constraint" in line]
-    assert len(lines) == 7 * m.n_layers
+    assert len(lines) == 7 * m.n_layers + 2  # + the embedding table (whole along d) and its output
     rows = '{"data", "fsdp", "expert"}'
     assert sum(f'[{rows}, {{}}, {{"tensor"}}, {{}}]' in line for line in lines) == 4 * m.n_layers  # q, k, v, o
     assert sum(f'[{rows}, {{}}, {{"tensor"}}]' in line for line in lines) == m.n_layers  # MLP hidden
-    assert sum(f'[{rows}, {{}}, {{}}]' in line for line in lines) == 2 * m.n_layers  # residual stream
+    assert sum(f'[{rows}, {{}}, {{}}]' in line for line in lines) == 2 * m.n_layers + 1  # residual stream
+    assert sum('[{"tensor"}, {}]' in line for line in lines) == 1  # the embedding table, vocab over tensor

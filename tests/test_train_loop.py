@@ -301,5 +301,7 @@ def test_scanned_layers_train_like_the_loop(tmp_path):
     s = loop.run(cross, tmp_path / "cross")
     after = [r["loss"] for r in read_jsonl(tmp_path / "cross" / "metrics.jsonl")] + [s["final_eval_loss"]]
     np.testing.assert_allclose(after, losses["loop"][5:], rtol=1e-6)
-    with pytest.raises(ConfigError, match="model.scan_layers: the block pattern .* does not repeat"):
+    with pytest.raises(ConfigError, match="model.scan_layers: the blocks .* end in a partial group.* multiple of 2"):
         tiny_cfg("model.n_layers=3", "model.moe=on", "model.moe.every=2", "model.scan_layers=true")
+    # one group (the pattern as long as the model) is a scan of length 1, not an error
+    assert tiny_cfg("model.n_layers=4", "model.mod=on", "model.mod.every=4", "model.scan_layers=true").model.layer_period() == 4

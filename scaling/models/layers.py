@@ -135,7 +135,10 @@ class Embed(nnx.Module):
         self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), _std(cfg, "embedding"))
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+        # gather from the table whole along d_model, so the rows come out already split like the
+        # residual stream (gathering from an fsdp-split table made XLA replicate the result)
+        table_VxD = constrain(self.embedding[...], ("vocab", None))
+        return constrain(jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype), RESIDUAL)
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:
         """float32 logits ``[B, L, V]`` against the embedding matrix (tied head)."""
@@ -158,22 +161,27 @@ def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
 
 def attention_implementation(cfg: ModelConfig, backend: str | None = None) -> str:
     """The kernel ``model.attention`` resolves to on ``backend`` (default: jax's):
-    ``auto`` is cuDNN flash attention on a GPU in bfloat16 (cuDNN's fused kernel takes 16-bit
-    inputs only) and XLA otherwise. Raises ``ConfigError`` naming ``model.attention`` when
+    ``auto`` is cuDNN flash attention on a GPU in bfloat16 with a head dimension cuDNN takes (a
+    multiple of 8, at most 128) and XLA otherwise. Raises ``ConfigError`` naming ``model.attention`` when
     ``cudnn`` is asked for where it cannot run."""
     from scaling.config import ConfigError
 
     backend = backend or jax.default_backend()
     if cfg.attention == "xla":
         return "xla"
+    E = cfg.resolved_head_dim
+    head_ok = E % 8 == 0 and E <= 128  # cuDNN's fused kernel (256 on Hopper; 128 holds everywhere)
     if cfg.attention == "cudnn":
         if backend != "gpu":
             raise ConfigError(f"model.attention: cudnn needs a GPU backend, this one is {backend}; use auto or xla")
         if cfg.dtype != "bfloat16":
             raise ConfigError("model.attention: cudnn flash attention takes 16-bit inputs; set model.dtype=bfloat16 "
                               "or use auto / xla")
+        if not head_ok:
+            raise ConfigError(f"model.head_dim: cudnn flash attention needs a head dimension that is a multiple of 8 "
+                              f"and at most 128, got {E}; change it or use model.attention=auto / xla")
         return "cudnn"
-    return "cudnn" if backend == "gpu" and cfg.dtype == "bfloat16" else "xla"
+    return "cudnn" if backend == "gpu" and cfg.dtype == "bfloat16" and head_ok else "xla"
 
 
 def causal_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,

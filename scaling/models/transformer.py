@@ -115,7 +115,9 @@ class Transformer(nnx.Module):
 
         policy = remat_policy(self.cfg.remat)
         if policy is not False:  # recompute the block's activations in the backward pass
-            run_block = nnx.remat(run_block, policy=policy)
+            # under scan the loop boundary already keeps XLA from merging the recomputation
+            # with the forward (jax's advice: prevent_cse=False inside scan)
+            run_block = nnx.remat(run_block, policy=policy, prevent_cse=self.stack is None)
         if self.stack is not None:
             x_BxLxD, per_layer = run_stacked(self.stack, run_block, x_BxLxD, positions_BxL)
         else:

@@ -114,6 +114,14 @@ def measure_preset(name: str, steps: int) -> dict:
 
 def measure(args) -> dict:
     if getattr(args, "preset", None):
+        from scaling.errors import UsageError
+
+        sized = {"--mesh": args.mesh is not None, "--d-model": args.d_model != REFERENCE["d_model"],
+                 "--n-layers": args.n_layers != REFERENCE["n_layers"], "--seq-len": args.seq_len != REFERENCE["seq_len"],
+                 "--batch-size": args.batch_size != REFERENCE["batch_size"]}
+        clash = [k for k, v in sized.items() if v]
+        if clash:
+            raise UsageError(f"--preset {args.preset}: fixes the model, batch and device; drop {', '.join(clash)}")
         return measure_preset(args.preset, args.steps)
     mesh_cfg = None
     if args.mesh:

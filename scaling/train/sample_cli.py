@@ -9,6 +9,7 @@ decisions (the top-k used in training looks at future tokens).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,6 +48,9 @@ def load_model(run_dir: str | Path):
     from scaling.schema import config_fields
 
     cfg = TrainConfig.from_dict(config_fields(d))
+    # the attention kernel is the machine's choice, not the run's: a run trained with cudnn on a
+    # GPU samples and evaluates here with what this backend has (the same maths)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="auto"))
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns that read-only managers do not save
     ckpt = Checkpointer(run / "ckpt", read_only=True)
     if ckpt.latest_step() is None:

@@ -141,3 +141,19 @@ def determined(fn, *args, **kw):
     except UsageError as err:
         print(f"{getattr(fn, '__name__', fn)}: not determined: {err}")
         return None
+
+
+def run_sweep(raw: dict, runs: Path, jobs: int = 1):
+    """Parse a sweep mapping, write its manifest under ``runs`` and run what is not finished
+    (finished trials are kept); prints the outcome. Returns ``(spec, trials)``."""
+    import time
+
+    from scaling.sweep import launch, spec as spec_mod, store
+
+    spec = spec_mod.parse(raw)
+    trials = spec_mod.trials(spec)
+    store.write_manifest(runs, spec, trials)
+    t0 = time.time()
+    counts = launch.run_local(runs, trials, jobs=jobs, progress=False)
+    print(f"{len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
+    return spec, trials

@@ -35,7 +35,6 @@
 # %%
 import copy
 import os
-import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -45,7 +44,7 @@ import yaml
 import _nb
 from scaling import fit
 from scaling.errors import UsageError
-from scaling.sweep import launch, spec as spec_mod, store
+from scaling.sweep import spec as spec_mod, store
 
 SMOKE = _nb.smoke()
 OUT = _nb.out_dir("critical_batch")
@@ -68,12 +67,7 @@ if SMOKE:
     raw["variants"] = {f"b{b}": {"set": {"data.batch_size": b, "eval_every": max(2, 32 // b)}} for b in (2, 4, 8, 16)}
     raw["set"].update({"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "data.seq_len": 32,
                        "data.eval_tokens": 1024, "log_every": 2, "checkpoint_every": 10000})
-spec = spec_mod.parse(raw)
-trials = spec_mod.trials(spec)
-store.write_manifest(RUNS, spec, trials)
-t0 = time.time()
-counts = launch.run_local(RUNS, trials, jobs=JOBS, progress=False)
-print(f"{len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
+_nb.run_sweep(raw, RUNS, JOBS)
 
 # %%
 runs = _nb.finished(store.load(RUNS))
@@ -277,12 +271,7 @@ if SMOKE:
                          "optim.lr": 3e-3, "eval_every": 8, "log_every": 2})
     raw_c["cbs"] = {"at_tokens": [1024, 2048, 4096], "factors": [1, 2, 4], "delta_tokens": 1024}
     raw_c["buckets"] = [{"tokens": 8192}]
-spec_c = spec_mod.parse(raw_c)
-trials_c = spec_mod.trials(spec_c)
-store.write_manifest(CBS_RUNS, spec_c, trials_c)
-t0 = time.time()
-counts_c = launch.run_local(CBS_RUNS, trials_c, jobs=JOBS, progress=False)
-print(f"{len(trials_c)} trials: {counts_c}  ({time.time() - t0:.0f} s)")
+_nb.run_sweep(raw_c, CBS_RUNS, JOBS)
 cbs = fit.branched_cbs(CBS_RUNS)
 for n in cbs.notes + cbs.warnings:
     print("note:", n)
@@ -376,10 +365,7 @@ if SMOKE:
                                             "optim.batch_lr_exponent": 0.5, "eval_every": 4}},
                          "const16": {"set": {"data.batch_size": 16, "optim.lr": 6e-3, "eval_every": 2}}}
     raw_w["buckets"] = [{"tokens": 8192}]
-spec_w = spec_mod.parse(raw_w)
-trials_w = spec_mod.trials(spec_w)
-store.write_manifest(WARM_RUNS, spec_w, trials_w)
-counts_w = launch.run_local(WARM_RUNS, trials_w, jobs=JOBS, progress=False)
+_nb.run_sweep(raw_w, WARM_RUNS, JOBS)
 runs_w = store.load(WARM_RUNS).set_index("variant")
 steps_w = store.load_steps(WARM_RUNS)
 warm = [{"variant": v, "steps": int(r["steps"]), "tokens": float(r["D"]), "loss": float(r["loss"]),

@@ -33,6 +33,8 @@ def test_bench_train_json_and_sharded_equivalence(capsys):
     assert prog["L24_loop"]["hlo_ops"] > 3 * prog["L4_loop"]["hlo_ops"]
     rb = out["remat_saved_bytes"]
     assert rb["none"] >= 2 * rb["full"] and rb["none"] > rb["dots_saveable"] > rb["full"]
+    tb = out["remat_temp_bytes"]  # XLA's own compiled temp bytes, scanned blocks (the check)
+    assert tb["none"] >= 2 * tb["full"] and tb["none"] > tb["dots_saveable"] > tb["full"]
 
 
 def test_accelerator_presets_are_sized_and_refused_on_cpu(capsys):

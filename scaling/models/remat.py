@@ -4,9 +4,11 @@
 ``dots_saveable`` / ``dots_with_no_batch_dims_saveable`` keep matmul outputs (jax's
 ``checkpoint_policies``) and recompute the cheap elementwise work. The saving is measured by
 ``saved_residual_bytes``: what the backward pass holds from the forward, read from the traced
-program, so it is the same number on every backend. (XLA's CPU compiler reports the same
-``memory_analysis()`` temp bytes with and without rematerialisation, measured; the residuals
-are what an accelerator's scheduler frees.)
+program, so it is the same number on every backend. XLA's compiled ``memory_analysis()``
+temp bytes show the saving where the blocks are scanned (``model.scan_layers``; d256, 12
+layers, seq 1024, batch 2 on the CPU: 1,707 MiB with ``none``, 196 MiB with ``full``); with a
+Python loop of blocks the CPU compiler schedules every recomputation early and reports
+1,700 MiB for every policy (measured; ``scaling bench train`` prints both).
 """
 
 from __future__ import annotations

@@ -4,12 +4,20 @@ Conventions
 -----------
 * A multiply-accumulate is 2 FLOPs. Only matmuls are counted (the element-wise work of norms,
   activations, softmax, RoPE and the optimizer is left out, as in Kaplan et al. and Chinchilla);
-  ``tests/test_flops.py`` checks the total against XLA's own count of the compiled train step.
-* Attention scores are counted as computed by ``scaling.models.layers.causal_attention``: the
-  full ``L x L`` matrix for ``QK^T`` and for ``softmax(.) V`` (the causal mask does not skip any
-  work), i.e. ``4 * L * H * E`` FLOPs per token per layer. ``causal_attention_flops_per_token``
-  gives the causally halved figure some papers quote (MaxText, Chinchilla's appendix count the
-  causal half; Kaplan drops the ``L`` term entirely) without changing what a run is charged.
+  XLA's count of a compiled step includes that work, so it sits a few percent above ours.
+* Model FLOPs (the budget ``C``, the ``flops`` column, MFU) count causal attention as the
+  literature does: ``QK^T`` and ``softmax(.) V`` over the unmasked keys only, ``(L + 1) / 2``
+  per query on average, i.e. ``2 * (L + 1) * H * E`` FLOPs per token per layer (MaxText halves
+  to ``L / 2``: a ``1 / L`` difference in that term; Kaplan's ``2 * n_ctx * d_attn`` per layer
+  is the same number; PaLM's MFU counts the full square). One number per architecture,
+  whatever kernel runs it, so a budget buys the same model on every backend.
+* Hardware FLOPs (``hardware_train_flops_per_token``: HFU, ``hardware_flops`` in summaries)
+  are what the chosen kernel and ``model.remat`` compute: XLA's attention computes the full
+  ``L x L`` matrix (the mask skips no work); a fused causal kernel (cuDNN) skips the masked
+  half and recomputes ``QK^T`` in its backward pass; rematerialisation recomputes a block's
+  forward matmuls (``full``) or its batched attention matmuls
+  (``dots_with_no_batch_dims_saveable``). ``tests/test_flops.py`` checks this count against
+  XLA's own count of the compiled train step.
 * Training = forward + backward = ``3 x forward`` (the backward pass computes a gradient for
   both operands of every matmul). The embedding lookup is a gather, not a matmul: 0 FLOPs.
 * Embedding parameters are the vocabulary matrices: the input embedding ``[V, D]`` and, when
@@ -112,17 +120,19 @@ def _attention_projection_flops_per_token(model: ModelConfig) -> float:
     return _mm(D, H * E) + 2 * _mm(D, K * E) + _mm(H * E, D)
 
 
-def _attention_score_flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """``QK^T`` and ``PV`` over the full ``L x L`` matrix (as computed), per token."""
-    return 2 * _mm(model.n_heads * model.resolved_head_dim, seq_len)
+def _attention_score_flops_per_token(model: ModelConfig, seq_len: int, scores: str = "causal") -> float:
+    """``QK^T`` and ``PV`` per token: over the unmasked keys (``scores="causal"``, ``(L + 1) / 2``
+    per query on average) or the full ``L x L`` matrix (``"full"``, what XLA's kernel computes)."""
+    keys = (seq_len + 1) / 2 if scores == "causal" else seq_len
+    return 2 * _mm(model.n_heads * model.resolved_head_dim, 1) * keys
 
 
 def _dense_mlp_flops_per_token(model: ModelConfig, d_ff: int) -> float:
     return _n_mlp_matrices(model) * _mm(model.d_model, d_ff)
 
 
-def _attention_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
-    return _attention_projection_flops_per_token(model) + _attention_score_flops_per_token(model, seq_len)
+def _attention_flops_per_token(model: ModelConfig, i: int, seq_len: int, scores: str = "causal") -> float:
+    return _attention_projection_flops_per_token(model) + _attention_score_flops_per_token(model, seq_len, scores)
 
 
 def _mlp_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
@@ -131,10 +141,10 @@ def _mlp_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
     return _dense_mlp_flops_per_token(model, model.resolved_d_ff)
 
 
-def _block_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
+def _block_flops_per_token(model: ModelConfig, i: int, seq_len: int, scores: str = "causal") -> float:
     if model.is_mod_layer(i):
-        return _mod_block_flops_per_token(model, i, seq_len)
-    return _attention_flops_per_token(model, i, seq_len) + _mlp_flops_per_token(model, i, seq_len)
+        return _mod_block_flops_per_token(model, i, seq_len, scores)
+    return _attention_flops_per_token(model, i, seq_len, scores) + _mlp_flops_per_token(model, i, seq_len)
 
 
 def _head_flops_per_token(model: ModelConfig) -> float:
@@ -142,13 +152,14 @@ def _head_flops_per_token(model: ModelConfig) -> float:
 
 
 def forward_flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Forward-pass FLOPs per token for sequences of ``seq_len`` tokens: every matmul (attention
-    projections, full ``L x L`` scores and values, MLP, output head), 2 FLOPs per MAC."""
+    """Forward-pass model FLOPs per token for sequences of ``seq_len`` tokens: every matmul
+    (attention projections, causal scores and values, MLP, output head), 2 FLOPs per MAC."""
     return sum(_block_flops_per_token(model, i, seq_len) for i in range(model.n_layers)) + _head_flops_per_token(model)
 
 
 def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward)."""
+    """Training model FLOPs per token (forward + backward = 3 x forward): what a budget
+    (``budget.flops``), the ``flops`` / ``C`` columns and MFU count."""
     return 3.0 * forward_flops_per_token(model, seq_len)
 
 
@@ -158,15 +169,53 @@ def six_n_flops_per_token(model: ModelConfig) -> float:
 
 
 def causal_attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Forward attention-score FLOPs per token with the causal half only (``(L + 1) / 2`` keys
-    per query on average), summed over layers: the figure papers that skip masked scores quote.
-    Not what this implementation computes (see module docstring)."""
+    """Forward attention-score model FLOPs per token (``QK^T`` and ``PV`` over the unmasked
+    keys), summed over layers: the part of ``forward_flops_per_token`` that grows with ``L``."""
     H_E = model.n_heads * model.resolved_head_dim
     total = 0.0
     for i in range(model.n_layers):
         frac = _mod_token_fraction(model, i, seq_len)
         keys = (frac * seq_len + 1) / 2
         total += frac * 2 * _mm(H_E, 1) * keys
+    return total
+
+
+HARDWARE_ATTENTION = ("xla", "cudnn")
+
+
+def hardware_train_flops_per_token(model: ModelConfig, seq_len: int, attention: str = "xla",
+                                   moe_backend: str = "ragged_dot") -> float:
+    """Training FLOPs per token the hardware computes with attention kernel ``attention`` (as
+    resolved by ``scaling.models.layers.attention_implementation``: ``"xla"`` or ``"cudnn"``)
+    and ``model.remat``: the denominator of HFU. ``"xla"`` computes the full ``L x L`` scores;
+    ``"cudnn"`` (a fused causal kernel) the unmasked half, plus ``QK^T`` again in its backward
+    pass (the diagonal tiles' masked half it also computes, at most a tile / L more, is not
+    counted). MoD blocks always run XLA's masked attention. Rematerialisation adds a block's
+    forward matmuls (``full``; a dense MLP's down projection is not needed again) or its batched
+    attention matmuls (``dots_with_no_batch_dims_saveable``,
+    which saves only unbatched matmul outputs); ``dots_saveable`` recomputes no matmul.
+    ``moe_backend`` (``scaling.models.moe.resolve_backend``): dropless routing on the
+    ``"einsum"`` backend computes all ``n_routed`` experts' padded slots per token, not ``k``."""
+    if attention not in HARDWARE_ATTENTION:
+        raise ValueError(f"attention: one of {', '.join(HARDWARE_ATTENTION)} (a resolved kernel), got {attention!r}")
+    total = 3.0 * _head_flops_per_token(model)
+    for i in range(model.n_layers):
+        fused = attention == "cudnn" and not model.is_mod_layer(i)
+        scores = "causal" if fused else "full"
+        block = _block_flops_per_token(model, i, seq_len, scores)
+        if model.is_moe_layer(i) and model.moe.router == "dropless" and moe_backend == "einsum":
+            padded = model.moe.n_routed - model.moe.k_routed  # every expert runs on every token
+            block += _mod_token_fraction(model, i, seq_len) * padded * _dense_mlp_flops_per_token(model, model.expert_d_ff)
+        total += 3.0 * block
+        if fused:  # the flash backward recomputes the probabilities: one more QK^T
+            total += _attention_score_flops_per_token(model, seq_len, "causal") / 2
+        if model.remat == "full":  # all but a dense MLP's last matmul, whose output no gradient reads
+            dense_mlp = not model.is_mod_layer(i) and not model.is_moe_layer(i)
+            total += block - (_mm(model.resolved_d_ff, model.d_model) if dense_mlp else 0.0)
+        elif model.remat == "dots_with_no_batch_dims_saveable":
+            frac = _mod_token_fraction(model, i, seq_len)
+            k = round(frac * seq_len)
+            total += frac * _attention_score_flops_per_token(model, k, scores)
     return total
 
 
@@ -180,7 +229,7 @@ def tokens_for_steps(cfg: TrainConfig, steps: int) -> int:
 
 
 def steps_for_budget(cfg: TrainConfig) -> int:
-    """Training steps that spend ``cfg.budget``: FLOPs (counted as ``train_flops_per_token``),
+    """Training steps that spend ``cfg.budget``: model FLOPs (``train_flops_per_token``),
     tokens or steps. Wall-clock budgets (``budget.seconds``) are resolved while training and
     raise ``ValueError`` here. A budget smaller than one step raises ``ConfigError``."""
     budget = cfg.budget
@@ -292,12 +341,12 @@ def _mod_token_fraction(model: ModelConfig, i: int, seq_len: int) -> float:
     return n_selected(model.mod.capacity, seq_len) / seq_len
 
 
-def _mod_block_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
-    """A routed block runs on ``k`` of ``L`` tokens: attention over ``k x k`` scores and the
+def _mod_block_flops_per_token(model: ModelConfig, i: int, seq_len: int, scores: str = "causal") -> float:
+    """A routed block runs on ``k`` of ``L`` tokens: causal attention over ``k`` keys and the
     MLP on ``k`` tokens; the router (``D`` MACs) runs on every token. Averaged per token."""
     k = round(_mod_token_fraction(model, i, seq_len) * seq_len)
     frac = k / seq_len
-    inner = _attention_flops_per_token(model, i, k) + _mlp_flops_per_token(model, i, k)
+    inner = _attention_flops_per_token(model, i, k, scores) + _mlp_flops_per_token(model, i, k)
     router = _mm(model.d_model, 1)
     if model.mod.causal_aux == "predictor":
         h = max(8, model.d_model // 8)

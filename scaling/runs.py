@@ -54,7 +54,7 @@ MANIFEST = "manifest.json"
 TRIAL_COLUMNS = ["trial_id", "state", "error", "N", "D", "C", "loss", "N_total", "N_active", "N_embedding", "flops_6n",
                  "bucket", "bucket_kind", "variant", "experiment", "shape", "d_model", "n_layers", "n_heads", "batch",
                  "seq_len", "lr", "E", "G", "capacity", "seed", "target_params", "steps", "final_train_loss",
-                 "tokens_per_s", "mfu", "wall_s", "epochs", "role", "main", "branch_step", "name", "schema_version",
+                 "tokens_per_s", "mfu", "hfu", "hardware_flops", "wall_s", "epochs", "role", "main", "branch_step", "name", "schema_version",
                  "causal", "loss_se", "bpb", "bpb_se", "unique_tokens", "tokenizer", "vocab_size", "tokenizer_sha256",
                  "text_sha256", "corpus_sha256"]
 
@@ -181,7 +181,8 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
                    text_sha256=s.get("text_sha256"), corpus_sha256=s.get("corpus_sha256"),
                    flops_6n=_nan(s.get("flops_6n")),
                    final_train_loss=_nan(s.get("final_train_loss")), tokens_per_s=_nan(s.get("tokens_per_s")),
-                   mfu=_nan(s.get("mfu")), wall_s=_nan(s.get("wall_s")), epochs=_nan(s.get("epochs")),
+                   mfu=_nan(s.get("mfu")), hfu=_nan(s.get("hfu")), hardware_flops=_nan(s.get("hardware_flops")),
+                   wall_s=_nan(s.get("wall_s")), epochs=_nan(s.get("epochs")),
                    max_epochs=_nan(s.get("max_epochs", s.get("epochs"))),
                    steps=s.get("steps", desc.get("steps")), schema_version=_measured_version(d, s),
                    causal=s.get("causal"), rescored=bool(s.get("rescored", False)))
@@ -201,7 +202,7 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
     if df.empty:
         return pd.DataFrame(columns=TRIAL_COLUMNS)
     for c in ("N", "D", "C", "loss", "loss_se", "bpb", "bpb_se", "unique_tokens", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
-              "tokens_per_s", "mfu", "wall_s", "epochs", "max_epochs", "schema_version"):
+              "tokens_per_s", "mfu", "hfu", "hardware_flops", "wall_s", "epochs", "max_epochs", "schema_version"):
         if c in df:  # summaries write non-finite floats as strings ("nan")
             df[c] = pd.to_numeric(df[c], errors="coerce")
     check_schema(df, allow_mixed=allow_mixed, where=str(path))

@@ -19,6 +19,11 @@ History (bump the number and add a line; never reuse one):
    token choice evaluated without dropping; ``causal`` is false for expert-choice MoE and for
    MoD with ``causal_aux="none"`` (which trains no causal decision: its top-k loss is stored),
    rows that fits leave out unless asked. A run directory of an older version is not resumed.
+4. Causal attention FLOPs: ``flops`` / ``C``, ``budget.flops`` (so the step count of a FLOP
+   budget) and MFU count ``QK^T`` and ``PV`` over the ``(L + 1) / 2`` unmasked keys per query,
+   not the full ``L x L`` square (``scaling/flops.py``); a FLOP bucket now buys more steps.
+   What the kernel computes is recorded apart: ``hardware_flops`` and ``hfu`` in summaries,
+   ``hardware_flops_per_token`` in ``config.json``'s ``resolved``.
 
 Standard library only.
 """
@@ -30,7 +35,7 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 UNVERSIONED = 1  # what a run directory without a schema_version field was written under
 
 # Config fields added after trial ids were first published, with the value every earlier config

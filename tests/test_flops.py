@@ -50,13 +50,27 @@ def test_forward_flops_match_hand_count():
     # d64, 2 layers, 4 heads of 16, d_ff 256, vocab 256, L 128 (the default dense experiment)
     cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=256)
     L, D, F, V = 128, 64, 256, 256
-    per_layer = 2 * 4 * D * D + 2 * 2 * L * D + 2 * 2 * D * F  # projections, QK^T and PV, MLP
-    expected = 2 * per_layer + 2 * D * V
+    proj, mlp, head = 2 * 4 * D * D, 2 * 2 * D * F, 2 * D * V
+    causal = 2 * 2 * D * (L + 1) / 2  # QK^T and PV over the (L + 1) / 2 unmasked keys per query
+    full = 2 * 2 * D * L  # the whole L x L square
+    expected = 2 * (proj + causal + mlp) + head
     assert flops.forward_flops_per_token(cfg, L) == expected
     assert flops.train_flops_per_token(cfg, L) == 3 * expected
     assert flops.six_n_flops_per_token(cfg) == 6 * flops.param_counts(cfg).non_embedding
-    # causal convention: (L + 1) / 2 keys per query instead of L, both score matmuls, both layers
-    assert flops.causal_attention_flops_per_token(cfg, L) == 2 * 2 * 2 * D * (L + 1) / 2
+    assert flops.causal_attention_flops_per_token(cfg, L) == 2 * causal
+    # hardware: XLA's kernel computes the square; cuDNN's the causal half plus QK^T again backward
+    hw = flops.hardware_train_flops_per_token
+    assert hw(cfg, L, "xla") == 3 * (2 * (proj + full + mlp) + head)
+    assert hw(cfg, L, "cudnn") == 3 * expected + 2 * causal / 2
+    # full remat recomputes each block's forward but the MLP's down projection (its output is
+    # not read by any gradient); dots_with_no_batch_dims_saveable recomputes the score matmuls
+    remat = dataclasses.replace(cfg, remat="full")
+    assert hw(remat, L, "xla") == hw(cfg, L, "xla") + 2 * (proj + full + mlp - 2 * F * D)
+    nobatch = dataclasses.replace(cfg, remat="dots_with_no_batch_dims_saveable")
+    assert hw(nobatch, L, "xla") == hw(cfg, L, "xla") + 2 * full
+    assert hw(dataclasses.replace(cfg, remat="dots_saveable"), L, "xla") == hw(cfg, L, "xla")
+    with pytest.raises(ValueError, match="attention: one of xla, cudnn"):
+        hw(cfg, L, "auto")
 
 
 def _xla_train_step_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
@@ -83,14 +97,17 @@ def _xla_train_step_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
     "cfg,batch,seq_len",
     [
         (ModelConfig(d_model=128, n_layers=2, n_heads=4), 4, 128),
+        (ModelConfig(d_model=128, n_layers=2, n_heads=4, remat="full"), 4, 128),
         (ModelConfig(d_model=128, n_layers=1, n_heads=8, n_kv_heads=2, activation="swiglu", qk_norm=True, tie_embeddings=False), 2, 256),
         (ModelConfig(d_model=96, n_layers=1, n_heads=2, head_dim=64, d_ff=512, vocab_size=512), 4, 64),
     ],
-    ids=["gelu-d128", "swiglu-gqa-L256", "head_dim-vocab512"],
+    ids=["gelu-d128", "gelu-d128-remat-full", "swiglu-gqa-L256", "head_dim-vocab512"],
 )
-def test_train_flops_match_xla_cost_analysis(cfg, batch, seq_len):
-    # one- and two-layer shapes keep compilation short; layers add identical terms
-    analytic = flops.train_flops_per_token(cfg, seq_len) * batch * seq_len
+def test_hardware_flops_match_xla_cost_analysis(cfg, batch, seq_len):
+    """XLA's count of the compiled step (its attention computes the full square; remat's
+    recomputation included) is our hardware count; one- and two-layer shapes keep compilation
+    short, layers add identical terms."""
+    analytic = flops.hardware_train_flops_per_token(cfg, seq_len, "xla") * batch * seq_len
     xla = _xla_train_step_flops(cfg, batch, seq_len)
     # XLA also counts element-wise work (softmax, norms, GELU, the update), so it sits a little above
     assert abs(xla / analytic - 1) < 0.10, (xla, analytic)

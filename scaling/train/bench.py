@@ -4,12 +4,15 @@
 float32 matmul peak of the default device and the jitted train step (``scaling.train.step``,
 the one ``scaling train`` runs) of the reference model: dense,
 d_model 256, 4 layers, 4 heads, seq 256, batch 16, vocab 256, float32. FLOPs per token come from
-``scaling.flops.train_flops_per_token`` (exact count), so MFU = tokens/s x FLOPs/token / peak. ``step_s`` is a step without the
+``scaling.flops.train_flops_per_token`` (model FLOPs, causal attention), so MFU = tokens/s x
+FLOPs/token / peak; HFU uses ``hardware_train_flops_per_token`` (what the kernel and remat
+compute: XLA's attention the full square). ``step_s`` is a step without the
 noise-scale statistics; ``gns_overhead`` gives the step time with them on every step
 (``optim.gns_every=1``) and on every 10th (``10``) relative to it, all measured in this process.
 ``program`` gives the lowered train step's size and compile seconds at 4 and 24 layers, blocks in
 a loop and scanned (``model.scan_layers``); ``remat_saved_bytes`` what the backward pass keeps
-per ``model.remat`` policy for a 12-layer d256 seq-1024 model.
+per ``model.remat`` policy for a 12-layer d256 seq-1024 model, ``remat_temp_bytes`` XLA's
+compiled temp bytes for it with scanned blocks.
 
 With ``--mesh``, the same step is also timed with the batch and parameters sharded over that
 mesh and reported as ``sharded_step_s / single_step_s``. On CPU, a mesh larger than the device
@@ -90,6 +93,7 @@ def measure_preset(name: str, steps: int) -> dict:
     from scaling.config import MeshConfig
     from scaling.errors import UsageError
     from scaling.models.layers import attention_implementation
+    from scaling.train.metrics import hardware_flops_per_token
     from scaling.train.metrics import peak_flops
     from scaling.train.timing import time_train_step
 
@@ -102,13 +106,16 @@ def measure_preset(name: str, steps: int) -> dict:
     one = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     t = time_train_step(cfg, one, steps=steps)
     fpt = float(flops.train_flops_per_token(cfg.model, cfg.data.seq_len))
+    kernel = attention_implementation(cfg.model)
+    hw = hardware_flops_per_token(cfg.model, cfg.data.seq_len)
     tok_s = cfg.tokens_per_step / t["step_s"]
     peak = peak_flops(1)
     return {"preset": name, "backend": backend, "device_kind": jax.devices()[0].device_kind,
             "params": flops.param_counts(cfg.model).total, "active_params": flops.param_counts(cfg.model).active,
-            "attention": attention_implementation(cfg.model), "config": PRESETS[name],
+            "attention": kernel, "config": PRESETS[name],
             "step_s": t["step_s"], "compile_s": t["compile_s"], "tokens_per_s": tok_s, "train_flops_per_token": fpt,
-            "achieved_flops": tok_s * fpt, "bf16_peak_flops": peak, "mfu": tok_s * fpt / peak,
+            "hardware_flops_per_token": hw, "achieved_flops": tok_s * fpt, "bf16_peak_flops": peak,
+            "mfu": tok_s * fpt / peak, "hfu": tok_s * hw / peak,
             "final_loss": t["final_loss"]}
 
 
@@ -135,6 +142,7 @@ def measure(args) -> dict:
 
     from scaling import flops, sharding
     from scaling.config import MeshConfig, TrainConfig
+    from scaling.train.metrics import hardware_flops_per_token
     from scaling.train.metrics import measure_matmul_flops
     from scaling.train.timing import time_train_step
 
@@ -150,6 +158,7 @@ def measure(args) -> dict:
     with_stats = {n: time_train_step(cfg, one, steps=args.steps, gns_every=n)["step_s"] for n in (1, 10)}
     peak = max(peak, measure_matmul_flops())
     fpt = float(flops.train_flops_per_token(cfg.model, cfg.data.seq_len))
+    hw = hardware_flops_per_token(cfg.model, cfg.data.seq_len)
     tok_s = cfg.tokens_per_step / single["step_s"]
     out = {
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
@@ -157,11 +166,13 @@ def measure(args) -> dict:
                   "batch_size": args.batch_size, "params": flops.param_counts(cfg.model).total},
         "matmul_peak_flops": peak,
         "train_flops_per_token": fpt,
+        "hardware_flops_per_token": hw,
         "step_s": single["step_s"],
         "compile_s": single["compile_s"],
         "tokens_per_s": tok_s,
         "achieved_flops": tok_s * fpt,
         "mfu": tok_s * fpt / peak,
+        "hfu": tok_s * hw / peak,
         "peak_rss_bytes": _peak_rss_bytes(),
         "gns_overhead": {f"every_{n}": t / single["step_s"] - 1 for n, t in with_stats.items()},
     }
@@ -267,7 +278,8 @@ def report(out: dict) -> None:
               f"({out['active_params'] / 1e9:.2f}B active), attention {out['attention']}")
         print(f"compile {out['compile_s']:.1f} s, step {out['step_s'] * 1e3:.1f} ms, {out['tokens_per_s']:.0f} tokens/s, "
               f"{out['achieved_flops'] / 1e12:.1f} TFLOP/s, MFU {100 * out['mfu']:.1f} % of the bf16 peak "
-              f"{out['bf16_peak_flops'] / 1e12:.0f} TFLOP/s")
+              f"{out['bf16_peak_flops'] / 1e12:.0f} TFLOP/s (HFU {100 * out['hfu']:.1f} %: {out['attention']} "
+              f"attention, remat {out['config'].get('model.remat', 'none')})")
         return
     m = out["model"]
     print(f"backend {out['backend']} ({out['device_kind']}, {out['cpu_count']} cores)")
@@ -278,7 +290,8 @@ def report(out: dict) -> None:
     print(f"step                     {out['step_s'] * 1e3:8.1f} ms")
     print(f"throughput               {out['tokens_per_s']:8.0f} tokens/s")
     print(f"achieved                 {out['achieved_flops'] / 1e9:8.1f} GFLOP/s")
-    print(f"MFU                      {100 * out['mfu']:8.1f} %")
+    print(f"MFU                      {100 * out['mfu']:8.1f} %  (model FLOPs: causal attention)")
+    print(f"HFU                      {100 * out['hfu']:8.1f} %  (hardware FLOPs: XLA's full L x L scores)")
     print(f"peak RSS                 {out['peak_rss_bytes'] / 2**20:8.0f} MiB")
     for k, v in out["gns_overhead"].items():
         print(f"noise-scale statistics {k.replace('_', ' ')} step(s): {100 * v:+.1f} % step time")

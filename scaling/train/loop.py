@@ -49,11 +49,11 @@ from scaling.train import optim
 from scaling.train import step as step_lib
 from scaling.train.cache import enable_compilation_cache
 from scaling.train.checkpoint import Checkpointer
-from scaling.train.metrics import MetricsWriter, WandbMirror, peak_flops
+from scaling.train.metrics import MetricsWriter, WandbMirror, hardware_flops_per_token, peak_flops
 
 # fields that do not change what is computed: a rerun may differ in these
 COSMETIC_FIELDS = ("wandb", "progress")
-WALL_FIELDS = ("wall_s", "tokens_per_s", "mfu", "step_time_s")  # differ between identical runs
+WALL_FIELDS = ("wall_s", "tokens_per_s", "mfu", "hfu", "step_time_s")  # differ between identical runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +293,7 @@ class _Session:
         self.mesh = sharding.make_mesh(cfg.mesh)
         # the attention kernel: a named one the backend lacks is a ConfigError before anything runs
         resolved["attention"] = attention_implementation(cfg.model)
+        resolved["hardware_flops_per_token"] = hardware_flops_per_token(cfg.model, cfg.data.seq_len)
         if cfg.model.attention == "auto" and cfg.progress:
             print(f"{out}: attention kernel {resolved['attention']} (model.attention=auto on {jax.default_backend()}, "
                   f"{cfg.model.dtype})", file=sys.stderr)
@@ -520,6 +521,7 @@ class _Session:
             loss = float(m["loss"])
             row = {"step": step, "tokens": tokens_at(step), "flops": tokens_at(step) * fpt,
                    "wall_s": train_s, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak,
+                   "hfu": tok_s * self.resolved["hardware_flops_per_token"] / peak,
                    "epochs": tokens_at(step) / unique_tokens if unique_tokens else None}
             if not self.schedule.constant:
                 row["batch_size"] = self.schedule.batch_at(step - 1)
@@ -644,6 +646,8 @@ class _Session:
             "final_eval_bpb": bits_per_byte(eval_loss, self.eval.bytes_per_token),
             "final_train_bpb": bits_per_byte(last_row.get("loss"), self.corpus.get("train_bytes_per_token")),
             "tokens_per_s": tok_s, "mfu": tok_s * r["train_flops_per_token"] / peak,
+            "hardware_flops": tokens * r["hardware_flops_per_token"],
+            "hfu": tok_s * r["hardware_flops_per_token"] / peak,
             "wall_s": train_s, "total_s": time.perf_counter() - self.t_start,
             "epochs": tokens / n_train if n_train else None,
         }

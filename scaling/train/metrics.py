@@ -157,3 +157,14 @@ class WandbMirror:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def hardware_flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token the kernels chosen on this backend compute (HFU's numerator per
+    token): the resolved attention kernel, ``model.remat``, the dropless MoE backend."""
+    from scaling import flops
+    from scaling.models.layers import attention_implementation
+    from scaling.models.moe import resolve_backend
+
+    grouped = resolve_backend(model) if model.moe is not None else "ragged_dot"
+    return float(flops.hardware_train_flops_per_token(model, seq_len, attention_implementation(model), grouped))

@@ -147,15 +147,16 @@ class ModelConfig:
     # rematerialisation per block (jax.checkpoint): none | full (keep only each block's input) |
     # dots_saveable | dots_with_no_batch_dims_saveable (keep matmul outputs). Memory, not maths
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
-    # attention kernel: auto (cudnn flash attention on a GPU in bfloat16, else xla) | xla | cudnn
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # attention kernel: auto (cudnn flash attention on a GPU in bfloat16, Pallas splash attention
+    # on a TPU, else xla) | xla | cudnn | splash
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     # store the blocks stacked and run them with one lax.scan over the repeating group of
     # blocks (the program no longer grows with depth; scaling.models.transformer)
     scan_layers: bool = False
 
     def __post_init__(self):
         _one_of("model.remat", self.remat, REMAT_POLICIES)
-        _one_of("model.attention", self.attention, ("auto", "xla", "cudnn"))
+        _one_of("model.attention", self.attention, ("auto", "xla", "cudnn", "splash"))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

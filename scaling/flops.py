@@ -13,11 +13,12 @@ Conventions
   whatever kernel runs it, so a budget buys the same model on every backend.
 * Hardware FLOPs (``hardware_train_flops_per_token``: HFU, ``hardware_flops`` in summaries)
   are what the chosen kernel and ``model.remat`` compute: XLA's attention computes the full
-  ``L x L`` matrix (the mask skips no work); a fused causal kernel (cuDNN) skips the masked
-  half and recomputes ``QK^T`` in its backward pass; rematerialisation recomputes a block's
+  ``L x L`` matrix (the mask skips no work); a fused causal kernel (cuDNN, splash) skips the
+  masked half and recomputes score-sized matmuls in its backward pass; rematerialisation recomputes a block's
   forward matmuls (``full``) or its batched attention matmuls
   (``dots_with_no_batch_dims_saveable``). ``tests/test_flops.py`` checks this count against
-  XLA's own count of the compiled train step.
+  XLA's own count of the compiled train step (the XLA kernel; the fused kernels' counts follow
+  their published backward passes and have not been measured here).
 * Training = forward + backward = ``3 x forward`` (the backward pass computes a gradient for
   both operands of every matmul). The embedding lookup is a gather, not a matmul: 0 FLOPs.
 * Embedding parameters are the vocabulary matrices: the input embedding ``[V, D]`` and, when
@@ -180,17 +181,22 @@ def causal_attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
     return total
 
 
-HARDWARE_ATTENTION = ("xla", "cudnn")
+HARDWARE_ATTENTION = ("xla", "cudnn", "splash")
+# extra ``L x L``-sized matmuls a fused kernel's backward pass runs beyond the standard four
+# (dP, dV, dQ, dK): cuDNN's recomputes QK^T; splash's separate dq and dkv kernels each
+# recompute QK^T and dP = dO V^T, one of the dP being the standard one
+_BACKWARD_RECOMPUTE = {"cudnn": 1, "splash": 3}
 
 
 def hardware_train_flops_per_token(model: ModelConfig, seq_len: int, attention: str = "xla",
                                    moe_backend: str = "ragged_dot") -> float:
     """Training FLOPs per token the hardware computes with attention kernel ``attention`` (as
-    resolved by ``scaling.models.layers.attention_implementation``: ``"xla"`` or ``"cudnn"``)
-    and ``model.remat``: the denominator of HFU. ``"xla"`` computes the full ``L x L`` scores;
-    ``"cudnn"`` (a fused causal kernel) the unmasked half, plus ``QK^T`` again in its backward
-    pass (the diagonal tiles' masked half it also computes, at most a tile / L more, is not
-    counted). MoD blocks always run XLA's masked attention. Rematerialisation adds a block's
+    resolved by ``scaling.models.layers.attention_implementation``: ``"xla"``, ``"cudnn"`` or
+    ``"splash"``) and ``model.remat``: the numerator of HFU per token. ``"xla"`` computes the
+    full ``L x L`` scores; the fused causal kernels the unmasked half, plus ``L x L``-sized
+    matmuls again in their backward passes (cuDNN ``QK^T``; splash ``QK^T`` twice and ``dO V^T``
+    once); the diagonal tiles' masked half they also compute, at most a tile / L more, is not
+    counted. MoD blocks always run XLA's masked attention. Rematerialisation adds a block's
     forward matmuls (``full``; a dense MLP's down projection is not needed again) or its batched
     attention matmuls (``dots_with_no_batch_dims_saveable``,
     which saves only unbatched matmul outputs); ``dots_saveable`` recomputes no matmul.
@@ -200,15 +206,15 @@ def hardware_train_flops_per_token(model: ModelConfig, seq_len: int, attention: 
         raise ValueError(f"attention: one of {', '.join(HARDWARE_ATTENTION)} (a resolved kernel), got {attention!r}")
     total = 3.0 * _head_flops_per_token(model)
     for i in range(model.n_layers):
-        fused = attention == "cudnn" and not model.is_mod_layer(i)
+        fused = attention != "xla" and not model.is_mod_layer(i)
         scores = "causal" if fused else "full"
         block = _block_flops_per_token(model, i, seq_len, scores)
         if model.is_moe_layer(i) and model.moe.router == "dropless" and moe_backend == "einsum":
             padded = model.moe.n_routed - model.moe.k_routed  # every expert runs on every token
             block += _mod_token_fraction(model, i, seq_len) * padded * _dense_mlp_flops_per_token(model, model.expert_d_ff)
         total += 3.0 * block
-        if fused:  # the flash backward recomputes the probabilities: one more QK^T
-            total += _attention_score_flops_per_token(model, seq_len, "causal") / 2
+        if fused:  # one causal L x L matmul is half the causal score forward (QK^T and PV)
+            total += _BACKWARD_RECOMPUTE[attention] * _attention_score_flops_per_token(model, seq_len, "causal") / 2
         if model.remat == "full":  # all but a dense MLP's last matmul, whose output no gradient reads
             dense_mlp = not model.is_mod_layer(i) and not model.is_moe_layer(i)
             total += block - (_mm(model.resolved_d_ff, model.d_model) if dense_mlp else 0.0)

@@ -186,6 +186,17 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_RULES) ->
     return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, dict(mesh.shape)))
 
 
+def activation_spec(names: Sequence[str | None], shape: Sequence[int], rules=LOGICAL_RULES) -> P:
+    """The ``PartitionSpec`` ``constrain`` gives an activation of ``shape`` under the current mesh
+    (dims that do not divide stay whole), padded to the array's rank: the specs a per-shard
+    kernel (``shard_map``) takes. ``P()`` without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return P()
+    spec = _fit_spec(logical_to_spec(names, rules), shape, dict(mesh.shape))
+    return P(*(tuple(spec) + (None,) * (len(shape) - len(spec))))
+
+
 def _fit_spec(spec: P, shape: Sequence[int], sizes: Mapping[str, int]) -> P:
     # Activations may have dims that do not divide (e.g. a batch of 1 at eval); leave those
     # dims unconstrained rather than fail inside XLA.

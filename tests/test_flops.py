@@ -62,6 +62,7 @@ def test_forward_flops_match_hand_count():
     hw = flops.hardware_train_flops_per_token
     assert hw(cfg, L, "xla") == 3 * (2 * (proj + full + mlp) + head)
     assert hw(cfg, L, "cudnn") == 3 * expected + 2 * causal / 2
+    assert hw(cfg, L, "splash") == 3 * expected + 2 * 3 * causal / 2  # dq and dkv kernels recompute
     # full remat recomputes each block's forward but the MLP's down projection (its output is
     # not read by any gradient); dots_with_no_batch_dims_saveable recomputes the score matmuls
     remat = dataclasses.replace(cfg, remat="full")
@@ -69,7 +70,7 @@ def test_forward_flops_match_hand_count():
     nobatch = dataclasses.replace(cfg, remat="dots_with_no_batch_dims_saveable")
     assert hw(nobatch, L, "xla") == hw(cfg, L, "xla") + 2 * full
     assert hw(dataclasses.replace(cfg, remat="dots_saveable"), L, "xla") == hw(cfg, L, "xla")
-    with pytest.raises(ValueError, match="attention: one of xla, cudnn"):
+    with pytest.raises(ValueError, match="attention: one of xla, cudnn, splash"):
         hw(cfg, L, "auto")
 
 

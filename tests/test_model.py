@@ -226,14 +226,22 @@ def test_remat_keeps_the_loss_and_cuts_the_saved_activations():
 
 
 def test_attention_kernel_by_backend():
-    """``model.attention``: auto is cuDNN flash attention on a GPU in bfloat16 and XLA
-    otherwise; cudnn named where it cannot run is one ConfigError naming the field."""
+    """``model.attention``: auto is cuDNN flash attention on a GPU in bfloat16, splash on a TPU
+    where its tiles fit, XLA otherwise; cudnn named where it cannot run is one ConfigError naming the field."""
     from scaling.config import ModelConfig
     from scaling.models.layers import attention_implementation
 
     bf16, f32 = ModelConfig(dtype="bfloat16"), ModelConfig()
     assert attention_implementation(bf16, "gpu") == "cudnn" and attention_implementation(f32, "gpu") == "xla"
-    assert attention_implementation(bf16, "cpu") == attention_implementation(bf16, "tpu") == "xla"
+    assert attention_implementation(bf16, "cpu") == "xla"
+    # splash on a TPU where its 128-wide tiles fit the head dim and the sequence
+    e128 = ModelConfig(d_model=512, n_heads=4)
+    assert attention_implementation(e128, "tpu", seq_len=2048) == "splash"
+    assert attention_implementation(e128, "tpu", seq_len=1000) == attention_implementation(bf16, "tpu") == "xla"
+    with pytest.raises(ConfigError, match="model.head_dim: splash attention needs a multiple of 128, got 32"):
+        attention_implementation(ModelConfig(attention="splash"), "tpu")
+    with pytest.raises(ConfigError, match="data.seq_len: splash attention needs a multiple of 128, got 1000"):
+        attention_implementation(dataclasses.replace(e128, attention="splash"), "tpu", seq_len=1000)
     with pytest.raises(ConfigError, match="model.attention: cudnn needs a GPU backend, this one is cpu"):
         attention_implementation(ModelConfig(attention="cudnn", dtype="bfloat16"), "cpu")
     with pytest.raises(ConfigError, match="model.attention: cudnn flash attention takes 16-bit inputs"):
@@ -243,6 +251,39 @@ def test_attention_kernel_by_backend():
     assert attention_implementation(odd, "gpu") == "xla"
     with pytest.raises(ConfigError, match="model.head_dim: cudnn flash attention needs .* got 12"):
         attention_implementation(dataclasses.replace(odd, attention="cudnn"), "gpu")
+
+
+def test_splash_attention_matches_xla_on_one_device_and_a_mesh():
+    """``model.attention=splash`` (Pallas splash attention, run in Pallas' interpreter on the
+    CPU): outputs and gradients of q, k, v equal XLA's causal attention, grouped-query, with a
+    μP-style scale, on one device and per shard on a data=2 x tensor=4 mesh (heads split;
+    the 2 kv heads do not split 4 ways and are repeated)."""
+    from scaling import sharding
+    from scaling.config import MeshConfig
+    from scaling.models.layers import causal_attention
+
+    B, L, H, K, E = 4, 256, 4, 2, 32
+    kq, kk, kv, kw = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (B, L, n, E)) for key, n in ((kq, H), (kk, K), (kv, K)))
+    w = jax.random.normal(kw, (B, L, H, E))
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(causal_attention(q, k, v, scale=1 / E, implementation=impl,
+                                                        interpret=True) * w)
+
+    ref = jax.value_and_grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    one = jax.value_and_grad(loss("splash"), argnums=(0, 1, 2))(q, k, v)
+    mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
+    with sharding.mesh_context(mesh):
+        sharded = jax.jit(jax.value_and_grad(loss("splash"), argnums=(0, 1, 2)))(q, k, v)
+    for got in (one, sharded):
+        assert float(got[0]) == pytest.approx(float(ref[0]), rel=1e-5)
+        for g, r in zip(got[1], ref[1]):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="model.attention: splash needs a TPU backend, this one is cpu"):
+        from scaling.models.layers import attention_implementation
+
+        attention_implementation(ModelConfig(attention="splash"), "cpu")
 
 
 @pytest.mark.slow

@@ -159,11 +159,17 @@ def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
     return out.astype(x_BxLxNxE.dtype)
 
 
-def attention_implementation(cfg: ModelConfig, backend: str | None = None) -> str:
-    """The kernel ``model.attention`` resolves to on ``backend`` (default: jax's):
-    ``auto`` is cuDNN flash attention on a GPU in bfloat16 with a head dimension cuDNN takes (a
-    multiple of 8, at most 128) and XLA otherwise. Raises ``ConfigError`` naming ``model.attention`` when
-    ``cudnn`` is asked for where it cannot run."""
+SPLASH_BLOCK = 128  # the TPU kernel's tile: a sequence and a head dimension it takes are multiples
+
+
+def attention_implementation(cfg: ModelConfig, backend: str | None = None, seq_len: int | None = None) -> str:
+    """The kernel ``model.attention`` resolves to on ``backend`` (default: jax's) for sequences
+    of ``seq_len`` tokens (None: not yet known, the sequence checks are skipped):
+
+    * ``auto``: cuDNN flash attention on a GPU in bfloat16 with a head dimension cuDNN takes (a
+      multiple of 8, at most 128); Pallas splash attention on a TPU when the sequence and the
+      head dimension are multiples of 128 (its tile); XLA otherwise.
+    * ``cudnn`` / ``splash`` named where they cannot run: ``ConfigError`` naming the field."""
     from scaling.config import ConfigError
 
     backend = backend or jax.default_backend()
@@ -171,6 +177,7 @@ def attention_implementation(cfg: ModelConfig, backend: str | None = None) -> st
         return "xla"
     E = cfg.resolved_head_dim
     head_ok = E % 8 == 0 and E <= 128  # cuDNN's fused kernel (256 on Hopper; 128 holds everywhere)
+    splash_ok = E % SPLASH_BLOCK == 0 and (seq_len is None or seq_len % SPLASH_BLOCK == 0)
     if cfg.attention == "cudnn":
         if backend != "gpu":
             raise ConfigError(f"model.attention: cudnn needs a GPU backend, this one is {backend}; use auto or xla")
@@ -181,29 +188,87 @@ def attention_implementation(cfg: ModelConfig, backend: str | None = None) -> st
             raise ConfigError(f"model.head_dim: cudnn flash attention needs a head dimension that is a multiple of 8 "
                               f"and at most 128, got {E}; change it or use model.attention=auto / xla")
         return "cudnn"
-    return "cudnn" if backend == "gpu" and cfg.dtype == "bfloat16" and head_ok else "xla"
+    if cfg.attention == "splash":
+        if backend != "tpu":
+            raise ConfigError(f"model.attention: splash needs a TPU backend, this one is {backend}; use auto or xla")
+        if E % SPLASH_BLOCK:
+            raise ConfigError(f"model.head_dim: splash attention needs a multiple of {SPLASH_BLOCK}, got {E}; "
+                              "change it or use model.attention=auto / xla")
+        if not splash_ok:
+            raise ConfigError(f"data.seq_len: splash attention needs a multiple of {SPLASH_BLOCK}, got {seq_len}; "
+                              "change it or use model.attention=auto / xla")
+        return "splash"
+    if backend == "gpu" and cfg.dtype == "bfloat16" and head_ok:
+        return "cudnn"
+    return "splash" if backend == "tpu" and splash_ok else "xla"
 
 
 def causal_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
                      key_mask_BxL: jax.Array | None = None, scale: float | None = None,
-                     implementation: str = "xla") -> jax.Array:
+                     implementation: str = "xla", *, interpret: bool = False) -> jax.Array:
     """Causal softmax attention, grouped-query (query head ``h`` reads kv head ``h // (H/K)``).
 
-    ``jax.nn.dot_product_attention`` with its XLA implementation: it computes the full ``L x L``
-    score matrix and masks it (``scaling.flops`` counts all ``L^2`` scores), softmax in float32.
-    Measured on the 2-core CPU it ran ~5-10% faster than a hand-written einsum softmax. Tokens
-    must be in increasing position order (mixture-of-depths keeps gathered tokens in order).
+    ``implementation``: ``xla`` (``jax.nn.dot_product_attention``: the full ``L x L`` score
+    matrix, masked, softmax in float32; measured on the 2-core CPU ~5-10% faster than a
+    hand-written einsum softmax), ``cudnn`` (fused flash attention on a GPU; no ``L x L`` scores
+    in memory) or ``splash`` (Pallas splash attention, ``splash_attention``). Tokens must be in
+    increasing position order (mixture-of-depths keeps gathered tokens in order).
     ``key_mask_BxL`` (bool) restricts every query to the keys marked True, plus itself so that no
-    row is empty (mixture-of-depths' causal routing: selected tokens see selected tokens only).
-    ``scale`` multiplies the scores (default ``1/sqrt(E)``; μP passes ``mup.attention_scale``).
-    ``implementation``: ``xla`` or ``cudnn`` (fused flash attention on GPU; no L x L scores in
-    memory). Returns ``[B, L, H, E]`` in the input dtype."""
+    row is empty (mixture-of-depths' causal routing: selected tokens see selected tokens only;
+    xla only). ``scale`` multiplies the scores (default ``1/sqrt(E)``; μP passes
+    ``mup.attention_scale``). Returns ``[B, L, H, E]`` in the input dtype."""
+    if implementation == "splash":
+        if key_mask_BxL is not None:
+            raise ValueError("splash attention takes no key mask; mixture-of-depths blocks use xla")
+        return splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, interpret=interpret)
     mask = None
     if key_mask_BxL is not None:
         L = key_mask_BxL.shape[1]
         mask = (key_mask_BxL[:, None, None, :] | jnp.eye(L, dtype=bool)[None, None])
     return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask=mask, is_causal=True,
                                         scale=scale, implementation=implementation)
+
+
+def splash_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
+                     scale: float | None = None, *, interpret: bool = False) -> jax.Array:
+    """Causal attention through the Pallas TPU splash-attention kernel (fully masked tiles
+    skipped, no ``L x L`` scores in memory), grouped-query natively. Under a mesh the kernel runs
+    per shard (``shard_map``): rows over the batch axes, heads over ``tensor`` as the
+    activation rules place them; kv heads that do not split with the query heads are repeated
+    to ``H`` first. ``interpret`` runs the kernel in Pallas' interpreter (any backend, slow: the
+    tests check it against XLA on the CPU). Returns ``[B, L, H, E]`` in the input dtype."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    from scaling import sharding
+
+    B, L, H, E = q_BxLxHxE.shape
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    q_BxLxHxE = q_BxLxHxE * jnp.asarray(scale, q_BxLxHxE.dtype)  # the kernel does not scale
+
+    def local(q_bxLxhxE, k_bxLxkxE, v_bxLxkxE):
+        h, block = q_bxLxhxE.shape[2], min(512, L)
+        if L % block:
+            block = math.gcd(L, block)
+        sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+        mask = sm.MultiHeadMask([sm.CausalMask((L, L)) for _ in range(h)])
+        kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [b, L, h, E] -> [b, h, L, E]
+        o = jax.vmap(kernel)(heads_first(q_bxLxhxE), heads_first(k_bxLxkxE), heads_first(v_bxLxkxE))
+        return heads_first(o)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE)
+    q_spec = sharding.activation_spec(HEADS, q_BxLxHxE.shape)
+    kv_spec = sharding.activation_spec(HEADS, k_BxLxKxE.shape)
+    if kv_spec[2] != q_spec[2]:  # the kv heads do not split like the query heads: give each its own
+        k_BxLxKxE = jnp.repeat(k_BxLxKxE, H // k_BxLxKxE.shape[2], axis=2)
+        v_BxLxKxE = jnp.repeat(v_BxLxKxE, H // v_BxLxKxE.shape[2], axis=2)
+        kv_spec = q_spec
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE)
 
 
 class Attention(nnx.Module):
@@ -241,7 +306,7 @@ class Attention(nnx.Module):
         q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
         k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
         scale = mup.attention_scale(cfg) if mup.is_mup(cfg) else None  # None: jax's own 1/sqrt(E) (SP)
-        impl = attention_implementation(cfg)
+        impl = attention_implementation(cfg, seq_len=L)
         o_BxLxHxE = causal_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, key_mask_BxL, scale,
                                      implementation=impl if key_mask_BxL is None else "xla")
         o_BxLxHxE = constrain(o_BxLxHxE, HEADS)

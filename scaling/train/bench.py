@@ -106,7 +106,7 @@ def measure_preset(name: str, steps: int) -> dict:
     one = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     t = time_train_step(cfg, one, steps=steps)
     fpt = float(flops.train_flops_per_token(cfg.model, cfg.data.seq_len))
-    kernel = attention_implementation(cfg.model)
+    kernel = attention_implementation(cfg.model, seq_len=cfg.data.seq_len)
     hw = hardware_flops_per_token(cfg.model, cfg.data.seq_len)
     tok_s = cfg.tokens_per_step / t["step_s"]
     peak = peak_flops(1)

@@ -292,7 +292,7 @@ class _Session:
 
         self.mesh = sharding.make_mesh(cfg.mesh)
         # the attention kernel: a named one the backend lacks is a ConfigError before anything runs
-        resolved["attention"] = attention_implementation(cfg.model)
+        resolved["attention"] = attention_implementation(cfg.model, seq_len=cfg.data.seq_len)
         resolved["hardware_flops_per_token"] = hardware_flops_per_token(cfg.model, cfg.data.seq_len)
         if cfg.model.attention == "auto" and cfg.progress:
             print(f"{out}: attention kernel {resolved['attention']} (model.attention=auto on {jax.default_backend()}, "

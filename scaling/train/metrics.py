@@ -167,4 +167,4 @@ def hardware_flops_per_token(model, seq_len: int) -> float:
     from scaling.models.moe import resolve_backend
 
     grouped = resolve_backend(model) if model.moe is not None else "ragged_dot"
-    return float(flops.hardware_train_flops_per_token(model, seq_len, attention_implementation(model), grouped))
+    return float(flops.hardware_train_flops_per_token(model, seq_len, attention_implementation(model, seq_len=seq_len), grouped))

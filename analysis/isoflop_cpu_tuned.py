@@ -320,6 +320,9 @@ arms = {
     "C+emb: C with N counting embeddings": approaches(tuned, None, N_BOOT_ARMS, N_col="N_total"),
 }
 first = json.loads((_nb.REPO / "docs" / "results" / "isoflop_cpu" / "results.json").read_text())
+if "schema_version" in tuned and (tuned["schema_version"] >= 4).any():  # docs/results/README.md
+    print("note: the first study's budgets count attention over the full L x L square (schema 3); these runs "
+          "count the causal half (schema 4): the same run has a 1.10-1.20x larger C in its count")
 first_tab = pd.DataFrame(first["isoflop_table"])
 ft = first_tab[first_tab["used"] & (first_tab["C"] <= float(tuned["bucket"].max()) * 1.01)]
 first_sub = None  # the first study's minima over this study's budgets (none in smoke mode)

@@ -5,20 +5,21 @@ Conventions
 * A multiply-accumulate is 2 FLOPs. Only matmuls are counted (the element-wise work of norms,
   activations, softmax, RoPE and the optimizer is left out, as in Kaplan et al. and Chinchilla);
   XLA's count of a compiled step includes that work, so it sits a few percent above ours.
-* Model FLOPs (the budget ``C``, the ``flops`` column, MFU) count causal attention as the
-  literature does: ``QK^T`` and ``softmax(.) V`` over the unmasked keys only, ``(L + 1) / 2``
-  per query on average, i.e. ``2 * (L + 1) * H * E`` FLOPs per token per layer (MaxText halves
-  to ``L / 2``: a ``1 / L`` difference in that term; Kaplan's ``2 * n_ctx * d_attn`` per layer
-  is the same number; PaLM's MFU counts the full square). One number per architecture,
-  whatever kernel runs it, so a budget buys the same model on every backend.
+* Model FLOPs (the budget ``C``, the ``flops`` column, MFU) count causal attention: ``QK^T``
+  and ``softmax(.) V`` over the unmasked keys only, ``(L + 1) / 2`` per query on average, i.e.
+  ``2 * (L + 1) * H * E`` FLOPs per token per layer. MaxText halves to ``L / 2`` (a ``1 / L``
+  difference in that term) and Kaplan's ``2 * n_ctx * d_attn`` per layer is the same number;
+  Chinchilla's appendix (Table A4) and PaLM's MFU count the full square. One number per
+  architecture, whatever kernel runs it, so a budget buys the same model on every backend.
 * Hardware FLOPs (``hardware_train_flops_per_token``: HFU, ``hardware_flops`` in summaries)
-  are what the chosen kernel and ``model.remat`` compute: XLA's attention computes the full
+  are what the chosen kernels and ``model.remat`` compute: XLA's attention computes the full
   ``L x L`` matrix (the mask skips no work); a fused causal kernel (cuDNN, splash) skips the
-  masked half and recomputes score-sized matmuls in its backward pass; rematerialisation recomputes a block's
-  forward matmuls (``full``) or its batched attention matmuls
-  (``dots_with_no_batch_dims_saveable``). ``tests/test_flops.py`` checks this count against
-  XLA's own count of the compiled train step (the XLA kernel; the fused kernels' counts follow
-  their published backward passes and have not been measured here).
+  masked tiles and recomputes score-sized matmuls in its backward pass; rematerialisation
+  recomputes what its policy does not save (see ``hardware_train_flops_per_token``). Tests
+  check this count against XLA's own count of the compiled train step for the XLA kernel and
+  the einsum MoE backend, every remat policy (dense, MoE, MoD); the fused kernels' and
+  ``ragged_dot``'s counts follow their published algorithms and have not been measured here
+  (no accelerator; XLA's CPU ``ragged_dot`` computes every group densely).
 * Training = forward + backward = ``3 x forward`` (the backward pass computes a gradient for
   both operands of every matmul). The embedding lookup is a gather, not a matmul: 0 FLOPs.
 * Embedding parameters are the vocabulary matrices: the input embedding ``[V, D]`` and, when
@@ -123,8 +124,10 @@ def _attention_projection_flops_per_token(model: ModelConfig) -> float:
 
 def _attention_score_flops_per_token(model: ModelConfig, seq_len: int, scores: str = "causal") -> float:
     """``QK^T`` and ``PV`` per token: over the unmasked keys (``scores="causal"``, ``(L + 1) / 2``
-    per query on average) or the full ``L x L`` matrix (``"full"``, what XLA's kernel computes)."""
-    keys = (seq_len + 1) / 2 if scores == "causal" else seq_len
+    per query on average), the full ``L x L`` matrix (``"full"``, what XLA's kernel computes)
+    or whole causal tiles (``"splash"``, ``(L + tile) / 2``)."""
+    keys = {"causal": (seq_len + 1) / 2, "full": seq_len,
+            "splash": (seq_len + splash_tile(seq_len)) / 2 if scores == "splash" else 0}[scores]
     return 2 * _mm(model.n_heads * model.resolved_head_dim, 1) * keys
 
 
@@ -182,46 +185,75 @@ def causal_attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
 
 
 HARDWARE_ATTENTION = ("xla", "cudnn", "splash")
+SPLASH_BLOCK = 128  # the splash kernel's smallest tile: sequences and head dims it takes are multiples
 # extra ``L x L``-sized matmuls a fused kernel's backward pass runs beyond the standard four
 # (dP, dV, dQ, dK): cuDNN's recomputes QK^T; splash's separate dq and dkv kernels each
 # recompute QK^T and dP = dO V^T, one of the dP being the standard one
 _BACKWARD_RECOMPUTE = {"cudnn": 1, "splash": 3}
 
 
+def splash_tile(seq_len: int) -> int:
+    """The splash kernel's query/key tile for sequences of ``seq_len`` tokens (the layers use
+    it; FLOPs count its whole diagonal tiles): 512, or the largest divisor of ``seq_len`` it has."""
+    return math.gcd(seq_len, 512)
+
+
+def _kernel_scores(attention: str, n_tokens: int) -> str:
+    """What a layer attending over ``n_tokens`` computes with kernel ``attention``: splash
+    needs a multiple of its tile (else the layer runs XLA's), cuDNN takes any length."""
+    if attention == "splash" and n_tokens % SPLASH_BLOCK:
+        return "full"
+    return {"xla": "full", "cudnn": "causal", "splash": "splash"}[attention]
+
+
 def hardware_train_flops_per_token(model: ModelConfig, seq_len: int, attention: str = "xla",
                                    moe_backend: str = "ragged_dot") -> float:
     """Training FLOPs per token the hardware computes with attention kernel ``attention`` (as
     resolved by ``scaling.models.layers.attention_implementation``: ``"xla"``, ``"cudnn"`` or
-    ``"splash"``) and ``model.remat``: the numerator of HFU per token. ``"xla"`` computes the
-    full ``L x L`` scores; the fused causal kernels the unmasked half, plus ``L x L``-sized
-    matmuls again in their backward passes (cuDNN ``QK^T``; splash ``QK^T`` twice and ``dO V^T``
-    once); the diagonal tiles' masked half they also compute, at most a tile / L more, is not
-    counted. MoD blocks always run XLA's masked attention. Rematerialisation adds a block's
-    forward matmuls (``full``; a dense MLP's down projection is not needed again) or its batched
-    attention matmuls (``dots_with_no_batch_dims_saveable``,
-    which saves only unbatched matmul outputs); ``dots_saveable`` recomputes no matmul.
-    ``moe_backend`` (``scaling.models.moe.resolve_backend``): dropless routing on the
-    ``"einsum"`` backend computes all ``n_routed`` experts' padded slots per token, not ``k``."""
+    ``"splash"``), MoE backend ``moe_backend`` (``scaling.models.moe.resolve_backend``) and
+    ``model.remat``: the numerator of HFU per token.
+
+    * Attention: ``"xla"`` computes the full ``L x L`` scores. cuDNN computes the unmasked half
+      (its tile is not public: the masked half of its diagonal tiles is not counted) and
+      ``QK^T`` again in its backward pass. Splash computes whole diagonal tiles
+      (``(L + tile) / 2`` keys per query, ``splash_tile``) and ``QK^T`` twice and ``dO V^T``
+      once more in its backward pass. A mixture-of-depths block attends over its ``k`` routed
+      tokens with the same kernel (splash only when ``k`` is a multiple of 128).
+    * MoE: dropless routing on the ``"einsum"`` backend computes all ``n_routed`` experts'
+      slots per token, not ``k``; capacity routing its padded slots (as the model count).
+    * Rematerialisation recomputes in the backward pass what its policy does not save:
+      ``full`` a block's forward matmuls (a dense MLP's down projection excepted: no gradient
+      reads its output); ``dots_saveable`` saves plain matmul outputs, so it recomputes the
+      fused attention kernels and ``ragged_dot`` experts; ``dots_with_no_batch_dims_saveable``
+      also the batched matmuls: XLA's attention scores and the einsum experts."""
     if attention not in HARDWARE_ATTENTION:
         raise ValueError(f"attention: one of {', '.join(HARDWARE_ATTENTION)} (a resolved kernel), got {attention!r}")
     total = 3.0 * _head_flops_per_token(model)
+    moe = model.moe
     for i in range(model.n_layers):
-        fused = attention != "xla" and not model.is_mod_layer(i)
-        scores = "causal" if fused else "full"
+        frac = _mod_token_fraction(model, i, seq_len)
+        k = round(frac * seq_len)  # tokens the block attends over (L unless mixture-of-depths routes)
+        scores = _kernel_scores(attention, k)
         block = _block_flops_per_token(model, i, seq_len, scores)
-        if model.is_moe_layer(i) and model.moe.router == "dropless" and moe_backend == "einsum":
-            padded = model.moe.n_routed - model.moe.k_routed  # every expert runs on every token
-            block += _mod_token_fraction(model, i, seq_len) * padded * _dense_mlp_flops_per_token(model, model.expert_d_ff)
+        score_fwd = frac * _attention_score_flops_per_token(model, k, scores)
+        experts_fwd, ragged = 0.0, False
+        if model.is_moe_layer(i):
+            slots = expert_slots_per_token(model, k)
+            if moe.router == "dropless" and moe_backend == "einsum":  # every expert runs on every token
+                block += frac * (moe.n_routed - slots) * _dense_mlp_flops_per_token(model, model.expert_d_ff)
+                slots = moe.n_routed
+            ragged = moe.router == "dropless" and moe_backend == "ragged_dot"
+            experts_fwd = frac * slots * _dense_mlp_flops_per_token(model, model.expert_d_ff)
         total += 3.0 * block
-        if fused:  # one causal L x L matmul is half the causal score forward (QK^T and PV)
-            total += _BACKWARD_RECOMPUTE[attention] * _attention_score_flops_per_token(model, seq_len, "causal") / 2
-        if model.remat == "full":  # all but a dense MLP's last matmul, whose output no gradient reads
+        if scores != "full":  # one causal L x L matmul is half the score forward (QK^T and PV)
+            total += _BACKWARD_RECOMPUTE[attention] * score_fwd / 2
+        if model.remat == "full":
             dense_mlp = not model.is_mod_layer(i) and not model.is_moe_layer(i)
             total += block - (_mm(model.resolved_d_ff, model.d_model) if dense_mlp else 0.0)
+        elif model.remat == "dots_saveable":
+            total += (score_fwd if scores != "full" else 0.0) + (experts_fwd if ragged else 0.0)
         elif model.remat == "dots_with_no_batch_dims_saveable":
-            frac = _mod_token_fraction(model, i, seq_len)
-            k = round(frac * seq_len)
-            total += frac * _attention_score_flops_per_token(model, k, scores)
+            total += score_fwd + experts_fwd
     return total
 
 

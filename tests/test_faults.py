@@ -76,6 +76,28 @@ def test_sigkill_at_seeded_points_resumes_bitwise(tmp_path, reference, capfd, po
     same_as_reference(out, reference)
 
 
+def test_hardware_flops_add_up_per_session_when_a_resume_changes_remat(tmp_path, reference):
+    """``model.remat`` is unhashed, so a run may resume under another policy: its hardware
+    FLOPs are the first session's at the first rate plus the second's at the second (the
+    model FLOPs, ``flops``, do not change)."""
+    from scaling.train.metrics import hardware_flops_per_token
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    (out / "summary.json").unlink()
+    for step in (30, 40):  # the run resumes from step 20
+        shutil.rmtree(out / "ckpt" / str(step))
+        (out / "ckpt_checksums" / f"{step}.json").unlink()
+    cfg = tiny("model.remat=full")
+    s = loop.run(cfg, out)
+    tokens = 20 * cfg.tokens_per_step
+    none_rate = hardware_flops_per_token(tiny().model, cfg.data.seq_len)
+    full_rate = hardware_flops_per_token(cfg.model, cfg.data.seq_len)
+    assert full_rate > 1.1 * none_rate  # the block forward again (the head is not rematerialised)
+    assert s["hardware_flops"] == pytest.approx(tokens * none_rate + tokens * full_rate, rel=1e-12)
+    assert s["flops"] == reference[1]["flops"] and s["steps"] == 40
+
+
 @pytest.mark.slow
 def test_flipped_bytes_are_caught_by_checksums_and_the_resume_stays_exact(tmp_path, reference, capfd):
     ref_dir = reference[0]

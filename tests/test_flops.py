@@ -62,7 +62,13 @@ def test_forward_flops_match_hand_count():
     hw = flops.hardware_train_flops_per_token
     assert hw(cfg, L, "xla") == 3 * (2 * (proj + full + mlp) + head)
     assert hw(cfg, L, "cudnn") == 3 * expected + 2 * causal / 2
-    assert hw(cfg, L, "splash") == 3 * expected + 2 * 3 * causal / 2  # dq and dkv kernels recompute
+    # splash computes whole diagonal tiles ((L + tile) / 2 keys; one 128 tile here: the square)
+    # and its dq and dkv kernels recompute three score-sized matmuls
+    tiled = 2 * 2 * D * (L + 128) / 2
+    assert hw(cfg, L, "splash") == 3 * (2 * (proj + tiled + mlp) + head) + 2 * 3 * tiled / 2
+    # dots_saveable keeps matmul outputs but not a fused kernel's: its forward runs again
+    saveable = dataclasses.replace(cfg, remat="dots_saveable")
+    assert hw(saveable, L, "cudnn") == hw(cfg, L, "cudnn") + 2 * causal
     # full remat recomputes each block's forward but the MLP's down projection (its output is
     # not read by any gradient); dots_with_no_batch_dims_saveable recomputes the score matmuls
     remat = dataclasses.replace(cfg, remat="full")
@@ -110,8 +116,9 @@ def test_hardware_flops_match_xla_cost_analysis(cfg, batch, seq_len):
     short, layers add identical terms."""
     analytic = flops.hardware_train_flops_per_token(cfg, seq_len, "xla") * batch * seq_len
     xla = _xla_train_step_flops(cfg, batch, seq_len)
-    # XLA also counts element-wise work (softmax, norms, GELU, the update), so it sits a little above
-    assert abs(xla / analytic - 1) < 0.10, (xla, analytic)
+    # XLA also counts element-wise work (softmax, norms, GELU, the update), so it sits a little
+    # above (measured 2.7-3.5%); the model count (causal scores) would sit 7-10% below it
+    assert 1.0 <= xla / analytic < 1.05, (xla, analytic)
 
 
 def _train_cfg(budget: BudgetConfig) -> TrainConfig:

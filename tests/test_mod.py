@@ -180,7 +180,7 @@ def test_mod_train_flops_match_xla_and_show_the_expected_reduction():
     a_dense, a_mod = (flops.train_flops_per_token(c, L) * batch * L for c in (dense, mod))
     h_dense, h_mod = (flops.hardware_train_flops_per_token(c, L, "xla") * batch * L for c in (dense, mod))
     x_dense, x_mod = (xla_train_step_flops(c, batch, L) for c in (dense, mod))
-    assert abs(x_mod / h_mod - 1) < 0.10, (x_mod, h_mod)
+    assert 1.0 <= x_mod / h_mod < 1.05, (x_mod, h_mod)  # element-wise work on top (measured 2.9%)
     # two of four blocks run on 16 of 128 tokens (attention over 16 x 16): the step costs ~58% of dense
     block = flops._block_flops_per_token(dense, 0, L)
     expected = (2 * block + 2 * (0.125 * flops._block_flops_per_token(dense, 0, 16) + 2 * 128) + 2 * 128 * 256) / (

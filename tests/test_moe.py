@@ -356,18 +356,21 @@ def xla_train_step_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
     "moe",
     [dict(n_experts=4, top_k=2, capacity_factor=1.25),
      dict(n_experts=4, top_k=2, router="dropless", backend="einsum"),
+     dict(n_experts=4, top_k=2, capacity_factor=1.25, remat="dots_with_no_batch_dims_saveable"),
      pytest.param(dict(n_experts=4, top_k=1, granularity=2, capacity_factor=1.5, n_shared_experts=1), marks=pytest.mark.slow)],
-    ids=["top2-cf1.25", "dropless-einsum", "fine-grained-shared"],
+    ids=["top2-cf1.25", "dropless-einsum", "top2-remat-no-batch-dims", "fine-grained-shared"],
 )
 def test_moe_train_flops_match_xla_cost_analysis(moe):
     from scaling import flops
 
-    cfg = ModelConfig(d_model=128, n_layers=2, n_heads=4, moe=MoEConfig(**moe))
+    moe = dict(moe)
+    remat = moe.pop("remat", "none")  # the batched expert einsums are recomputed under this policy
+    cfg = ModelConfig(d_model=128, n_layers=2, n_heads=4, moe=MoEConfig(**moe), remat=remat)
     batch, seq_len = 4, 128
     # hardware FLOPs: XLA's full attention square; the dropless einsum backend runs every expert
     analytic = flops.hardware_train_flops_per_token(cfg, seq_len, "xla", resolve_backend(cfg)) * batch * seq_len
     xla = xla_train_step_flops(cfg, batch, seq_len)
-    assert abs(xla / analytic - 1) < 0.10, (xla, analytic)
+    assert 1.0 <= xla / analytic < 1.05, (xla, analytic)  # element-wise work on top (measured 2.8-3.7%)
 
 
 def test_moe_experiment_defaults_and_active_size_rule():

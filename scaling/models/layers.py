@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from scaling.config import ModelConfig
+from scaling.flops import SPLASH_BLOCK, splash_tile
 from scaling.models import mup
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
@@ -159,9 +160,6 @@ def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
     return out.astype(x_BxLxNxE.dtype)
 
 
-SPLASH_BLOCK = 128  # the TPU kernel's tile: a sequence and a head dimension it takes are multiples
-
-
 def attention_implementation(cfg: ModelConfig, backend: str | None = None, seq_len: int | None = None) -> str:
     """The kernel ``model.attention`` resolves to on ``backend`` (default: jax's) for sequences
     of ``seq_len`` tokens (None: not yet known, the sequence checks are skipped):
@@ -247,9 +245,7 @@ def splash_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.
     q_BxLxHxE = q_BxLxHxE * jnp.asarray(scale, q_BxLxHxE.dtype)  # the kernel does not scale
 
     def local(q_bxLxhxE, k_bxLxkxE, v_bxLxkxE):
-        h, block = q_bxLxhxE.shape[2], min(512, L)
-        if L % block:
-            block = math.gcd(L, block)
+        h, block = q_bxLxhxE.shape[2], splash_tile(L)  # scaling.flops counts its diagonal tiles
         sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
         mask = sm.MultiHeadMask([sm.CausalMask((L, L)) for _ in range(h)])
@@ -306,7 +302,9 @@ class Attention(nnx.Module):
         q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
         k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
         scale = mup.attention_scale(cfg) if mup.is_mup(cfg) else None  # None: jax's own 1/sqrt(E) (SP)
-        impl = attention_implementation(cfg, seq_len=L)
+        impl = attention_implementation(cfg, seq_len=None if cfg.attention == "splash" else L)
+        if impl == "splash" and L % SPLASH_BLOCK:  # a MoD block's k routed tokens: the run's
+            impl = "xla"  # data.seq_len was checked up front; scaling.flops counts the same fallback
         o_BxLxHxE = causal_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, key_mask_BxL, scale,
                                      implementation=impl if key_mask_BxL is None else "xla")
         o_BxLxHxE = constrain(o_BxLxHxE, HEADS)

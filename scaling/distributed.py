@@ -13,11 +13,15 @@ Precedence (first match wins):
    allocation, e.g. one sweep trial per SLURM task).
 2. Explicit: ``SCALING_COORDINATOR=host:port``, ``SCALING_NUM_PROCESSES=N``,
    ``SCALING_PROCESS_ID=i`` (any launcher: ssh, k8s, a hand-written script).
-3. SLURM: ``srun`` with more than one task (``SLURM_NTASKS > 1`` and the step variables JAX's
+3. submitit (``SUBMITIT_EXECUTOR`` set: a ``scaling sweep --backend slurm`` task, on SLURM or
+   submitit's local executor): the task layout from ``submitit.JobEnvironment`` (global rank,
+   number of tasks, the job's first host as coordinator; ``localhost`` for the local executor),
+   port ``JAX_COORDINATOR_PORT`` or one derived from the job id, so every task agrees.
+4. SLURM outside submitit: ``srun`` with more than one task (``SLURM_NTASKS > 1`` and the step variables JAX's
    SLURM detector reads); coordinator = first node of the step, port from ``JAX_COORDINATOR_PORT``.
    One task per GPU (JAX's default there) or one task per node (then the task gets all
    ``SLURM_GPUS_ON_NODE`` GPUs).
-4. TPU/GKE and anything else JAX detects on its own: ``SCALING_DISTRIBUTED=auto``, or
+5. TPU/GKE and anything else JAX detects on its own: ``SCALING_DISTRIBUTED=auto``, or
    automatically when ``TPU_WORKER_HOSTNAMES`` names more than one worker or
    ``MEGASCALE_COORDINATOR_ADDRESS`` is set (multi-slice).
 
@@ -69,6 +73,9 @@ def distributed_plan(env: Mapping[str, str]) -> dict | None:
             raise ConfigError(f"SCALING_PROCESS_ID: must be in [0, {n}), got {pid}")
         return {"coordinator_address": env["SCALING_COORDINATOR"], "num_processes": n, "process_id": pid}
 
+    if env.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):
+        return _submitit_plan(env)
+
     if all(v in env for v in _SLURM_VARS) and _int_env(env, "SLURM_NTASKS") > 1:
         plan: dict = {"cluster_detection_method": "slurm"}
         # JAX's SLURM detector gives each task only the GPU numbered by its local rank (one task
@@ -86,6 +93,34 @@ def distributed_plan(env: Mapping[str, str]) -> dict | None:
     return None
 
 
+def _submitit_plan(env: Mapping[str, str]) -> dict | None:
+    """The plan for a submitit task: ``submitit.JobEnvironment`` reads the layout (from the
+    process environment, which ``env`` is in practice)."""
+    import hashlib
+
+    import submitit
+
+    try:
+        job = submitit.JobEnvironment()
+        n, rank, nodes, job_id = job.num_tasks, job.global_rank, job.num_nodes, job.job_id
+        local_rank = job.local_rank
+        host = "localhost" if env["SUBMITIT_EXECUTOR"] == "local" else job.hostnames[0]
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise ConfigError(f"SUBMITIT_EXECUTOR: set, but submitit cannot read the task layout ({err}); unset it "
+                          "outside a submitit job") from None
+    if n <= 1:
+        return None
+    if "JAX_COORDINATOR_PORT" in env:
+        port = _int_env(env, "JAX_COORDINATOR_PORT")
+    else:  # every task of the job derives the same port from the job id
+        port = 20000 + int(hashlib.sha256(str(job_id).encode()).hexdigest(), 16) % 20000
+    plan: dict = {"coordinator_address": f"{host}:{port}", "num_processes": n, "process_id": rank}
+    if env.get("SLURM_GPUS_ON_NODE"):  # one task per node: all of its GPUs; else one GPU per task
+        gpus = _int_env(env, "SLURM_GPUS_ON_NODE")
+        plan["local_device_ids"] = list(range(gpus)) if n == nodes else [local_rank % gpus]
+    return plan
+
+
 def initialize_distributed(env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """Start the JAX distributed runtime if the environment asks for several processes.
 
@@ -97,5 +132,8 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> tuple[int, i
 
     plan = distributed_plan(os.environ if env is None else env)
     if plan is not None and not jax.distributed.is_initialized():
+        # CPU devices of several processes talk through gloo (the CPU client has no collectives
+        # of its own across processes); GPU and TPU clients ignore the setting
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**plan)
     return jax.process_index(), jax.process_count()

@@ -354,6 +354,40 @@ def test_distributed_plan_errors_name_the_variable(env, field):
         distributed_plan(env)
 
 
+@pytest.mark.parametrize("executor, extra, plan", [
+    ("local", {"SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1",
+               "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+               "JAX_COORDINATOR_PORT": "23456"},
+     {"coordinator_address": "localhost:23456", "num_processes": 2, "process_id": 1}),
+    ("slurm", {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+               "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[3-4]",
+               "SLURM_GPUS_ON_NODE": "8", "JAX_COORDINATOR_PORT": "1234"},
+     {"coordinator_address": "gpu3:1234", "num_processes": 16, "process_id": 9, "local_device_ids": [1]}),
+    ("slurm", {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
+               "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[3-4]",
+               "SLURM_GPUS_ON_NODE": "8", "JAX_COORDINATOR_PORT": "1234"},
+     {"coordinator_address": "gpu3:1234", "num_processes": 2, "process_id": 1, "local_device_ids": list(range(8))}),
+    ("local", {"SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0",
+               "SUBMITIT_LOCAL_LOCALID": "0"}, None),
+])
+def test_distributed_plan_from_a_submitit_task(monkeypatch, executor, extra, plan):
+    """A submitit task (SLURM or the local executor) reads its layout through
+    ``submitit.JobEnvironment``; tasks of one job agree on the coordinator."""
+    import os
+
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
+    for k, v in extra.items():
+        monkeypatch.setenv(k, v)
+    assert distributed_plan(os.environ) == plan
+    if plan is not None:  # without a port every task derives the same one from the job id
+        monkeypatch.delenv("JAX_COORDINATOR_PORT")
+        a = distributed_plan(os.environ)["coordinator_address"]
+        monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID" if executor == "local" else "SLURM_PROCID", "0")
+        assert distributed_plan(os.environ)["coordinator_address"] == a
+
+
 def test_single_process_initialisation_is_a_no_op():
     assert initialize_distributed({}) == (0, 1)
     assert not jax.distributed.is_initialized()

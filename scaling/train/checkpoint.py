@@ -189,9 +189,14 @@ class Checkpointer:
                f"moved to {dest} and falling back to the previous checkpoint")
         warnings.warn(msg, CheckpointWarning, stacklevel=3)
         print(f"warning: {msg}", file=sys.stderr)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(step_dir), str(dest))
-        (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)
+        if jax.process_index() == 0:  # every process found it unreadable; one moves it
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(step_dir), str(dest))
+            (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"scaling-quarantine-{step}")
         self._manager.close()
         self._manager = self._make()  # re-read the step list from disk
 

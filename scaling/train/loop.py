@@ -260,6 +260,8 @@ def _run_leased(cfg: TrainConfig, out: Path, lease: RunLease | None) -> dict:
     except BaseException as err:
         if lease is not None:
             lease.check()  # LeaseLost: the directory is someone else's now, write nothing
+        if jax.process_index() != 0:  # process 0 records the run's state
+            raise
         write_json_atomic(out / "summary.json", {"state": "failed", "error": f"{type(err).__name__}: {err}",
                                                  "config_hash": resolved["config_hash"],
                                                  "schema_version": schema.SCHEMA_VERSION})
@@ -285,6 +287,11 @@ class _Session:
 
         self.cfg, self.out, self.resolved = cfg, out, resolved
         self.lease = lease
+        # one writer per run directory: process 0 writes config, metrics, summary and wandb
+        # (every process takes part in checkpoints, which orbax coordinates)
+        self.writes = jax.process_index() == 0
+        resolved["process_count"] = jax.process_count()
+        resolved["device_count"] = jax.device_count()
         self.t_start = time.perf_counter()
         from scaling.data.batch_schedule import BatchSchedule
 
@@ -419,9 +426,10 @@ class _Session:
         resolved["total_steps"] = total_steps
         self.total_steps = total_steps
         self._check_lease()
-        write_json_atomic(out / "config.json", {**json.loads(cfg.to_json()), "resolved": resolved,
-                                                "schema_version": schema.SCHEMA_VERSION,
-                                                "provenance": schema.provenance(self.corpus)})
+        if self.writes:
+            write_json_atomic(out / "config.json", {**json.loads(cfg.to_json()), "resolved": resolved,
+                                                    "schema_version": schema.SCHEMA_VERSION,
+                                                    "provenance": schema.provenance(self.corpus)})
 
         # restore: own checkpoint, else a branch point of another run, else fresh
         meta = {"step": 0, "best_loss": None, "train_s": 0.0, "total_steps": total_steps}
@@ -446,7 +454,7 @@ class _Session:
                 state, data_state, src_meta = src.restore(at, state)
             src.close()
             self.iterator.set_state(data_state)
-            meta.update(step=at, best_loss=src_meta.get("best_loss"))
+            meta.update(step=at, best_loss=src_meta.get("best_loss"), hardware_flops=src_meta.get("hardware_flops"))
             print(f"{out}: starting from {cfg.init_from}", file=sys.stderr)
         # the run's own length drives the schedule (a branch restores another run's total)
         state["total_steps"] = jnp.asarray(total_steps, jnp.int32)
@@ -454,13 +462,18 @@ class _Session:
         best = meta.get("best_loss")
         best = float(best) if best is not None else math.inf
         train_s = float(meta.get("train_s", 0.0))
+        # hardware FLOPs add up per session: a resumed run may run another kernel or remat policy
+        # (they are not part of the config hash); a checkpoint without the figure: this session's rate
+        hw = meta.get("hardware_flops")
+        self.hw_base = (step, float(hw) if hw is not None else self.schedule.tokens_before(step)
+                        * resolved["hardware_flops_per_token"])
         if step > total_steps:
             raise ConfigError(f"init_from: step {step} is beyond this run's {total_steps} steps; raise the budget")
 
-        self.metrics = MetricsWriter(out / "metrics.jsonl", keep_through_step=step)
-        self.wandb = WandbMirror(cfg.wandb, run_dir=out, run_id=resolved["config_hash"], name=cfg.name,
+        self.metrics = MetricsWriter(out / "metrics.jsonl", keep_through_step=step, read_only=not self.writes)
+        self.wandb = WandbMirror(cfg.wandb if self.writes else "off", run_dir=out, run_id=resolved["config_hash"], name=cfg.name,
                                  config={**cfg.to_dict(), "resolved": resolved})
-        self.progress = ProgressLine(total_steps, enabled=cfg.progress)
+        self.progress = ProgressLine(total_steps, enabled=cfg.progress and self.writes)
         fpt = resolved["train_flops_per_token"]
         tokens_at = self.schedule.tokens_before  # training tokens before a step (the batch may change)
         peak = peak_flops(len(self.mesh.devices.flat))
@@ -560,7 +573,8 @@ class _Session:
             if saving:
                 self._check_lease()
                 meta = {"step": step, "best_loss": best if math.isfinite(best) else None, "train_s": train_s,
-                        "total_steps": total_steps, "config_hash": resolved["config_hash"]}
+                        "total_steps": total_steps, "config_hash": resolved["config_hash"],
+                        "hardware_flops": self._hardware_flops(step)}
                 self.ckpt.save(step, state, self.iterator.get_state(), meta)
             if over_time:
                 break
@@ -633,6 +647,13 @@ class _Session:
             "unique_tokens": self.corpus.get("unique_tokens"),
         }
 
+    def _hardware_flops(self, step: int) -> float:
+        """Hardware FLOPs of steps ``0..step``: earlier sessions' (from the checkpoint) plus this
+        session's at its own kernels' rate."""
+        base_step, base = self.hw_base
+        tokens = self.schedule.tokens_before(step) - self.schedule.tokens_before(base_step)
+        return base + tokens * self.resolved["hardware_flops_per_token"]
+
     def _figures(self, step, last_row, eval_loss, session_tokens, session_s, train_s, peak) -> dict:
         r = self.resolved
         tokens = self.schedule.tokens_before(step)
@@ -646,7 +667,7 @@ class _Session:
             "final_eval_bpb": bits_per_byte(eval_loss, self.eval.bytes_per_token),
             "final_train_bpb": bits_per_byte(last_row.get("loss"), self.corpus.get("train_bytes_per_token")),
             "tokens_per_s": tok_s, "mfu": tok_s * r["train_flops_per_token"] / peak,
-            "hardware_flops": tokens * r["hardware_flops_per_token"],
+            "hardware_flops": self._hardware_flops(step),
             "hfu": tok_s * r["hardware_flops_per_token"] / peak,
             "wall_s": train_s, "total_s": time.perf_counter() - self.t_start,
             "epochs": tokens / n_train if n_train else None,
@@ -659,6 +680,8 @@ class _Session:
     def finish(self, state: str, error: str | None = None) -> dict:
         self._check_lease()
         self.summary.update(state=state, error=error, schema_version=schema.SCHEMA_VERSION)
+        if not self.writes:  # every process returns the summary; process 0 records it
+            return self.summary
         try:
             write_json_atomic(self.out / "summary.json", self.summary)
         except OSError as err:

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from scaling.files import JsonlAppender, write_json_atomic
+from scaling.files import JsonlAppender, read_jsonl, write_json_atomic
 from scaling.train.cache import cache_root
 
 # dense bf16 FLOP/s per chip, vendor figures
@@ -105,21 +105,29 @@ def peak_flops(n_devices: int | None = None) -> float:
 class MetricsWriter:
     """Appends rows to ``metrics.jsonl``. On open (a resume), every valid row with
     ``step <= keep_through_step`` is kept, rows beyond it are dropped (they will be logged
-    again), and unreadable lines are skipped, counted and moved to ``metrics.jsonl.bad``."""
+    again), and unreadable lines are skipped, counted and moved to ``metrics.jsonl.bad``.
+    ``read_only`` (the other processes of a multi-host run): the same ``kept`` rows, read and
+    never written; ``write`` does nothing."""
 
-    def __init__(self, path: str | Path, *, keep_through_step: int):
+    def __init__(self, path: str | Path, *, keep_through_step: int, read_only: bool = False):
         def keep(row: dict) -> bool:
             step = row.get("step", 0)
             return not isinstance(step, (int, float)) or step <= keep_through_step
 
-        self._out, self.kept = JsonlAppender.resume(path, keep=keep)
-        self.path = self._out.path
+        self.path = Path(path)
+        if read_only:
+            self._out = None
+            self.kept = [r for r in read_jsonl(self.path) if keep(r)]
+        else:
+            self._out, self.kept = JsonlAppender.resume(path, keep=keep)
 
     def write(self, row: dict) -> None:
-        self._out.write(row)
+        if self._out is not None:
+            self._out.write(row)
 
     def close(self) -> None:
-        self._out.close()
+        if self._out is not None:
+            self._out.close()
 
 
 class WandbMirror:

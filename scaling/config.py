@@ -497,6 +497,9 @@ class TrainConfig:
     progress: bool = True  # console progress bar
     # WSD branching (sweeps): resume from this checkpoint directory/step, then cool down.
     init_from: Optional[str] = None
+    # where checkpoints go (default OUT/ckpt): a local directory or a URL orbax writes natively
+    # (gs://). Unhashed: moving checkpoints does not change the run.
+    checkpoint_dir: Optional[str] = None
 
     def __post_init__(self):
         for name in ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep"):

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from scaling import storage
+
 
 def jsonable(x: Any) -> Any:
     """``x`` with numpy scalars as Python numbers, tuples/sets as lists and non-finite floats
@@ -57,7 +59,11 @@ def dumps_line(row: dict) -> str:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically (temp file + fsync + rename); the temp file is
-    removed on any failure. Permissions follow the umask, like any file ``open`` creates."""
+    removed on any failure. Permissions follow the umask, like any file ``open`` creates. On an
+    object store (``scaling.storage``) the object is put whole, which stores make atomic."""
+    if storage.is_url(path):
+        storage.path(path).write_bytes(data)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
@@ -103,7 +109,7 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> 
 def read_json(path: str | Path) -> Any | None:
     """The parsed JSON file, or ``None`` when it is missing or unreadable."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(storage.path(path).read_text())
     except (OSError, ValueError):
         return None
 
@@ -127,11 +133,16 @@ def read_jsonl(path: str | Path) -> Rows:
     """Every line of ``path`` that is a JSON object, in file order; other non-blank lines are
     skipped and counted in ``.bad``. A missing file is empty."""
     rows, bad, bad_lines = [], [], []
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return Rows()
+    if storage.is_url(path):
+        data = _read_chunked(storage.path(path))
+        if data is None:
+            return Rows()
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return Rows()
     for i, raw in enumerate(data.split(b"\n"), start=1):
         line = raw.strip()
         if not line:
@@ -146,6 +157,24 @@ def read_jsonl(path: str | Path) -> Rows:
             bad.append(i)
             bad_lines.append(raw.decode("utf-8", "replace"))
     return Rows(rows, bad, bad_lines)
+
+
+def chunk_dir(path) -> "storage.StorePath":
+    """Where the numbered chunk objects of a JSONL file on an object store live."""
+    return path.with_name(path.name + ".chunks")
+
+
+def _read_chunked(path) -> bytes | None:
+    """A JSONL file on an object store: the base object then its chunks in order (None: none)."""
+    parts = []
+    if path.exists():
+        parts.append(path.read_bytes())
+    chunks = chunk_dir(path)
+    for c in sorted(chunks.iterdir(), key=lambda c: c.name):
+        parts.append(c.read_bytes())
+    if not parts:
+        return None
+    return b"\n".join(p.rstrip(b"\n") for p in parts if p.strip()) + b"\n"
 
 
 def _ends_without_newline(fd: int) -> bool:
@@ -181,34 +210,59 @@ class JsonlAppender:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = storage.path(path)
+        if isinstance(self.path, storage.StorePath):  # objects cannot be appended to: numbered chunks
+            self._f = None
+            names = [c.name for c in chunk_dir(self.path).iterdir()]
+            self._next_chunk = 1 + max((int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()), default=0)
+            return
         self._f = open(self.path, "a+")
         if self._f.tell() and _ends_without_newline(self._f.fileno()):
             self._f.write("\n")
 
     @classmethod
     def resume(cls, path: str | Path, keep) -> tuple["JsonlAppender", Rows]:
-        path = Path(path)
+        path = storage.path(path)
         rows = read_jsonl(path)
         kept, rolled_back = Rows([], rows.bad, rows.bad_lines), []
         for r in rows:
             (kept if keep(r) else rolled_back).append(r)
         if rolled_back:  # logged after the checkpoint the run resumes from: kept aside, not lost
-            with open(path.with_name(path.name + ".rolled_back"), "a") as f:
-                f.write("".join(dumps_line(r) for r in rolled_back))
+            _append_text(path.with_name(path.name + ".rolled_back"), "".join(dumps_line(r) for r in rolled_back))
         if rows.bad:
-            with open(path.with_name(path.name + ".bad"), "a") as f:
-                f.write("".join(line + "\n" for line in rows.bad_lines))
+            _append_text(path.with_name(path.name + ".bad"), "".join(line + "\n" for line in rows.bad_lines))
             where = ", ".join(map(str, rows.bad[:5])) + (" ..." if len(rows.bad) > 5 else "")
             print(f"{path}: skipped {len(rows.bad)} unreadable line(s) (line {where}); kept every valid row, "
                   f"the bad lines are in {path.name}.bad", file=sys.stderr)
-        if path.exists() or kept:
+        if isinstance(path, storage.StorePath):  # the kept rows become the base object, chunks go
+            if path.exists() or kept:
+                write_jsonl_atomic(path, kept)
+            for c in chunk_dir(path).iterdir():
+                c.unlink(missing_ok=True)
+        elif path.exists() or kept:
             write_jsonl_atomic(path, kept)
         return cls(path), kept
 
     def write(self, row: dict) -> None:
+        """Append one row: a line of the local file, or one chunk object on a store (the
+        trainer logs a row every ``log_every`` steps, so chunks stay few per run)."""
+        if self._f is None:
+            chunk_dir(self.path).__truediv__(f"{self._next_chunk:06d}.jsonl").write_bytes(dumps_line(row).encode())
+            self._next_chunk += 1
+            return
         self._f.write(dumps_line(row))
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+
+
+def _append_text(path, text: str) -> None:
+    """Append to a local file, or rewrite the object with the text added (a store)."""
+    if isinstance(path, storage.StorePath):
+        old = path.read_bytes() if path.exists() else b""
+        path.write_bytes(old + text.encode())
+        return
+    with open(path, "a") as f:
+        f.write(text)

@@ -43,7 +43,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from scaling import lease, schema
+from scaling import lease, schema, storage
 from scaling.errors import SchemaError, UsageError
 from scaling.files import read_json, read_jsonl
 
@@ -67,11 +67,11 @@ def trial_state(trial_dir: str | Path) -> tuple[str, str | None]:
     ``summary.json`` says so (final), ``running`` while a live process holds its lease,
     ``failed`` when the last attempt raised (the error is kept), else ``pending`` (never
     started, or interrupted: its checkpoints resume it). Reads files only."""
-    d = Path(trial_dir)
+    d = storage.path(trial_dir)
     summary = read_json(d / "summary.json") or {}
     if summary.get("state") in FINAL:
         return summary["state"], summary.get("error")
-    if lease.is_running(d):
+    if isinstance(d, Path) and lease.is_running(d):  # runs on object stores hold no lease
         return "running", None
     status = read_json(d / "status.json") or {}
     if status.get("state") == "failed" or summary.get("state") == "failed":
@@ -158,7 +158,7 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
     ``state == "done"``. Raises ``SchemaError`` when trials of different schema versions meet,
     unless ``allow_mixed``, or trials of different corpora (``text_sha256``), unless
     ``allow_mixed_corpus``."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_dir():
         raise UsageError(f"{path}: no such sweep directory")
     rows = []
@@ -234,7 +234,7 @@ def load_steps(path: str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
     schema_version``. A step logged twice (a resumed run repeating steps after its last
     checkpoint) appears once: the last write wins. Unreadable lines are skipped
     (``scaling.files.read_jsonl``)."""
-    path = Path(path)
+    path = storage.path(path)
     frames = []
     for d, desc in _trial_dirs(path):
         rows = read_jsonl(d / "metrics.jsonl")

@@ -49,7 +49,7 @@ LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): 
                ("model", "scan_layers"): False}
 # Settings that change how fast a run goes, never what it computes: left out of trial ids and of
 # the same-config check on resume, so a run can resume with a different value.
-UNHASHED_FIELDS = {("data", "worker_count"), ("model", "remat"), ("model", "attention")}
+UNHASHED_FIELDS = {("data", "worker_count"), ("model", "remat"), ("model", "attention"), (None, "checkpoint_dir")}
 
 
 def without_unhashed(config: dict) -> dict:
@@ -57,7 +57,9 @@ def without_unhashed(config: dict) -> dict:
     ``UNHASHED_FIELDS``."""
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     for section, name in UNHASHED_FIELDS:
-        if isinstance(d.get(section), dict):
+        if section is None:  # a top-level field
+            d.pop(name, None)
+        elif isinstance(d.get(section), dict):
             d[section].pop(name, None)
     return d
 

@@ -135,3 +135,49 @@ def test_a_two_task_trial_through_submitits_local_executor(tmp_path, one_process
     assert [r["step"] for r in rows] == list(range(1, 11))
     for a, b in zip(rows, one_process):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_a_run_directory_on_an_object_store_writes_resumes_and_loads(tmp_path):
+    """``--out memory://...`` (fsspec's memory filesystem standing in for gs://): config and
+    summary are whole objects, metrics are numbered chunk objects (stores cannot append), the
+    checkpoints go to ``checkpoint_dir`` (orbax writes gs:// natively, not memory://); a killed
+    run resumes from its checkpoint and ``runs.load`` / ``load_steps`` read it back."""
+    import fsspec
+
+    from scaling import runs, storage
+    from scaling.config import ConfigError
+
+    out = f"memory://scaling-tests/{tmp_path.name}/run"
+    ckpt = tmp_path / "ckpt"
+    cfg = experiments.get("dense").with_overrides([*[t for t in TINY if not t.startswith("mesh.")],
+                                                   f"checkpoint_dir={ckpt}"])
+    with pytest.raises(ConfigError, match="out: orbax writes checkpoints to local paths and gs://, not memory://"):
+        loop.run(experiments.get("dense").with_overrides(TINY[:-1]), out + "-no-ckpt")
+
+    s = loop.run(cfg, out)
+    assert s["state"] == "done"
+    ref = tmp_path / "local"
+    with pytest.raises(ConfigError, match="checkpoint_dir: .* holds the checkpoints of run memory://"):
+        loop.run(cfg, ref)  # a second run directory may not share the first one's checkpoints
+    loop.run(cfg.with_overrides([f"checkpoint_dir={tmp_path / 'ref_ckpt'}"]), ref)  # the same run, locally
+    ref_rows = read_jsonl(ref / "metrics.jsonl")
+    fs = fsspec.filesystem("memory")
+    chunks = fs.ls(f"/scaling-tests/{tmp_path.name}/run/metrics.jsonl.chunks", detail=False)
+    assert len(chunks) == 10 and not fs.exists(f"/scaling-tests/{tmp_path.name}/run/lock.guard")
+    assert comparable(read_jsonl(out + "/metrics.jsonl")) == comparable(ref_rows)
+
+    # as if the process died after logging step 10, before its last checkpoint and summary
+    storage.path(out + "/summary.json").unlink()
+    import shutil
+
+    shutil.rmtree(ckpt / "10")
+    (tmp_path / "ckpt_checksums" / "10.json").unlink()
+    s = loop.run(cfg, out)
+    assert s["state"] == "done" and s["steps"] == 10
+    assert comparable(read_jsonl(out + "/metrics.jsonl")) == comparable(ref_rows)  # steps 6-10 again, once
+    assert [r["step"] for r in read_jsonl(out + "/metrics.jsonl.rolled_back")] == [6, 7, 8, 9, 10]
+
+    table = runs.load(out)
+    assert len(table) == 1 and table["loss"].iloc[0] == s["final_eval_loss"] and table["state"].iloc[0] == "done"
+    steps = runs.load_steps(out)
+    assert steps["step"].tolist() == list(range(1, 11))

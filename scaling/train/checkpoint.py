@@ -29,12 +29,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from scaling import faults
+from scaling import faults, storage
 from scaling.errors import CheckpointCorrupt, CheckpointWarning
 from scaling.files import read_json, write_json_atomic
 
 ITEMS = ("state", "data", "meta")
-CHECKSUMS = "ckpt_checksums"
 
 
 def _crc32(path: Path) -> int:
@@ -55,7 +54,15 @@ class Checkpointer:
     """Thin wrapper around ``ocp.CheckpointManager`` for one run directory's ``ckpt/``."""
 
     def __init__(self, directory: str | Path, *, keep: int = 2, keep_steps: tuple[int, ...] = (), read_only: bool = False):
-        self.directory = Path(directory).absolute()
+        # a URL (gs://) goes to orbax as is: it writes object stores natively (tensorstore);
+        # the CRC manifests and quarantine below are for local files (stores checksum objects)
+        self.remote = storage.is_url(str(directory))
+        if self.remote:
+            from etils import epath
+
+            self.directory = epath.Path(str(directory))
+        else:
+            self.directory = Path(directory).absolute()
         self.keep = keep
         self.keep_steps = tuple(keep_steps)
         self.read_only = read_only
@@ -82,11 +89,15 @@ class Checkpointer:
 
     @property
     def checksum_dir(self) -> Path:
-        return self.directory.parent / CHECKSUMS
+        """``<dir>_checksums`` next to the checkpoint directory (``ckpt_checksums`` for ``ckpt``),
+        so two checkpoint directories in one parent never share manifests."""
+        return self.directory.with_name(self.directory.name + "_checksums")
 
     def verify(self, step: int) -> None:
         """Raise ``CheckpointCorrupt`` naming the first file of ``step`` that differs from its
         manifest (a step without a manifest, saved by an older version, passes)."""
+        if self.remote:
+            return
         recorded = read_json(self.checksum_dir / f"{step}.json")
         if not isinstance(recorded, dict):
             return
@@ -110,6 +121,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Save all three items at ``step`` (blocking), then record its checksums. A failed save
         (e.g. a full disk) leaves no orbax temporary directory behind."""
+        if self.remote:
+            self._save(step, state, data_state, meta)
+            return
         (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)  # never judge new files by old sums
         try:
             self._save(step, state, data_state, meta)
@@ -130,7 +144,7 @@ class Checkpointer:
         )
         self._manager.wait_until_finished()
         faults.point("checkpoint_save", step)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and not self.remote:
             self._record(step)
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict, dict]:
@@ -167,7 +181,7 @@ class Checkpointer:
                     state, data_state, meta = self.restore(step, target)
                     return step, state, data_state, meta
                 except Exception as err:  # orbax raises many kinds for truncated/corrupt files
-                    if self.read_only:
+                    if self.read_only or self.remote:
                         raise
                     if not isinstance(err, CheckpointCorrupt) and (self.checksum_dir / f"{step}.json").exists():
                         # the files match their checksums: not corruption (out of memory, a
@@ -179,7 +193,7 @@ class Checkpointer:
 
     def _quarantine(self, step: int, err: Exception) -> None:
         step_dir = self.directory / str(step)
-        dest = self.directory.parent / "ckpt_corrupt" / str(step)
+        dest = self.directory.with_name(self.directory.name + "_corrupt") / str(step)
         n = 1
         while dest.exists():  # never overwrite an earlier quarantined copy
             dest = dest.with_name(f"{step}.{n}")

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scaling import faults, schema
+from scaling import faults, schema, storage
 from scaling.config import ConfigError, TrainConfig, config_hash
 from scaling.data.tokenize import bits_per_byte
 from scaling.errors import LeaseLost
@@ -64,12 +65,12 @@ WALL_FIELDS = ("wall_s", "tokens_per_s", "mfu", "hfu", "step_time_s")  # differ 
 def load_config(run_dir: str | Path) -> TrainConfig:
     """The ``TrainConfig`` stored in ``run_dir/config.json`` (without the recorded facts:
     ``resolved``, ``schema_version``, ``provenance``)."""
-    d = json.loads((Path(run_dir) / "config.json").read_text())
+    d = json.loads((storage.path(run_dir) / "config.json").read_text())
     return TrainConfig.from_dict(schema.config_fields(d))
 
 
 def read_summary(run_dir: str | Path) -> dict | None:
-    s = read_json(Path(run_dir) / "summary.json")
+    s = read_json(storage.path(run_dir) / "summary.json")
     return s if isinstance(s, dict) else None
 
 
@@ -86,8 +87,38 @@ def run_hash(cfg: TrainConfig) -> str:
     return config_hash(dataclasses.replace(cfg, wandb="off", progress=True))
 
 
+def checkpoint_location(cfg: TrainConfig, out) -> str | Path:
+    """Where a run's checkpoints go: ``cfg.checkpoint_dir``, else ``OUT/ckpt``. A URL must be one
+    orbax writes (``gs://``); a run directory on another store names ``checkpoint_dir``."""
+    where = cfg.checkpoint_dir or (str(out / "ckpt") if isinstance(out, storage.StorePath) else out / "ckpt")
+    if storage.is_url(str(where)) and not str(where).startswith(ORBAX_SCHEMES):
+        field = "checkpoint_dir" if cfg.checkpoint_dir else "out"
+        raise ConfigError(f"{field}: orbax writes checkpoints to local paths and {', '.join(ORBAX_SCHEMES)}, not "
+                          f"{str(where).split('://')[0]}://; set checkpoint_dir to a local directory or a gs:// URL")
+    return where
+
+
+ORBAX_SCHEMES = ("gs://",)  # what orbax/tensorstore write natively
+CHECKPOINT_OWNER = "scaling_run.json"  # in a checkpoint_dir: the run directory it belongs to
+
+
+def _claim_checkpoint_dir(cfg: TrainConfig, out) -> None:
+    """An explicit ``checkpoint_dir`` records its run directory on first use; another run
+    directory pointed at it is refused (it would resume that run's checkpoints)."""
+    where = checkpoint_location(cfg, out)
+    if not cfg.checkpoint_dir or jax.process_index() != 0:
+        return
+    owner = storage.path(str(where)) / CHECKPOINT_OWNER
+    recorded = (read_json(owner) or {}).get("run_dir")
+    if recorded is None:
+        write_json_atomic(owner, {"run_dir": str(out)})
+    elif recorded != str(out):
+        raise ConfigError(f"checkpoint_dir: {where} holds the checkpoints of run {recorded}; give each run its own "
+                          "checkpoint_dir")
+
+
 def parse_init_from(text: str) -> tuple[Path, int]:
-    """``"RUN_DIR@STEP"`` -> ``(RUN_DIR/ckpt, STEP)``."""
+    """``"RUN_DIR@STEP"`` -> ``(the run's checkpoint directory, STEP)``."""
     if "@" not in text:
         raise ConfigError(f"init_from: expected RUN_DIR@STEP, got {text!r}")
     d, s = text.rsplit("@", 1)
@@ -95,7 +126,8 @@ def parse_init_from(text: str) -> tuple[Path, int]:
         step = int(s)
     except ValueError:
         raise ConfigError(f"init_from: STEP must be an integer in RUN_DIR@STEP, got {s!r}") from None
-    ckpt = Path(d) / "ckpt"
+    recorded = (read_json(storage.path(d) / "config.json") or {}).get("checkpoint_dir")
+    ckpt = Path(recorded) if recorded else Path(d) / "ckpt"
     if not (ckpt / str(step)).is_dir():
         raise ConfigError(f"init_from: no checkpoint at step {step} in {ckpt}; save one with checkpoint_at={step} in that run")
     return ckpt, step
@@ -146,7 +178,7 @@ def _check_vocab(cfg: TrainConfig, info: dict) -> None:
 def _recorded_corpus(run_dir: Path) -> dict:
     """The ``corpus_info`` a run recorded in its config.json ({} when there is none to read)."""
     try:
-        return json.loads((Path(run_dir) / "config.json").read_text()).get("resolved", {}).get("corpus") or {}
+        return json.loads((storage.path(run_dir) / "config.json").read_text()).get("resolved", {}).get("corpus") or {}
     except (OSError, ValueError, AttributeError):
         return {}
 
@@ -230,7 +262,7 @@ def run(cfg: TrainConfig, out_dir: str | Path) -> dict:
     anything. Raises ``ConfigError`` for bad input before training; for any other error writes
     state ``failed`` (with the error) to summary.json and re-raises.
     """
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     enable_compilation_cache()
     _check_writable(out)
     prev = read_summary(out)
@@ -242,13 +274,19 @@ def run(cfg: TrainConfig, out_dir: str | Path) -> dict:
     from scaling import sharding
 
     process_index, _ = sharding.initialize_distributed()  # no-op for one process; before any jax work
-    lease = RunLease(out, join=True) if process_index == 0 else contextlib.nullcontext()
+    if process_index == 0 and isinstance(out, storage.StorePath):
+        # a lease needs an atomic lock the store may not offer: one trainer per directory is on you
+        print(f"{out}: on an object store the run directory has no lease; start one trainer for it",
+              file=sys.stderr)
+    local = not isinstance(out, storage.StorePath)
+    lease = RunLease(out, join=True) if process_index == 0 and local else contextlib.nullcontext()
     with lease as held:
         return _run_leased(cfg, out, held)
 
 
 def _run_leased(cfg: TrainConfig, out: Path, lease: RunLease | None) -> dict:
     _check_same_config(cfg, out)
+    _claim_checkpoint_dir(cfg, out)  # a store orbax cannot write, another run's: ConfigError first
     prev = read_summary(out)  # another trainer may have finished it while we waited for the lease
     if prev and prev.get("state") in ("done", "diverged"):
         return prev
@@ -332,7 +370,7 @@ class _Session:
         self.params0, self.rest0 = params, rest
         # per-tensor init std and LR multiplier, the forward multipliers (SP or μP)
         resolved["parametrization"] = mup.describe(cfg.model, params)
-        self.ckpt = Checkpointer(out / "ckpt", keep=cfg.checkpoint_keep, keep_steps=cfg.checkpoint_at)
+        self.ckpt = Checkpointer(checkpoint_location(cfg, out), keep=cfg.checkpoint_keep, keep_steps=cfg.checkpoint_at)
         self.metrics = None
         self.wandb = None
         self.progress = None
@@ -441,7 +479,8 @@ class _Session:
         elif cfg.init_from:
             ckpt_dir, at = parse_init_from(cfg.init_from)
             src = Checkpointer(ckpt_dir, read_only=True)
-            src_scan = bool(((read_json(ckpt_dir.parent / "config.json") or {}).get("model") or {}).get("scan_layers"))
+            src_run = storage.path(cfg.init_from.rsplit("@", 1)[0])
+            src_scan = bool(((read_json(src_run / "config.json") or {}).get("model") or {}).get("scan_layers"))
             if src_scan != cfg.model.scan_layers:  # the other block layout: restore as written, then convert
                 from scaling.models import layout
 
@@ -471,7 +510,8 @@ class _Session:
             raise ConfigError(f"init_from: step {step} is beyond this run's {total_steps} steps; raise the budget")
 
         self.metrics = MetricsWriter(out / "metrics.jsonl", keep_through_step=step, read_only=not self.writes)
-        self.wandb = WandbMirror(cfg.wandb if self.writes else "off", run_dir=out, run_id=resolved["config_hash"], name=cfg.name,
+        wandb_dir = out if isinstance(out, Path) else Path(tempfile.gettempdir()) / "scaling-wandb" / resolved["config_hash"]
+        self.wandb = WandbMirror(cfg.wandb if self.writes else "off", run_dir=wandb_dir, run_id=resolved["config_hash"], name=cfg.name,
                                  config={**cfg.to_dict(), "resolved": resolved})
         self.progress = ProgressLine(total_steps, enabled=cfg.progress and self.writes)
         fpt = resolved["train_flops_per_token"]

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from scaling import storage
 from scaling.files import JsonlAppender, read_jsonl, write_json_atomic
 from scaling.train.cache import cache_root
 
@@ -114,7 +115,7 @@ class MetricsWriter:
             step = row.get("step", 0)
             return not isinstance(step, (int, float)) or step <= keep_through_step
 
-        self.path = Path(path)
+        self.path = storage.path(path)
         if read_only:
             self._out = None
             self.kept = [r for r in read_jsonl(self.path) if keep(r)]

@@ -498,7 +498,8 @@ class TrainConfig:
     # WSD branching (sweeps): resume from this checkpoint directory/step, then cool down.
     init_from: Optional[str] = None
     # where checkpoints go (default OUT/ckpt): a local directory or a URL orbax writes natively
-    # (gs://). Unhashed: moving checkpoints does not change the run.
+    # (gs://). Unhashed (it does not change what the run computes); a resume must name the
+    # location the run recorded.
     checkpoint_dir: Optional[str] = None
 
     def __post_init__(self):

@@ -170,7 +170,7 @@ def _read_chunked(path) -> bytes | None:
     if path.exists():
         parts.append(path.read_bytes())
     chunks = chunk_dir(path)
-    for c in sorted(chunks.iterdir(), key=lambda c: c.name):
+    for c in sorted(chunks.iterdir(), key=lambda c: int(c.name.split(".")[0]) if c.name.split(".")[0].isdigit() else -1):
         parts.append(c.read_bytes())
     if not parts:
         return None

@@ -83,13 +83,21 @@ class StorePath:
         return StorePath(f"{scheme}://{head}") if head else self
 
     def with_name(self, name: str) -> "StorePath":
+        if self.parent == self:
+            raise ValueError(f"{self.url} has no name to replace (a bucket root)")
         return self.parent / name
 
     # queries
+    def _fresh(self) -> None:
+        # gcsfs/s3fs cache listings without expiry: a reader polling a live run must see new objects
+        self.fs.invalidate_cache(self._key)
+
     def exists(self) -> bool:
+        self._fresh()
         return self.fs.exists(self._key)
 
     def is_dir(self) -> bool:
+        self._fresh()
         return self.fs.isdir(self._key)
 
     def is_file(self) -> bool:
@@ -128,8 +136,5 @@ class StorePath:
                 raise
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
-        """Object stores have no directories: a no-op (kept for the ``pathlib`` interface)."""
-        try:
-            self.fs.makedirs(self._key, exist_ok=True)
-        except (OSError, NotImplementedError):
-            pass
+        """Object stores have no directories: a no-op (kept for the ``pathlib`` interface; some
+        stores' ``makedirs`` would create a bucket from a mistyped URL)."""

@@ -77,7 +77,9 @@ def one_process(tmp_path_factory):
     """The same run in this process on its 8 CPU devices."""
     d = tmp_path_factory.mktemp("one") / "run"
     loop.run(tiny(), d)
-    return read_jsonl(d / "metrics.jsonl")
+    rows = read_jsonl(d / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    return rows
 
 
 def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path, one_process):
@@ -102,8 +104,7 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path, one_pro
     assert procs[1].wait(timeout=240) == -signal.SIGKILL
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait(timeout=60)
-    summary = killed / "summary.json"
-    assert not summary.exists() or json.loads(summary.read_text()).get("state") != "done"
+    assert max(r["step"] for r in read_jsonl(killed / "metrics.jsonl")) <= 7
     assert wait_all(launch(cfg_file, killed), killed) == [0, 0]
     assert comparable(read_jsonl(killed / "metrics.jsonl")) == comparable(rows)  # bitwise
     logs = (tmp_path / "killed.p0.log").read_text()
@@ -172,10 +173,19 @@ def test_a_run_directory_on_an_object_store_writes_resumes_and_loads(tmp_path):
 
     shutil.rmtree(ckpt / "10")
     (tmp_path / "ckpt_checksums" / "10.json").unlink()
+    with pytest.raises(ConfigError, match="checkpoint_dir: this run's checkpoints are in"):
+        loop.run(cfg.with_overrides([f"checkpoint_dir={tmp_path / 'elsewhere'}"]), out)  # not a restart from 0
     s = loop.run(cfg, out)
     assert s["state"] == "done" and s["steps"] == 10
     assert comparable(read_jsonl(out + "/metrics.jsonl")) == comparable(ref_rows)  # steps 6-10 again, once
     assert [r["step"] for r in read_jsonl(out + "/metrics.jsonl.rolled_back")] == [6, 7, 8, 9, 10]
+
+    # scaling eval finds the checkpoints where the run recorded them
+    from scaling.config import config_hash
+    from scaling.train.eval_cli import score
+
+    assert config_hash(cfg) == config_hash(cfg.with_overrides([f"checkpoint_dir={tmp_path / 'elsewhere'}"]))
+    assert score(out)["final_eval_loss"] == pytest.approx(s["final_eval_loss"], rel=1e-6)
 
     table = runs.load(out)
     assert len(table) == 1 and table["loss"].iloc[0] == s["final_eval_loss"] and table["state"].iloc[0] == "done"

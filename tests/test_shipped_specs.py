@@ -17,13 +17,20 @@ SHIPPED = ["batch_size", "isoflop_cpu", "lr_grid", "lr_power_law", "mod_vs_dense
 
 
 def kinds(trials):
-    """The smallest trial of each kind, mains before branches."""
+    """The smallest trial of each kind, mains before branches; a chosen branch brings its own
+    main run (the checkpoint it starts from has its shapes)."""
     out = {}
     for t in sorted(trials, key=lambda t: (t.role == "branch", t.planned_flops or 0.0)):
         m = t.config.model
         key = (t.role, t.describe().get("variant"), t.config.experiment, t.config.data.batch_size, repr(m.moe), repr(m.mod))
         out.setdefault(key, t)
-    return list(out.values())
+    chosen = list(out.values())
+    by_id = {t.id: t for t in trials}
+    mains = [t for t in chosen if t.role != "branch"]
+    for b in chosen:
+        if b.role == "branch" and b.main in by_id and by_id[b.main] not in mains:
+            mains.append(by_id[b.main])
+    return mains + [t for t in chosen if t.role == "branch"]
 
 
 @pytest.mark.slow
@@ -42,13 +49,12 @@ def test_every_trial_kind_of_every_shipped_spec_trains(name, tmp_path):
         cfg = cfg.with_overrides({"budget.steps": 2, "mesh.data": rows, "mesh.tensor": 8 // rows,
                                   "data.eval_tokens": 32 * cfg.data.seq_len})  # one held-out chunk
         if t.role == "branch":
-            main_dir = mains.get(t.config.model.d_model) or next(iter(mains.values()))
-            cfg = dataclasses.replace(cfg, init_from=f"{main_dir}@1")
+            cfg = dataclasses.replace(cfg, init_from=f"{mains[t.main]}@1")  # its own main run
         out = tmp_path / f"{i}"
         summary = loop.run(cfg, out)
         assert summary["state"] == "done" and summary["steps"] == 2, (name, t.describe(), summary.get("error"))
         assert summary["final_eval_loss"] == summary["final_eval_loss"]  # finite
         if t.role != "branch":
-            mains[t.config.model.d_model] = out
+            mains[t.id] = out
         ev = json.loads((out / "config.json").read_text())["resolved"]["eval_set"]
         assert ev["n_tokens"] == summary["eval_tokens"] > 0

@@ -66,7 +66,9 @@ def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False,
         allow_mixed_schema = allow_mixed_schema or src.allow_mixed_schema
         allow_mixed_corpus = allow_mixed_corpus or src.allow_mixed_corpus
         src = src.path
-    path = Path(src)
+    from scaling import storage  # fsspec paths for URLs (gs://, memory://), pathlib otherwise
+
+    path = storage.path(src)
     if not path.exists():
         raise UsageError(f"input: {path} does not exist (give a CSV/JSONL table or a sweep directory)")
     if path.is_dir():
@@ -75,6 +77,8 @@ def read_table(src, *, steps: bool = False, allow_mixed_schema: bool = False,
         if steps:
             return runs.load_steps(path, allow_mixed=allow_mixed_schema)
         return runs.load(path, allow_mixed=allow_mixed_schema, allow_mixed_corpus=allow_mixed_corpus)
+    if isinstance(path, storage.StorePath):
+        raise UsageError(f"input: {path}: on an object store give a run or sweep directory (tables: download them)")
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":

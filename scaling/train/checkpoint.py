@@ -124,12 +124,15 @@ class Checkpointer:
         if self.remote:
             self._save(step, state, data_state, meta)
             return
-        (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)  # never judge new files by old sums
+        first = jax.process_index() == 0
+        if first:
+            (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)  # never judge new files by old sums
         try:
             self._save(step, state, data_state, meta)
         except BaseException:
-            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            if first:  # the temp directory is shared: one process clears it
+                for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def _save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:

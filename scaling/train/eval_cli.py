@@ -39,7 +39,9 @@ def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] =
     from scaling.files import write_json_atomic
 
     out = score(run_dir, tokens=tokens, data=data)
-    write_json_atomic(Path(run_dir) / RESCORED, out)
+    from scaling import storage
+
+    write_json_atomic(storage.path(run_dir) / RESCORED, out)
     return out
 
 
@@ -68,7 +70,9 @@ def score(run_dir: str | Path, *, tokens: int | None = None, data: list[str] = (
     from scaling.data.corpus import corpus_info
     from scaling.train.loop import check_tokenizer
 
-    check_tokenizer(Path(run_dir), corpus_info(data_cfg).get("tokenizer_sha256"))  # its own tokens, or refuse
+    from scaling import storage
+
+    check_tokenizer(storage.path(run_dir), corpus_info(data_cfg).get("tokenizer_sha256"))  # its own tokens, or refuse
     ev = loader.eval_set(data_cfg)
     graphdef, params, rest = step_lib.split_model(model)
     causal_mod = cfg.model.mod is not None and cfg.model.mod.causal_aux != "none"

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ from flax import nnx
 from scaling import faults, schema, storage
 from scaling.config import ConfigError, TrainConfig, config_hash
 from scaling.data.tokenize import bits_per_byte
-from scaling.errors import LeaseLost
+from scaling.errors import LeaseLost, RunDirBusy
 from scaling.files import read_json, write_json_atomic
 from scaling.lease import RunLease
 from scaling.progress import ProgressLine, train_text
@@ -87,10 +88,18 @@ def run_hash(cfg: TrainConfig) -> str:
     return config_hash(dataclasses.replace(cfg, wandb="off", progress=True))
 
 
-def checkpoint_location(cfg: TrainConfig, out) -> str | Path:
-    """Where a run's checkpoints go: ``cfg.checkpoint_dir``, else ``OUT/ckpt``. A URL must be one
-    orbax writes (``gs://``); a run directory on another store names ``checkpoint_dir``."""
-    where = cfg.checkpoint_dir or (str(out / "ckpt") if isinstance(out, storage.StorePath) else out / "ckpt")
+def checkpoint_location(cfg: TrainConfig, out, recorded: dict | None = None) -> str | Path:
+    """Where a run's checkpoints go: ``cfg.checkpoint_dir`` (a relative one made absolute), else
+    ``OUT/ckpt``; ``recorded`` (a ``config.json``) gives the location the run recorded, which
+    wins. A URL must be one orbax writes (``gs://``); a run directory on another store names
+    ``checkpoint_dir``."""
+    kept = ((recorded or {}).get("resolved") or {}).get("checkpoint_location")
+    if kept:
+        return kept if storage.is_url(kept) else Path(kept)
+    if cfg.checkpoint_dir:
+        where = cfg.checkpoint_dir if storage.is_url(cfg.checkpoint_dir) else storage.path(cfg.checkpoint_dir).absolute()
+    else:
+        where = str(out / "ckpt") if isinstance(out, storage.StorePath) else Path(out).absolute() / "ckpt"
     if storage.is_url(str(where)) and not str(where).startswith(ORBAX_SCHEMES):
         field = "checkpoint_dir" if cfg.checkpoint_dir else "out"
         raise ConfigError(f"{field}: orbax writes checkpoints to local paths and {', '.join(ORBAX_SCHEMES)}, not "
@@ -102,17 +111,35 @@ ORBAX_SCHEMES = ("gs://",)  # what orbax/tensorstore write natively
 CHECKPOINT_OWNER = "scaling_run.json"  # in a checkpoint_dir: the run directory it belongs to
 
 
+def _has_steps(where) -> bool:
+    p = storage.path(str(where))
+    return p.exists() and any(c.name.isdigit() for c in p.iterdir())
+
+
 def _claim_checkpoint_dir(cfg: TrainConfig, out) -> None:
     """An explicit ``checkpoint_dir`` records its run directory on first use; another run
     directory pointed at it is refused (it would resume that run's checkpoints)."""
     where = checkpoint_location(cfg, out)
-    if not cfg.checkpoint_dir or jax.process_index() != 0:
+    old = read_json(out / "config.json")
+    if isinstance(old, dict):  # a resume: the checkpoints stay where the run put them
+        before = checkpoint_location(TrainConfig(), out, recorded=old)  # recorded, else OUT/ckpt
+        if str(before) != str(where) and _has_steps(before):
+            raise ConfigError(f"checkpoint_dir: this run's checkpoints are in {before}; resume with "
+                              f"checkpoint_dir={before} (a new location would restart it from step 0)")
+    if not cfg.checkpoint_dir:
         return
     owner = storage.path(str(where)) / CHECKPOINT_OWNER
-    recorded = (read_json(owner) or {}).get("run_dir")
+    me = str(out) if isinstance(out, storage.StorePath) else str(Path(out).resolve())
+    recorded = (read_json(owner) or {}).get("run_dir")  # every process reads: all refuse together
     if recorded is None:
-        write_json_atomic(owner, {"run_dir": str(out)})
-    elif recorded != str(out):
+        taken = [p.name for p in storage.path(str(where)).iterdir() if p.name.isdigit()] if storage.path(
+            str(where)).exists() else []
+        if taken:  # another run's checkpoints without a claim (e.g. a run's own ckpt/)
+            raise ConfigError(f"checkpoint_dir: {where} already holds checkpoints (steps {', '.join(sorted(taken))}) "
+                              "of another run; give this run its own checkpoint_dir")
+        if jax.process_index() == 0:
+            write_json_atomic(owner, {"run_dir": me})
+    elif recorded != me:
         raise ConfigError(f"checkpoint_dir: {where} holds the checkpoints of run {recorded}; give each run its own "
                           "checkpoint_dir")
 
@@ -126,9 +153,19 @@ def parse_init_from(text: str) -> tuple[Path, int]:
         step = int(s)
     except ValueError:
         raise ConfigError(f"init_from: STEP must be an integer in RUN_DIR@STEP, got {s!r}") from None
-    recorded = (read_json(storage.path(d) / "config.json") or {}).get("checkpoint_dir")
-    ckpt = Path(recorded) if recorded else Path(d) / "ckpt"
-    if not (ckpt / str(step)).is_dir():
+    src = read_json(storage.path(d) / "config.json") or {}
+    try:
+        src_cfg = TrainConfig.from_dict(schema.config_fields(src)) if src else TrainConfig()
+    except ConfigError:
+        src_cfg = TrainConfig()
+    ckpt = checkpoint_location(src_cfg, storage.path(d), recorded=src)
+    if storage.is_url(str(ckpt)):
+        from etils import epath
+
+        exists = epath.Path(str(ckpt)) / str(step)
+    else:
+        exists = Path(ckpt) / str(step)
+    if not exists.is_dir():
         raise ConfigError(f"init_from: no checkpoint at step {step} in {ckpt}; save one with checkpoint_at={step} in that run")
     return ckpt, step
 
@@ -136,9 +173,9 @@ def parse_init_from(text: str) -> tuple[Path, int]:
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        probe = out / f".write-test-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as err:
         raise ConfigError(f"out: cannot write to {out} ({err.strerror or err}); choose another --out") from None
 
@@ -273,18 +310,34 @@ def run(cfg: TrainConfig, out_dir: str | Path) -> dict:
         return prev
     from scaling import sharding
 
-    process_index, _ = sharding.initialize_distributed()  # no-op for one process; before any jax work
+    process_index, process_count = sharding.initialize_distributed()  # no-op for one process; before any jax work
     if process_index == 0 and isinstance(out, storage.StorePath):
         # a lease needs an atomic lock the store may not offer: one trainer per directory is on you
         print(f"{out}: on an object store the run directory has no lease; start one trainer for it",
               file=sys.stderr)
     local = not isinstance(out, storage.StorePath)
     lease = RunLease(out, join=True) if process_index == 0 and local else contextlib.nullcontext()
-    with lease as held:
+    if process_count == 1:
+        with lease as held:
+            return _run_leased(cfg, out, held)
+    with contextlib.ExitStack() as stack:  # several processes: all learn whether process 0 got the lease
+        held, busy = None, None
+        try:
+            held = stack.enter_context(lease)
+        except RunDirBusy as err:
+            busy = err
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(busy is None))):
+            raise busy or RunDirBusy(f"{out}: another trainer holds this run directory's lease (process 0 found it "
+                                     "busy); wait for it or use another --out")
         return _run_leased(cfg, out, held)
 
 
 def _run_leased(cfg: TrainConfig, out: Path, lease: RunLease | None) -> dict:
+    if jax.process_count() > 1 and cfg.budget.kind == "seconds":  # every process raises it alike
+        raise ConfigError("budget.seconds: a wall-clock budget needs one clock, and each process of a multi-process "
+                          "run keeps its own; use budget.steps, budget.tokens or budget.flops")
     _check_same_config(cfg, out)
     _claim_checkpoint_dir(cfg, out)  # a store orbax cannot write, another run's: ConfigError first
     prev = read_summary(out)  # another trainer may have finished it while we waited for the lease
@@ -370,7 +423,10 @@ class _Session:
         self.params0, self.rest0 = params, rest
         # per-tensor init std and LR multiplier, the forward multipliers (SP or μP)
         resolved["parametrization"] = mup.describe(cfg.model, params)
-        self.ckpt = Checkpointer(checkpoint_location(cfg, out), keep=cfg.checkpoint_keep, keep_steps=cfg.checkpoint_at)
+        where = checkpoint_location(cfg, out)
+        # an explicit location is recorded (absolute); the default moves with the run directory
+        resolved["checkpoint_location"] = str(where) if cfg.checkpoint_dir else None
+        self.ckpt = Checkpointer(where, keep=cfg.checkpoint_keep, keep_steps=cfg.checkpoint_at)
         self.metrics = None
         self.wandb = None
         self.progress = None

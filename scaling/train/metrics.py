@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from scaling import storage
-from scaling.files import JsonlAppender, read_jsonl, write_json_atomic
+from scaling.files import JsonlAppender, write_json_atomic
 from scaling.train.cache import cache_root
 
 # dense bf16 FLOP/s per chip, vendor figures
@@ -107,8 +107,8 @@ class MetricsWriter:
     """Appends rows to ``metrics.jsonl``. On open (a resume), every valid row with
     ``step <= keep_through_step`` is kept, rows beyond it are dropped (they will be logged
     again), and unreadable lines are skipped, counted and moved to ``metrics.jsonl.bad``.
-    ``read_only`` (the other processes of a multi-host run): the same ``kept`` rows, read and
-    never written; ``write`` does nothing."""
+    ``read_only`` (the other processes of a multi-host run): nothing is read or written
+    (``kept`` is empty; process 0 writes the summary that would use it)."""
 
     def __init__(self, path: str | Path, *, keep_through_step: int, read_only: bool = False):
         def keep(row: dict) -> bool:
@@ -116,9 +116,9 @@ class MetricsWriter:
             return not isinstance(step, (int, float)) or step <= keep_through_step
 
         self.path = storage.path(path)
-        if read_only:
+        if read_only:  # process 0 may be rewriting the file: the others need none of its rows
             self._out = None
-            self.kept = [r for r in read_jsonl(self.path) if keep(r)]
+            self.kept = []
         else:
             self._out, self.kept = JsonlAppender.resume(path, keep=keep)
 

@@ -40,7 +40,9 @@ def load_model(run_dir: str | Path):
     from scaling.train import optim, step as step_lib
     from scaling.train.checkpoint import Checkpointer
 
-    run = Path(run_dir)
+    from scaling import storage
+
+    run = storage.path(run_dir)
     try:
         d = json.loads((run / "config.json").read_text())
     except OSError:
@@ -52,7 +54,9 @@ def load_model(run_dir: str | Path):
     # GPU samples and evaluates here with what this backend has (the same maths)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="auto"))
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns that read-only managers do not save
-    ckpt = Checkpointer(run / "ckpt", read_only=True)
+    from scaling.train.loop import checkpoint_location
+
+    ckpt = Checkpointer(checkpoint_location(cfg, run, recorded=d), read_only=True)
     if ckpt.latest_step() is None:
         raise UsageError(f"RUN_DIR: {run} has no checkpoint yet (train it first)")
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
@@ -89,7 +93,7 @@ def main(args) -> int:
     from scaling.data.tokenize import fingerprint
     from scaling.train.loop import check_tokenizer
 
-    check_tokenizer(Path(args.run), fingerprint(tok))
+    check_tokenizer(storage_path(args.run), fingerprint(tok))
     prompt = np.asarray(tok.encode(args.prompt), np.int32)
     batch = np.broadcast_to(prompt, (args.samples, prompt.size))
     out = np.asarray(generate(model, batch, args.tokens, key=jax.random.key(args.seed), temperature=args.temperature,
@@ -100,3 +104,9 @@ def main(args) -> int:
             print(f"--- sample {i}")
         print(tok.decode(row))
     return 0
+
+
+def storage_path(p):
+    from scaling import storage
+
+    return storage.path(p)

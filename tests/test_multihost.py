@@ -191,3 +191,30 @@ def test_a_run_directory_on_an_object_store_writes_resumes_and_loads(tmp_path):
     assert len(table) == 1 and table["loss"].iloc[0] == s["final_eval_loss"] and table["state"].iloc[0] == "done"
     steps = runs.load_steps(out)
     assert steps["step"].tolist() == list(range(1, 11))
+
+
+def test_a_multi_task_trial_that_will_not_train_releases_every_task(tmp_path):
+    """Rank 0 of a 2-task submitit trial finds it already done: it tells rank 1 (a broadcast
+    after both joined jax.distributed), and both return at once instead of rank 1 starting the
+    trainer alone and waiting for a partner that never comes."""
+    sweep = tmp_path / "sweep"
+    (sweep / "t0").mkdir(parents=True)
+    (sweep / "t0" / "summary.json").write_text(json.dumps({"state": "done", "flops": 1.0}))
+    port = free_port()
+    code = ("import json, sys; from scaling.sweep.launch import _submitit_trial, DEFAULT_RUN_FN; "
+            "print('RESULT', json.dumps(_submitit_trial(sys.argv[1], 't0', DEFAULT_RUN_FN)))")
+    procs = []
+    for i in (0, 1):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="77", SUBMITIT_LOCAL_NTASKS="2",
+                   SUBMITIT_LOCAL_GLOBALID=str(i), SUBMITIT_LOCAL_LOCALID=str(i), SUBMITIT_LOCAL_NODEID="0",
+                   SUBMITIT_LOCAL_JOB_NUM_NODES="1", JAX_COORDINATOR_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(sweep)], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-1500:]
+        results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
+    assert results[0]["state"] == "done"
+    assert results[1] == {"state": "worker", "summary": None}

@@ -71,17 +71,27 @@ def trial_config(sweep_dir: Path, desc: dict) -> TrainConfig:
     return cfg
 
 
-def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN) -> dict:
+def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN, announce=None) -> dict:
     """Train one trial of the sweep under its lease (``scaling.lease``); return ``{"state", "error", "flops"}``.
 
     ``state`` is done/diverged/failed, ``busy`` (another live process holds it), or ``waiting``
     (a WSD branch whose main run has not finished). Never raises for a failing trial.
+    ``announce(go: bool)`` (a multi-task trial's rank 0) is called exactly once, before the
+    trainer starts (True) or when the trial will not train (False): the other ranks wait for it.
     """
+    told = []
+
+    def tell(go: bool) -> None:
+        if announce is not None and not told:
+            told.append(go)
+            announce(go)
+
     sweep_dir = Path(sweep_dir).absolute()
     d = sweep_dir / trial_id
     try:
         lock = RunLease(d).__enter__()
     except RunDirBusy:
+        tell(False)
         return {"state": "busy", "error": None}
     try:
         summary = read_json(d / "summary.json") or {}
@@ -100,6 +110,7 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
                 return {"state": "failed", "error": err}
         attempt = 1 + sum(1 for e in store.events(sweep_dir) if e.get("trial_id") == trial_id and e.get("state") == "running")
         store.mark(sweep_dir, trial_id, "running", attempt=attempt)
+        tell(True)
         try:
             summary = _import(run_fn)(cfg, d)
         except LeaseLost:  # another runner owns the trial now: write nothing into it
@@ -117,6 +128,7 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
         _record_final(sweep_dir, trial_id, state, summary.get("error"))
         return {"state": state, "error": summary.get("error"), "flops": summary.get("flops")}
     finally:
+        tell(False)  # every path that did not train (a no-op after tell(True))
         lock.__exit__(None, None, None)
 
 
@@ -371,10 +383,27 @@ def _submitit_trial(sweep_dir: str, trial_id: str, run_fn: str) -> dict:
         rank, n = env.global_rank, env.num_tasks
     except RuntimeError:  # DebugExecutor runs in-process without a job environment
         rank, n = 0, 1
-    if n > 1 and rank > 0:
-        desc = read_json(Path(sweep_dir) / trial_id / "trial.json")
-        return {"state": "worker", "summary": _import(run_fn)(trial_config(Path(sweep_dir), desc), Path(sweep_dir) / trial_id)}
-    return run_trial(sweep_dir, trial_id, run_fn)
+    if n == 1:
+        return run_trial(sweep_dir, trial_id, run_fn)
+    # every rank joins jax.distributed first, then learns from rank 0 whether the trial trains
+    # (it may be finished, busy or a branch still waiting for its main run)
+    from scaling.distributed import initialize_distributed
+
+    initialize_distributed()
+    if rank == 0:
+        return run_trial(sweep_dir, trial_id, run_fn, announce=_broadcast_go)
+    if not _broadcast_go(False):
+        return {"state": "worker", "summary": None}
+    desc = read_json(Path(sweep_dir) / trial_id / "trial.json")
+    return {"state": "worker", "summary": _import(run_fn)(trial_config(Path(sweep_dir), desc), Path(sweep_dir) / trial_id)}
+
+
+def _broadcast_go(go: bool) -> bool:
+    """Rank 0's ``go`` on every rank of a multi-task trial (the others' argument is ignored)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(int(multihost_utils.broadcast_one_to_all(np.int32(1 if go else 0))))
 
 
 def slurm_parameters(res) -> dict:

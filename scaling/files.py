@@ -170,11 +170,17 @@ def _read_chunked(path) -> bytes | None:
     if path.exists():
         parts.append(path.read_bytes())
     chunks = chunk_dir(path)
-    for c in sorted(chunks.iterdir(), key=lambda c: int(c.name.split(".")[0]) if c.name.split(".")[0].isdigit() else -1):
+    for c in sorted(chunks.iterdir(), key=_chunk_order):
         parts.append(c.read_bytes())
     if not parts:
         return None
     return b"\n".join(p.rstrip(b"\n") for p in parts if p.strip()) + b"\n"
+
+
+def _chunk_order(c) -> tuple[int, str]:
+    """Chunks in order: by their leading number (a sequence or a time), then by name."""
+    digits = len(c.name) - len(c.name.lstrip("0123456789"))
+    return (int(c.name[:digits]) if digits else -1, c.name)
 
 
 def _ends_without_newline(fd: int) -> bool:
@@ -184,7 +190,15 @@ def _ends_without_newline(fd: int) -> bool:
 
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one row with a single ``O_APPEND`` write. A torn last line left by a killed writer
-    is first closed with a newline, so it can never swallow this row."""
+    is first closed with a newline, so it can never swallow this row. On an object store (any
+    number of writers) the row is its own chunk object, named by time so readers keep the order."""
+    if storage.is_url(path):
+        import time
+
+        p = storage.path(path)
+        name = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(3).hex()}.jsonl"
+        (chunk_dir(p) / name).write_bytes(dumps_line(row).encode())
+        return
     line = dumps_line(row).encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:

@@ -218,3 +218,32 @@ def test_a_multi_task_trial_that_will_not_train_releases_every_task(tmp_path):
         results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
     assert results[0]["state"] == "done"
     assert results[1] == {"state": "worker", "summary": None}
+
+
+def test_a_sweep_directory_on_an_object_store(tmp_path, monkeypatch):
+    """``scaling sweep --out memory://...`` (in-process: the memory filesystem is not shared
+    between processes; gs:// is): manifest, trial.json, status and the run on the store, events
+    as time-named chunk objects, worker/submitit files in a local directory; ``runs.load`` and
+    ``store.events`` read it back."""
+    import fsspec
+
+    from scaling import runs
+    from scaling.sweep import launch, spec as spec_mod, store
+
+    monkeypatch.setenv("SCALING_SWEEP_LOCAL_DIR", str(tmp_path / "local"))
+    sets = dict(s.split("=", 1) for s in TINY if not s.startswith(("model.d_model", "model.n_layers", "budget.", "mesh.")))
+    sets["checkpoint_dir"] = str(tmp_path / "ckpt")
+    sp = spec_mod.parse({"name": "on_store", "experiment": "dense", "strategy": "independent", "set": sets,
+                         "buckets": [{"tokens": 10 * 8 * 32,
+                                      "sizes": {"shapes": [{"model.d_model": 32, "model.n_layers": 2}]}}]})
+    trials = spec_mod.trials(sp)
+    out = f"memory://scaling-tests/{tmp_path.name}/on_store"
+    store.write_manifest(out, sp, trials)
+    counts = launch.run_slurm(out, trials, cluster="debug", progress=False)
+    assert counts["done"] == 1
+    table = runs.load(out)
+    assert len(table) == 1 and table["state"].iloc[0] == "done" and table["steps"].iloc[0] == 10
+    assert [e["state"] for e in store.events(out)] == ["running", "done"]
+    fs = fsspec.filesystem("memory")
+    assert len(fs.ls(f"/scaling-tests/{tmp_path.name}/on_store/events.jsonl.chunks", detail=False)) == 2
+    assert (tmp_path / "local" / "on_store" / ".submitit").is_dir()  # submitit's folder stays local

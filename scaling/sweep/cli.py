@@ -99,8 +99,10 @@ def cmd_sweep(args) -> int:
     if args.plan:
         print(plan_text(sp, chosen))
         return 0
-    out = Path(args.out or Path("runs") / sp.name)
-    if out.exists() and not out.is_dir():
+    from scaling import storage
+
+    out = storage.path(args.out or Path("runs") / sp.name)
+    if isinstance(out, Path) and out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is a file, not a directory; give a directory for the sweep")
     store.write_manifest(out, sp, all_trials, spec_path=str(path))
     print(f"sweep {sp.name}: {len(chosen)} trials -> {out}", file=sys.stderr)

@@ -17,6 +17,7 @@ checkpoints (``scaling.train.loop.run`` restores ``<trial>/ckpt``), failed ones 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -30,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from scaling import faults
+from scaling import faults, storage
 from scaling.config import TrainConfig
 from scaling.errors import LeaseLost, RunDirBusy
 from scaling.files import read_json, read_jsonl
@@ -67,8 +68,26 @@ def trial_config(sweep_dir: Path, desc: dict) -> TrainConfig:
     cfg = TrainConfig.from_dict(desc["config"])
     if desc.get("main"):
         main_id, step = cfg.init_from.rsplit("@", 1)
-        cfg = dataclasses.replace(cfg, init_from=f"{Path(sweep_dir).absolute() / main_id}@{step}")
+        cfg = dataclasses.replace(cfg, init_from=f"{sweep_root(sweep_dir) / main_id}@{step}")
     return cfg
+
+
+def sweep_root(sweep_dir):
+    """The sweep directory: an absolute local path, or a ``StorePath`` for a URL."""
+    p = storage.path(sweep_dir)
+    return p.absolute() if isinstance(p, Path) else p
+
+
+def local_dir(sweep_dir) -> Path:
+    """Where a sweep keeps what must be on a filesystem (worker logs, submitit's job folder):
+    the sweep directory itself, or for a sweep on an object store
+    ``$SCALING_SWEEP_LOCAL_DIR/<name>`` (default ``~/.cache/scaling/sweeps/<name>``; for SLURM
+    it must be on a filesystem the nodes share)."""
+    root = sweep_root(sweep_dir)
+    if isinstance(root, Path):
+        return root
+    base = Path(os.environ.get("SCALING_SWEEP_LOCAL_DIR") or Path.home() / ".cache" / "scaling" / "sweeps")
+    return base / root.name
 
 
 def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN, announce=None) -> dict:
@@ -86,10 +105,10 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
             told.append(go)
             announce(go)
 
-    sweep_dir = Path(sweep_dir).absolute()
+    sweep_dir = sweep_root(sweep_dir)
     d = sweep_dir / trial_id
-    try:
-        lock = RunLease(d).__enter__()
+    try:  # a store has no atomic lock: its trials are not leased (one runner per sweep)
+        lock = RunLease(d).__enter__() if isinstance(d, Path) else contextlib.nullcontext()
     except RunDirBusy:
         tell(False)
         return {"state": "busy", "error": None}
@@ -233,7 +252,7 @@ def worker_main(sweep_dir: str, run_fn: str) -> int:
         tid = line.strip()
         if not tid:
             continue
-        log = Path(sweep_dir) / tid / "log.txt"
+        log = local_dir(sweep_dir) / tid / "log.txt"
         log.parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush(), sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
@@ -288,7 +307,7 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
               progress: bool = True, stream=None) -> dict:
     """Run ``trials`` (already in the sweep's manifest) with ``jobs`` worker processes; WSD
     branches start once their main run is done. Returns the final state counts."""
-    sweep_dir = Path(sweep_dir).absolute()
+    sweep_dir = sweep_root(sweep_dir)
     prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
     by_id = {t.id: t for t in trials}
     todo = [t.id for t in trials if prog.state[t.id] not in store.FINAL]
@@ -394,8 +413,9 @@ def _submitit_trial(sweep_dir: str, trial_id: str, run_fn: str) -> dict:
         return run_trial(sweep_dir, trial_id, run_fn, announce=_broadcast_go)
     if not _broadcast_go(False):
         return {"state": "worker", "summary": None}
-    desc = read_json(Path(sweep_dir) / trial_id / "trial.json")
-    return {"state": "worker", "summary": _import(run_fn)(trial_config(Path(sweep_dir), desc), Path(sweep_dir) / trial_id)}
+    root = sweep_root(sweep_dir)
+    desc = read_json(root / trial_id / "trial.json")
+    return {"state": "worker", "summary": _import(run_fn)(trial_config(root, desc), root / trial_id)}
 
 
 def _broadcast_go(go: bool) -> bool:
@@ -429,7 +449,7 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
     lets submitit pick SLURM when ``sbatch`` exists; ``"local"``/``"debug"`` run without it."""
     import submitit
 
-    sweep_dir = Path(sweep_dir).absolute()
+    sweep_dir = sweep_root(sweep_dir)
     from scaling.sweep.spec import slurm_value
 
     # the job name and the log folder (under the sweep directory) become #SBATCH lines too:
@@ -437,7 +457,7 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
     slurm_value("--out", str(sweep_dir))
     job_name = sweep_dir.name
     prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
-    executor = submitit.AutoExecutor(folder=sweep_dir / ".submitit" / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=local_dir(sweep_dir) / ".submitit" / "%j", cluster=cluster)
     todo = [t for t in trials if prog.state[t.id] not in store.FINAL]
     waves = [[t for t in todo if t.role != "branch"], [t for t in todo if t.role == "branch"]]
     try:

@@ -26,6 +26,7 @@ import socket
 import time
 from pathlib import Path
 
+from scaling import storage
 from scaling.errors import UsageError
 from scaling.files import append_jsonl, read_json, read_jsonl, write_json_atomic
 from scaling.runs import FINAL, MANIFEST, STATES, STEP_COLUMNS, TRIAL_COLUMNS, load, load_steps, trial_state  # noqa: F401
@@ -41,7 +42,7 @@ EVENTS = "events.jsonl"
 def mark(sweep_dir: str | Path, trial_id: str, state: str, error: str | None = None, **extra) -> None:
     """Record a state change: ``status.json`` (atomic) and one line in ``events.jsonl``."""
     assert state in STATES, state
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = storage.path(sweep_dir)
     rec = {"trial_id": trial_id, "state": state, "error": error, "pid": os.getpid(), "host": socket.gethostname(),
            "time": time.time(), **extra}
     write_json_atomic(sweep_dir / trial_id / "status.json", rec)
@@ -49,7 +50,7 @@ def mark(sweep_dir: str | Path, trial_id: str, state: str, error: str | None = N
 
 
 def events(sweep_dir: str | Path) -> list[dict]:
-    return read_jsonl(Path(sweep_dir) / EVENTS)
+    return read_jsonl(storage.path(sweep_dir) / EVENTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def write_manifest(sweep_dir: str | Path, spec, trial_list: list, spec_path: str
     """
     from scaling import flops
 
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = storage.path(sweep_dir)
     old = read_json(sweep_dir / MANIFEST) or {}
     rows = {}
     for t in trial_list:
@@ -88,7 +89,7 @@ def write_manifest(sweep_dir: str | Path, spec, trial_list: list, spec_path: str
 
 
 def read_manifest(sweep_dir: str | Path) -> dict:
-    m = read_json(Path(sweep_dir) / MANIFEST)
+    m = read_json(storage.path(sweep_dir) / MANIFEST)
     if m is None:
         raise UsageError(f"{sweep_dir}: not a sweep directory (no {MANIFEST}); run `scaling sweep SPEC --out {sweep_dir}` first")
     return m

@@ -305,3 +305,34 @@ def test_scanned_layers_train_like_the_loop(tmp_path):
         tiny_cfg("model.n_layers=3", "model.moe=on", "model.moe.every=2", "model.scan_layers=true")
     # one group (the pattern as long as the model) is a scan of length 1, not an error
     assert tiny_cfg("model.n_layers=4", "model.mod=on", "model.mod.every=4", "model.scan_layers=true").model.layer_period() == 4
+
+
+def test_wandb_runs_are_grouped_by_sweep_and_tagged(tmp_path, monkeypatch):
+    """A sweep trial's wandb run carries a project, the sweep's name as its group and tags for
+    the experiment, budget, shape and seed; a lone run is grouped under its directory's name.
+    (wandb itself is replaced by a recorder: tests never start it.)"""
+    import wandb
+
+    calls = []
+
+    class Run:
+        summary: dict = {}
+
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_PROJECT", "my-laws")
+    monkeypatch.setattr(wandb, "init", lambda **kw: calls.append(kw) or Run())
+    sweep = tmp_path / "isoflop_x"
+    sweep.mkdir()
+    (sweep / "manifest.json").write_text(json.dumps({"name": "isoflop_x", "trials": []}))
+    cfg = tiny_cfg("budget.steps=2", "wandb=offline", "seed=3")
+    loop.run(cfg, sweep / "abc123")
+    loop.run(cfg, tmp_path / "lone")
+    assert [c["group"] for c in calls] == ["isoflop_x", "lone"]
+    assert calls[0]["project"] == "my-laws" and calls[0]["mode"] == "offline"
+    assert calls[0]["tags"] == ["dense", "steps=2", "d32L1", "seed=3"]

@@ -51,7 +51,7 @@ from scaling.train import optim
 from scaling.train import step as step_lib
 from scaling.train.cache import enable_compilation_cache
 from scaling.train.checkpoint import Checkpointer
-from scaling.train.metrics import MetricsWriter, WandbMirror, hardware_flops_per_token, peak_flops
+from scaling.train.metrics import MetricsWriter, WandbMirror, hardware_flops_per_token, peak_flops, wandb_grouping
 
 # fields that do not change what is computed: a rerun may differ in these
 COSMETIC_FIELDS = ("wandb", "progress")
@@ -567,7 +567,8 @@ class _Session:
 
         self.metrics = MetricsWriter(out / "metrics.jsonl", keep_through_step=step, read_only=not self.writes)
         wandb_dir = out if isinstance(out, Path) else Path(tempfile.gettempdir()) / "scaling-wandb" / resolved["config_hash"]
-        self.wandb = WandbMirror(cfg.wandb if self.writes else "off", run_dir=wandb_dir, run_id=resolved["config_hash"], name=cfg.name,
+        self.wandb = WandbMirror(cfg.wandb if self.writes else "off", run_dir=wandb_dir, run_id=resolved["config_hash"],
+                                 name=cfg.name, **wandb_grouping(cfg, out),
                                  config={**cfg.to_dict(), "resolved": resolved})
         self.progress = ProgressLine(total_steps, enabled=cfg.progress and self.writes)
         fpt = resolved["train_flops_per_token"]

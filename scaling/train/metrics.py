@@ -136,7 +136,8 @@ class WandbMirror:
     ``WANDB_API_KEY``; without one it falls back to offline with a message. A missing or failing
     wandb never stops training (metrics.jsonl is the truth)."""
 
-    def __init__(self, mode: str, *, run_dir: Path, run_id: str, name: str, config: dict):
+    def __init__(self, mode: str, *, run_dir: Path, run_id: str, name: str, config: dict,
+                 project: str | None = None, group: str | None = None, tags: tuple[str, ...] = ()):
         self.run = None
         if mode == "off" or os.environ.get("WANDB_MODE") == "disabled":
             return
@@ -147,7 +148,8 @@ class WandbMirror:
             import wandb
 
             self.run = wandb.init(mode=mode, dir=str(run_dir), id=run_id, name=name or run_id,
-                                  config=config, resume="allow", reinit=True)
+                                  config=config, resume="allow", reinit=True, project=project, group=group,
+                                  tags=list(tags) or None)
         except Exception as err:  # wandb problems must not kill a run
             print(f"wandb: disabled ({type(err).__name__}: {err})", file=sys.stderr)
             self.run = None
@@ -166,6 +168,21 @@ class WandbMirror:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def wandb_grouping(cfg, out) -> dict:
+    """``project``, ``group`` and ``tags`` for a run's wandb mirror, from the config and where
+    it runs: project ``$WANDB_PROJECT`` or ``"scaling"``; group the sweep's name when the run
+    is a sweep trial (its parent holds the sweep's ``manifest.json``), else the run directory's
+    name; tags the experiment, budget, shape and seed (wandb keeps tags to 64 characters)."""
+    from scaling.files import read_json
+
+    manifest = read_json(out.parent / "manifest.json") if out.parent != out else None
+    group = manifest.get("name") if isinstance(manifest, dict) and manifest.get("name") else out.name
+    b = cfg.budget
+    tags = (cfg.experiment, f"{b.kind}={b.value:g}", f"d{cfg.model.d_model}L{cfg.model.n_layers}", f"seed={cfg.seed}")
+    return {"project": os.environ.get("WANDB_PROJECT") or "scaling", "group": group,
+            "tags": tuple(t[:64] for t in tags)}
 
 
 def hardware_flops_per_token(model, seq_len: int) -> float:

@@ -18,20 +18,8 @@ import pandas as pd
 
 import experiments
 from scaling import flops
-from scaling.sweep import launch, spec as spec_mod, store
+from scaling.sweep import spec as spec_mod
 from scaling.train import loop
-
-
-def run_sweep(raw: dict, runs_dir, jobs: int = 1):
-    """Parse the spec ``raw``, write its manifest and train its unfinished trials (finished ones
-    are loaded, not retrained); returns ``(spec, trials)``."""
-    spec = spec_mod.parse(raw)
-    trials = spec_mod.trials(spec)
-    store.write_manifest(runs_dir, spec, trials)
-    t0 = time.time()
-    counts = launch.run_local(runs_dir, trials, jobs=jobs, progress=False)
-    print(f"{spec.name}: {len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
-    return spec, trials
 
 
 def train_predicted(raw: dict, name: str, prediction: dict, run_dir) -> dict:

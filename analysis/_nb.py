@@ -155,5 +155,5 @@ def run_sweep(raw: dict, runs: Path, jobs: int = 1):
     store.write_manifest(runs, spec, trials)
     t0 = time.time()
     counts = launch.run_local(runs, trials, jobs=jobs, progress=False)
-    print(f"{len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
+    print(f"{spec.name}: {len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
     return spec, trials

@@ -70,7 +70,7 @@ if SMOKE:
     raw["buckets"] = [1e10, 3e10]
     raw["sizes"] = {"isoflop": {"n": 3, "ratio": 2, "center": {"params": 1e4, "flops": 1e10, "exponent": 0.5}}}
     raw["set"].update({"data.batch_size": 8, "data.seq_len": 64, "eval_every": 100, "checkpoint_every": 1000})
-spec, trials = _isoflop.run_sweep(raw, RUNS, JOBS)
+spec, trials = _nb.run_sweep(raw, RUNS, JOBS)
 
 # %%
 runs_all = store.load(RUNS)

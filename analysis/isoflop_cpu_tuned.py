@@ -99,7 +99,7 @@ if SMOKE:
     smoke_corpus(raw_tune["set"]).update(SMOKE_SET)
     raw_tune["buckets"] = [{"flops": 2e9, "sizes": [3e3]}, {"flops": 4e9, "sizes": [1e4]}]
     raw_tune["rules"]["lr"]["grid"]["factors"] = [0.5, 1, 2]
-_isoflop.run_sweep(raw_tune, RUNS["isoflop_cpu_lr_tune"], JOBS)
+_nb.run_sweep(raw_tune, RUNS["isoflop_cpu_lr_tune"], JOBS)
 tune = _nb.finished(store.load(RUNS["isoflop_cpu_lr_tune"]))
 
 
@@ -166,7 +166,7 @@ def smoke_grid(r: dict, budgets) -> dict:
 
 if SMOKE:
     raw = smoke_grid(raw, [2e9, 3e9, 4.5e9, 7e9, 1e10])  # 5 budgets: leave-future-out backtests twice
-spec, trials = _isoflop.run_sweep(raw, RUNS["isoflop_cpu_tuned"], JOBS)
+spec, trials = _nb.run_sweep(raw, RUNS["isoflop_cpu_tuned"], JOBS)
 tuned_all = store.load(RUNS["isoflop_cpu_tuned"])
 tuned = _nb.finished(tuned_all)
 steps_t = store.load_steps(RUNS["isoflop_cpu_tuned"]).rename(columns={"tokens": "D"})
@@ -293,7 +293,7 @@ FIGURES.append("prediction_vs_actual.png")
 raw_abl = spec_raw("isoflop_cpu_ablate")
 if SMOKE:
     raw_abl = smoke_grid(raw_abl, [2e9, 4.5e9])
-_isoflop.run_sweep(raw_abl, RUNS["isoflop_cpu_ablate"], JOBS)
+_nb.run_sweep(raw_abl, RUNS["isoflop_cpu_ablate"], JOBS)
 abl = _nb.finished(store.load(RUNS["isoflop_cpu_ablate"], allow_mixed_corpus=True))  # two arms, one corpus each
 steps_a = store.load_steps(RUNS["isoflop_cpu_ablate"]).rename(columns={"tokens": "D"})
 print("epochs per stdlib trial (the first corpus):", abl[abl["variant"] == "stdlib"]["epochs"].describe()[["min", "max"]].round(3).to_dict())
@@ -441,7 +441,7 @@ raw_s = copy.deepcopy(raw)
 raw_s.update(name="isoflop_cpu_tuned_seeds", strategy="independent", buckets=seed_buckets, seeds=[0, 1] if SMOKE else [0, 1, 2])
 raw_s.pop("sizes", None)
 (OUT / "seeds_spec.yaml").write_text(yaml.safe_dump(raw_s, sort_keys=False))
-_isoflop.run_sweep(raw_s, RUNS["isoflop_cpu_tuned_seeds"], JOBS)
+_nb.run_sweep(raw_s, RUNS["isoflop_cpu_tuned_seeds"], JOBS)
 seeds = _nb.finished(store.load(RUNS["isoflop_cpu_tuned_seeds"]))
 noise = seeds.groupby(["bucket", "shape"]).agg(N=("N", "first"), n=("loss", "size"), mean=("loss", "mean"),
                                               seed_std=("loss", "std"), heldout_se=("loss_se", "mean")).reset_index()
@@ -494,7 +494,7 @@ print(f"frontier slope d ln L / d ln C over the last two budgets: {local_slope:.
 raw_h = copy.deepcopy(raw)
 raw_h.update(name="isoflop_cpu_tuned_posthoc", strategy="independent", buckets=[C_star],
              sizes=[float(shapes.iloc[int(np.argmin(np.abs(np.log(shapes["N"] / (pick["N"] / 2)))))]["target"])])
-_isoflop.run_sweep(raw_h, RUNS["isoflop_cpu_tuned"].parent / "isoflop_cpu_tuned_posthoc", JOBS)
+_nb.run_sweep(raw_h, RUNS["isoflop_cpu_tuned"].parent / "isoflop_cpu_tuned_posthoc", JOBS)
 posthoc_runs = _nb.finished(store.load(RUNS["isoflop_cpu_tuned"].parent / "isoflop_cpu_tuned_posthoc"))
 print(posthoc_runs[["shape", "N", "D", "C", "lr", "loss", "loss_se"]].to_string(index=False))
 results["posthoc"] = {"horizon_backtests": horizon.to_dict(orient="records"),

@@ -38,7 +38,6 @@
 import copy
 import dataclasses
 import os
-import time
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
@@ -51,7 +50,7 @@ import experiments
 from scaling import flops
 from scaling import fit
 from scaling.errors import UsageError
-from scaling.sweep import launch, spec as spec_mod, store
+from scaling.sweep import spec as spec_mod, store
 from scaling.train import loop
 
 SMOKE = _nb.smoke()
@@ -75,12 +74,7 @@ def run_sweep(name: str, runs_dir, smoke_edit) -> pd.DataFrame:
         raw = copy.deepcopy(raw)
         raw["set"].update(SMOKE_SET)
         smoke_edit(raw)
-    spec = spec_mod.parse(raw)
-    trials = spec_mod.trials(spec)
-    store.write_manifest(runs_dir, spec, trials)
-    t0 = time.time()
-    counts = launch.run_local(runs_dir, trials, jobs=JOBS, progress=False)
-    print(f"{name}: {len(trials)} trials {counts} ({time.time() - t0:.0f} s)")
+    _nb.run_sweep(raw, runs_dir, JOBS)
     df = _nb.finished(store.load(runs_dir))
     fwd = []
     for tid in df["trial_id"]:

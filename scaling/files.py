@@ -227,8 +227,7 @@ class JsonlAppender:
         self.path = storage.path(path)
         if isinstance(self.path, storage.StorePath):  # objects cannot be appended to: numbered chunks
             self._f = None
-            names = [c.name for c in chunk_dir(self.path).iterdir()]
-            self._next_chunk = 1 + max((int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()), default=0)
+            self._next_chunk = 1 + max((_chunk_order(c)[0] for c in chunk_dir(self.path).iterdir()), default=0)
             return
         self._f = open(self.path, "a+")
         if self._f.tell() and _ends_without_newline(self._f.fileno()):
@@ -261,7 +260,7 @@ class JsonlAppender:
         """Append one row: a line of the local file, or one chunk object on a store (the
         trainer logs a row every ``log_every`` steps, so chunks stay few per run)."""
         if self._f is None:
-            chunk_dir(self.path).__truediv__(f"{self._next_chunk:06d}.jsonl").write_bytes(dumps_line(row).encode())
+            (chunk_dir(self.path) / f"{self._next_chunk:06d}.jsonl").write_bytes(dumps_line(row).encode())
             self._next_chunk += 1
             return
         self._f.write(dumps_line(row))

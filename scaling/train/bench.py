@@ -233,10 +233,10 @@ def program_sizes(depths=(4, 24), d_model: int = 64, seq_len: int = 32, batch: i
 def remat_residuals(d_model: int = 256, n_layers: int = 12, seq_len: int = 1024, batch: int = 2) -> dict:
     """Bytes the backward pass keeps from the forward (``scaling.models.remat``) per
     ``model.remat`` policy, for the issue's 12-layer d256 seq-1024 model (traced, not run)."""
+    from scaling.models.remat import saved_residual_bytes
+
     out = {}
     for policy in ("none", "full", "dots_saveable"):
-        from scaling.models.remat import saved_residual_bytes
-
         out[policy] = saved_residual_bytes(*_remat_loss(policy, d_model, n_layers, seq_len, batch, scan=False))
     return out
 

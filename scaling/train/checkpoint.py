@@ -121,16 +121,14 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Save all three items at ``step`` (blocking), then record its checksums. A failed save
         (e.g. a full disk) leaves no orbax temporary directory behind."""
-        if self.remote:
-            self._save(step, state, data_state, meta)
-            return
-        first = jax.process_index() == 0
-        if first:
+        # one process tends the local files (the temp directory is shared); a store has none
+        tends = jax.process_index() == 0 and not self.remote
+        if tends:
             (self.checksum_dir / f"{step}.json").unlink(missing_ok=True)  # never judge new files by old sums
         try:
             self._save(step, state, data_state, meta)
         except BaseException:
-            if first:  # the temp directory is shared: one process clears it
+            if tends:
                 for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
                     shutil.rmtree(tmp, ignore_errors=True)
             raise

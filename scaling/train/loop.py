@@ -111,9 +111,10 @@ ORBAX_SCHEMES = ("gs://",)  # what orbax/tensorstore write natively
 CHECKPOINT_OWNER = "scaling_run.json"  # in a checkpoint_dir: the run directory it belongs to
 
 
-def _has_steps(where) -> bool:
+def _steps_in(where) -> list[str]:
+    """The checkpoint steps (orbax's numbered directories) at ``where``; [] when there is none."""
     p = storage.path(str(where))
-    return p.exists() and any(c.name.isdigit() for c in p.iterdir())
+    return sorted((c.name for c in p.iterdir() if c.name.isdigit()), key=int) if p.exists() else []
 
 
 def _claim_checkpoint_dir(cfg: TrainConfig, out) -> None:
@@ -123,7 +124,7 @@ def _claim_checkpoint_dir(cfg: TrainConfig, out) -> None:
     old = read_json(out / "config.json")
     if isinstance(old, dict):  # a resume: the checkpoints stay where the run put them
         before = checkpoint_location(TrainConfig(), out, recorded=old)  # recorded, else OUT/ckpt
-        if str(before) != str(where) and _has_steps(before):
+        if str(before) != str(where) and _steps_in(before):
             raise ConfigError(f"checkpoint_dir: this run's checkpoints are in {before}; resume with "
                               f"checkpoint_dir={before} (a new location would restart it from step 0)")
     if not cfg.checkpoint_dir:
@@ -132,10 +133,9 @@ def _claim_checkpoint_dir(cfg: TrainConfig, out) -> None:
     me = str(out) if isinstance(out, storage.StorePath) else str(Path(out).resolve())
     recorded = (read_json(owner) or {}).get("run_dir")  # every process reads: all refuse together
     if recorded is None:
-        taken = [p.name for p in storage.path(str(where)).iterdir() if p.name.isdigit()] if storage.path(
-            str(where)).exists() else []
+        taken = _steps_in(where)
         if taken:  # another run's checkpoints without a claim (e.g. a run's own ckpt/)
-            raise ConfigError(f"checkpoint_dir: {where} already holds checkpoints (steps {', '.join(sorted(taken))}) "
+            raise ConfigError(f"checkpoint_dir: {where} already holds checkpoints (steps {', '.join(taken)}) "
                               "of another run; give this run its own checkpoint_dir")
         if jax.process_index() == 0:
             write_json_atomic(owner, {"run_dir": me})

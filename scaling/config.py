@@ -115,6 +115,22 @@ class MoDConfig:
             _fail("model.mod.aux_loss_weight", "must be >= 0")
 
 
+class BlockSections(tuple):
+    """``model.blocks``: the config sections of registered block kinds (``scaling.blocks``)
+    other than moe/mod, as ``((name, section), ...)`` sorted by name (hashable, so a
+    ``ModelConfig`` stays a static jit argument); serialised as ``{name: {field: value}}``."""
+
+    def __new__(cls, items=()):
+        pairs = tuple(sorted(dict(items).items()))
+        for name, sec in pairs:  # a dict only as dataclasses.asdict rebuilds it
+            if not isinstance(name, str) or not (dataclasses.is_dataclass(sec) or isinstance(sec, dict)) or isinstance(sec, type):
+                raise ConfigError(f"model.blocks.{name}: expects a block kind's section of settings, got {sec!r}")
+        return super().__new__(cls, pairs)
+
+    def as_dict(self) -> dict:
+        return {name: sec if isinstance(sec, dict) else dataclasses.asdict(sec) for name, sec in self}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer shape. Sizes in elements; ``d_ff`` defaults to
@@ -144,6 +160,9 @@ class ModelConfig:
     mup_base_head_dim: Optional[int] = None
     moe: Optional[MoEConfig] = None
     mod: Optional[MoDConfig] = None
+    # sections of registered block kinds other than moe/mod (scaling.blocks), by kind name:
+    # written {name: {field: value}}, set with --set model.blocks.NAME.FIELD=VALUE
+    blocks: "BlockSections" = field(default_factory=lambda: BlockSections())
     # rematerialisation per block (jax.checkpoint): none | full (keep only each block's input) |
     # dots_saveable | dots_with_no_batch_dims_saveable (keep matmul outputs). Memory, not maths
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
@@ -204,22 +223,26 @@ class ModelConfig:
                 _fail("model.moe.granularity", f"granularity={self.moe.granularity} must divide the expert hidden size {expert_ff:g}; pick a divisor")
         if not isinstance(self.scan_layers, bool):
             _fail("model.scan_layers", f"must be true or false, got {self.scan_layers!r}")
-        pattern = math.lcm(self.moe.every if self.moe else 1, self.mod.every if self.mod else 1)
+        from scaling import blocks as block_kinds
+
+        for kind in block_kinds.used(self):
+            if kind.validate is not None:
+                kind.validate(self)
+        kinds = block_kinds.layer_names(self)  # also refuses two kinds of one role in a layer
+        pattern = block_kinds.pattern_period(self)
         if self.scan_layers and self.n_layers % pattern:
-            kinds = ", ".join(f"{i}:{k}" for i, k in enumerate(self._layer_kinds()))
-            _fail("model.scan_layers", f"the blocks ({kinds}) end in a partial group: the moe/mod pattern repeats "
+            listed = ", ".join(f"{i}:{k}" for i, k in enumerate(kinds))
+            _fail("model.scan_layers", f"the blocks ({listed}) end in a partial group: the moe/mod pattern repeats "
                                        f"every {pattern} layers and n_layers={self.n_layers} is not a multiple of "
                                        f"{pattern}, so they cannot be stacked for a scan; use a multiple of {pattern} "
                                        "or model.scan_layers=false")
 
-    def _layer_kinds(self) -> list[str]:
-        return [("mod+" if self.is_mod_layer(i) else "") + ("moe" if self.is_moe_layer(i) else "dense")
-                for i in range(self.n_layers)]
-
     def layer_period(self) -> int:
-        """Blocks in the smallest repeating group of the layer pattern (dense / MoE / MoD): a
-        scanned model stacks ``n_layers / period`` copies of that group."""
-        kinds = self._layer_kinds()
+        """Blocks in the smallest repeating group of the layer pattern (dense / MoE / MoD / any
+        registered kind): a scanned model stacks ``n_layers / period`` copies of that group."""
+        from scaling import blocks as block_kinds
+
+        kinds = block_kinds.layer_names(self)
         n = self.n_layers
         return next(p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)))
 
@@ -526,7 +549,7 @@ class TrainConfig:
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return as_dict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
@@ -549,6 +572,43 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 
 
+def as_dict(cfg) -> dict:
+    """``dataclasses.asdict`` with ``model.blocks`` written as ``{name: {field: value}}``."""
+    def plain(x):
+        if isinstance(x, BlockSections):
+            return {name: plain(sec) for name, sec in x.as_dict().items()}
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _block_section_class(path: str, name: str):
+    from scaling import blocks
+
+    kind = blocks.get(name, path)
+    if kind.attr is not None:
+        raise ConfigError(f"{path}.{name}: {name} has its own section; use model.{kind.attr}")
+    return kind.section
+
+
+def _coerce_blocks(path: str, value: Any) -> "BlockSections":
+    if isinstance(value, BlockSections):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("", "{}", "on", "none", "null"):
+        return BlockSections()  # "on": a YAML spec's empty mapping
+    if isinstance(value, (list, tuple)):  # ((name, section), ...) as asdict leaves it
+        value = dict(value)
+    if not isinstance(value, dict):
+        _fail(path, f"expects a mapping of block kind -> settings, got {value!r}")
+    out = {}
+    for name, sec in value.items():
+        cls = _block_section_class(path, str(name))
+        out[str(name)] = _coerce(f"{path}.{name}", cls, sec)
+    return BlockSections(out)
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -565,6 +625,8 @@ def _strip_optional(tp) -> tuple[Any, bool]:
 def _coerce(path: str, tp, value: Any) -> Any:
     """Check/convert ``value`` (possibly a string from the command line) to type ``tp``."""
     inner, optional = _strip_optional(tp)
+    if inner is BlockSections:
+        return _coerce_blocks(path, value)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
             return None
@@ -649,16 +711,28 @@ def _build(cls, d: dict, prefix: str):
 
 def _walk(cls, key: str):
     """Yield ``(path, part, hint, section_class_or_None, is_last)`` along the dotted ``key`` of
-    dataclass ``cls``, raising ConfigError for an unknown field or a value used as a section."""
+    dataclass ``cls``, raising ConfigError for an unknown field or a value used as a section.
+    Under ``model.blocks`` the next part names a registered block kind, whose section follows."""
     parts = key.split(".")
+    kind_next = False
     for i, part in enumerate(parts):
         path = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if kind_next:  # model.blocks.NAME: the kind's section (optional: absent until set)
+            kind_next = False
+            section = _block_section_class(path.rsplit(".", 1)[0], part)
+            yield path, part, Optional[section], None, (None if last else section)
+            cls = section
+            continue
         hints = _hints(cls)
         if part not in hints:
             known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
             raise ConfigError(f"{path}: unknown field; known fields: {known}")
-        last = i == len(parts) - 1
         tp, _ = _strip_optional(hints[part])
+        if tp is BlockSections and not last:
+            kind_next = True
+            yield path, part, hints[part], cls, BlockSections
+            continue
         if not last and not dataclasses.is_dataclass(tp):
             raise ConfigError(f"{path}: is a value, not a section; use {path}=VALUE")
         yield path, part, hints[part], cls, (None if last else tp)
@@ -694,7 +768,7 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
     off with ``model.moe=none``.
     """
     items = list(overrides.items()) if isinstance(overrides, dict) else [_parse_override(s) for s in overrides]
-    d = dataclasses.asdict(cfg)
+    d = as_dict(cfg)
     for key, value in items:
         if key.endswith("data.eval_batches") and value is not None and str(value).lower() not in ("none", "null"):
             raise ConfigError("data.eval_batches: replaced by data.eval_tokens, one held-out set for every batch size "
@@ -703,15 +777,18 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
         for path, part, hint, cls, section in _walk(type(cfg), key):
             if section is None:
                 coerced = _coerce(path, hint, value)
-                if dataclasses.is_dataclass(coerced):
-                    coerced = dataclasses.asdict(coerced)
+                if dataclasses.is_dataclass(coerced) or isinstance(coerced, BlockSections):
+                    coerced = as_dict(coerced) if dataclasses.is_dataclass(coerced) else coerced.as_dict()
                 if cls is BudgetConfig and coerced is not None:
                     for f in dataclasses.fields(BudgetConfig):
                         node[f.name] = None
+                if coerced is None and cls is None:  # model.blocks.NAME=none: the kind is off
+                    node.pop(part, None)
+                    continue
                 node[part] = coerced
             else:
                 if node.get(part) is None:
-                    node[part] = dataclasses.asdict(section())
+                    node[part] = {} if section is BlockSections else dataclasses.asdict(section())
                 node = node[part]
     return _build(type(cfg), d, "")
 

@@ -27,8 +27,10 @@ Conventions
   norms included, is non-embedding. ``6N`` uses active non-embedding parameters (Kaplan).
 * Active parameters are those a token touches (routed experts: only its ``top_k * G``).
 
-Structure: per-layer functions take the layer index so each block kind adds its own terms;
-sparse blocks (MoE, MoD) live in the marked section at the end.
+Structure: per-layer functions take the layer index; what a layer holds beyond attention and
+the dense MLP (MoE MLPs, mixture-of-depths routers, any registered kind) is counted by its
+block kind (``scaling.blocks``), written with the public helpers here (``Count``, ``mm``,
+``dense_mlp_params``, ``dense_mlp_flops_per_token``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from scaling import blocks
 from scaling.config import ConfigError, ModelConfig, TrainConfig
 
 
@@ -51,16 +54,18 @@ class ParamCounts:
 
 
 @dataclass(frozen=True)
-class _Count:
+class Count:
+    """Parameters of one piece of a layer (elements): all of them and those a token touches."""
+
     total: int
     active: int
 
-    def __add__(self, other: "_Count") -> "_Count":
-        return _Count(self.total + other.total, self.active + other.active)
+    def __add__(self, other: "Count") -> "Count":
+        return Count(self.total + other.total, self.active + other.active)
 
 
-def _dense(n: int) -> _Count:
-    return _Count(n, n)
+def _dense(n: int) -> Count:
+    return Count(n, n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +77,8 @@ def _n_mlp_matrices(model: ModelConfig) -> int:
     return 3 if model.activation == "swiglu" else 2
 
 
-def _dense_mlp_params(model: ModelConfig, d_ff: int) -> int:
+def dense_mlp_params(model: ModelConfig, d_ff: int) -> int:
+    """Parameters of a dense MLP of hidden size ``d_ff`` (GELU: 2 matrices, SwiGLU: 3)."""
     return _n_mlp_matrices(model) * model.d_model * d_ff
 
 
@@ -82,18 +88,20 @@ def _attention_params(model: ModelConfig) -> int:
     return D * H * E + 2 * D * K * E + H * E * D + qk_norm
 
 
-def _block_params(model: ModelConfig, i: int) -> _Count:
+def _block_params(model: ModelConfig, i: int) -> Count:
     norms = 2 * model.d_model
     count = _dense(norms + _attention_params(model)) + _mlp_params(model, i)
-    if model.is_mod_layer(i):
-        count = count + _mod_router_params(model, i)
+    router = blocks.layer_kind(model, i, "router")
+    if router is not None:
+        count = count + router.params(model, i)
     return count
 
 
-def _mlp_params(model: ModelConfig, i: int) -> _Count:
-    if model.is_moe_layer(i):
-        return _moe_mlp_params(model, i)
-    return _dense(_dense_mlp_params(model, model.resolved_d_ff))
+def _mlp_params(model: ModelConfig, i: int) -> Count:
+    kind = blocks.layer_kind(model, i, "mlp")
+    if kind is not None:
+        return kind.params(model, i)
+    return _dense(dense_mlp_params(model, model.resolved_d_ff))
 
 
 def param_counts(model: ModelConfig) -> ParamCounts:
@@ -112,14 +120,14 @@ def param_counts(model: ModelConfig) -> ParamCounts:
     )
 
 
-def _mm(m_in: int, n_out: int) -> float:
+def mm(m_in: int, n_out: int) -> float:
     """FLOPs per token of a ``[.., m_in] x [m_in, n_out]`` matmul."""
     return 2.0 * m_in * n_out
 
 
 def _attention_projection_flops_per_token(model: ModelConfig) -> float:
     D, H, K, E = model.d_model, model.n_heads, model.resolved_n_kv_heads, model.resolved_head_dim
-    return _mm(D, H * E) + 2 * _mm(D, K * E) + _mm(H * E, D)
+    return mm(D, H * E) + 2 * mm(D, K * E) + mm(H * E, D)
 
 
 def _attention_score_flops_per_token(model: ModelConfig, seq_len: int, scores: str = "causal") -> float:
@@ -128,11 +136,12 @@ def _attention_score_flops_per_token(model: ModelConfig, seq_len: int, scores: s
     or whole causal tiles (``"splash"``, ``(L + tile) / 2``)."""
     keys = {"causal": (seq_len + 1) / 2, "full": seq_len,
             "splash": (seq_len + splash_tile(seq_len)) / 2 if scores == "splash" else 0}[scores]
-    return 2 * _mm(model.n_heads * model.resolved_head_dim, 1) * keys
+    return 2 * mm(model.n_heads * model.resolved_head_dim, 1) * keys
 
 
-def _dense_mlp_flops_per_token(model: ModelConfig, d_ff: int) -> float:
-    return _n_mlp_matrices(model) * _mm(model.d_model, d_ff)
+def dense_mlp_flops_per_token(model: ModelConfig, d_ff: int) -> float:
+    """Forward FLOPs per token of a dense MLP of hidden size ``d_ff``."""
+    return _n_mlp_matrices(model) * mm(model.d_model, d_ff)
 
 
 def _attention_flops_per_token(model: ModelConfig, i: int, seq_len: int, scores: str = "causal") -> float:
@@ -140,19 +149,31 @@ def _attention_flops_per_token(model: ModelConfig, i: int, seq_len: int, scores:
 
 
 def _mlp_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
-    if model.is_moe_layer(i):
-        return _moe_mlp_flops_per_token(model, i, seq_len)
-    return _dense_mlp_flops_per_token(model, model.resolved_d_ff)
+    kind = blocks.layer_kind(model, i, "mlp")
+    if kind is not None:
+        return kind.flops_per_token(model, i, seq_len)
+    return dense_mlp_flops_per_token(model, model.resolved_d_ff)
+
+
+def _routed_tokens(model: ModelConfig, i: int, seq_len: int) -> int:
+    """Tokens per sequence block ``i`` runs on (``seq_len`` unless a router picks fewer)."""
+    return round(blocks.token_fraction(model, i, seq_len) * seq_len)
 
 
 def _block_flops_per_token(model: ModelConfig, i: int, seq_len: int, scores: str = "causal") -> float:
-    if model.is_mod_layer(i):
-        return _mod_block_flops_per_token(model, i, seq_len, scores)
-    return _attention_flops_per_token(model, i, seq_len, scores) + _mlp_flops_per_token(model, i, seq_len)
+    """Forward FLOPs per token of block ``i``. Under a router (mixture-of-depths) the block runs
+    on ``k`` of ``L`` tokens (causal attention over ``k`` keys, the MLP on ``k`` tokens) and the
+    router on every token, averaged per token."""
+    router = blocks.layer_kind(model, i, "router")
+    if router is None:
+        return _attention_flops_per_token(model, i, seq_len, scores) + _mlp_flops_per_token(model, i, seq_len)
+    k = _routed_tokens(model, i, seq_len)
+    inner = _attention_flops_per_token(model, i, k, scores) + _mlp_flops_per_token(model, i, k)
+    return k / seq_len * inner + router.flops_per_token(model, i, seq_len)
 
 
 def _head_flops_per_token(model: ModelConfig) -> float:
-    return _mm(model.d_model, model.vocab_size)
+    return mm(model.d_model, model.vocab_size)
 
 
 def forward_flops_per_token(model: ModelConfig, seq_len: int) -> float:
@@ -178,9 +199,9 @@ def causal_attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
     H_E = model.n_heads * model.resolved_head_dim
     total = 0.0
     for i in range(model.n_layers):
-        frac = _mod_token_fraction(model, i, seq_len)
+        frac = blocks.token_fraction(model, i, seq_len)
         keys = (frac * seq_len + 1) / 2
-        total += frac * 2 * _mm(H_E, 1) * keys
+        total += frac * 2 * mm(H_E, 1) * keys
     return total
 
 
@@ -229,31 +250,28 @@ def hardware_train_flops_per_token(model: ModelConfig, seq_len: int, attention: 
     if attention not in HARDWARE_ATTENTION:
         raise ValueError(f"attention: one of {', '.join(HARDWARE_ATTENTION)} (a resolved kernel), got {attention!r}")
     total = 3.0 * _head_flops_per_token(model)
-    moe = model.moe
     for i in range(model.n_layers):
-        frac = _mod_token_fraction(model, i, seq_len)
-        k = round(frac * seq_len)  # tokens the block attends over (L unless mixture-of-depths routes)
+        frac = blocks.token_fraction(model, i, seq_len)
+        k = round(frac * seq_len)  # tokens the block attends over (L unless a router picks fewer)
         scores = _kernel_scores(attention, k)
         block = _block_flops_per_token(model, i, seq_len, scores)
         score_fwd = frac * _attention_score_flops_per_token(model, k, scores)
-        experts_fwd, ragged = 0.0, False
-        if model.is_moe_layer(i):
-            slots = expert_slots_per_token(model, k)
-            if moe.router == "dropless" and moe_backend == "einsum":  # every expert runs on every token
-                block += frac * (moe.n_routed - slots) * _dense_mlp_flops_per_token(model, model.expert_d_ff)
-                slots = moe.n_routed
-            ragged = moe.router == "dropless" and moe_backend == "ragged_dot"
-            experts_fwd = frac * slots * _dense_mlp_flops_per_token(model, model.expert_d_ff)
+        mlp_kind = blocks.layer_kind(model, i, "mlp")
+        dots_recompute = nobatch_recompute = 0.0
+        if mlp_kind is not None and mlp_kind.hardware is not None:
+            fwd, dots_recompute, nobatch_recompute = mlp_kind.hardware(model, i, k, moe_backend)
+            block += frac * (fwd - mlp_kind.flops_per_token(model, i, k))
+            dots_recompute, nobatch_recompute = frac * dots_recompute, frac * nobatch_recompute
         total += 3.0 * block
         if scores != "full":  # one causal L x L matmul is half the score forward (QK^T and PV)
             total += _BACKWARD_RECOMPUTE[attention] * score_fwd / 2
         if model.remat == "full":
-            dense_mlp = not model.is_mod_layer(i) and not model.is_moe_layer(i)
-            total += block - (_mm(model.resolved_d_ff, model.d_model) if dense_mlp else 0.0)
+            dense_mlp = mlp_kind is None and blocks.layer_kind(model, i, "router") is None
+            total += block - (mm(model.resolved_d_ff, model.d_model) if dense_mlp else 0.0)
         elif model.remat == "dots_saveable":
-            total += (score_fwd if scores != "full" else 0.0) + (experts_fwd if ragged else 0.0)
+            total += (score_fwd if scores != "full" else 0.0) + dots_recompute
         elif model.remat == "dots_with_no_batch_dims_saveable":
-            total += score_fwd + experts_fwd
+            total += score_fwd + nobatch_recompute
     return total
 
 
@@ -302,91 +320,3 @@ def steps_for_budget(cfg: TrainConfig) -> int:
             "raise budget.flops or shrink the model / batch"
         )
     return int(steps)
-
-
-# --------------------------------------------------------------------------------------------
-# Sparse blocks: mixture-of-experts MLPs and mixture-of-depths routing.
-# The three helpers below define the work the sparse layers do; scaling/models/moe.py and
-# scaling/models/mod.py import them from here, so counts and computation cannot drift apart.
-# --------------------------------------------------------------------------------------------
-
-
-def capacity(cfg: ModelConfig, group_size: int) -> int:
-    """MoE slots per expert per routing group: ``ceil(capacity_factor * S * k / n_routed)``, at
-    most ``S`` (an expert never needs more slots than the group has tokens); ``S`` for dropless."""
-    moe = cfg.moe
-    if moe.router == "dropless":
-        return group_size
-    c = math.ceil(moe.capacity_factor * group_size * moe.k_routed / moe.n_routed)
-    return max(1, min(group_size, c))
-
-
-def expert_slots_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Expert-MLP evaluations computed per token (the FLOP multiplier of one expert MLP).
-
-    Capacity modes compute every padded slot: ``n_routed * C / S``. Dropless counts exactly
-    ``k_routed`` (what ``ragged_dot`` does; the CPU einsum backend computes more, see
-    ``scaling/models/moe.py``).
-    """
-    moe = cfg.moe
-    if moe.router == "dropless":
-        return float(moe.k_routed)
-    return moe.n_routed * capacity(cfg, seq_len) / seq_len
-
-
-def n_selected(capacity: float, seq_len: int) -> int:
-    """MoD: tokens per sequence that enter a routed block: ``ceil(capacity * L)`` (at least 1)."""
-    return max(1, min(seq_len, math.ceil(capacity * seq_len - 1e-9)))
-
-
-def _moe_mlp_params(model: ModelConfig, i: int) -> _Count:
-    """Router ``[D, n_routed]`` + routed experts + shared experts. A token touches the router,
-    its ``k_routed`` experts and the shared experts."""
-    moe = model.moe
-    D, f = model.d_model, model.expert_d_ff
-    router = D * moe.n_routed
-    expert = _dense_mlp_params(model, f)
-    shared = moe.n_shared_experts * expert
-    return _Count(router + moe.n_routed * expert + shared, router + moe.k_routed * expert + shared)
-
-
-def _moe_mlp_flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
-    """Router matmul + expert MLPs over the slots actually computed (padded capacity slots
-    count; dropless counts exactly ``k_routed``) + shared experts."""
-    moe = model.moe
-    D, f = model.d_model, model.expert_d_ff
-    router = _mm(D, moe.n_routed)
-    experts = expert_slots_per_token(model, seq_len) * _dense_mlp_flops_per_token(model, f)
-    shared = moe.n_shared_experts * _dense_mlp_flops_per_token(model, f)
-    return router + experts + shared
-
-
-def _mod_router_params(model: ModelConfig, i: int) -> _Count:
-    """The MoD router vector ``[D]`` (+ the optional causal predictor MLP, trained on a
-    stop-gradient copy and not on the token's forward path, so not active)."""
-    D = model.d_model
-    router = _dense(D)
-    if model.mod.causal_aux == "predictor":
-        h = max(8, D // 8)
-        router = router + _Count(D * h + h, 0)
-    return router
-
-
-def _mod_token_fraction(model: ModelConfig, i: int, seq_len: int) -> float:
-    """Fraction of a sequence's tokens that enter block ``i`` (1 for unrouted blocks)."""
-    if not model.is_mod_layer(i):
-        return 1.0
-    return n_selected(model.mod.capacity, seq_len) / seq_len
-
-
-def _mod_block_flops_per_token(model: ModelConfig, i: int, seq_len: int, scores: str = "causal") -> float:
-    """A routed block runs on ``k`` of ``L`` tokens: causal attention over ``k`` keys and the
-    MLP on ``k`` tokens; the router (``D`` MACs) runs on every token. Averaged per token."""
-    k = round(_mod_token_fraction(model, i, seq_len) * seq_len)
-    frac = k / seq_len
-    inner = _attention_flops_per_token(model, i, k, scores) + _mlp_flops_per_token(model, i, k)
-    router = _mm(model.d_model, 1)
-    if model.mod.causal_aux == "predictor":
-        h = max(8, model.d_model // 8)
-        router += _mm(model.d_model, h) + _mm(h, 1)
-    return frac * inner + router

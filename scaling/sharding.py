@@ -280,19 +280,18 @@ def validate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh: Mesh | Mapping[
     need("model.n_heads", model_cfg.n_heads, "heads")
     need("model.n_kv_heads", model_cfg.resolved_n_kv_heads, "heads")
     need("model.vocab_size", model_cfg.vocab_size, "vocab")
-    has_dense_mlp = model_cfg.moe is None or any(not model_cfg.is_moe_layer(i) for i in range(model_cfg.n_layers))
-    if has_dense_mlp:
-        need("model.d_ff", model_cfg.resolved_d_ff, "mlp")
-    if model_cfg.moe is None:
-        if sizes["expert"] > 1:
-            raise ConfigError(f"mesh.expert: {sizes['expert']} but the model has no experts "
-                              f"(model.moe is unset); use mesh.expert=1")
-        return
-    moe = model_cfg.moe
-    need("model.moe.n_experts", moe.n_routed, "expert")  # n_experts * granularity experts are held
-    need("model.moe.granularity", model_cfg.expert_d_ff, "mlp")  # each expert's hidden size
-    if moe.n_shared_experts:
-        need("model.moe.n_shared_experts", model_cfg.expert_d_ff * moe.n_shared_experts, "mlp")
+    from scaling import blocks
+
+    used = blocks.used(model_cfg)
+    if any(blocks.layer_kind(model_cfg, i, "mlp") is None for i in range(model_cfg.n_layers)):
+        need("model.d_ff", model_cfg.resolved_d_ff, "mlp")  # some layer holds the dense MLP
+    for axis in ("expert",):  # an axis only block kinds use: idle devices without one
+        if sizes[axis] > 1 and not any(axis in k.mesh_axes for k in used):
+            raise ConfigError(f"mesh.{axis}: {sizes[axis]} but the model has no experts "
+                              f"(model.moe is unset); use mesh.{axis}=1")
+    for kind in used:
+        for field, value, logical in (kind.shard_needs(model_cfg) if kind.shard_needs else ()):
+            need(field, value, logical)
 
 
 def accumulation(data_cfg: DataConfig, mesh: Mesh | Mapping[str, int]) -> tuple[int, int]:
@@ -465,12 +464,11 @@ def activation_bytes_estimate(model_cfg: ModelConfig, data_cfg: DataConfig, mesh
     hd, t = m.resolved_head_dim, sizes["tensor"]
     per_mult = 3 if m.activation == "swiglu" else 2
     per_layer = []
+    from scaling import blocks
+
     for i in range(m.n_layers):
-        if m.is_moe_layer(i):
-            moe = m.moe
-            ff = m.expert_d_ff * (moe.k_routed * moe.capacity_factor + moe.n_shared_experts)
-        else:
-            ff = m.resolved_d_ff
+        kind = blocks.layer_kind(m, i, "mlp")
+        ff = kind.hidden_width(m, i) if kind is not None and kind.hidden_width else m.resolved_d_ff
         sharded = (2 * m.n_heads + 2 * m.resolved_n_kv_heads) * hd + 2 * m.n_heads * data_cfg.seq_len + per_mult * ff
         per_layer.append(tokens * (5 * m.d_model + sharded / t) * width)
     if getattr(m, "remat", "none") == "full":

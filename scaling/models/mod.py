@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling.config import ModelConfig
-from scaling.flops import n_selected  # noqa: F401  (the counted work)
+from scaling.blocks.mod import n_selected  # noqa: F401  (the counted work)
 from scaling.models.layers import param
 
 

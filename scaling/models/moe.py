@@ -63,7 +63,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from scaling.config import ModelConfig
-from scaling.flops import capacity, expert_slots_per_token  # noqa: F401  (the counted work)
+from scaling.blocks.moe import capacity, expert_slots_per_token  # noqa: F401  (the counted work)
 from scaling.models import mup
 from scaling.models.layers import activation_fn, compute_dtype, param
 
@@ -127,7 +127,7 @@ class MoELayer(nnx.Module):
     dense MLP of hidden ``n_shared_experts * f`` (the sum of that many experts).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs):
         if cfg.moe is None:
             raise ValueError("MoELayer needs cfg.moe")
         self.cfg = cfg

@@ -4,8 +4,9 @@
 
 ``aux["aux_loss"]`` is the sum of every block's weighted auxiliary loss (0 for a dense model),
 to be added to the training loss; every other entry is a scalar metric, prefixed with its layer
-(``l3/moe/drop_fraction``). Sparse blocks are built by ``scaling.models.moe`` / ``mod``, imported
-only when the config asks for them.
+(``l3/moe/drop_fraction``). What each layer holds beyond attention and the dense MLP comes from
+the block registry (``scaling.blocks``: MoE, MoD, any registered kind), imported only when the
+config asks for it.
 """
 
 from __future__ import annotations
@@ -62,18 +63,20 @@ def run_stacked(stack: nnx.List, run_block, x_BxLxD: jax.Array, positions_BxL: j
 
 
 def make_block(cfg: ModelConfig, i: int, *, rngs: nnx.Rngs) -> nnx.Module:
-    """Block ``i``: MoE MLP where ``cfg.is_moe_layer(i)``, wrapped in mixture-of-depths routing
-    where ``cfg.is_mod_layer(i)``. Every block is called ``block(x, positions=...) -> (x, aux)``."""
+    """Block ``i`` as the block registry (``scaling.blocks``) lays it out: attention and the
+    layer's MLP kind (the dense MLP when none applies), wrapped in the layer's router kind
+    (mixture-of-depths) when one applies. Every block is called
+    ``block(x, positions=..., train=..., mod_routing=...) -> (x, aux)``."""
+    from scaling import blocks
+
+    mlp_kind, router_kind = blocks.layer_kind(cfg, i, "mlp"), blocks.layer_kind(cfg, i, "router")
     mlp = None
-    if cfg.is_moe_layer(i):
-        from scaling.models.moe import MoELayer
-
-        mlp = MoELayer
+    if mlp_kind is not None:
+        cls = mlp_kind.module_class()
+        mlp = lambda cfg, *, rngs: cls(cfg, i, rngs=rngs)  # noqa: E731
     block = Block(cfg, mlp=mlp, rngs=rngs)
-    if cfg.is_mod_layer(i):
-        from scaling.models.mod import MoDBlock
-
-        block = MoDBlock(cfg, block, rngs=rngs)
+    if router_kind is not None:
+        block = router_kind.module_class()(cfg, block, rngs=rngs)
     return block
 
 

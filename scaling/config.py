@@ -516,7 +516,9 @@ class TrainConfig:
     checkpoint_keep: int = 2
     checkpoint_at: tuple[int, ...] = ()  # extra steps to checkpoint at (WSD branch points), kept
     divergence_factor: float = 3.0  # loss > factor * min(loss so far) (after warmup) => diverged
-    wandb: Literal["off", "offline", "online"] = "off"
+    # mirror metrics to wandb: offline by default (a local wandb/ folder, `wandb sync` later);
+    # metrics.jsonl stays the truth and analysis never needs wandb. Not part of trial ids
+    wandb: Literal["off", "offline", "online"] = "offline"
     progress: bool = True  # console progress bar
     # WSD branching (sweeps): resume from this checkpoint directory/step, then cool down.
     init_from: Optional[str] = None

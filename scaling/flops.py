@@ -7,7 +7,7 @@ Conventions
   XLA's count of a compiled step includes that work, so it sits a few percent above ours.
 * Model FLOPs (the budget ``C``, the ``flops`` column, MFU) count causal attention: ``QK^T``
   and ``softmax(.) V`` over the unmasked keys only, ``(L + 1) / 2`` per query on average, i.e.
-  ``2 * (L + 1) * H * E`` FLOPs per token per layer. MaxText halves to ``L / 2`` (a ``1 / L``
+  ``2 * (L + 1) * H * A`` FLOPs per token per layer. MaxText halves to ``L / 2`` (a ``1 / L``
   difference in that term) and Kaplan's ``2 * n_ctx * d_attn`` per layer is the same number;
   Chinchilla's appendix (Table A4) and PaLM's MFU count the full square. One number per
   architecture, whatever kernel runs it, so a budget buys the same model on every backend.
@@ -83,9 +83,9 @@ def dense_mlp_params(model: ModelConfig, d_ff: int) -> int:
 
 
 def _attention_params(model: ModelConfig) -> int:
-    D, H, K, E = model.d_model, model.n_heads, model.resolved_n_kv_heads, model.resolved_head_dim
-    qk_norm = 2 * E if model.qk_norm else 0
-    return D * H * E + 2 * D * K * E + H * E * D + qk_norm
+    D, H, K, A = model.d_model, model.n_heads, model.resolved_n_kv_heads, model.resolved_head_dim
+    qk_norm = 2 * A if model.qk_norm else 0
+    return D * H * A + 2 * D * K * A + H * A * D + qk_norm
 
 
 def _block_params(model: ModelConfig, i: int) -> Count:
@@ -126,8 +126,8 @@ def mm(m_in: int, n_out: int) -> float:
 
 
 def _attention_projection_flops_per_token(model: ModelConfig) -> float:
-    D, H, K, E = model.d_model, model.n_heads, model.resolved_n_kv_heads, model.resolved_head_dim
-    return mm(D, H * E) + 2 * mm(D, K * E) + mm(H * E, D)
+    D, H, K, A = model.d_model, model.n_heads, model.resolved_n_kv_heads, model.resolved_head_dim
+    return mm(D, H * A) + 2 * mm(D, K * A) + mm(H * A, D)
 
 
 def _attention_score_flops_per_token(model: ModelConfig, seq_len: int, scores: str = "causal") -> float:
@@ -196,12 +196,12 @@ def six_n_flops_per_token(model: ModelConfig) -> float:
 def causal_attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
     """Forward attention-score model FLOPs per token (``QK^T`` and ``PV`` over the unmasked
     keys), summed over layers: the part of ``forward_flops_per_token`` that grows with ``L``."""
-    H_E = model.n_heads * model.resolved_head_dim
+    H_A = model.n_heads * model.resolved_head_dim
     total = 0.0
     for i in range(model.n_layers):
         frac = blocks.token_fraction(model, i, seq_len)
         keys = (frac * seq_len + 1) / 2
-        total += frac * 2 * mm(H_E, 1) * keys
+        total += frac * 2 * mm(H_A, 1) * keys
     return total
 
 

@@ -52,6 +52,12 @@ LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): 
 UNHASHED_FIELDS = {("data", "worker_count"), ("model", "remat"), ("model", "attention"), (None, "checkpoint_dir")}
 
 
+# Display settings that change nothing a run computes but entered trial ids from the start:
+# hashed at the value every earlier config had, whatever the config says, so that changing
+# their default (wandb became offline) or a flag renames no trial and splits no seed group.
+PINNED_FIELDS = {(None, "wandb"): "off", (None, "progress"): True}
+
+
 def without_unhashed(config: dict) -> dict:
     """A copy of a config dict (its sections copied one level deep) without the
     ``UNHASHED_FIELDS``."""
@@ -66,8 +72,11 @@ def without_unhashed(config: dict) -> dict:
 
 def without_late_defaults(config: dict) -> dict:
     """A copy of a config dict without the ``LATE_FIELDS`` that hold their old value and without
-    the ``UNHASHED_FIELDS``."""
+    the ``UNHASHED_FIELDS``, the ``PINNED_FIELDS`` set to their pinned value."""
     d = without_unhashed(config)
+    for (section, name), old in PINNED_FIELDS.items():
+        if section is None and name in d:
+            d[name] = old
     for (section, name), old in LATE_FIELDS.items():
         sec = d.get(section)
         value = sec.get(name, old) if isinstance(sec, dict) else None

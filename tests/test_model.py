@@ -344,3 +344,26 @@ def test_layout_conversion_round_trips_parameters_and_adam_moments():
     tx = optim.make_optimizer(OptimConfig())
     st = step_lib.init_state(p_loop, rest, tx)
     assert same(layout.convert(st, cfg, to_scan=True)["opt_state"], step_lib.init_state(p_scan, rest, tx)["opt_state"])
+
+
+def test_models_built_in_two_threads_at_once_draw_their_own_parameters(monkeypatch):
+    """The one-draw initialiser keeps its pending parameters per thread: models built
+    concurrently (different seeds, different shapes) equal the same models built one by one.
+    A short sleep per parameter makes the threads interleave (a shared buffer fails here)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    make = layers.param
+    monkeypatch.setattr(layers, "param", lambda *a, **k: (time.sleep(0.002), make(*a, **k))[1])
+
+    cfgs = [ModelConfig(d_model=32, n_layers=2, n_heads=2), ModelConfig(d_model=48, n_layers=3, n_heads=4)]
+
+    def build(i):
+        model = Transformer(cfgs[i % 2], rngs=nnx.Rngs(i))
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+    alone = [build(i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(build, range(4)))
+    for a, b in zip(alone, together):
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))

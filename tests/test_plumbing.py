@@ -72,6 +72,8 @@ def test_import_rules_hold_in_the_source():
         assert not above, (name, above)
         assert not _banned(_imports(PKG / f"{name}.py"), ("jax", "flax", "numpy")), name
     assert not _banned(_imports(PKG / "flops.py"), ("scaling.models", "jax", "flax"))
+    for f in sorted((PKG / "blocks").glob("*.py")):  # block kinds count without jax; calls are named lazily
+        assert not _banned(_imports(f), ("scaling.models", "jax", "flax")), f.name
     assert not _banned(_imports(PKG / "models" / "layers.py"), ("scaling.models.moe", "scaling.models.mod"))
     assert not _banned(_imports(PKG / "models" / "bench.py"), ("scaling.train.bench",))
     # every error type lives in scaling.errors: no module defines its own Exception subclass
@@ -101,6 +103,8 @@ def test_fit_reads_a_sweep_without_jax_and_flops_without_flax(tmp_path):
                        or m.startswith(("scaling.cli", "scaling.sweep", "scaling.train", "scaling.models")))
         assert not heavy, heavy
         import scaling.flops
+        from scaling.config import MoDConfig, MoEConfig, ModelConfig
+        assert scaling.flops.param_counts(ModelConfig(n_layers=2, moe=MoEConfig(), mod=MoDConfig())).total > 0
         assert "flax" not in sys.modules and "jax" not in sys.modules
         print("ok")
     """)

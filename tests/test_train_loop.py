@@ -17,7 +17,7 @@ import pytest
 import experiments
 from scaling import flops
 from scaling.cli import main
-from scaling.config import ConfigError
+from scaling.config import ConfigError, config_hash
 from scaling.data import corpus
 from scaling.train import loop
 from scaling.train.loop import WALL_FIELDS
@@ -330,7 +330,9 @@ def test_wandb_runs_are_grouped_by_sweep_and_tagged(tmp_path, monkeypatch):
     sweep = tmp_path / "isoflop_x"
     sweep.mkdir()
     (sweep / "manifest.json").write_text(json.dumps({"name": "isoflop_x", "trials": []}))
-    cfg = tiny_cfg("budget.steps=2", "wandb=offline", "seed=3")
+    cfg = tiny_cfg("budget.steps=2", "seed=3")
+    assert cfg.wandb == "offline"  # the default; the trial id is the one wandb=off always had
+    assert config_hash(cfg) == config_hash(cfg.with_overrides(["wandb=off"])) == config_hash(cfg.with_overrides(["wandb=online"]))
     loop.run(cfg, sweep / "abc123")
     loop.run(cfg, tmp_path / "lone")
     assert [c["group"] for c in calls] == ["isoflop_x", "lone"]

@@ -1,8 +1,8 @@
 """Dense transformer layers (flax nnx): embedding, RMSNorm, RoPE causal attention, MLP, block.
 
 Conventions (nanodo style): shape-suffixed names, ``B`` batch, ``L`` length, ``D`` d_model,
-``H`` query heads, ``K`` key/value heads, ``G = H / K`` query heads per kv head, ``E`` head_dim,
-``F`` MLP hidden size, ``V`` vocabulary.
+``H`` query heads, ``K`` key/value heads, ``A`` head_dim, ``F`` MLP hidden size, ``V`` vocabulary
+(the legend of every letter is at the top of ``docs/interfaces.md``).
 
 Parameters are float32 and carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
 ``vocab``) through ``nnx.with_partitioning``; ``scaling.sharding`` maps them to mesh axes and
@@ -15,6 +15,7 @@ Every matmul here is counted by ``scaling.flops``; if you add or change one, cha
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from functools import partial
 
@@ -54,18 +55,22 @@ def activation_fn(cfg: ModelConfig):
 # Parameters created inside ``one_draw_init`` are filled from a single normal draw when the
 # context closes. XLA compiles each threefry call site separately (~0.45 s of CPU each on a
 # 2-core machine), so drawing every matrix on its own made initialisation of a 2-layer model
-# cost ~9 s of compilation; one draw costs one call site whatever the depth.
-_PENDING: list[list] = []
+# cost ~9 s of compilation; one draw costs one call site whatever the depth. The pending list
+# is a context variable, not a shared buffer: each thread (and each nested context) builds
+# its own model's list, so two models built at once do not mix draws. As with nnx's own
+# ``Rngs`` counter, a parameter's value depends on the order parameters are declared in.
+_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("scaling_one_draw_pending", default=None)
 _ONE_DRAW_MAX_ELEMENTS = 1 << 28  # above ~1 GiB of float32 draw per parameter (no huge temp)
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float | None) -> nnx.Param:
     """A float32 parameter with logical axis names, ``normal(0, std)`` or ones (``std=None``)."""
     shape = tuple(int(d) for d in shape)
-    if _PENDING:
+    pending = _PENDING.get()
+    if pending is not None:
         # placeholder of the right shape (a zero-copy numpy view); the value comes at context exit
         var = nnx.Param(nnx.with_partitioning(lambda *_: np.broadcast_to(np.float32(0), shape), axes)(None), eager_sharding=False)
-        _PENDING[-1].append((var, shape, std))
+        pending.append((var, shape, std))
         return var
     init = nnx.initializers.ones_init() if std is None else nnx.initializers.normal(std)
     init = nnx.with_partitioning(init, axes)
@@ -89,14 +94,15 @@ def _one_draw(key: jax.Array, specs: tuple) -> list[jax.Array]:
 
 @contextlib.contextmanager
 def one_draw_init(rngs: nnx.Rngs):
-    """Fill every parameter that ``param`` creates inside this context from one normal draw
-    (one ``rngs.params()`` key) at exit; models above ~1 GiB draw per parameter instead."""
+    """Fill every parameter that ``param`` creates inside this context (in this thread) from
+    one normal draw (one ``rngs.params()`` key) at exit; models above ~1 GiB draw per
+    parameter instead."""
     pending: list = []
-    _PENDING.append(pending)
+    token = _PENDING.set(pending)
     try:
         yield
     finally:
-        _PENDING.pop()
+        _PENDING.reset(token)
     specs = tuple((shape, std) for _, shape, std in pending)
     if sum(math.prod(shape) for shape, _ in specs) <= _ONE_DRAW_MAX_ELEMENTS:
         values = _one_draw(rngs.params(), specs)
@@ -147,17 +153,17 @@ class Embed(nnx.Module):
         return jnp.einsum("bld,vd->blv", x_BxLxD, w_VxD, preferred_element_type=jnp.float32)
 
 
-def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, rotate-half layout (pairs ``(i, i + E/2)``), float32 angles."""
-    E = x_BxLxNxE.shape[-1]
-    freq_F = theta ** (-jnp.arange(0, E // 2, dtype=jnp.float32) * 2.0 / E)
-    angle_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * freq_F
-    cos = jnp.cos(angle_BxLxF)[:, :, None, :]
-    sin = jnp.sin(angle_BxLxF)[:, :, None, :]
-    x32 = x_BxLxNxE.astype(jnp.float32)
-    x1, x2 = x32[..., : E // 2], x32[..., E // 2 :]
+def rope(x_BxLxMxA: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotate-half layout (pairs ``(i, i + A/2)``), float32 angles."""
+    A = x_BxLxMxA.shape[-1]
+    freq_R = theta ** (-jnp.arange(0, A // 2, dtype=jnp.float32) * 2.0 / A)
+    angle_BxLxR = positions_BxL.astype(jnp.float32)[..., None] * freq_R
+    cos = jnp.cos(angle_BxLxR)[:, :, None, :]
+    sin = jnp.sin(angle_BxLxR)[:, :, None, :]
+    x32 = x_BxLxMxA.astype(jnp.float32)
+    x1, x2 = x32[..., : A // 2], x32[..., A // 2 :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxLxNxE.dtype)
+    return out.astype(x_BxLxMxA.dtype)
 
 
 def attention_implementation(cfg: ModelConfig, backend: str | None = None, seq_len: int | None = None) -> str:
@@ -173,9 +179,9 @@ def attention_implementation(cfg: ModelConfig, backend: str | None = None, seq_l
     backend = backend or jax.default_backend()
     if cfg.attention == "xla":
         return "xla"
-    E = cfg.resolved_head_dim
-    head_ok = E % 8 == 0 and E <= 128  # cuDNN's fused kernel (256 on Hopper; 128 holds everywhere)
-    splash_ok = E % SPLASH_BLOCK == 0 and (seq_len is None or seq_len % SPLASH_BLOCK == 0)
+    A = cfg.resolved_head_dim
+    head_ok = A % 8 == 0 and A <= 128  # cuDNN's fused kernel (256 on Hopper; 128 holds everywhere)
+    splash_ok = A % SPLASH_BLOCK == 0 and (seq_len is None or seq_len % SPLASH_BLOCK == 0)
     if cfg.attention == "cudnn":
         if backend != "gpu":
             raise ConfigError(f"model.attention: cudnn needs a GPU backend, this one is {backend}; use auto or xla")
@@ -184,13 +190,13 @@ def attention_implementation(cfg: ModelConfig, backend: str | None = None, seq_l
                               "or use auto / xla")
         if not head_ok:
             raise ConfigError(f"model.head_dim: cudnn flash attention needs a head dimension that is a multiple of 8 "
-                              f"and at most 128, got {E}; change it or use model.attention=auto / xla")
+                              f"and at most 128, got {A}; change it or use model.attention=auto / xla")
         return "cudnn"
     if cfg.attention == "splash":
         if backend != "tpu":
             raise ConfigError(f"model.attention: splash needs a TPU backend, this one is {backend}; use auto or xla")
-        if E % SPLASH_BLOCK:
-            raise ConfigError(f"model.head_dim: splash attention needs a multiple of {SPLASH_BLOCK}, got {E}; "
+        if A % SPLASH_BLOCK:
+            raise ConfigError(f"model.head_dim: splash attention needs a multiple of {SPLASH_BLOCK}, got {A}; "
                               "change it or use model.attention=auto / xla")
         if not splash_ok:
             raise ConfigError(f"data.seq_len: splash attention needs a multiple of {SPLASH_BLOCK}, got {seq_len}; "
@@ -201,7 +207,7 @@ def attention_implementation(cfg: ModelConfig, backend: str | None = None, seq_l
     return "splash" if backend == "tpu" and splash_ok else "xla"
 
 
-def causal_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
+def causal_attention(q_BxLxHxA: jax.Array, k_BxLxKxA: jax.Array, v_BxLxKxA: jax.Array,
                      key_mask_BxL: jax.Array | None = None, scale: float | None = None,
                      implementation: str = "xla", *, interpret: bool = False) -> jax.Array:
     """Causal softmax attention, grouped-query (query head ``h`` reads kv head ``h // (H/K)``).
@@ -213,76 +219,76 @@ def causal_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.
     increasing position order (mixture-of-depths keeps gathered tokens in order).
     ``key_mask_BxL`` (bool) restricts every query to the keys marked True, plus itself so that no
     row is empty (mixture-of-depths' causal routing: selected tokens see selected tokens only;
-    xla only). ``scale`` multiplies the scores (default ``1/sqrt(E)``; μP passes
-    ``mup.attention_scale``). Returns ``[B, L, H, E]`` in the input dtype."""
+    xla only). ``scale`` multiplies the scores (default ``1/sqrt(A)``; μP passes
+    ``mup.attention_scale``). Returns ``[B, L, H, A]`` in the input dtype."""
     if implementation == "splash":
         if key_mask_BxL is not None:
             raise ValueError("splash attention takes no key mask; mixture-of-depths blocks use xla")
-        return splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, interpret=interpret)
+        return splash_attention(q_BxLxHxA, k_BxLxKxA, v_BxLxKxA, scale, interpret=interpret)
     mask = None
     if key_mask_BxL is not None:
         L = key_mask_BxL.shape[1]
         mask = (key_mask_BxL[:, None, None, :] | jnp.eye(L, dtype=bool)[None, None])
-    return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask=mask, is_causal=True,
+    return jax.nn.dot_product_attention(q_BxLxHxA, k_BxLxKxA, v_BxLxKxA, mask=mask, is_causal=True,
                                         scale=scale, implementation=implementation)
 
 
-def splash_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
+def splash_attention(q_BxLxHxA: jax.Array, k_BxLxKxA: jax.Array, v_BxLxKxA: jax.Array,
                      scale: float | None = None, *, interpret: bool = False) -> jax.Array:
     """Causal attention through the Pallas TPU splash-attention kernel (fully masked tiles
     skipped, no ``L x L`` scores in memory), grouped-query natively. Under a mesh the kernel runs
     per shard (``shard_map``): rows over the batch axes, heads over ``tensor`` as the
     activation rules place them; kv heads that do not split with the query heads are repeated
     to ``H`` first. ``interpret`` runs the kernel in Pallas' interpreter (any backend, slow: the
-    tests check it against XLA on the CPU). Returns ``[B, L, H, E]`` in the input dtype."""
+    tests check it against XLA on the CPU). Returns ``[B, L, H, A]`` in the input dtype."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     from scaling import sharding
 
-    B, L, H, E = q_BxLxHxE.shape
-    scale = 1.0 / math.sqrt(E) if scale is None else scale
-    q_BxLxHxE = q_BxLxHxE * jnp.asarray(scale, q_BxLxHxE.dtype)  # the kernel does not scale
+    B, L, H, A = q_BxLxHxA.shape
+    scale = 1.0 / math.sqrt(A) if scale is None else scale
+    q_BxLxHxA = q_BxLxHxA * jnp.asarray(scale, q_BxLxHxA.dtype)  # the kernel does not scale
 
-    def local(q_bxLxhxE, k_bxLxkxE, v_bxLxkxE):
-        h, block = q_bxLxhxE.shape[2], splash_tile(L)  # scaling.flops counts its diagonal tiles
+    def local(q_bxLxhxA, k_bxLxkxA, v_bxLxkxA):
+        h, block = q_bxLxhxA.shape[2], splash_tile(L)  # scaling.flops counts its diagonal tiles
         sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
         mask = sm.MultiHeadMask([sm.CausalMask((L, L)) for _ in range(h)])
         kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
-        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [b, L, h, E] -> [b, h, L, E]
-        o = jax.vmap(kernel)(heads_first(q_bxLxhxE), heads_first(k_bxLxkxE), heads_first(v_bxLxkxE))
+        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [b, L, h, A] -> [b, h, L, A]
+        o = jax.vmap(kernel)(heads_first(q_bxLxhxA), heads_first(k_bxLxkxA), heads_first(v_bxLxkxA))
         return heads_first(o)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return local(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE)
-    q_spec = sharding.activation_spec(HEADS, q_BxLxHxE.shape)
-    kv_spec = sharding.activation_spec(HEADS, k_BxLxKxE.shape)
+        return local(q_BxLxHxA, k_BxLxKxA, v_BxLxKxA)
+    q_spec = sharding.activation_spec(HEADS, q_BxLxHxA.shape)
+    kv_spec = sharding.activation_spec(HEADS, k_BxLxKxA.shape)
     if kv_spec[2] != q_spec[2]:  # the kv heads do not split like the query heads: give each its own
-        k_BxLxKxE = jnp.repeat(k_BxLxKxE, H // k_BxLxKxE.shape[2], axis=2)
-        v_BxLxKxE = jnp.repeat(v_BxLxKxE, H // v_BxLxKxE.shape[2], axis=2)
+        k_BxLxKxA = jnp.repeat(k_BxLxKxA, H // k_BxLxKxA.shape[2], axis=2)
+        v_BxLxKxA = jnp.repeat(v_BxLxKxA, H // v_BxLxKxA.shape[2], axis=2)
         kv_spec = q_spec
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                         check_vma=False)(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE)
+                         check_vma=False)(q_BxLxHxA, k_BxLxKxA, v_BxLxKxA)
 
 
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with RoPE and optional qk-norm.
 
-    Parameters: ``wq [D, H, E]``, ``wk, wv [D, K, E]``, ``wo [H, E, D]``; qk-norm scales ``[E]``.
+    Parameters: ``wq [D, H, A]``, ``wk, wv [D, K, A]``, ``wo [H, A, D]``; qk-norm scales ``[A]``.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
-        self.wq = param(rngs, (D, H, E), ("embed", "heads", "kv"), _std(cfg, "wq"))
-        self.wk = param(rngs, (D, K, E), ("embed", "heads", "kv"), _std(cfg, "wk"))
-        self.wv = param(rngs, (D, K, E), ("embed", "heads", "kv"), _std(cfg, "wv"))
-        self.wo = param(rngs, (H, E, D), ("heads", "kv", "embed"), _std(cfg, "wo"))
+        D, H, K, A = cfg.d_model, cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
+        self.wq = param(rngs, (D, H, A), ("embed", "heads", "kv"), _std(cfg, "wq"))
+        self.wk = param(rngs, (D, K, A), ("embed", "heads", "kv"), _std(cfg, "wk"))
+        self.wv = param(rngs, (D, K, A), ("embed", "heads", "kv"), _std(cfg, "wv"))
+        self.wo = param(rngs, (H, A, D), ("heads", "kv", "embed"), _std(cfg, "wo"))
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(E, eps=cfg.norm_eps, axis_name="kv", rngs=rngs)
-            self.k_norm = RMSNorm(E, eps=cfg.norm_eps, axis_name="kv", rngs=rngs)
+            self.q_norm = RMSNorm(A, eps=cfg.norm_eps, axis_name="kv", rngs=rngs)
+            self.k_norm = RMSNorm(A, eps=cfg.norm_eps, axis_name="kv", rngs=rngs)
         else:
             self.q_norm = self.k_norm = None
 
@@ -293,22 +299,22 @@ class Attention(nnx.Module):
         dt = x_BxLxD.dtype
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        q_BxLxHxE = constrain(jnp.einsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt)), HEADS)
-        k_BxLxKxE = constrain(jnp.einsum("bld,dke->blke", x_BxLxD, self.wk[...].astype(dt)), HEADS)
-        v_BxLxKxE = constrain(jnp.einsum("bld,dke->blke", x_BxLxD, self.wv[...].astype(dt)), HEADS)
+        q_BxLxHxA = constrain(jnp.einsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt)), HEADS)
+        k_BxLxKxA = constrain(jnp.einsum("bld,dke->blke", x_BxLxD, self.wk[...].astype(dt)), HEADS)
+        v_BxLxKxA = constrain(jnp.einsum("bld,dke->blke", x_BxLxD, self.wv[...].astype(dt)), HEADS)
         if self.q_norm is not None:
-            q_BxLxHxE = self.q_norm(q_BxLxHxE)
-            k_BxLxKxE = self.k_norm(k_BxLxKxE)
-        q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
-        k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
-        scale = mup.attention_scale(cfg) if mup.is_mup(cfg) else None  # None: jax's own 1/sqrt(E) (SP)
+            q_BxLxHxA = self.q_norm(q_BxLxHxA)
+            k_BxLxKxA = self.k_norm(k_BxLxKxA)
+        q_BxLxHxA = rope(q_BxLxHxA, positions_BxL, cfg.rope_theta)
+        k_BxLxKxA = rope(k_BxLxKxA, positions_BxL, cfg.rope_theta)
+        scale = mup.attention_scale(cfg) if mup.is_mup(cfg) else None  # None: jax's own 1/sqrt(A) (SP)
         impl = attention_implementation(cfg, seq_len=None if cfg.attention == "splash" else L)
         if impl == "splash" and L % SPLASH_BLOCK:  # a MoD block's k routed tokens: the run's
             impl = "xla"  # data.seq_len was checked up front; scaling.flops counts the same fallback
-        o_BxLxHxE = causal_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, key_mask_BxL, scale,
+        o_BxLxHxA = causal_attention(q_BxLxHxA, k_BxLxKxA, v_BxLxKxA, key_mask_BxL, scale,
                                      implementation=impl if key_mask_BxL is None else "xla")
-        o_BxLxHxE = constrain(o_BxLxHxE, HEADS)
-        return jnp.einsum("blhe,hed->bld", o_BxLxHxE, self.wo[...].astype(dt))
+        o_BxLxHxA = constrain(o_BxLxHxA, HEADS)
+        return jnp.einsum("blhe,hed->bld", o_BxLxHxA, self.wo[...].astype(dt))
 
 
 class MLP(nnx.Module):

@@ -88,21 +88,21 @@ class MoDBlock(nnx.Module):
         B, L, D = x_BxLxD.shape
         k = n_selected(mod.capacity, L)
         logits_BxL = self.router_logits(x_BxLxD)
-        _, idx_BxK = jax.lax.top_k(logits_BxL, k)
-        idx_BxK = jnp.sort(idx_BxK, axis=-1)  # original order: causal masks and RoPE stay right
+        _, idx_BxT = jax.lax.top_k(logits_BxL, k)
+        idx_BxT = jnp.sort(idx_BxT, axis=-1)  # original order: causal masks and RoPE stay right
         rows = jnp.arange(B)[:, None]
-        member_BxL = jnp.zeros((B, L), jnp.float32).at[rows, idx_BxK].set(1.0)
+        member_BxL = jnp.zeros((B, L), jnp.float32).at[rows, idx_BxT].set(1.0)
         causal_logits = self.causal_logits(x_BxLxD)
 
         if mod_routing == "topk":
-            pos_BxK = idx_BxK if positions is None else jnp.take_along_axis(positions, idx_BxK, axis=1)
-            x_sel = jnp.take_along_axis(x_BxLxD, idx_BxK[..., None], axis=1)
-            out_sel, aux = self.block(x_sel, positions=pos_BxK, **kw)
+            pos_BxT = idx_BxT if positions is None else jnp.take_along_axis(positions, idx_BxT, axis=1)
+            x_sel = jnp.take_along_axis(x_BxLxD, idx_BxT[..., None], axis=1)
+            out_sel, aux = self.block(x_sel, positions=pos_BxT, **kw)
             delta = out_sel - x_sel
-            r_BxK = jnp.take_along_axis(logits_BxL, idx_BxK, axis=1)
-            w_BxK = jax.nn.sigmoid(r_BxK) if mod.router_scale else jnp.ones_like(r_BxK)
-            y = x_BxLxD.at[rows, idx_BxK].add((w_BxK[..., None] * delta).astype(x_BxLxD.dtype))
-            fraction, w_mean, w_std = jnp.asarray(k / L, jnp.float32), jnp.mean(w_BxK), jnp.std(w_BxK)
+            r_BxT = jnp.take_along_axis(logits_BxL, idx_BxT, axis=1)
+            w_BxT = jax.nn.sigmoid(r_BxT) if mod.router_scale else jnp.ones_like(r_BxT)
+            y = x_BxLxD.at[rows, idx_BxT].add((w_BxT[..., None] * delta).astype(x_BxLxD.dtype))
+            fraction, w_mean, w_std = jnp.asarray(k / L, jnp.float32), jnp.mean(w_BxT), jnp.std(w_BxT)
         else:
             sel_BxL = causal_logits > 0
             out, aux = self.block(x_BxLxD, positions=positions, key_mask=sel_BxL, **kw)

@@ -87,8 +87,8 @@ def rank_within_expert(e_N: jax.Array, n_experts: int) -> jax.Array:
     """Position of each assignment among those sent to the same expert, in order.
 
     ``e_N``: int[N] expert ids in priority order -> int[N] ranks (0-based)."""
-    onehot_NxE = jax.nn.one_hot(e_N, n_experts, dtype=jnp.int32)
-    return jnp.sum(jnp.cumsum(onehot_NxE, axis=0) * onehot_NxE, axis=-1) - 1
+    onehot_NxX = jax.nn.one_hot(e_N, n_experts, dtype=jnp.int32)
+    return jnp.sum(jnp.cumsum(onehot_NxX, axis=0) * onehot_NxX, axis=-1) - 1
 
 
 def _mesh_axes():
@@ -96,22 +96,22 @@ def _mesh_axes():
     return {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
-def constrain_dispatch(x_GxExCxD: jax.Array) -> jax.Array:
+def constrain_dispatch(x_GxXxCxD: jax.Array) -> jax.Array:
     """Shard the dispatch tensor as groups over the batch axes (minus ``expert``), experts over
     ``expert``; a no-op without an active mesh or when sizes do not divide."""
     sizes = _mesh_axes()
     if not sizes or sizes.get("expert", 1) == 1:
-        return x_GxExCxD
+        return x_GxXxCxD
     from scaling.sharding import LOGICAL_RULES
 
     batch = dict(LOGICAL_RULES).get("batch")
     batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
     batch = tuple(a for a in batch if a in sizes and a != "expert" and sizes[a] > 1)
     n_batch = math.prod(sizes[a] for a in batch)
-    G, E = x_GxExCxD.shape[:2]
+    G, X = x_GxXxCxD.shape[:2]
     g_spec = batch if batch and G % n_batch == 0 else None
-    e_spec = "expert" if E % sizes["expert"] == 0 else None
-    return jax.lax.with_sharding_constraint(x_GxExCxD, P(g_spec, e_spec, None, None))
+    e_spec = "expert" if X % sizes["expert"] == 0 else None
+    return jax.lax.with_sharding_constraint(x_GxXxCxD, P(g_spec, e_spec, None, None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,11 +151,11 @@ class MoELayer(nnx.Module):
     def _dtype(self):
         return compute_dtype(self.cfg)
 
-    def _experts(self, x_GxExCxD: jax.Array) -> jax.Array:
-        """Batched expert MLPs over padded slots: [G, E, C, d] -> [G, E, C, d]."""
+    def _experts(self, x_GxXxCxD: jax.Array) -> jax.Array:
+        """Batched expert MLPs over padded slots: [G, X, C, D] -> [G, X, C, D]."""
         dt = self._dtype()
         act = activation_fn(self.cfg)
-        x = constrain_dispatch(x_GxExCxD.astype(dt))
+        x = constrain_dispatch(x_GxXxCxD.astype(dt))
         h = jnp.einsum("gecd,edf->gecf", x, self.w_in[...].astype(dt))
         if self.w_gate is not None:
             h = jax.nn.silu(jnp.einsum("gecd,edf->gecf", x, self.w_gate[...].astype(dt))) * h
@@ -164,17 +164,17 @@ class MoELayer(nnx.Module):
         y = jnp.einsum("gecf,efd->gecd", h, self.w_out[...].astype(dt))
         return constrain_dispatch(y)
 
-    def _experts_ragged(self, x_NxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    def _experts_ragged(self, x_NxD: jax.Array, group_sizes_X: jax.Array) -> jax.Array:
         """Grouped matmuls over expert-sorted rows: [N, d] -> [N, d]."""
         dt = self._dtype()
         act = activation_fn(self.cfg)
         x = x_NxD.astype(dt)
-        h = jax.lax.ragged_dot(x, self.w_in[...].astype(dt), group_sizes_E)
+        h = jax.lax.ragged_dot(x, self.w_in[...].astype(dt), group_sizes_X)
         if self.w_gate is not None:
-            h = jax.nn.silu(jax.lax.ragged_dot(x, self.w_gate[...].astype(dt), group_sizes_E)) * h
+            h = jax.nn.silu(jax.lax.ragged_dot(x, self.w_gate[...].astype(dt), group_sizes_X)) * h
         else:
             h = act(h)
-        return jax.lax.ragged_dot(h, self.w_out[...].astype(dt), group_sizes_E)
+        return jax.lax.ragged_dot(h, self.w_out[...].astype(dt), group_sizes_X)
 
     def _shared(self, x_GxSxD: jax.Array) -> jax.Array:
         dt = self._dtype()
@@ -204,24 +204,24 @@ class MoELayer(nnx.Module):
     def _token_choice(self, x, probs, C):
         """Top-k with capacity C per expert per group; returns (y, kept mask, expert ids)."""
         G, S, D = x.shape
-        E, k = self.cfg.moe.n_routed, self.cfg.moe.k_routed
+        X, k = self.cfg.moe.n_routed, self.cfg.moe.k_routed
         top_p, top_i = jax.lax.top_k(probs, k)  # [G, S, k]
         gates = self._gates(top_p)
         # assignment a = j * S + s: all first choices before any second choice (GShard priority)
         e_GxN = top_i.transpose(0, 2, 1).reshape(G, k * S)
         g_GxN = gates.transpose(0, 2, 1).reshape(G, k * S)
-        rank = jax.vmap(rank_within_expert, in_axes=(0, None))(e_GxN, E)
+        rank = jax.vmap(rank_within_expert, in_axes=(0, None))(e_GxN, X)
         keep = rank < C
-        slot = jnp.where(keep, e_GxN * C + rank, E * C)  # E*C is a discard slot
+        slot = jnp.where(keep, e_GxN * C + rank, X * C)  # X*C is a discard slot
         N = k * S
         rows = jnp.arange(G)[:, None]
         # which assignment fills each slot (N = empty) -> which token (S = a zero row)
-        src = jnp.full((G, E * C + 1), N, jnp.int32).at[rows, slot].set(jnp.arange(N, dtype=jnp.int32)[None])
-        src = src[:, : E * C]
+        src = jnp.full((G, X * C + 1), N, jnp.int32).at[rows, slot].set(jnp.arange(N, dtype=jnp.int32)[None])
+        src = src[:, : X * C]
         tok = jnp.where(src < N, src % S, S)
         x_pad = jnp.concatenate([x, jnp.zeros((G, 1, D), x.dtype)], axis=1)
-        x_in = jnp.take_along_axis(x_pad, tok[..., None], axis=1).reshape(G, E, C, D)
-        y_slots = self._experts(x_in).reshape(G, E * C, D)
+        x_in = jnp.take_along_axis(x_pad, tok[..., None], axis=1).reshape(G, X, C, D)
+        y_slots = self._experts(x_in).reshape(G, X * C, D)
         y_pad = jnp.concatenate([y_slots, jnp.zeros((G, 1, D), y_slots.dtype)], axis=1)
         y_assign = jnp.take_along_axis(y_pad, slot[..., None], axis=1)  # dropped -> zeros
         y_assign = y_assign * (g_GxN * keep).astype(y_assign.dtype)[..., None]
@@ -230,14 +230,14 @@ class MoELayer(nnx.Module):
 
     def _dropless_ragged(self, x, probs):
         G, S, D = x.shape
-        E, k = self.cfg.moe.n_routed, self.cfg.moe.k_routed
+        X, k = self.cfg.moe.n_routed, self.cfg.moe.k_routed
         top_p, top_i = jax.lax.top_k(probs, k)
         gates = self._gates(top_p)
         e_N = top_i.reshape(-1)  # token-major: a = t * k + j
         order = jnp.argsort(e_N, stable=True)
         x_tok = x.reshape(G * S, D)
         x_sorted = x_tok[order // k]
-        sizes = jnp.bincount(e_N, length=E).astype(jnp.int32)
+        sizes = jnp.bincount(e_N, length=X).astype(jnp.int32)
         y_sorted = self._experts_ragged(x_sorted, sizes)
         y_assign = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
         y_assign = y_assign * gates.reshape(-1, 1).astype(y_assign.dtype)
@@ -247,14 +247,14 @@ class MoELayer(nnx.Module):
 
     def _expert_choice(self, x, probs, C):
         G, S, D = x.shape
-        E = self.cfg.moe.n_routed
-        gate_GxExC, tok_GxExC = jax.lax.top_k(probs.transpose(0, 2, 1), C)
-        gate_GxExC = gate_GxExC * self.cfg.moe.granularity  # same output scale for every G
-        x_in = jnp.take_along_axis(x, tok_GxExC.reshape(G, E * C)[..., None], axis=1).reshape(G, E, C, D)
+        X = self.cfg.moe.n_routed
+        gate_GxXxC, tok_GxXxC = jax.lax.top_k(probs.transpose(0, 2, 1), C)
+        gate_GxXxC = gate_GxXxC * self.cfg.moe.granularity  # same output scale for every granularity
+        x_in = jnp.take_along_axis(x, tok_GxXxC.reshape(G, X * C)[..., None], axis=1).reshape(G, X, C, D)
         y_slots = self._experts(x_in)
-        y_slots = y_slots * gate_GxExC.astype(y_slots.dtype)[..., None]
-        y = jax.vmap(lambda t, v: jnp.zeros((S, D), v.dtype).at[t].add(v))(tok_GxExC.reshape(G, E * C), y_slots.reshape(G, E * C, D))
-        taken = jax.vmap(lambda t: jnp.zeros((S,), jnp.int32).at[t].add(1))(tok_GxExC.reshape(G, E * C))
+        y_slots = y_slots * gate_GxXxC.astype(y_slots.dtype)[..., None]
+        y = jax.vmap(lambda t, v: jnp.zeros((S, D), v.dtype).at[t].add(v))(tok_GxXxC.reshape(G, X * C), y_slots.reshape(G, X * C, D))
+        taken = jax.vmap(lambda t: jnp.zeros((S,), jnp.int32).at[t].add(1))(tok_GxXxC.reshape(G, X * C))
         return y, taken
 
     # ---- forward -------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ class MoELayer(nnx.Module):
         depend on how many later tokens chose the same expert. Expert choice stays non-causal."""
         cfg, moe = self.cfg, self.cfg.moe
         B, L, D = x_BxLxD.shape
-        E = moe.n_routed
+        X = moe.n_routed
         logits = self.router_logits(x_BxLxD)
         probs = jax.nn.softmax(logits, axis=-1)
         z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
@@ -276,7 +276,7 @@ class MoELayer(nnx.Module):
             y, taken = self._expert_choice(x_BxLxD, probs, capacity(cfg, L))
             lb_loss = jnp.zeros((), jnp.float32)
             drop = jnp.mean((taken == 0).astype(jnp.float32))
-            load = jnp.full((E,), 1.0 / E, jnp.float32)  # each expert takes exactly C tokens
+            load = jnp.full((X,), 1.0 / X, jnp.float32)  # each expert takes exactly C tokens
         else:
             # evaluation drops nothing: on accelerators the exact grouped matmul does k expert-MLPs
             # per token; the padded C = S einsum (CPU) computes n_routed of them
@@ -285,9 +285,9 @@ class MoELayer(nnx.Module):
                 y, keep, e_GxN = self._dropless_ragged(x_BxLxD, probs)
             else:
                 y, keep, e_GxN = self._token_choice(x_BxLxD, probs, capacity(cfg, L) if train else L)
-            load = jnp.mean(jax.nn.one_hot(e_GxN, E, dtype=jnp.float32), axis=(0, 1))  # f_i
+            load = jnp.mean(jax.nn.one_hot(e_GxN, X, dtype=jnp.float32), axis=(0, 1))  # f_i
             mean_prob = jnp.mean(probs, axis=(0, 1))  # P_i
-            lb_loss = E * jnp.sum(load * mean_prob)
+            lb_loss = X * jnp.sum(load * mean_prob)
             drop = 1.0 - jnp.mean(keep.astype(jnp.float32))
         if self.s_in is not None:
             y = y + self._shared(x_BxLxD)
@@ -295,9 +295,9 @@ class MoELayer(nnx.Module):
         aux["moe/lb_loss"] = lb_loss
         aux["moe/z_loss"] = z_loss
         aux["moe/drop_fraction"] = drop
-        aux["moe/load_max"] = jnp.max(load) * E
-        aux["moe/load_min"] = jnp.min(load) * E
-        if E <= _MAX_LOAD_METRICS:
-            for j in range(E):
+        aux["moe/load_max"] = jnp.max(load) * X
+        aux["moe/load_min"] = jnp.min(load) * X
+        if X <= _MAX_LOAD_METRICS:
+            for j in range(X):
                 aux[f"moe/load_e{j}"] = load[j]
         return y.astype(x_BxLxD.dtype), aux

@@ -6,8 +6,8 @@ and the attention-logit scale. ``scaling.models.layers`` / ``moe`` ask here when
 parameter or compute logits; ``scaling.train.optim`` asks here for the per-tensor LR multipliers.
 
 Width multiplier ``m = d_model / model.mup_base_width``. Every hidden matrix's fan-in (``D`` for
-``wq wk wv w_in w_gate``, ``H·E`` for ``wo``, ``d_ff`` for ``w_out``) is assumed proportional to
-``d_model`` (true for ``ffn_ratio``-sized MLPs and ``H·E = D``), so one ``m`` serves them all.
+``wq wk wv w_in w_gate``, ``H·A`` for ``wo``, ``d_ff`` for ``w_out``) is assumed proportional to
+``d_model`` (true for ``ffn_ratio``-sized MLPs and ``H·A = D``), so one ``m`` serves them all.
 
 Roles and rules (the paper's Table 8, the "equivalent formulation for easier implementation",
 written relative to the base model so that **μP at m = 1 is exactly SP**):
@@ -29,15 +29,15 @@ weights with "init var 1/fan_in, Adam LR 1/fan_in"; input weights and biases (ou
 once: it keeps the input rules and the readout multiplier ``1/m`` applies to its logits, as the
 ``mup`` package's ``MuSharedReadout`` does.
 
-Attention: logits ``q·k × sqrt(E₀) / E`` instead of ``q·k / sqrt(E)``: the 1/d scaling of μP,
-equal to SP at the base head dimension ``E₀`` (``base_head_dim``: ``model.mup_base_head_dim``,
+Attention: logits ``q·k × sqrt(A₀) / A`` instead of ``q·k / sqrt(A)``: the 1/d scaling of μP,
+equal to SP at the base head dimension ``A₀`` (``base_head_dim``: ``model.mup_base_head_dim``,
 else ``model.head_dim`` when set, so widths grow by heads, else ``mup_base_width / n_heads``, so
 widths grow by head dimension; a sweep sized by the size rule, whose heads and head dimension
 both grow, records the rule's head dimension at the base width).
 
 SP (``model.parametrization = sp``) is the GPT-2 initialisation this framework always used:
 every matrix ``normal(0, init_std)``, residual output projections ``init_std / sqrt(2 L)``,
-attention ``1 / sqrt(E)``, no multipliers. Depth transfer (depth-μP) is not covered.
+attention ``1 / sqrt(A)``, no multipliers. Depth transfer (depth-μP) is not covered.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def width_multiplier(cfg: ModelConfig) -> float:
 
 
 def base_head_dim(cfg: ModelConfig) -> float:
-    """``E₀``, the base model's head dimension: ``model.mup_base_head_dim`` when set (sweeps
+    """``A₀``, the base model's head dimension: ``model.mup_base_head_dim`` when set (sweeps
     sized by a size rule set it to the rule's head dimension at the base width), else
     ``model.head_dim`` when set (widths grow by heads), else ``mup_base_width / n_heads``
     (a fixed head count: widths grow by head dimension)."""
@@ -105,11 +105,11 @@ def readout_multiplier(cfg: ModelConfig) -> float:
 
 
 def attention_scale(cfg: ModelConfig) -> float:
-    """Factor on the query-key dot products: ``1/sqrt(E)`` (SP) or ``sqrt(E₀)/E`` (μP)."""
-    E = cfg.resolved_head_dim
+    """Factor on the query-key dot products: ``1/sqrt(A)`` (SP) or ``sqrt(A₀)/A`` (μP)."""
+    A = cfg.resolved_head_dim
     if is_mup(cfg):
-        return math.sqrt(base_head_dim(cfg)) / E
-    return 1.0 / math.sqrt(E)
+        return math.sqrt(base_head_dim(cfg)) / A
+    return 1.0 / math.sqrt(A)
 
 
 def path_keys(path) -> list[str]:

@@ -29,6 +29,11 @@ def fake_run(cfg, out_dir):
         raise RuntimeError("boom: injected failure")
     if lr == 0.077:
         os._exit(3)  # the whole worker process dies
+    if lr == 0.088:  # hangs: records its pid, then trains "forever"
+        (out / "pid").write_text(str(os.getpid()))
+        import time
+
+        time.sleep(600)
     steps = flops.steps_for_budget(cfg)
     fpt = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
     n = flops.param_counts(cfg.model).active_non_embedding
@@ -140,3 +145,47 @@ def test_submitit_backend(tmp_path, cluster):
     assert ((done["loss"] - (E + A / done["N"] ** ALPHA + B / done["D"] ** BETA)).abs() < 1e-12).all()
     assert launch.slurm_parameters(ts[0].resources) == {"timeout_min": 5, "nodes": 1, "tasks_per_node": 1,
                                                         "cpus_per_task": 1, "gpus_per_node": 0}
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_worker_exits_when_its_runner_is_killed_mid_trial(tmp_path):
+    """SIGKILL the runner while its worker trains: the worker exits within seconds (it waits on
+    the runner's sentinel), so no orphan keeps training and writing into the sweep."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sp = make_spec(grid={"lr": [0.088]}, buckets=[2e9], sizes=[4e3])
+    ts = start(tmp_path, sp)
+    runner = subprocess.Popen([sys.executable, "-c", "\n".join([
+        "import pickle, sys",
+        "from scaling.sweep import launch",
+        "ts = pickle.loads(sys.stdin.buffer.read())",
+        f"launch.run_local({str(tmp_path)!r}, ts, jobs=1, run_fn={FAKE!r}, progress=False)"])],
+        stdin=subprocess.PIPE)
+    import pickle
+
+    runner.stdin.write(pickle.dumps(ts))
+    runner.stdin.close()
+    pid_file = tmp_path / ts[0].id / "pid"
+    deadline = time.time() + 120
+    while not pid_file.exists() and time.time() < deadline and runner.poll() is None:
+        time.sleep(0.05)
+    assert pid_file.exists(), "the worker never started the trial"
+    worker = int(pid_file.read_text())
+    assert _alive(worker)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait()
+    deadline = time.time() + 20
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker), "the worker outlived its runner"

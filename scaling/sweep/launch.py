@@ -2,12 +2,12 @@
 
 Backends:
 
-- ``local``: ``jobs`` long-lived worker processes (``python -m scaling.sweep.launch worker``),
-  each training one trial at a time. A worker shares a persistent JAX compilation cache with the
-  others, so same-shape trials do not recompile. A trial that raises is recorded ``failed`` with
-  its error and the worker goes on; a worker that dies (segfault, OOM kill) is recorded against
-  its trial and replaced. Workers die with the runner (``PR_SET_PDEATHSIG``), and every trial is
-  trained under a kernel lock, so a killed runner can simply be rerun.
+- ``local``: ``jobs`` long-lived worker processes (``multiprocessing``, spawn), each training
+  one trial at a time. A worker shares a persistent JAX compilation cache with the others, so
+  same-shape trials do not recompile. A trial that raises is recorded ``failed`` with its error
+  and the worker goes on; a worker that dies (segfault, OOM kill) is recorded against its trial
+  and replaced. Workers exit when the runner dies (a thread waits on the parent's sentinel), and
+  every trial is trained under a kernel lock, so a killed runner can simply be rerun.
 - ``slurm``: submitit array jobs (one array per distinct ``resources`` block; WSD main runs
   first, then their branches). ``cluster="local"``/``"debug"`` run the same path without SLURM.
 
@@ -22,8 +22,8 @@ import dataclasses
 import importlib
 import json
 import os
-import queue
-import subprocess
+import multiprocessing
+import multiprocessing.connection
 import sys
 import threading
 import time
@@ -226,81 +226,105 @@ class Progress:
 # --------------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this worker when the runner dies, so no orphan keeps
-    training (and writing) after the runner is killed."""
-    try:
-        import ctypes
-        import signal
+_SPAWN = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked jax or threads
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: workers still stop at their next read of the closed stdin
-    parent = int(os.environ.get("SCALING_SWEEP_PARENT", "0"))
-    if parent and os.getppid() != parent:  # the runner died before prctl took effect
+
+def _exit_with_parent() -> None:
+    """Exit (status 1) as soon as the runner dies, even in the middle of a trial: a thread waits
+    on the parent's sentinel, so no orphan keeps training and writing after the runner is killed
+    (portable; it replaces Linux's ``PR_SET_PDEATHSIG``)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
         os._exit(1)
 
+    threading.Thread(target=watch, name="exit-with-runner", daemon=True).start()
 
-def worker_main(sweep_dir: str, run_fn: str) -> int:
-    """Worker loop: read trial ids from stdin, train each with its console output in
-    ``<trial>/log.txt``, write one JSON result line per trial to the original stdout."""
-    _die_with_parent()
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
+
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """File descriptors 1 and 2 into ``log`` for the block: Python's prints and what XLA, absl
+    and other C++ code write to the descriptors directly (``contextlib.redirect_stdout`` would
+    catch only the former)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+def worker_main(sweep_dir: str, run_fn: str, conn) -> None:
+    """A worker process (``multiprocessing``, spawn): receive trial ids on ``conn``, train each
+    with its console output in ``<trial>/log.txt``, send one result dict per trial; ``None`` or
+    a closed pipe ends it. Long-lived, so same-shape trials reuse the warm compile cache."""
+    _exit_with_parent()
     enable_compilation_cache()
-    for line in sys.stdin:
-        tid = line.strip()
-        if not tid:
-            continue
-        log = local_dir(sweep_dir) / tid / "log.txt"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        sys.stdout.flush(), sys.stderr.flush()
-        saved = os.dup(1), os.dup(2)
-        with open(log, "a") as f:
-            os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+    while True:
+        try:
+            tid = conn.recv()
+        except (EOFError, OSError):
+            return
+        if tid is None:
+            return
+        with _output_to(local_dir(sweep_dir) / tid / "log.txt"):
             try:
                 res = run_trial(sweep_dir, tid, run_fn)
             except Exception as err:  # the store itself failed: report, keep the worker alive
                 traceback.print_exc()
                 res = {"state": "failed", "error": f"{type(err).__name__}: {err}"}
-            finally:
-                sys.stdout.flush(), sys.stderr.flush()
-                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-                os.close(saved[0]), os.close(saved[1])
-        proto.write(json.dumps({"trial_id": tid, **res}, default=str) + "\n")
-    return 0
+        conn.send(json.loads(json.dumps({"trial_id": tid, **res}, default=str)))  # plain data only
 
 
 class _Worker:
-    def __init__(self, idx: int, sweep_dir: Path, run_fn: str, events: queue.Queue):
-        env = dict(os.environ, SCALING_SWEEP_PARENT=str(os.getpid()))
+    def __init__(self, idx: int, sweep_dir: Path, run_fn: str):
         self.idx = idx
-        self.proc = subprocess.Popen([sys.executable, "-m", "scaling.sweep.launch", "worker", str(sweep_dir), run_fn],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self.conn, child = _SPAWN.Pipe()
+        # not daemonic: a trial's data loader may start processes of its own
+        self.proc = _SPAWN.Process(target=worker_main, args=(str(sweep_dir), run_fn, child),
+                                   name=f"scaling-sweep-worker-{idx}")
+        self.proc.start()
+        child.close()
         self.trial: str | None = None
-        threading.Thread(target=self._read, args=(events,), daemon=True).start()
-
-    def _read(self, events: queue.Queue) -> None:
-        for line in self.proc.stdout:
-            try:
-                events.put((self, json.loads(line)))
-            except json.JSONDecodeError:
-                continue
-        events.put((self, None))  # EOF: the worker exited
 
     def give(self, trial_id: str) -> None:
         self.trial = trial_id
         try:
-            self.proc.stdin.write(trial_id + "\n")
-            self.proc.stdin.flush()
-        except OSError:  # the worker died just now: its EOF event records the trial and replaces it
+            self.conn.send(trial_id)
+        except OSError:  # the worker died just now: its death event records the trial and replaces it
             pass
 
     def stop(self) -> None:
         try:
-            self.proc.stdin.close()
+            self.conn.send(None)
         except OSError:
             pass
+
+
+def _events(workers: list[_Worker], timeout: float) -> list[tuple[_Worker, dict | None]]:
+    """Results the workers sent, and ``(worker, None)`` for each worker that died (after any
+    result it sent first); waits up to ``timeout`` seconds for the first."""
+    ready = set(multiprocessing.connection.wait([w.conn for w in workers] + [w.proc.sentinel for w in workers],
+                                                timeout))
+    out: list = []
+    for w in workers:
+        try:
+            while w.conn.poll():
+                out.append((w, w.conn.recv()))
+        except (EOFError, OSError):
+            out.append((w, None))
+            continue
+        if w.proc.sentinel in ready:
+            out.append((w, None))
+    return out
 
 
 def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str = DEFAULT_RUN_FN,
@@ -317,8 +341,7 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
     if not todo:
         prog.close()
         return prog.counts()
-    events: queue.Queue = queue.Queue()
-    workers = [_Worker(i, sweep_dir, run_fn, events) for i in range(min(jobs, len(todo)))]
+    workers = [_Worker(i, sweep_dir, run_fn) for i in range(min(jobs, len(todo)))]
     retry_at: dict[str, float] = {}
     idle_deaths = 0
     n_results = 0
@@ -331,57 +354,67 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
             return False
         return True
 
+    def died(w: _Worker) -> None:
+        """A worker died: what it was training is recorded, and it is replaced."""
+        nonlocal idle_deaths
+        w.proc.join()
+        rc = w.proc.exitcode
+        if w.trial is None:
+            idle_deaths += 1
+            if idle_deaths > 2 * len(workers):
+                raise RuntimeError(f"sweep workers keep exiting (status {rc}) before training anything; see the messages above")
+        else:
+            st, _ = store.trial_state(sweep_dir / w.trial)
+            if st not in store.FINAL:
+                store.mark(sweep_dir, w.trial, "failed", f"worker process died (exit status {rc}) while training")
+                st = "failed"
+            prog.set(w.trial, st)
+            w.trial = None
+        w.conn.close()
+        workers[workers.index(w)] = _Worker(w.idx, sweep_dir, run_fn)
+
+    def finished(w: _Worker, res: dict) -> None:
+        nonlocal n_results
+        n_results += 1
+        faults.point("sweep_result", n_results)
+        tid, st = res["trial_id"], res["state"]
+        w.trial = None
+        if st == "waiting" and not (by_id[tid].main in by_id and prog.state[by_id[tid].main] not in store.FINAL):
+            err = f"main run {by_id[tid].main} is not part of this sweep run; run it too (drop --only)"
+            store.mark(sweep_dir, tid, "failed", err)
+            st = "failed"
+        if st in ("busy", "waiting"):  # someone else has it / its main run is not finished
+            todo.append(tid)
+            retry_at[tid] = time.time() + 1.0
+            st = "running" if st == "busy" else "pending"
+        prog.set(tid, st)
+
     try:
         while todo or any(w.trial for w in workers):
             for w in workers:
-                if w.trial is None and w.proc.poll() is None:
+                if w.trial is None and w.proc.is_alive():
                     nxt = next((tid for tid in todo if ready(tid)), None)
                     if nxt is None:
                         break
                     todo.remove(nxt)
                     w.give(nxt)
                     prog.set(nxt, "running")
-            try:
-                w, res = events.get(timeout=1.0)
-            except queue.Empty:
+            events = _events(workers, timeout=1.0)
+            if not events:
                 prog.show()
-                continue
-            if res is None:  # a worker died; what it was training is recorded and it is replaced
-                rc = w.proc.wait()
-                if w.trial is None:
-                    idle_deaths += 1
-                    if idle_deaths > 2 * len(workers):
-                        raise RuntimeError(f"sweep workers keep exiting (status {rc}) before training anything; see the messages above")
+            for w, res in events:
+                if res is None:
+                    died(w)
                 else:
-                    st, _ = store.trial_state(sweep_dir / w.trial)
-                    if st not in store.FINAL:
-                        store.mark(sweep_dir, w.trial, "failed", f"worker process died (exit status {rc}) while training")
-                        st = "failed"
-                    prog.set(w.trial, st)
-                    w.trial = None
-                workers[workers.index(w)] = _Worker(w.idx, sweep_dir, run_fn, events)
-                continue
-            n_results += 1
-            faults.point("sweep_result", n_results)
-            tid, st = res["trial_id"], res["state"]
-            w.trial = None
-            if st == "waiting" and not (by_id[tid].main in by_id and prog.state[by_id[tid].main] not in store.FINAL):
-                err = f"main run {by_id[tid].main} is not part of this sweep run; run it too (drop --only)"
-                store.mark(sweep_dir, tid, "failed", err)
-                st = "failed"
-            if st in ("busy", "waiting"):  # someone else has it / its main run is not finished
-                todo.append(tid)
-                retry_at[tid] = time.time() + 1.0
-                st = "running" if st == "busy" else "pending"
-            prog.set(tid, st)
+                    finished(w, res)
     finally:
         for w in workers:
             w.stop()
         for w in workers:
-            try:
-                w.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            w.proc.join(timeout=30)
+            if w.proc.is_alive():
                 w.proc.kill()
+                w.proc.join()
         prog.close()
     return prog.counts()
 
@@ -496,15 +529,3 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
     finally:
         prog.close()
     return prog.counts()
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 3 and argv[0] == "worker":
-        return worker_main(argv[1], argv[2])
-    print("usage: python -m scaling.sweep.launch worker SWEEP_DIR MODULE:FUNCTION", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

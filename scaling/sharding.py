@@ -16,6 +16,9 @@ Typical use (what ``train.loop`` does)::
         opt = create_sharded_model(lambda: nnx.Optimizer(model, tx, wrt=nnx.Param), mesh)
         batch = shard_batch(host_batch, mesh)       # P(("data", "fsdp", "expert"), None)
         loss = train_step(model, opt, batch)
+
+Over 400 lines: the mesh, placement, validation and the memory estimate are views of one table
+(``LOGICAL_RULES``) and change with it.
 """
 
 from __future__ import annotations

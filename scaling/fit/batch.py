@@ -12,6 +12,9 @@
     sizes off one run's checkpoints (Merrill et al. 2025), and ``cbs = A * D^p`` in the tokens seen.
 
 Batch sizes are in whatever unit the table uses (sequences or tokens); results keep that unit.
+
+Over 400 lines: the two estimators of the critical batch size and the smoothing they share, kept
+side by side so they are compared on the same footing.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@
 ``compare`` runs whichever of them the data allows and reports all ``a`` and ``b`` side by side.
 
 Units: C in FLOPs, N parameters, D tokens, loss in nats.
+
+Over 400 lines: the three Chinchilla approaches share the frontier and line-fit helpers, and are
+compared against each other in one place.
 """
 
 from __future__ import annotations

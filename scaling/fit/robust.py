@@ -15,6 +15,9 @@ Stopping rule per row (as scipy's L-BFGS-B): ``max|grad| <= gtol`` or a relative
 ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol``, or a line search along steepest
 descent that fails only because the promised decrease is below float resolution ("precision").
 ``max_iter`` reached or any other failed line search is reported as not converged.
+
+Over 400 lines: the batched L-BFGS (line search included) sits beside the Huber objective it
+vectorises; apart, the optimiser's internals would become an interface.
 """
 
 from __future__ import annotations

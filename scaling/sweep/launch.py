@@ -13,6 +13,9 @@ Backends:
 
 Resume = run again: done/diverged trials are skipped, interrupted ones continue from their
 checkpoints (``scaling.train.loop.run`` restores ``<trial>/ckpt``), failed ones are retried.
+
+Over 400 lines: one trial's life (lease, record, resume) and the two backends that run it share
+the store protocol; they change together.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ runs. Example (see ``sweeps/*.yaml`` for all forms)::
 
 Each trial's config has ``budget.flops`` = its bucket, so its tokens follow from the model's exact
 FLOPs per token (``scaling.flops``) and its LR schedule ends at its own budget.
+
+Over 400 lines: the spec grammar, each field with its own one-line error, in one place.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from scaling import rules as rules_mod
-from scaling.config import BudgetConfig, ConfigError, TrainConfig, apply_overrides, coerce_field, config_hash
+from scaling.config import BudgetConfig, ConfigError, TrainConfig, config_hash
+from scaling.overrides import apply_overrides, coerce_field
 from scaling.rules import Rules
 
 Strategy = Literal["independent", "wsd_branch", "cbs_branch"]

@@ -3,6 +3,8 @@
 ``scaling.train.loop.run`` leases the run directory, checks the config and data against what
 the directory holds, then drives a ``Session``. Resume is exact: the same compiled step, the
 restored train state and grain iterator state, metrics rows beyond the restored step dropped.
+
+Over 400 lines: one class whose steps are methods, read in the order ``train`` calls them.
 """
 
 from __future__ import annotations

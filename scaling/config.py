@@ -8,7 +8,7 @@ A ``TrainConfig`` round-trips through JSON (``to_json`` / ``from_json``) and tak
 ``--set a.b=value`` overrides with the value parsed and type-checked against the field's type
 (``scaling.overrides``).
 
-Over 400 lines on purpose: every section of the schema a user writes, with its checks, in one
+Over 400 lines: every section of the schema a user writes, with its checks, in one
 file, so the whole of what a run can be told is read in one place.
 """
 

@@ -227,6 +227,9 @@ class ModelConfig:
             _fail("model.scan_layers", f"must be true or false, got {self.scan_layers!r}")
         from scaling import blocks as block_kinds
 
+        if not isinstance(self.blocks, BlockSections):  # a plain mapping: hashable, sorted
+            object.__setattr__(self, "blocks", BlockSections(self.blocks))
+        block_kinds.check_sections(self)
         for kind in block_kinds.used(self):
             if kind.validate is not None:
                 kind.validate(self)

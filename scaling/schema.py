@@ -53,9 +53,11 @@ UNHASHED_FIELDS = {("data", "worker_count"), ("model", "remat"), ("model", "atte
 
 
 # Display settings that change nothing a run computes but entered trial ids from the start:
-# hashed at the value every earlier config had, whatever the config says, so that changing
-# their default (wandb became offline) or a flag renames no trial and splits no seed group.
-PINNED_FIELDS = {(None, "wandb"): "off", (None, "progress"): True}
+# hashed at the value almost every earlier config had, whatever the config says, so that
+# changing the default (wandb became offline) renames no trial and splits no seed group. A
+# trial that set wandb=offline/online before got a new id then (it trains again).
+# (progress is not pinned: sweeps always hashed progress=false, single runs true.)
+PINNED_FIELDS = {(None, "wandb"): "off"}
 
 
 def without_unhashed(config: dict) -> dict:

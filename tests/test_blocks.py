@@ -12,7 +12,8 @@ from flax import nnx
 from scaling import blocks, flops
 from scaling import sharding as S
 from scaling.cli import main
-from scaling.config import BlockSections, ConfigError, MeshConfig, ModelConfig, TrainConfig, config_hash, hashed_dict
+from scaling.config import (BlockSections, ConfigError, MeshConfig, MoEConfig, ModelConfig, TrainConfig, config_hash,
+                            hashed_dict)
 from scaling.files import read_jsonl
 from scaling.models.layers import HIDDEN, constrain, param
 
@@ -55,8 +56,8 @@ class LowRankMLP(nnx.Module):
         self.w_out = param(rngs, (r, D), ("mlp", "embed"), r ** -0.5 / cfg.n_layers)
 
     def __call__(self, x_BxLxD, train=True, **_):
-        h_BxLxR = constrain(jax.nn.relu(x_BxLxD @ self.w_in[...].astype(x_BxLxD.dtype)), HIDDEN)
-        return h_BxLxR @ self.w_out[...].astype(x_BxLxD.dtype), {"lowrank/active": jnp.mean(h_BxLxR > 0)}
+        h_BxLxF = constrain(jax.nn.relu(x_BxLxD @ self.w_in[...].astype(x_BxLxD.dtype)), HIDDEN)
+        return h_BxLxF @ self.w_out[...].astype(x_BxLxD.dtype), {"lowrank/active": jnp.mean(h_BxLxF > 0)}
 
 
 KIND = blocks.register(blocks.BlockKind(
@@ -102,6 +103,11 @@ def test_config_section_round_trips_and_names_its_fields():
         cfg.with_overrides(["model.blocks.moe=on"])
     with pytest.raises(ConfigError, match=r"layer 1 would hold two mlp kinds \(model.moe and model.blocks.lowrank\)"):
         cfg.with_overrides(["model.moe=on"])
+    with pytest.raises(ConfigError, match=r"^model.blocks.tyo: unknown block kind"):
+        ModelConfig(blocks={"tyo": LowRankConfig()})  # built directly, not only through --set
+    with pytest.raises(ConfigError, match=r"^model.blocks.lowrank: expects a LowRankConfig, got MoEConfig"):
+        ModelConfig(blocks={"lowrank": MoEConfig()})
+    assert ModelConfig(blocks={"lowrank": LowRankConfig()}) == ModelConfig(blocks=BlockSections({"lowrank": LowRankConfig()}))
     odd = cfg.with_overrides(["model.blocks.lowrank.rank=6"])
     S.validate(cfg.model, cfg.data, {"tensor": 4})
     with pytest.raises(ConfigError, match=r"^model.blocks.lowrank.rank: 6 is not divisible by mesh.tensor=4"):

@@ -392,3 +392,19 @@ def test_long_modules_say_why_at_their_top():
         if text.count("\n") > 420 and "Over 400 lines:" not in (ast.get_docstring(ast.parse(text)) or ""):
             long.append(f"{f.relative_to(PKG)} ({text.count(chr(10))} lines)")
     assert not long, long
+
+
+def test_trial_ids_of_existing_configs_do_not_move():
+    """Trial ids are published (run directories, committed studies): fields added later, the
+    block registry and the wandb default leave them as the first wave computed them (values
+    from commit e426e0d)."""
+    import dataclasses
+
+    import experiments
+    from scaling.config import TrainConfig, config_hash
+
+    sweep_trial = lambda cfg: dataclasses.replace(cfg, progress=False)  # noqa: E731  (what spec.trials does)
+    assert config_hash(TrainConfig()) == "594a8914aec7"
+    assert config_hash(sweep_trial(TrainConfig())) == "58c2d9b27470"
+    assert config_hash(sweep_trial(experiments.get("moe"))) == "f15a1fb6e24c"
+    assert config_hash(sweep_trial(experiments.get("mod"))) == "6768bf43d0c4"

@@ -157,8 +157,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_worker_exits_when_its_runner_is_killed_mid_trial(tmp_path):
-    """SIGKILL the runner while its worker trains: the worker exits within seconds (it waits on
-    the runner's sentinel), so no orphan keeps training and writing into the sweep."""
+    """SIGKILL the runner while its worker trains: the worker exits within seconds (it reads EOF
+    on its lifeline pipe), so no orphan keeps training and writing into the sweep."""
     import signal
     import subprocess
     import sys
@@ -166,16 +166,18 @@ def test_worker_exits_when_its_runner_is_killed_mid_trial(tmp_path):
 
     sp = make_spec(grid={"lr": [0.088]}, buckets=[2e9], sizes=[4e3])
     ts = start(tmp_path, sp)
-    runner = subprocess.Popen([sys.executable, "-c", "\n".join([
-        "import pickle, sys",
-        "from scaling.sweep import launch",
-        "ts = pickle.loads(sys.stdin.buffer.read())",
-        f"launch.run_local({str(tmp_path)!r}, ts, jobs=1, run_fn={FAKE!r}, progress=False)"])],
-        stdin=subprocess.PIPE)
+    # the runner is a script with top-level code and no __main__ guard, as a notebook run with
+    # `python analysis/x.py` is: starting workers must not run it again
     import pickle
 
-    runner.stdin.write(pickle.dumps(ts))
-    runner.stdin.close()
+    (tmp_path / "trials.pkl").write_bytes(pickle.dumps(ts))
+    script = tmp_path / "runner.py"
+    script.write_text("\n".join([
+        "import pickle",
+        "from scaling.sweep import launch",
+        f"ts = pickle.loads(open({str(tmp_path / 'trials.pkl')!r}, 'rb').read())",
+        f"launch.run_local({str(tmp_path)!r}, ts, jobs=1, run_fn={FAKE!r}, progress=False)", ""]))
+    runner = subprocess.Popen([sys.executable, str(script)])
     pid_file = tmp_path / ts[0].id / "pid"
     deadline = time.time() + 120
     while not pid_file.exists() and time.time() < deadline and runner.poll() is None:

@@ -338,3 +338,20 @@ def test_wandb_runs_are_grouped_by_sweep_and_tagged(tmp_path, monkeypatch):
     assert [c["group"] for c in calls] == ["isoflop_x", "lone"]
     assert calls[0]["project"] == "my-laws" and calls[0]["mode"] == "offline"
     assert calls[0]["tags"] == ["dense", "steps=2", "d32L1", "seed=3"]
+
+
+@pytest.mark.slow
+def test_default_wandb_mirror_is_offline_and_local(tmp_path, monkeypatch):
+    """The default (wandb=offline) starts real wandb with no network: the run's rows land in an
+    offline run under OUT/wandb, and metrics.jsonl is unchanged by it."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+    cfg = tiny_cfg("budget.steps=5")
+    assert cfg.wandb == "offline"
+    summary = loop.run(cfg, tmp_path / "run")
+    assert summary["state"] == "done"
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), runs
+    ref = loop.run(cfg.with_overrides(["wandb=off"]), tmp_path / "ref")
+    assert comparable(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == comparable(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+    assert summary["final_eval_loss"] == ref["final_eval_loss"]

@@ -77,8 +77,8 @@ class BlockKind:
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"BlockKind {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
-        if not dataclasses.is_dataclass(self.section):
-            raise ValueError(f"BlockKind {self.name!r}: section must be a dataclass")
+        if not dataclasses.is_dataclass(self.section) or not self.section.__dataclass_params__.frozen:
+            raise ValueError(f"BlockKind {self.name!r}: section must be a frozen dataclass (configs are hashed)")
         if self.role == "router" and self.token_fraction is None:
             raise ValueError(f"BlockKind {self.name!r}: a router needs token_fraction")
 
@@ -122,14 +122,27 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+_loading = False
+
+
 def _load() -> None:
-    global _loaded
-    if _loaded:
+    """Import the built-in kinds and ``$SCALING_BLOCK_MODULES`` once; an import that fails
+    raises here (and again at the next lookup), never leaving a kind silently missing."""
+    global _loaded, _loading
+    if _loaded or _loading:  # _loading: a kind module's own register() call
         return
-    _loaded = True
-    extra = [m.strip() for m in os.environ.get("SCALING_BLOCK_MODULES", "").split(",") if m.strip()]
-    for mod in (*BUILTIN_MODULES, *extra):
-        importlib.import_module(mod)
+    _loading = True
+    try:
+        extra = [m.strip() for m in os.environ.get("SCALING_BLOCK_MODULES", "").split(",") if m.strip()]
+        for mod in (*BUILTIN_MODULES, *extra):
+            try:
+                importlib.import_module(mod)
+            except ImportError as err:
+                raise ConfigError(f"SCALING_BLOCK_MODULES: cannot import {mod} ({err}); fix the module name "
+                                  "or install it") from err
+        _loaded = True
+    finally:
+        _loading = False
 
 
 def kinds() -> list[BlockKind]:
@@ -146,6 +159,17 @@ def get(name: str, field: str = "model.blocks") -> BlockKind:
         raise ConfigError(f"{field}.{name}: unknown block kind (registered: {known}); register it with "
                           "scaling.blocks.register in a module listed in $SCALING_BLOCK_MODULES")
     return _REGISTRY[name]
+
+
+def check_sections(model) -> None:
+    """``model.blocks`` names registered kinds of its own (not moe/mod) with their section class;
+    ``ConfigError`` naming the field otherwise."""
+    for name, sec in model.blocks:
+        kind = get(name)
+        if kind.attr is not None:
+            raise ConfigError(f"model.blocks.{name}: {name} has its own section; use model.{kind.attr}")
+        if not isinstance(sec, kind.section):
+            raise ConfigError(f"model.blocks.{name}: expects a {kind.section.__name__}, got {type(sec).__name__}")
 
 
 def used(model) -> list[BlockKind]:

@@ -51,7 +51,9 @@ def flops_per_token(model: ModelConfig, i: int, seq_len: int) -> float:
     count; dropless counts exactly ``k_routed``) + shared experts."""
     moe = model.moe
     expert = flops.dense_mlp_flops_per_token(model, model.expert_d_ff)
-    return flops.mm(model.d_model, moe.n_routed) + (expert_slots_per_token(model, seq_len) + moe.n_shared_experts) * expert
+    router = flops.mm(model.d_model, moe.n_routed)
+    # summed in this order since schema 1: another order moves C in its last bit
+    return router + expert_slots_per_token(model, seq_len) * expert + moe.n_shared_experts * expert
 
 
 def hardware(model: ModelConfig, i: int, seq_len: int, moe_backend: str) -> tuple[float, float, float]:

@@ -2,11 +2,11 @@
 
 Backends:
 
-- ``local``: ``jobs`` long-lived worker processes (``multiprocessing``, spawn), each training
-  one trial at a time. A worker shares a persistent JAX compilation cache with the others, so
+- ``local``: ``jobs`` long-lived worker processes (``python -m scaling.sweep.launch worker``,
+  talking over ``multiprocessing`` connections), each training one trial at a time. A worker shares a persistent JAX compilation cache with the others, so
   same-shape trials do not recompile. A trial that raises is recorded ``failed`` with its error
   and the worker goes on; a worker that dies (segfault, OOM kill) is recorded against its trial
-  and replaced. Workers exit when the runner dies (a thread waits on the parent's sentinel), and
+  and replaced. Workers exit when the runner dies (a thread reads EOF on a lifeline pipe), and
   every trial is trained under a kernel lock, so a killed runner can simply be rerun.
 - ``slurm``: submitit array jobs (one array per distinct ``resources`` block; WSD main runs
   first, then their branches). ``cluster="local"``/``"debug"`` run the same path without SLURM.
@@ -27,6 +27,7 @@ import json
 import os
 import multiprocessing
 import multiprocessing.connection
+import subprocess
 import sys
 import threading
 import time
@@ -229,19 +230,14 @@ class Progress:
 # --------------------------------------------------------------------------------------------
 
 
-_SPAWN = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked jax or threads
-
-
-def _exit_with_parent() -> None:
-    """Exit (status 1) as soon as the runner dies, even in the middle of a trial: a thread waits
-    on the parent's sentinel, so no orphan keeps training and writing after the runner is killed
-    (portable; it replaces Linux's ``PR_SET_PDEATHSIG``)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
+def _exit_with_runner(lifeline_fd: int) -> None:
+    """Exit (status 1) as soon as the runner dies, even in the middle of a trial: a thread
+    blocks on the read end of a pipe whose only write end the runner holds, and reads EOF when
+    the runner is gone (any OS; it replaces Linux's ``PR_SET_PDEATHSIG``)."""
 
     def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
+        while os.read(lifeline_fd, 1):
+            pass
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-runner", daemon=True).start()
@@ -265,19 +261,21 @@ def _output_to(log: Path):
             os.close(saved[0]), os.close(saved[1])
 
 
-def worker_main(sweep_dir: str, run_fn: str, conn) -> None:
-    """A worker process (``multiprocessing``, spawn): receive trial ids on ``conn``, train each
-    with its console output in ``<trial>/log.txt``, send one result dict per trial; ``None`` or
-    a closed pipe ends it. Long-lived, so same-shape trials reuse the warm compile cache."""
-    _exit_with_parent()
+def worker_main(sweep_dir: str, run_fn: str, conn_fd: int, lifeline_fd: int) -> int:
+    """A worker process: receive trial ids on the ``multiprocessing`` connection at ``conn_fd``,
+    train each with its console output in ``<trial>/log.txt``, send one result dict per trial;
+    ``None`` or a closed connection ends it. Long-lived, so same-shape trials reuse the warm
+    compile cache."""
+    _exit_with_runner(lifeline_fd)
+    conn = multiprocessing.connection.Connection(conn_fd)
     enable_compilation_cache()
     while True:
         try:
             tid = conn.recv()
         except (EOFError, OSError):
-            return
+            return 0
         if tid is None:
-            return
+            return 0
         with _output_to(local_dir(sweep_dir) / tid / "log.txt"):
             try:
                 res = run_trial(sweep_dir, tid, run_fn)
@@ -288,14 +286,19 @@ def worker_main(sweep_dir: str, run_fn: str, conn) -> None:
 
 
 class _Worker:
+    """A worker started as ``python -m scaling.sweep.launch worker`` (not by multiprocessing's
+    spawn, which re-runs the runner's main script in the child: a notebook run as a script
+    would run again in every worker), talking over a ``multiprocessing`` connection."""
+
     def __init__(self, idx: int, sweep_dir: Path, run_fn: str):
         self.idx = idx
-        self.conn, child = _SPAWN.Pipe()
-        # not daemonic: a trial's data loader may start processes of its own
-        self.proc = _SPAWN.Process(target=worker_main, args=(str(sweep_dir), run_fn, child),
-                                   name=f"scaling-sweep-worker-{idx}")
-        self.proc.start()
+        self.conn, child = multiprocessing.Pipe()
+        lifeline_r, self._lifeline_w = os.pipe()  # the write end stays here (not inherited)
+        fds = (child.fileno(), lifeline_r)
+        self.proc = subprocess.Popen([sys.executable, "-m", "scaling.sweep.launch", "worker", str(sweep_dir), run_fn,
+                                      *map(str, fds)], pass_fds=fds)
         child.close()
+        os.close(lifeline_r)
         self.trial: str | None = None
 
     def give(self, trial_id: str) -> None:
@@ -311,12 +314,17 @@ class _Worker:
         except OSError:
             pass
 
+    def release(self) -> None:
+        """Close the runner's ends (after the process is gone)."""
+        self.conn.close()
+        with contextlib.suppress(OSError):
+            os.close(self._lifeline_w)
+
 
 def _events(workers: list[_Worker], timeout: float) -> list[tuple[_Worker, dict | None]]:
     """Results the workers sent, and ``(worker, None)`` for each worker that died (after any
     result it sent first); waits up to ``timeout`` seconds for the first."""
-    ready = set(multiprocessing.connection.wait([w.conn for w in workers] + [w.proc.sentinel for w in workers],
-                                                timeout))
+    multiprocessing.connection.wait([w.conn for w in workers], timeout)
     out: list = []
     for w in workers:
         try:
@@ -325,7 +333,7 @@ def _events(workers: list[_Worker], timeout: float) -> list[tuple[_Worker, dict 
         except (EOFError, OSError):
             out.append((w, None))
             continue
-        if w.proc.sentinel in ready:
+        if w.proc.poll() is not None:  # gone, its connection held open by a process it started
             out.append((w, None))
     return out
 
@@ -360,8 +368,7 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
     def died(w: _Worker) -> None:
         """A worker died: what it was training is recorded, and it is replaced."""
         nonlocal idle_deaths
-        w.proc.join()
-        rc = w.proc.exitcode
+        rc = w.proc.wait()
         if w.trial is None:
             idle_deaths += 1
             if idle_deaths > 2 * len(workers):
@@ -373,7 +380,7 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
                 st = "failed"
             prog.set(w.trial, st)
             w.trial = None
-        w.conn.close()
+        w.release()
         workers[workers.index(w)] = _Worker(w.idx, sweep_dir, run_fn)
 
     def finished(w: _Worker, res: dict) -> None:
@@ -395,7 +402,7 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
     try:
         while todo or any(w.trial for w in workers):
             for w in workers:
-                if w.trial is None and w.proc.is_alive():
+                if w.trial is None and w.proc.poll() is None:
                     nxt = next((tid for tid in todo if ready(tid)), None)
                     if nxt is None:
                         break
@@ -414,10 +421,12 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
         for w in workers:
             w.stop()
         for w in workers:
-            w.proc.join(timeout=30)
-            if w.proc.is_alive():
+            try:
+                w.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 w.proc.kill()
-                w.proc.join()
+                w.proc.wait()
+            w.release()
         prog.close()
     return prog.counts()
 
@@ -532,3 +541,16 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
     finally:
         prog.close()
     return prog.counts()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 5 and argv[0] == "worker":
+        return worker_main(argv[1], argv[2], int(argv[3]), int(argv[4]))
+    print("usage: python -m scaling.sweep.launch worker SWEEP_DIR MODULE:FUNCTION CONN_FD LIFELINE_FD "
+          "(started by the local sweep backend)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

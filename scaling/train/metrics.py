@@ -147,9 +147,11 @@ class WandbMirror:
         try:
             import wandb
 
+            # console="off": the console already goes to the terminal or the trial's log.txt
+            # (wandb's capture would wrap the descriptors a sweep worker redirects)
             self.run = wandb.init(mode=mode, dir=str(run_dir), id=run_id, name=name or run_id,
                                   config=config, resume="allow", reinit=True, project=project, group=group,
-                                  tags=list(tags) or None)
+                                  tags=list(tags) or None, settings=wandb.Settings(console="off"))
         except Exception as err:  # wandb problems must not kill a run
             print(f"wandb: disabled ({type(err).__name__}: {err})", file=sys.stderr)
             self.run = None

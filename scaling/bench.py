@@ -22,6 +22,7 @@ def _run(mod, args) -> int:
 KINDS = {
     "train": "scaling.train.bench",
     "hparams": "scaling.train.bench_hparams",
+    "stack": "scaling.train.bench_stack",
     "moe": "scaling.models.bench",
     "mod": "scaling.models.bench",
     "fit": "scaling.fit.bench",

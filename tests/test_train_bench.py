@@ -53,3 +53,16 @@ def test_accelerator_presets_are_sized_and_refused_on_cpu(capsys):
     assert main(["bench", "train", "--preset", "gpu-1b"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--preset gpu-1b" in err and "this backend is cpu" in err and len(err.splitlines()) == 1
+
+
+def test_bench_stack_reports_the_speedup_of_stacked_trials(capsys):
+    """`scaling bench stack`: K stacked trials against the same K trained one at a time, in one
+    process on the same batches; the lanes' losses follow the solo runs (not bitwise)."""
+    import json
+
+    rc = main(["bench", "stack", "--json", "--trials", "2", "--steps", "3", "--n-layers", "1"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trials"] == 2 and out["steps"] == 3 and out["speedup"] > 0
+    assert out["max_abs_loss_diff"] < 1e-4  # two moderate learning rates, three steps
+    assert main(["bench", "stack", "--trials", "0"]) == 2

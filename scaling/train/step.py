@@ -277,6 +277,17 @@ def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool 
     (``train.loop`` passes ``accumulation(cfg, mesh)`` and ``gns_every(cfg)``)."""
     from scaling.train import optim
 
+    step = traced_step_fn(graphdef, optim_cfg, model_cfg, accum=accum, shards=shards, gns_every=gns_every)
+    return TrainStep(jax.jit(step, donate_argnums=(0,) if donate else ()), optim.hparams(optim_cfg, model_cfg),
+                     _static_settings(optim_cfg, model_cfg))
+
+
+def traced_step_fn(graphdef, optim_cfg, model_cfg=None, *, accum: int = 1, shards: int = 1,
+                   gns_every: int = 1) -> Callable:
+    """The un-jitted ``step(state, batch, hp) -> (state, metrics)`` that
+    ``make_traced_train_step`` compiles (``scaling.train.stack`` vmaps it over trials)."""
+    from scaling.train import optim
+
     traced_aux = model_cfg is not None
 
     def step(state, batch, hp):
@@ -285,8 +296,7 @@ def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool 
         return _update(graphdef, state, batch, tx, hp["z_loss"], lr, hp if traced_aux else None,
                        accum=accum, shards=shards, gns_every=gns_every)
 
-    return TrainStep(jax.jit(step, donate_argnums=(0,) if donate else ()), optim.hparams(optim_cfg, model_cfg),
-                     _static_settings(optim_cfg, model_cfg))
+    return step
 
 
 def _static_settings(optim_cfg, model_cfg) -> tuple:

@@ -121,3 +121,28 @@ def test_near_duplicate_sizes_count_as_one_size():
     r1 = fit.isoflop(pd.concat([runs, dup]), method="akima")
     assert (r1.table["n_points"] == 11).all()
     assert r1.a == pytest.approx(r0.a, abs=1e-9)
+
+
+@pytest.mark.parametrize("span", [(2e3, 6e3), (2e3, 6e4), (1e3, 1e8)])
+def test_isoflop_plot_tick_labels_never_overlap(span):
+    """The IsoFLOP figure's x labels: every drawn label (major and minor) apart from the others,
+    whether the sizes span half a decade (matplotlib's default labelled 3x10^3 into 4x10^3),
+    one and a half, or five; and at least two labels to read the axis by."""
+    lo, hi = span
+    rows = []
+    for C, shift in ((1e9, 1.0), (3e9, 1.3), (1e10, 1.7)):
+        for N in np.geomspace(lo, hi, 7):
+            x = np.log(N / (np.sqrt(lo * hi) * shift))
+            rows.append({"C": C, "N": N, "D": C / (6 * N), "loss": 3.0 - 0.1 * np.log10(C) + 0.2 * x * x})
+    r = fit.isoflop(pd.DataFrame(rows), method="parabola")
+    fig = fit.plots.isoflop(r)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+             if t.get_visible() and t.get_text() and ax.get_xlim()[0] <= t.get_position()[0] * 1.0000001
+             and t.get_position()[0] <= ax.get_xlim()[1] * 1.0000001]
+    assert len(boxes) >= 2, [t.get_text() for t in ax.get_xticklabels()]
+    boxes.sort(key=lambda b: b.x0)
+    for a, b in zip(boxes, boxes[1:]):
+        assert a.x1 <= b.x0, (a, b)

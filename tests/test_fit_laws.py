@@ -246,3 +246,21 @@ def test_seed_noise_bootstrap_perturbs_observations():
     small = fit.saturating(exact, bootstrap=200, seed_noise=0.004)
     big = fit.saturating(exact, bootstrap=200, seed_noise=0.02)
     assert w(big) / w(small) == pytest.approx(5.0, rel=0.2)
+
+
+def test_lbfgs_with_an_overflowing_gradient_warns_nothing_and_keeps_the_other_rows():
+    """A gradient that overflows (finite value, infinite slope) is refused like a non-finite
+    value: no RuntimeWarning reaches the user (the quickstart printed one), the row that starts
+    there reports it, and rows beside it converge as alone."""
+    import warnings
+
+    def fg(x, w):
+        return np.sum(x**2, axis=1), np.where(np.abs(x) > 3.0, np.inf, 2 * x)
+
+    x0 = np.array([[2.9, -1.0], [0.5, 0.2], [10.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = robust.lbfgs_batched(fg, x0, np.ones(1))
+    assert list(r.status[:2]) == ["gtol", "gtol"] and r.status[2] == "nonfinite_start"
+    np.testing.assert_allclose(r.x[:2], 0.0, atol=1e-8)
+    np.testing.assert_array_equal(r.x[2], x0[2])

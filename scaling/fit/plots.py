@@ -25,7 +25,38 @@ def _plt():
     return plt
 
 
+def _log_ticks(ax) -> None:
+    """Labels on a log axis that never collide: at 1, 2 and 5 x 10^k when it spans under three
+    decades (matplotlib's default then labels every minor tick, and 3x10^3 runs into 4x10^3),
+    at 1 and 3 x 10^k under six, powers of ten beyond; other ticks unlabelled."""
+    from matplotlib import ticker
+
+    for axis, lim, scale in ((ax.xaxis, ax.get_xlim(), ax.get_xscale()), (ax.yaxis, ax.get_ylim(), ax.get_yscale())):
+        if scale != "log" or not (lim[0] > 0 and lim[1] > 0):
+            continue
+        base = getattr(axis.get_major_locator(), "_base", 10.0)
+        if base != 10.0:
+            continue
+        decades = abs(np.log10(lim[1] / lim[0]))
+        subs = (1.0, 2.0, 5.0) if decades < 3 else (1.0, 3.0) if decades < 6 else (1.0,)
+        axis.set_major_locator(ticker.LogLocator(base=10.0, subs=subs, numticks=100))
+        axis.set_major_formatter(ticker.FuncFormatter(_power_label))
+        axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _power_label(v: float, _pos=None) -> str:
+    """``c x 10^k`` in mathtext (``10^k`` when c is 1)."""
+    if not v > 0:
+        return ""
+    k = int(np.floor(np.log10(v) + 1e-9))
+    c = v / 10.0 ** k
+    c_text = f"{c:.0f}" if abs(c - round(c)) < 1e-6 else f"{c:.2g}"
+    return f"$10^{{{k}}}$" if c_text == "1" else f"${c_text}\\times10^{{{k}}}$"
+
+
 def _finish(fig, out):
+    for ax in fig.axes:
+        _log_ticks(ax)
     fig.tight_layout()
     if out:
         fig.savefig(out, dpi=120)

@@ -216,7 +216,7 @@ def lbfgs_batched(
     n_iter = np.zeros(S, dtype=int)
     status = np.full(S, "max_iter", dtype=object)
     done = np.zeros(S, dtype=bool)
-    bad = ~np.isfinite(f)
+    bad = ~np.isfinite(f) | ~np.isfinite(g).all(axis=1)  # no finite gradient: no direction to take
     status[bad] = "nonfinite_start"
     done |= bad
     gmax0 = np.abs(g).max(axis=1)
@@ -268,7 +268,9 @@ def lbfgs_batched(
                 break
             xt = xa[pend] + t[pend, None] * d[pend]
             ft, gt = fg(xt, wa[pend] if per_row_w else wa)
-            ok = np.isfinite(ft) & (ft <= fa[pend] + c1 * t[pend] * slope[pend])
+            # a point whose gradient overflows is refused like one whose value does: the
+            # recursion below would turn it into NaN directions (and RuntimeWarnings)
+            ok = np.isfinite(ft) & np.isfinite(gt).all(axis=1) & (ft <= fa[pend] + c1 * t[pend] * slope[pend])
             idx = pend[ok]
             fn[idx], gn[idx] = ft[ok], gt[ok]
             accepted[idx] = True
@@ -277,13 +279,14 @@ def lbfgs_batched(
         ok = accepted
         s_new = t[:, None] * d
         y_new = gn - ga
-        sy = np.einsum("sp,sp->s", s_new, y_new)
-        yy = np.einsum("sp,sp->s", y_new, y_new)
-        curv = ok & (sy > 1e-12 * np.maximum(yy, 1e-300))
+        with np.errstate(over="ignore", invalid="ignore"):  # huge steps: masked by curv below
+            sy = np.einsum("sp,sp->s", s_new, y_new)
+            yy = np.einsum("sp,sp->s", y_new, y_new)
+        curv = ok & np.isfinite(sy) & np.isfinite(yy) & (sy > 1e-12 * np.maximum(yy, 1e-300))
         sh[:, slot] = np.where(curv[:, None], s_new, 0.0)
         yh[:, slot] = np.where(curv[:, None], y_new, 0.0)
         rh[:, slot] = np.where(curv, 1.0 / np.where(curv, sy, 1.0), 0.0)
-        gam = np.where(curv, sy / np.maximum(yy, 1e-300), gam)
+        gam = np.where(curv, np.where(curv, sy, 0.0) / np.where(curv, np.maximum(yy, 1e-300), 1.0), gam)
         # commit
         xa = np.where(ok[:, None], xa + s_new, xa)
         f_old = fa

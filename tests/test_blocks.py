@@ -80,6 +80,12 @@ def test_counts_follow_the_model_and_xla():
     # layer 1's dense MLP (2 x 128 x 512) is replaced by the rank-32 pair (2 x 128 x 32)
     assert flops.param_counts(dense).total - counts.total == 2 * 128 * 512 - 2 * 128 * 32
     assert flops.forward_flops_per_token(dense, 128) - flops.forward_flops_per_token(MODEL, 128) == 4 * 128 * 512 - 4 * 128 * 32
+    # the family size rule sizes a base model holding the kind by its exact count
+    from scaling.models.family import model_for_params
+
+    sized = model_for_params(2e5, MODEL)
+    assert dict(sized.blocks) == dict(MODEL.blocks)
+    assert abs(flops.param_counts(sized).non_embedding / 2e5 - 1) < 0.15
     from test_flops import _xla_train_step_flops
 
     analytic = flops.hardware_train_flops_per_token(MODEL, 128, "xla") * 4 * 128

@@ -282,10 +282,14 @@ class ModelConfig:
         return self.mod is None or self.mod.causal_aux != "none"
 
     def is_moe_layer(self, i: int) -> bool:
-        return self.moe is not None and (i + 1) % self.moe.every == 0
+        from scaling import blocks
+
+        return blocks.get("moe").in_layer(self, i)
 
     def is_mod_layer(self, i: int) -> bool:
-        return self.mod is not None and (i + 1) % self.mod.every == 0
+        from scaling import blocks
+
+        return blocks.get("mod").in_layer(self, i)
 
 
 # --------------------------------------------------------------------------------------------

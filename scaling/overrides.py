@@ -24,10 +24,9 @@ from typing import Any, Literal, Optional
 from scaling.config import BlockSections, BudgetConfig, ConfigError, TrainConfig, _fail
 
 
-
-
 def as_dict(cfg) -> dict:
-    """``dataclasses.asdict`` with ``model.blocks`` written as ``{name: {field: value}}``."""
+    """``dataclasses.asdict`` of a config (or a ``BlockSections``) with ``model.blocks``
+    written as ``{name: {field: value}}``."""
     def plain(x):
         if isinstance(x, BlockSections):
             return {name: plain(sec) for name, sec in x.as_dict().items()}
@@ -35,16 +34,13 @@ def as_dict(cfg) -> dict:
             return {k: plain(v) for k, v in x.items()}
         return x
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
 
 
 def _block_section_class(path: str, name: str):
     from scaling import blocks
 
-    kind = blocks.get(name, path)
-    if kind.attr is not None:
-        raise ConfigError(f"{path}.{name}: {name} has its own section; use model.{kind.attr}")
-    return kind.section
+    return blocks.own_kind(name, path).section
 
 
 def _coerce_blocks(path: str, value: Any) -> "BlockSections":
@@ -234,7 +230,7 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
             if section is None:
                 coerced = _coerce(path, hint, value)
                 if dataclasses.is_dataclass(coerced) or isinstance(coerced, BlockSections):
-                    coerced = as_dict(coerced) if dataclasses.is_dataclass(coerced) else coerced.as_dict()
+                    coerced = as_dict(coerced)
                 if cls is BudgetConfig and coerced is not None:
                     for f in dataclasses.fields(BudgetConfig):
                         node[f.name] = None

@@ -16,6 +16,7 @@ from scaling.config import (BlockSections, ConfigError, MeshConfig, MoEConfig, M
                             hashed_dict)
 from scaling.files import read_jsonl
 from scaling.models.layers import HIDDEN, constrain, param
+from scaling.models.transformer import Transformer
 
 # ---- the whole new block type: a low-rank MLP, y = relu(x A) B, in every `every`-th layer ----
 
@@ -72,7 +73,7 @@ MODEL = ModelConfig(d_model=128, n_layers=2, n_heads=4, blocks=BlockSections({"l
 
 def test_counts_follow_the_model_and_xla():
     assert blocks.layer_names(MODEL) == ["dense", "lowrank"]
-    model = nnx.eval_shape(lambda: __import__("scaling.models.transformer", fromlist=["x"]).Transformer(MODEL, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(MODEL, rngs=nnx.Rngs(0)))
     sizes = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     counts = flops.param_counts(MODEL)
     assert counts.total == sizes
@@ -129,8 +130,7 @@ def test_new_block_trains_and_shards_like_one_device(tmp_path):
         "data.source=synthetic", "data.seq_len=16", "data.batch_size=16", "data.eval_tokens=512",
         "budget.steps=30", "log_every=5", "eval_every=30", "optim.lr=3e-3", "progress=false"])
     mesh = S.make_mesh(MeshConfig(data=4, tensor=2))
-    model = S.create_sharded_model(
-        lambda: __import__("scaling.models.transformer", fromlist=["x"]).Transformer(cfg.model, rngs=nnx.Rngs(0)), mesh)
+    model = S.create_sharded_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), mesh)
     w_in = model.blocks[1].mlp.w_in
     assert w_in.shape == (32, 8) and w_in[...].addressable_shards[0].data.shape == (32, 4)  # rank over tensor
     losses = {}

@@ -118,10 +118,6 @@ def register(kind: BlockKind, *, replace: bool = False) -> BlockKind:
     return kind
 
 
-def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
 _loading = False
 
 
@@ -161,13 +157,20 @@ def get(name: str, field: str = "model.blocks") -> BlockKind:
     return _REGISTRY[name]
 
 
+def own_kind(name: str, field: str = "model.blocks") -> BlockKind:
+    """The kind ``name`` whose section lives under ``model.blocks`` (not moe/mod, which have
+    their own); ``ConfigError`` naming ``field.name`` otherwise."""
+    kind = get(name, field)
+    if kind.attr is not None:
+        raise ConfigError(f"{field}.{name}: {name} has its own section; use model.{kind.attr}")
+    return kind
+
+
 def check_sections(model) -> None:
     """``model.blocks`` names registered kinds of its own (not moe/mod) with their section class;
     ``ConfigError`` naming the field otherwise."""
     for name, sec in model.blocks:
-        kind = get(name)
-        if kind.attr is not None:
-            raise ConfigError(f"model.blocks.{name}: {name} has its own section; use model.{kind.attr}")
+        kind = own_kind(name)
         if not isinstance(sec, kind.section):
             raise ConfigError(f"model.blocks.{name}: expects a {kind.section.__name__}, got {type(sec).__name__}")
 

@@ -3,8 +3,9 @@
 Backends:
 
 - ``local``: ``jobs`` long-lived worker processes (``python -m scaling.sweep.launch worker``,
-  talking over ``multiprocessing`` connections), each training one trial at a time. A worker shares a persistent JAX compilation cache with the others, so
-  same-shape trials do not recompile. A trial that raises is recorded ``failed`` with its error
+  talking over ``multiprocessing`` connections), each training one trial at a time. A worker
+  shares a persistent JAX compilation cache with the others, so same-shape trials do not
+  recompile. A trial that raises is recorded ``failed`` with its error
   and the worker goes on; a worker that dies (segfault, OOM kill) is recorded against its trial
   and replaced. Workers exit when the runner dies (a thread reads EOF on a lifeline pipe), and
   every trial is trained under a kernel lock, so a killed runner can simply be rerun.

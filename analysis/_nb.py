@@ -148,12 +148,12 @@ def run_sweep(raw: dict, runs: Path, jobs: int = 1):
     (finished trials are kept); prints the outcome. Returns ``(spec, trials)``."""
     import time
 
-    from scaling.sweep import launch, spec as spec_mod, store
+    from scaling.sweep import local, spec as spec_mod, store
 
     spec = spec_mod.parse(raw)
     trials = spec_mod.trials(spec)
     store.write_manifest(runs, spec, trials)
     t0 = time.time()
-    counts = launch.run_local(runs, trials, jobs=jobs, progress=False)
+    counts = local.run_local(runs, trials, jobs=jobs, progress=False)
     print(f"{spec.name}: {len(trials)} trials: {counts}  ({time.time() - t0:.0f} s)")
     return spec, trials

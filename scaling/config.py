@@ -408,6 +408,12 @@ Schedule = Literal["cosine", "linear", "wsd", "constant"]
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
+# the optimizer fields the trainer passes to its compiled step as values, not constants
+# (``scaling.train.optim.hparams``)
+TRACED_OPTIM_FIELDS = ("lr", "final_lr_fraction", "warmup_steps", "warmup_fraction", "wsd_decay_fraction",
+                       "weight_decay", "b1", "b2", "eps", "grad_clip", "z_loss")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warmup then a decay that ends exactly at the run's last step."""

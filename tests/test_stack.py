@@ -2,6 +2,7 @@
 lane is frozen alone, and trials that compile different steps are refused."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +87,118 @@ def test_trials_that_compile_different_steps_are_not_stacked():
         stack.stacked_hparams([a, b], CFG.model)
     hp = stack.stacked_hparams([a, dataclasses.replace(a, lr=a.lr * 2)], CFG.model)
     assert hp["lr"].shape == (2,) and float(hp["lr"][1]) == pytest.approx(2 * a.lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep runner trains stacks: per-trial directories, exact resume, divergence alone
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_SET = {"data.seq_len": 32, "data.batch_size": 16, "data.eval_tokens": 1024, "model.d_model": 32,
+             "model.n_layers": 1, "model.n_heads": 2, "log_every": 4, "eval_every": 12, "checkpoint_every": 8}
+
+
+def _sweep(tmp_path, grid_lr, seeds, steps=24):
+    import yaml
+
+    from scaling import flops
+    from scaling.config import ModelConfig
+
+    per_step = flops.train_flops_per_token(ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2), 32) * 16 * 32
+    raw = {"name": "stk", "experiment": "dense", "set": SWEEP_SET, "buckets": [steps * per_step],
+           "grid": {"lr": grid_lr}, "seeds": seeds}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _run_sweep(spec, out, *extra, env=None):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "scaling.cli", "sweep", str(spec), "--out", str(out), "--quiet", *extra]
+    env = {k: v for k, v in dict(os.environ, **(env or {})).items() if v is not None}  # None: unset
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _rows(d):
+    from scaling.files import read_jsonl
+    from scaling.train.loop import WALL_FIELDS
+
+    return [{k: v for k, v in r.items() if k not in WALL_FIELDS} for r in read_jsonl(d / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+def test_a_stacked_sweep_matches_solo_runs_resumes_bitwise_after_sigkill_and_diverges_alone(tmp_path):
+    import json
+
+    from scaling.sweep import launch, store
+    from scaling.train import loop
+
+    spec = _sweep(tmp_path, [1e-3, 3e-3, 1e4], [0, 1])  # 2 LRs x 2 seeds, and an absurd LR twice
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    r = _run_sweep(spec, killed, "--stack", "6", env={"SCALING_KILL_AT": "train_step:13"})
+    assert r.returncode == 1 and "6 trials in 1 stack (6)" in r.stderr, r.stderr[-2000:]
+    states = dict(zip(store.load(killed)["lr"], store.load(killed)["state"]))
+    assert states[1e4] == "diverged" and states[1e-3] == "failed"  # the worker died at step 13
+    assert _run_sweep(spec, killed, "--stack", "6").returncode == 0
+    logs = "".join(p.read_text() for p in killed.glob("*/log.txt"))
+    assert logs.count("resuming from checkpoint step 8/24") == 4  # the four live lanes, from their last save
+    # the same stack, never interrupted, with wandb on (offline: one live run per lane in one process)
+    r = _run_sweep(spec, whole, "--stack", "6", env={"WANDB_MODE": None})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    df = store.load(whole)
+    assert sorted(df["state"]) == ["diverged"] * 2 + ["done"] * 4
+    assert set(df.loc[df["state"] == "diverged", "lr"]) == {1e4}  # the absurd LR diverged alone
+    for tid, lr in zip(df["trial_id"], df["lr"]):
+        summary = json.loads((whole / tid / "summary.json").read_text())
+        assert summary["stacked"] == 6
+        assert len(list((whole / tid / "wandb").glob("offline-run-*"))) == 1
+        # SIGKILL mid-run and resume: every row and the final numbers bit for bit
+        assert _rows(killed / tid) == _rows(whole / tid)
+        again = json.loads((killed / tid / "summary.json").read_text())
+        assert (again["final_eval_loss"], again["final_train_loss"]) == (summary["final_eval_loss"], summary["final_train_loss"])
+        if lr == 1e4:
+            continue
+        # the same trial trained alone: every row at the same steps with the same fields, and the
+        # numbers equal to float rounding (vmapped matmuls sum in another order; measured ~2e-7)
+        solo = loop.run(launch.trial_config(whole, json.loads((whole / tid / "trial.json").read_text())),
+                        tmp_path / "solo" / tid)
+        stacked_rows, solo_rows = _rows(whole / tid), _rows(tmp_path / "solo" / tid)
+        assert [sorted(r) for r in stacked_rows] == [sorted(r) for r in solo_rows]
+        assert [r["step"] for r in stacked_rows] == list(range(4, 25, 4))
+        for a, b in zip(stacked_rows, solo_rows):
+            for k in ("loss", "grad_norm", "lr", "eval_loss", "gns_g_big_sq"):
+                if k in b:
+                    assert a[k] == pytest.approx(b[k], rel=1e-5), (tid, a["step"], k)
+        assert summary["final_eval_loss"] == pytest.approx(solo["final_eval_loss"], rel=1e-5)
+        assert summary["final_eval_loss"] < 5.0  # it learned (the unigram entropy is ~5.3 nats)
+
+
+def test_stack_groups_same_compiled_step_only_and_stack_0_is_a_usage_error(tmp_path):
+    import experiments
+    from scaling import stacking
+
+    base = experiments.get("dense").with_overrides(["model.d_model=32", "model.n_layers=1", "model.n_heads=2"])
+    same = [base.with_overrides([f"seed={s}", f"optim.lr={lr}", f"budget.flops={b}", "optim.warmup_steps=3",
+                                 f"log_every={le}"])
+            for s, lr, b, le in ((0, 1e-3, 1e10, 5), (1, 3e-3, 2e10, 10), (2, 1e-2, 1e10, 5))]
+    other_shape = base.with_overrides(["model.d_model=48"])
+    other_program = base.with_overrides(["optim.schedule=wsd"])
+    no_clip = base.with_overrides(["optim.grad_clip=0"])
+    seconds = base.with_overrides(["budget.seconds=5"])
+    trials = [("a", same[0]), ("b", other_shape), ("c", same[1]), ("d", other_program), ("e", same[2]),
+              ("f", no_clip), ("g", seconds), ("h", base)]
+    assert stacking.groups(trials, 8) == [["a", "c", "e", "h"], ["b"], ["d"], ["f"], ["g"]]
+    assert stacking.groups(trials, 2) == [["a", "c"], ["e", "h"], ["b"], ["d"], ["f"], ["g"]]
+    assert stacking.groups(trials, 1) == [[t] for t, _ in trials]
+    assert stacking.refusal(seconds).startswith("budget.seconds")
+
+    spec = _sweep(tmp_path, [1e-3], [0])
+    r = _run_sweep(spec, tmp_path / "out", "--stack", "0", "--plan")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "scaling sweep: error: --stack: must be at least 1 trial per stack (1 or off: one at a time), got 0")
+    r = _run_sweep(spec, tmp_path / "out", "--stack", "many", "--plan")
+    assert r.returncode == 2 and "--stack: expected auto, off or a number" in r.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaling.sweep import launch, spec, store
+from scaling.sweep import local, spec, store
 from scaling.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_diverging_and_raising_trials_recorded_and_sweep_goes_on(tmp_path, env):
                                   "broken": {"set": {"init_from": str(tmp_path / "nowhere") + "@5"}}}})
     ts = spec.trials(sp)
     store.write_manifest(tmp_path / "s", sp, ts)
-    counts = launch.run_local(tmp_path / "s", ts, jobs=1, progress=False)
+    counts = local.run_local(tmp_path / "s", ts, jobs=1, progress=False)
     df = store.load(tmp_path / "s").set_index("variant")
     assert counts["done"] == 1 and counts["diverged"] == 1 and counts["failed"] == 1
     assert df.loc["ok", "state"] == "done" and df.loc["ok", "loss"] < 5.0
@@ -135,11 +135,11 @@ def test_wsd_branch_equals_independent_run(tmp_path, env):
     sp = spec.parse(raw)
     ts = spec.trials(sp)
     store.write_manifest(tmp_path / "b", sp, ts)
-    launch.run_local(tmp_path / "b", ts, jobs=1, progress=False)
+    local.run_local(tmp_path / "b", ts, jobs=1, progress=False)
     sp_i = spec.parse({**raw, "strategy": "independent"})
     small = [t for t in spec.trials(sp_i) if t.budget == 50 * f]
     store.write_manifest(tmp_path / "i", sp_i, small)
-    launch.run_local(tmp_path / "i", small, jobs=1, progress=False)
+    local.run_local(tmp_path / "i", small, jobs=1, progress=False)
     b = store.load(tmp_path / "b").set_index("role")
     i = store.load(tmp_path / "i").iloc[0]
     assert set(b["state"]) == {"done"}
@@ -170,7 +170,7 @@ def test_cbs_branch_sweep_runs_and_fits_end_to_end(tmp_path, env, capsys):
     sp = spec.parse(raw)
     ts = spec.trials(sp)
     store.write_manifest(tmp_path / "c", sp, ts)
-    launch.run_local(tmp_path / "c", ts, jobs=1, progress=False)
+    local.run_local(tmp_path / "c", ts, jobs=1, progress=False)
     df = store.load(tmp_path / "c")
     assert set(df["state"]) == {"done"} and len(df) == 5
     main_id = df.loc[df["role"] == "main", "trial_id"].iloc[0]

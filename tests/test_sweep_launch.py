@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from scaling import cli, flops
-from scaling.sweep import launch, spec, store
+from scaling.sweep import launch, local, spec, store
 from scaling.files import read_json, read_jsonl, write_json_atomic
 from scaling.lease import RunLease
 
@@ -73,7 +73,7 @@ def start(sweep_dir, sp):
 def test_outcomes_recorded_and_sweep_goes_on_past_failures(tmp_path, capsys):
     sp = make_spec(grid={"lr": [3e-3, 0.066, 0.077, 100.0]}, buckets=[2e9], sizes=[4e3])
     ts = start(tmp_path, sp)
-    counts = launch.run_local(tmp_path, ts, jobs=2, run_fn=FAKE, progress=False)
+    counts = local.run_local(tmp_path, ts, jobs=2, run_fn=FAKE, progress=False)
     assert counts == {"pending": 0, "running": 0, "done": 1, "diverged": 1, "failed": 2}
     df = store.load(tmp_path).set_index("lr")
     assert df.loc[3e-3, "state"] == "done"
@@ -91,7 +91,7 @@ def test_outcomes_recorded_and_sweep_goes_on_past_failures(tmp_path, capsys):
 def test_store_tables_and_resume_skips_finished(tmp_path):
     sp = make_spec()
     ts = start(tmp_path, sp)
-    launch.run_local(tmp_path, ts, jobs=1, run_fn=FAKE, progress=False)
+    local.run_local(tmp_path, ts, jobs=1, run_fn=FAKE, progress=False)
     df = store.load(tmp_path)
     assert len(df) == 4 and set(df["state"]) == {"done"} and df["trial_id"].is_unique
     for col in ("N", "D", "C", "loss", "N_total", "flops_6n", "bucket", "shape", "batch", "lr", "E", "G", "capacity", "seed"):
@@ -105,7 +105,7 @@ def test_store_tables_and_resume_skips_finished(tmp_path):
     assert (steps["C"] == steps["flops"]).all() and "gns_b_big" in steps
     # rerun: nothing retrained, no new events
     n_events = len(store.events(tmp_path))
-    counts = launch.run_local(tmp_path, ts, jobs=1, run_fn=FAKE, progress=False)
+    counts = local.run_local(tmp_path, ts, jobs=1, run_fn=FAKE, progress=False)
     assert counts["done"] == 4 and len(store.events(tmp_path)) == n_events
     finals = [e for e in store.events(tmp_path) if e["state"] == "done"]
     assert sorted(e["trial_id"] for e in finals) == sorted(df["trial_id"])
@@ -174,9 +174,9 @@ def test_worker_exits_when_its_runner_is_killed_mid_trial(tmp_path):
     script = tmp_path / "runner.py"
     script.write_text("\n".join([
         "import pickle",
-        "from scaling.sweep import launch",
+        "from scaling.sweep import local",
         f"ts = pickle.loads(open({str(tmp_path / 'trials.pkl')!r}, 'rb').read())",
-        f"launch.run_local({str(tmp_path)!r}, ts, jobs=1, run_fn={FAKE!r}, progress=False)", ""]))
+        f"local.run_local({str(tmp_path)!r}, ts, jobs=1, run_fn={FAKE!r}, progress=False)", ""]))
     runner = subprocess.Popen([sys.executable, str(script)])
     pid_file = tmp_path / ts[0].id / "pid"
     deadline = time.time() + 120

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from scaling.sweep import launch, spec as spec_mod, store, wsd
+from scaling.sweep import launch, local, spec as spec_mod, store, wsd
 
 
 def register(sub) -> None:
@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="accepted for clarity: every run resumes (finished trials are skipped, interrupted ones continue)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--stack", default="auto", metavar="auto|off|K",
+                   help="local backend: train same-shape trials (differing in seed, budget, lr, warmup, weight decay) "
+                        "as one vmapped program of up to K trials; auto: 8 on an accelerator, off on a CPU-only "
+                        "machine, where it was measured slower (default auto)")
     p.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("status", help="table of a sweep's trials: state, N, D, C, loss, tok/s")
@@ -44,6 +48,7 @@ def register(sub) -> None:
     q.add_argument("--jobs", type=int, default=None,
                    help="worker processes (default 2, 1 on a one-core machine: tiny trials leave a core idle; "
                         "measured 1.42x trials per hour on 2 cores with `scaling bench sweep --jobs 2`)")
+    q.add_argument("--stack", default="auto", metavar="auto|off|K", help="as for scaling sweep (default auto)")
     q.set_defaults(func=cmd_quickstart)
 
 
@@ -89,17 +94,44 @@ def plan_text(sp, trial_list: list) -> str:
     return "\n".join(lines)
 
 
+def stack_option(text) -> str | int:
+    """``--stack`` parsed (``scaling.stacking.parse_stack``), a usage error naming the option."""
+    from scaling import stacking
+    from scaling.errors import UsageError
+
+    try:
+        return stacking.parse_stack(text)
+    except ValueError as err:
+        raise UsageError(f"--stack: {err}") from None
+
+
+def stack_plan_lines(trial_list: list, mode) -> list[str]:
+    """What ``--stack`` does with these trials: the groups an accelerator would train together
+    (``auto`` on a CPU-only machine trains one at a time; not probed here)."""
+    from scaling import stacking
+
+    width = stacking.AUTO_WIDTH if mode == "auto" else int(mode)
+    groups = local.plan_jobs(trial_list, width)
+    head = f"stacks (--stack {mode}{', on an accelerator; one at a time on a CPU-only machine' if mode == 'auto' else ''}): "
+    lines = [head + stacking.describe(groups)]
+    for i, g in enumerate(x for x in groups if len(x) > 1):
+        lines.append(f"  stack {i + 1}: {' '.join(g)}")
+    return lines
+
+
 def cmd_sweep(args) -> int:
     from scaling.errors import UsageError
 
     if args.jobs < 1:
         raise UsageError(f"--jobs: must be >= 1, got {args.jobs}")
+    mode = stack_option(args.stack)
     path = spec_mod.resolve_path(args.spec)
     sp = spec_mod.load(path)  # every trial resolved and validated here, before anything runs
     all_trials = spec_mod.trials(sp)
     chosen = spec_mod.select(all_trials, args.only)
     if args.plan:
         print(plan_text(sp, chosen))
+        print("\n".join(stack_plan_lines(chosen, mode)))
         return 0
     from scaling import storage
 
@@ -109,7 +141,13 @@ def cmd_sweep(args) -> int:
     store.write_manifest(out, sp, all_trials, spec_path=str(path))
     print(f"sweep {sp.name}: {len(chosen)} trials -> {out}", file=sys.stderr)
     if args.backend == "local":
-        counts = launch.run_local(out, chosen, jobs=args.jobs, run_fn=args.run_fn, progress=not args.quiet)
+        width = local.stack_width(mode)
+        if width > 1:
+            from scaling import stacking
+
+            print(f"sweep {sp.name}: {stacking.describe(local.plan_jobs(chosen, width))}", file=sys.stderr)
+        counts = local.run_local(out, chosen, jobs=args.jobs, run_fn=args.run_fn, progress=not args.quiet,
+                                  stack=width)
     else:
         counts = launch.run_slurm(out, chosen, run_fn=args.run_fn, progress=not args.quiet,
                                   cluster=None if args.cluster == "auto" else args.cluster)
@@ -190,4 +228,4 @@ def cmd_quickstart(args) -> int:
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise UsageError(f"--jobs: must be at least 1, got {jobs}")
-    return quickstart.run(Path(args.out), smoke=args.smoke, jobs=jobs)
+    return quickstart.run(Path(args.out), smoke=args.smoke, jobs=jobs, stack=local.stack_width(stack_option(args.stack)))

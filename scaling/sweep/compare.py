@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from scaling.files import write_json_atomic
-from scaling.sweep import launch, spec as spec_mod, store, wsd
+from scaling.sweep import local, spec as spec_mod, store, wsd
 
 
 def run_both(spec_path: str, out: Path, jobs: int = 1, progress: bool = True) -> dict:
@@ -28,7 +28,7 @@ def run_both(spec_path: str, out: Path, jobs: int = 1, progress: bool = True) ->
         trials = spec_mod.trials(sp, strategy)
         d = out / strategy
         store.write_manifest(d, sp, trials, spec_path=str(spec_path))
-        counts = launch.run_local(d, trials, jobs=jobs, progress=progress)
+        counts = local.run_local(d, trials, jobs=jobs, progress=progress)
         res[strategy] = {"dir": str(d), "counts": counts, "planned_flops": wsd.planned_compute(trials)}
     return res
 

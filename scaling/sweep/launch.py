@@ -2,21 +2,18 @@
 
 Backends:
 
-- ``local``: ``jobs`` long-lived worker processes (``python -m scaling.sweep.launch worker``,
-  talking over ``multiprocessing`` connections), each training one trial at a time. A worker
-  shares a persistent JAX compilation cache with the others, so same-shape trials do not
-  recompile. A trial that raises is recorded ``failed`` with its error
-  and the worker goes on; a worker that dies (segfault, OOM kill) is recorded against its trial
-  and replaced. Workers exit when the runner dies (a thread reads EOF on a lifeline pipe), and
-  every trial is trained under a kernel lock, so a killed runner can simply be rerun.
+- ``local`` (``scaling.sweep.local``): ``jobs`` long-lived worker processes on this machine,
+  each training one job at a time: one trial, or a stack of same-shape trials trained as one
+  vmapped program (``run_stack``, ``--stack``).
 - ``slurm``: submitit array jobs (one array per distinct ``resources`` block; WSD main runs
-  first, then their branches). ``cluster="local"``/``"debug"`` run the same path without SLURM.
+  first, then their branches), one trial per task. ``cluster="local"``/``"debug"`` run the
+  same path without SLURM.
 
 Resume = run again: done/diverged trials are skipped, interrupted ones continue from their
 checkpoints (``scaling.train.loop.run`` restores ``<trial>/ckpt``), failed ones are retried.
 
-Over 400 lines: one trial's life (lease, record, resume) and the two backends that run it share
-the store protocol; they change together.
+Over 400 lines: one trial's life (lease, record, resume, a stack's trials) and the SLURM backend
+that runs it share the store protocol; they change together.
 """
 
 from __future__ import annotations
@@ -24,19 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
 import os
-import multiprocessing
-import multiprocessing.connection
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
-from scaling import faults, storage
+from scaling import storage
 from scaling.config import TrainConfig
 from scaling.errors import LeaseLost, RunDirBusy
 from scaling.files import read_json, read_jsonl
@@ -95,6 +87,67 @@ def local_dir(sweep_dir) -> Path:
     return base / root.name
 
 
+def _claim(sweep_dir: Path, trial_id: str):
+    """Take a trial to train: ``(lock, config)``, or ``(None, result)`` when it will not train
+    now (``busy``, already final, a WSD branch ``waiting`` for its main run, or ``failed``
+    because that main run failed). The caller releases the lock."""
+    d = sweep_dir / trial_id
+    try:  # a store has no atomic lock: its trials are not leased (one runner per sweep)
+        lock = RunLease(d).__enter__() if isinstance(d, Path) else contextlib.nullcontext()
+    except RunDirBusy:
+        return None, {"state": "busy", "error": None}
+    try:
+        summary = read_json(d / "summary.json") or {}
+        if summary.get("state") in store.FINAL:
+            _record_final(sweep_dir, trial_id, summary["state"], summary.get("error"))
+            result = {"state": summary["state"], "error": summary.get("error"), "flops": summary.get("flops")}
+        else:
+            desc = read_json(d / "trial.json")
+            cfg = trial_config(sweep_dir, desc)
+            result = _main_run_gate(sweep_dir, trial_id, desc)
+            if result is None:
+                attempt = 1 + sum(1 for e in store.events(sweep_dir)
+                                  if e.get("trial_id") == trial_id and e.get("state") == "running")
+                store.mark(sweep_dir, trial_id, "running", attempt=attempt)
+                return lock, cfg
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    lock.__exit__(None, None, None)
+    return None, result
+
+
+def _main_run_gate(sweep_dir: Path, trial_id: str, desc: dict) -> dict | None:
+    """A WSD branch starts once its main run is done: None when it may start, else its result."""
+    if not desc.get("main"):
+        return None
+    main_state, _ = store.trial_state(sweep_dir / desc["main"])
+    if main_state in ("pending", "running"):
+        return {"state": "waiting", "error": None}
+    if main_state != "done":
+        err = f"main run {desc['main']} ended {main_state}; its cooldown branch cannot start"
+        store.mark(sweep_dir, trial_id, "failed", err)
+        return {"state": "failed", "error": err}
+    return None
+
+
+def _outcome(sweep_dir: Path, trial_id: str, summary: dict) -> dict:
+    """Record what the trainer returned for a trial; the result dict."""
+    state = summary.get("state")
+    if state not in store.FINAL:
+        msg = summary.get("error") or f"trainer returned state {state!r}"
+        store.mark(sweep_dir, trial_id, "failed", msg)
+        return {"state": "failed", "error": msg}
+    _record_final(sweep_dir, trial_id, state, summary.get("error"))
+    return {"state": state, "error": summary.get("error"), "flops": summary.get("flops")}
+
+
+def _failure(sweep_dir: Path, trial_id: str, err: BaseException) -> dict:
+    msg = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+    store.mark(sweep_dir, trial_id, "failed", msg)
+    return {"state": "failed", "error": msg}
+
+
 def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN, announce=None) -> dict:
     """Train one trial of the sweep under its lease (``scaling.lease``); return ``{"state", "error", "flops"}``.
 
@@ -103,57 +156,76 @@ def run_trial(sweep_dir: str | Path, trial_id: str, run_fn: str = DEFAULT_RUN_FN
     ``announce(go: bool)`` (a multi-task trial's rank 0) is called exactly once, before the
     trainer starts (True) or when the trial will not train (False): the other ranks wait for it.
     """
-    told = []
-
-    def tell(go: bool) -> None:
-        if announce is not None and not told:
-            told.append(go)
-            announce(go)
-
     sweep_dir = sweep_root(sweep_dir)
-    d = sweep_dir / trial_id
-    try:  # a store has no atomic lock: its trials are not leased (one runner per sweep)
-        lock = RunLease(d).__enter__() if isinstance(d, Path) else contextlib.nullcontext()
-    except RunDirBusy:
-        tell(False)
-        return {"state": "busy", "error": None}
     try:
-        summary = read_json(d / "summary.json") or {}
-        if summary.get("state") in store.FINAL:
-            _record_final(sweep_dir, trial_id, summary["state"], summary.get("error"))
-            return {"state": summary["state"], "error": summary.get("error"), "flops": summary.get("flops")}
-        desc = read_json(d / "trial.json")
-        cfg = trial_config(sweep_dir, desc)
-        if desc.get("main"):  # a WSD branch starts once its main run is done
-            main_state, _ = store.trial_state(sweep_dir / desc["main"])
-            if main_state in ("pending", "running"):
-                return {"state": "waiting", "error": None}
-            if main_state != "done":
-                err = f"main run {desc['main']} ended {main_state}; its cooldown branch cannot start"
-                store.mark(sweep_dir, trial_id, "failed", err)
-                return {"state": "failed", "error": err}
-        attempt = 1 + sum(1 for e in store.events(sweep_dir) if e.get("trial_id") == trial_id and e.get("state") == "running")
-        store.mark(sweep_dir, trial_id, "running", attempt=attempt)
-        tell(True)
+        lock, got = _claim(sweep_dir, trial_id)
+    except BaseException:
+        if announce is not None:  # the other ranks wait for word either way
+            announce(False)
+        raise
+    if lock is None:
+        if announce is not None:
+            announce(False)
+        return got
+    try:
+        if announce is not None:
+            announce(True)
         try:
-            summary = _import(run_fn)(cfg, d)
+            summary = _import(run_fn)(got, sweep_dir / trial_id)
         except LeaseLost:  # another runner owns the trial now: write nothing into it
             return {"state": "busy", "error": None}
         except Exception as err:  # recorded, and the sweep goes on
             traceback.print_exc()
-            msg = f"{type(err).__name__}: {err}".splitlines()[0][:500]
-            store.mark(sweep_dir, trial_id, "failed", msg)
-            return {"state": "failed", "error": msg}
-        state = summary.get("state")
-        if state not in store.FINAL:
-            msg = summary.get("error") or f"trainer returned state {state!r}"
-            store.mark(sweep_dir, trial_id, "failed", msg)
-            return {"state": "failed", "error": msg}
-        _record_final(sweep_dir, trial_id, state, summary.get("error"))
-        return {"state": state, "error": summary.get("error"), "flops": summary.get("flops")}
+            return _failure(sweep_dir, trial_id, err)
+        return _outcome(sweep_dir, trial_id, summary)
     finally:
-        tell(False)  # every path that did not train (a no-op after tell(True))
         lock.__exit__(None, None, None)
+
+
+def run_stack(sweep_dir: str | Path, trial_ids: list[str], run_fn: str = DEFAULT_RUN_FN) -> dict[str, dict]:
+    """Train trials of one ``scaling.stacking.stack_key`` as one stack
+    (``scaling.train.stacked_run``), each under its own lease and into its own directory;
+    ``{trial_id: result}`` as ``run_trial``'s. When the group cannot stack after all (a
+    ``ConfigError``: one process only, compiled settings, a bad trial) its trials train one at
+    a time, so a bad one fails alone. Never raises for failing trials."""
+    sweep_dir = sweep_root(sweep_dir)
+    if run_fn != DEFAULT_RUN_FN or len(trial_ids) == 1:  # another trainer trains one trial at a time
+        return {tid: run_trial(sweep_dir, tid, run_fn) for tid in trial_ids}
+    from scaling.config import ConfigError
+    from scaling.train.stacked_run import run_stacked
+
+    results: dict[str, dict] = {}
+    claimed: list[tuple[str, object, TrainConfig]] = []
+    try:
+        for tid in trial_ids:
+            lock, got = _claim(sweep_dir, tid)
+            if lock is None:
+                results[tid] = got
+            else:
+                claimed.append((tid, lock, got))
+        if claimed:
+            print(f"training {len(claimed)} trials stacked: {', '.join(t for t, _, _ in claimed)}", file=sys.stderr)
+            try:
+                summaries = run_stacked([c for _, _, c in claimed], [sweep_dir / t for t, _, _ in claimed])
+            except ConfigError as err:
+                print(f"cannot stack them ({err}); training them one at a time", file=sys.stderr)
+                for tid, lock, _ in claimed:
+                    lock.__exit__(None, None, None)
+                ids, claimed = [t for t, _, _ in claimed], []
+                for tid in ids:
+                    results[tid] = run_trial(sweep_dir, tid, run_fn)
+                return results
+            except LeaseLost:
+                return {**results, **{t: {"state": "busy", "error": None} for t, _, _ in claimed}}
+            except Exception as err:
+                traceback.print_exc()
+                return {**results, **{t: _failure(sweep_dir, t, err) for t, _, _ in claimed}}
+            for (tid, _, _), summary in zip(claimed, summaries):
+                results[tid] = _outcome(sweep_dir, tid, summary)
+        return results
+    finally:
+        for _, lock, _ in claimed:
+            lock.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,212 +296,6 @@ class Progress:
         for s in self.state.values():
             out[s] += 1
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# Local backend: worker processes
-# --------------------------------------------------------------------------------------------
-
-
-def _exit_with_runner(lifeline_fd: int) -> None:
-    """Exit (status 1) as soon as the runner dies, even in the middle of a trial: a thread
-    blocks on the read end of a pipe whose only write end the runner holds, and reads EOF when
-    the runner is gone (any OS; it replaces Linux's ``PR_SET_PDEATHSIG``)."""
-
-    def watch() -> None:
-        while os.read(lifeline_fd, 1):
-            pass
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-runner", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _output_to(log: Path):
-    """File descriptors 1 and 2 into ``log`` for the block: Python's prints and what XLA, absl
-    and other C++ code write to the descriptors directly (``contextlib.redirect_stdout`` would
-    catch only the former)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush(), sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "a") as f:
-        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-            os.close(saved[0]), os.close(saved[1])
-
-
-def worker_main(sweep_dir: str, run_fn: str, conn_fd: int, lifeline_fd: int) -> int:
-    """A worker process: receive trial ids on the ``multiprocessing`` connection at ``conn_fd``,
-    train each with its console output in ``<trial>/log.txt``, send one result dict per trial;
-    ``None`` or a closed connection ends it. Long-lived, so same-shape trials reuse the warm
-    compile cache."""
-    _exit_with_runner(lifeline_fd)
-    conn = multiprocessing.connection.Connection(conn_fd)
-    enable_compilation_cache()
-    while True:
-        try:
-            tid = conn.recv()
-        except (EOFError, OSError):
-            return 0
-        if tid is None:
-            return 0
-        with _output_to(local_dir(sweep_dir) / tid / "log.txt"):
-            try:
-                res = run_trial(sweep_dir, tid, run_fn)
-            except Exception as err:  # the store itself failed: report, keep the worker alive
-                traceback.print_exc()
-                res = {"state": "failed", "error": f"{type(err).__name__}: {err}"}
-        conn.send(json.loads(json.dumps({"trial_id": tid, **res}, default=str)))  # plain data only
-
-
-class _Worker:
-    """A worker started as ``python -m scaling.sweep.launch worker`` (not by multiprocessing's
-    spawn, which re-runs the runner's main script in the child: a notebook run as a script
-    would run again in every worker), talking over a ``multiprocessing`` connection."""
-
-    def __init__(self, idx: int, sweep_dir: Path, run_fn: str):
-        self.idx = idx
-        self.conn, child = multiprocessing.Pipe()
-        lifeline_r, self._lifeline_w = os.pipe()  # the write end stays here (not inherited)
-        fds = (child.fileno(), lifeline_r)
-        self.proc = subprocess.Popen([sys.executable, "-m", "scaling.sweep.launch", "worker", str(sweep_dir), run_fn,
-                                      *map(str, fds)], pass_fds=fds)
-        child.close()
-        os.close(lifeline_r)
-        self.trial: str | None = None
-
-    def give(self, trial_id: str) -> None:
-        self.trial = trial_id
-        try:
-            self.conn.send(trial_id)
-        except OSError:  # the worker died just now: its death event records the trial and replaces it
-            pass
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-
-    def release(self) -> None:
-        """Close the runner's ends (after the process is gone)."""
-        self.conn.close()
-        with contextlib.suppress(OSError):
-            os.close(self._lifeline_w)
-
-
-def _events(workers: list[_Worker], timeout: float) -> list[tuple[_Worker, dict | None]]:
-    """Results the workers sent, and ``(worker, None)`` for each worker that died (after any
-    result it sent first); waits up to ``timeout`` seconds for the first."""
-    multiprocessing.connection.wait([w.conn for w in workers], timeout)
-    out: list = []
-    for w in workers:
-        try:
-            while w.conn.poll():
-                out.append((w, w.conn.recv()))
-        except (EOFError, OSError):
-            out.append((w, None))
-            continue
-        if w.proc.poll() is not None:  # gone, its connection held open by a process it started
-            out.append((w, None))
-    return out
-
-
-def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str = DEFAULT_RUN_FN,
-              progress: bool = True, stream=None) -> dict:
-    """Run ``trials`` (already in the sweep's manifest) with ``jobs`` worker processes; WSD
-    branches start once their main run is done. Returns the final state counts."""
-    sweep_dir = sweep_root(sweep_dir)
-    prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
-    by_id = {t.id: t for t in trials}
-    todo = [t.id for t in trials if prog.state[t.id] not in store.FINAL]
-    for tid in todo:
-        prog.state[tid] = "pending"
-    prog.show(force=True)
-    if not todo:
-        prog.close()
-        return prog.counts()
-    workers = [_Worker(i, sweep_dir, run_fn) for i in range(min(jobs, len(todo)))]
-    retry_at: dict[str, float] = {}
-    idle_deaths = 0
-    n_results = 0
-
-    def ready(tid: str) -> bool:
-        t = by_id[tid]
-        if retry_at.get(tid, 0) > time.time():
-            return False
-        if t.main and t.main in by_id and prog.state[t.main] not in ("done", "diverged", "failed"):
-            return False
-        return True
-
-    def died(w: _Worker) -> None:
-        """A worker died: what it was training is recorded, and it is replaced."""
-        nonlocal idle_deaths
-        rc = w.proc.wait()
-        if w.trial is None:
-            idle_deaths += 1
-            if idle_deaths > 2 * len(workers):
-                raise RuntimeError(f"sweep workers keep exiting (status {rc}) before training anything; see the messages above")
-        else:
-            st, _ = store.trial_state(sweep_dir / w.trial)
-            if st not in store.FINAL:
-                store.mark(sweep_dir, w.trial, "failed", f"worker process died (exit status {rc}) while training")
-                st = "failed"
-            prog.set(w.trial, st)
-            w.trial = None
-        w.release()
-        workers[workers.index(w)] = _Worker(w.idx, sweep_dir, run_fn)
-
-    def finished(w: _Worker, res: dict) -> None:
-        nonlocal n_results
-        n_results += 1
-        faults.point("sweep_result", n_results)
-        tid, st = res["trial_id"], res["state"]
-        w.trial = None
-        if st == "waiting" and not (by_id[tid].main in by_id and prog.state[by_id[tid].main] not in store.FINAL):
-            err = f"main run {by_id[tid].main} is not part of this sweep run; run it too (drop --only)"
-            store.mark(sweep_dir, tid, "failed", err)
-            st = "failed"
-        if st in ("busy", "waiting"):  # someone else has it / its main run is not finished
-            todo.append(tid)
-            retry_at[tid] = time.time() + 1.0
-            st = "running" if st == "busy" else "pending"
-        prog.set(tid, st)
-
-    try:
-        while todo or any(w.trial for w in workers):
-            for w in workers:
-                if w.trial is None and w.proc.poll() is None:
-                    nxt = next((tid for tid in todo if ready(tid)), None)
-                    if nxt is None:
-                        break
-                    todo.remove(nxt)
-                    w.give(nxt)
-                    prog.set(nxt, "running")
-            events = _events(workers, timeout=1.0)
-            if not events:
-                prog.show()
-            for w, res in events:
-                if res is None:
-                    died(w)
-                else:
-                    finished(w, res)
-    finally:
-        for w in workers:
-            w.stop()
-        for w in workers:
-            try:
-                w.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
-            w.release()
-        prog.close()
-    return prog.counts()
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,16 +408,3 @@ def run_slurm(sweep_dir: str | Path, trials: list, *, run_fn: str = DEFAULT_RUN_
     finally:
         prog.close()
     return prog.counts()
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 5 and argv[0] == "worker":
-        return worker_main(argv[1], argv[2], int(argv[3]), int(argv[4]))
-    print("usage: python -m scaling.sweep.launch worker SWEEP_DIR MODULE:FUNCTION CONN_FD LIFELINE_FD "
-          "(started by the local sweep backend)", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

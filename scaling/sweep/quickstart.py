@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from scaling.files import write_json_atomic
-from scaling.sweep import launch, spec as spec_mod, store
+from scaling.sweep import local, spec as spec_mod, store
 
 SMOKE = {  # seconds, not minutes: checks the install end to end (fits may report too few minima)
     "name": "quickstart_smoke",
@@ -111,12 +111,14 @@ def fit_and_report(sweep_dir: Path, target_C: float, stream=sys.stdout) -> dict:
     return out
 
 
-def run(out: Path, *, smoke: bool = False, jobs: int = 1) -> int:
+def run(out: Path, *, smoke: bool = False, jobs: int = 1, stack: int = 1) -> int:
+    """Train the quickstart sweep into ``out`` (``jobs`` workers, same-shape trials in stacks of
+    up to ``stack``), then fit and report; the exit status (0: every trial done)."""
     sp, path = quickstart_spec(smoke)
     trials = spec_mod.trials(sp)
     store.write_manifest(out, sp, trials, spec_path=str(path))
     print(f"quickstart: {len(trials)} trials ({len(sp.buckets)} budgets) -> {out}; rerun to resume", file=sys.stderr)
-    counts = launch.run_local(out, trials, jobs=jobs)
+    counts = local.run_local(out, trials, jobs=jobs, stack=stack)
     target = 10 * max(b.value for b in sp.buckets)
     res = fit_and_report(out, target)
     ok = counts["done"] == len(trials)

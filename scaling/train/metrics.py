@@ -148,9 +148,10 @@ class WandbMirror:
             import wandb
 
             # console="off": the console already goes to the terminal or the trial's log.txt
-            # (wandb's capture would wrap the descriptors a sweep worker redirects)
+            # (wandb's capture would wrap the descriptors a sweep worker redirects);
+            # reinit="create_new": the lanes of a stack keep one live run each in one process
             self.run = wandb.init(mode=mode, dir=str(run_dir), id=run_id, name=name or run_id,
-                                  config=config, resume="allow", reinit=True, project=project, group=group,
+                                  config=config, resume="allow", reinit="create_new", project=project, group=group,
                                   tags=list(tags) or None, settings=wandb.Settings(console="off"))
         except Exception as err:  # wandb problems must not kill a run
             print(f"wandb: disabled ({type(err).__name__}: {err})", file=sys.stderr)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from scaling.config import OptimConfig
+from scaling.config import TRACED_OPTIM_FIELDS, OptimConfig
 from scaling.models import mup
 
 # Path keys that mark an embedding table (excluded from weight decay). A tied output head is the
@@ -39,10 +39,10 @@ def _round(x):
 
 
 # Hyperparameters that enter the compiled train step as values (``hparams``), so one compilation
-# serves a whole grid of them at one shape. The schedule kind, the WSD cooldown shape and whether
-# gradients are clipped at all stay static: they change the program, not a number in it.
-HPARAMS = ("lr", "final_lr_fraction", "warmup_steps", "warmup_fraction", "wsd_decay_fraction", "weight_decay",
-           "b1", "b2", "eps", "grad_clip", "z_loss")
+# serves a whole grid of them at one shape (and trials differing in them stack). The schedule kind,
+# the WSD cooldown shape and whether gradients are clipped at all stay static: they change the
+# program, not a number in it.
+HPARAMS = TRACED_OPTIM_FIELDS
 
 
 AUX_HPARAMS = ("moe_aux_loss_weight", "moe_z_loss_weight", "mod_aux_loss_weight")

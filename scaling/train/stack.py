@@ -13,8 +13,8 @@ its solo run in the last bits, and training amplifies that slowly (measured with
 ``scaling bench stack``). A trial's lane never reads another's values, so a NaN in one lane
 stays there.
 
-This module is the stacking primitive (issue 23, part 1); the sweep runner does not group
-trials with it yet.
+This module is the stacking primitive; ``scaling.train.stacked_run`` trains a group of trials
+with it, each into its own run directory.
 """
 
 from __future__ import annotations
@@ -56,17 +56,25 @@ def stacked_hparams(optim_cfgs: Sequence, model_cfg=None) -> dict:
 
 def make_stacked_train_step(graphdef, optim_cfg, model_cfg=None, *, accum: int = 1, shards: int = 1,
                             gns_every: int = 0, donate: bool = True) -> Callable:
-    """``step(state_K, batch_K, hp_K, active_K) -> (state_K, metrics_K)``, jitted: the trainer's
-    traced step (``scaling.train.step.traced_step_fn``; ``optim_cfg`` gives the compiled
-    settings, ``hp_K`` from ``stacked_hparams`` the values) run per trial lane. Lanes with
-    ``active_K[i]`` False keep their state bit for bit (their metrics are computed and
-    meaningless). Batches are ``{"inputs", "targets"}`` of int32 ``[K, B, L]``."""
+    """``step(state_K, batch_K, hp_K, active_K, gns=False) -> (state_K, metrics_K)``, jitted: the
+    trainer's traced step (``scaling.train.step.traced_step_fn``; ``optim_cfg`` gives the
+    compiled settings, ``hp_K`` from ``stacked_hparams`` the values) run per trial lane. Lanes
+    with ``active_K[i]`` False keep their state bit for bit (their metrics are computed and
+    meaningless). Batches are ``{"inputs", "targets"}`` of int32 ``[K, B, L]``. ``gns`` (one
+    bool for all lanes; with ``gns_every`` > 0) says whether this step takes the noise-scale
+    statistics: decided outside ``vmap``, the two-halves branch stays a branch instead of both
+    sides computed on every step."""
     from scaling.train.step import traced_step_fn
 
     step = traced_step_fn(graphdef, optim_cfg, model_cfg, accum=accum, shards=shards, gns_every=gns_every)
 
-    def lane(state, batch, hp, active):
-        new, metrics = step(state, batch, hp)
+    def lane(state, batch, hp, active, gns):
+        new, metrics = step(state, batch, hp, gns)
         return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), metrics
 
-    return jax.jit(jax.vmap(lane), donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(jax.vmap(lane, in_axes=(0, 0, 0, 0, None)), donate_argnums=(0,) if donate else ())
+
+    def stacked(state, batch, hp, active, gns=False):
+        return jitted(state, batch, hp, active, jnp.asarray(gns, bool))
+
+    return stacked

@@ -161,10 +161,11 @@ def _gradients(grad_fn, params, rest, inputs, targets, *, accum: int, shards: in
 
 
 def _update(graphdef, state, batch, tx, z_loss_weight, lr, aux_weights=None, *, accum: int = 1, shards: int = 1,
-            gns_every: int = 1):
+            gns_every: int = 1, gns=None):
     """One update of ``state`` on ``batch`` (the body shared by both step builders): ``accum``
     passes over ``shards`` row blocks, noise-scale statistics every ``gns_every`` steps (0:
-    never) and on the last (module docstring)."""
+    never) and on the last (module docstring); ``gns`` (a traced bool) overrides that rule
+    (stacked trials decide it outside ``vmap``, so the branch stays a branch)."""
     loss_fn = make_loss_fn(graphdef, z_loss_weight, aux_weights)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params, rest = state["params"], state["rest"]
@@ -174,11 +175,11 @@ def _update(graphdef, state, batch, tx, z_loss_weight, lr, aux_weights=None, *, 
         raise ValueError(f"global batch {b} does not split into {accum} passes over {shards} row blocks")
     if accum == 1 and gns_every and b % 2:
         raise ValueError(f"global batch must be even for the noise-scale halves, got {b}")
-    if gns_every:
+    if not gns_every:
+        gns = False
+    elif gns is None:
         s = state["step"] + 1  # the step this update completes (1-based, as the trainer logs it)
         gns = (s % gns_every == 0) | (s == state["total_steps"])
-    else:
-        gns = False
     loss_total, ce, metrics, grads, g_small_sq, b_small = _gradients(
         grad_fn, params, rest, inputs, targets, accum=accum, shards=shards, gns=gns)
     g_big_sq = _sq_norm(grads)
@@ -284,17 +285,18 @@ def make_traced_train_step(graphdef, optim_cfg, model_cfg=None, *, donate: bool 
 
 def traced_step_fn(graphdef, optim_cfg, model_cfg=None, *, accum: int = 1, shards: int = 1,
                    gns_every: int = 1) -> Callable:
-    """The un-jitted ``step(state, batch, hp) -> (state, metrics)`` that
-    ``make_traced_train_step`` compiles (``scaling.train.stack`` vmaps it over trials)."""
+    """The un-jitted ``step(state, batch, hp, gns=None) -> (state, metrics)`` that
+    ``make_traced_train_step`` compiles (``scaling.train.stack`` vmaps it over trials, passing
+    ``gns``, whether this step takes noise-scale statistics, from outside)."""
     from scaling.train import optim
 
     traced_aux = model_cfg is not None
 
-    def step(state, batch, hp):
+    def step(state, batch, hp, gns=None):
         tx = optim.make_optimizer(optim_cfg, hp, model_cfg)
         lr = optim.learning_rate(optim_cfg, state["step"], state["total_steps"], hp)
         return _update(graphdef, state, batch, tx, hp["z_loss"], lr, hp if traced_aux else None,
-                       accum=accum, shards=shards, gns_every=gns_every)
+                       accum=accum, shards=shards, gns_every=gns_every, gns=gns)
 
     return step
 

@@ -97,14 +97,14 @@ SWEEP_SET = {"data.seq_len": 32, "data.batch_size": 16, "data.eval_tokens": 1024
              "model.n_layers": 1, "model.n_heads": 2, "log_every": 4, "eval_every": 12, "checkpoint_every": 8}
 
 
-def _sweep(tmp_path, grid_lr, seeds, steps=24):
+def _sweep(tmp_path, grid_lr, seeds, steps=(24,)):
     import yaml
 
     from scaling import flops
     from scaling.config import ModelConfig
 
     per_step = flops.train_flops_per_token(ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2), 32) * 16 * 32
-    raw = {"name": "stk", "experiment": "dense", "set": SWEEP_SET, "buckets": [steps * per_step],
+    raw = {"name": "stk", "experiment": "dense", "set": SWEEP_SET, "buckets": [n * per_step for n in steps],
            "grid": {"lr": grid_lr}, "seeds": seeds}
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(raw))
@@ -136,31 +136,34 @@ def test_a_stacked_sweep_matches_solo_runs_resumes_bitwise_after_sigkill_and_div
     from scaling.sweep import launch, store
     from scaling.train import loop
 
-    spec = _sweep(tmp_path, [1e-3, 3e-3, 1e4], [0, 1])  # 2 LRs x 2 seeds, and an absurd LR twice
+    # an absurd LR (first, so its lanes leave from the front), 2 LRs x 2 seeds, at 24 and 21 steps:
+    # one stack of 12; the 21-step lanes end after the others' last checkpoint before the kill (16)
+    spec = _sweep(tmp_path, [1e4, 1e-3, 3e-3], [0, 1], steps=(24, 21))
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    r = _run_sweep(spec, killed, "--stack", "6", env={"SCALING_KILL_AT": "train_step:13"})
-    assert r.returncode == 1 and "6 trials in 1 stack (6)" in r.stderr, r.stderr[-2000:]
-    states = dict(zip(store.load(killed)["lr"], store.load(killed)["state"]))
-    assert states[1e4] == "diverged" and states[1e-3] == "failed"  # the worker died at step 13
-    assert _run_sweep(spec, killed, "--stack", "6").returncode == 0
+    r = _run_sweep(spec, killed, "--stack", "12", env={"SCALING_KILL_AT": "train_step:22"})
+    assert r.returncode == 1 and "12 trials in 1 stack (12)" in r.stderr, r.stderr[-2000:]
+    df = store.load(killed)
+    assert sorted(df.loc[df["lr"] == 1e4, "state"]) == ["diverged"] * 4
+    assert sorted(df.loc[df["lr"] != 1e4, "state"]) == ["done"] * 4 + ["failed"] * 4  # killed at step 22
+    assert _run_sweep(spec, killed, "--stack", "12").returncode == 0
     logs = "".join(p.read_text() for p in killed.glob("*/log.txt"))
-    assert logs.count("resuming from checkpoint step 8/24") == 4  # the four live lanes, from their last save
+    assert logs.count("resuming from checkpoint step 16/24") == 4  # the live lanes, from their last save
     # the same stack, never interrupted, with wandb on (offline: one live run per lane in one process)
-    r = _run_sweep(spec, whole, "--stack", "6", env={"WANDB_MODE": None})
+    r = _run_sweep(spec, whole, "--stack", "12", env={"WANDB_MODE": None})
     assert r.returncode == 0, r.stderr[-2000:]
 
     df = store.load(whole)
-    assert sorted(df["state"]) == ["diverged"] * 2 + ["done"] * 4
+    assert sorted(df["state"]) == ["diverged"] * 4 + ["done"] * 8
     assert set(df.loc[df["state"] == "diverged", "lr"]) == {1e4}  # the absurd LR diverged alone
-    for tid, lr in zip(df["trial_id"], df["lr"]):
+    for tid, lr, steps in zip(df["trial_id"], df["lr"], df["steps"]):
         summary = json.loads((whole / tid / "summary.json").read_text())
-        assert summary["stacked"] == 6
+        assert summary["stacked"] == 12
         assert len(list((whole / tid / "wandb").glob("offline-run-*"))) == 1
-        # SIGKILL mid-run and resume: every row and the final numbers bit for bit
+        # SIGKILL mid-run and resume (finished lanes riding along as ghosts): every row bit for bit
         assert _rows(killed / tid) == _rows(whole / tid)
         again = json.loads((killed / tid / "summary.json").read_text())
         assert (again["final_eval_loss"], again["final_train_loss"]) == (summary["final_eval_loss"], summary["final_train_loss"])
-        if lr == 1e4:
+        if lr == 1e4 or steps != 24:
             continue
         # the same trial trained alone: every row at the same steps with the same fields, and the
         # numbers equal to float rounding (vmapped matmuls sum in another order; measured ~2e-7)
@@ -175,6 +178,16 @@ def test_a_stacked_sweep_matches_solo_runs_resumes_bitwise_after_sigkill_and_div
                     assert a[k] == pytest.approx(b[k], rel=1e-5), (tid, a["step"], k)
         assert summary["final_eval_loss"] == pytest.approx(solo["final_eval_loss"], rel=1e-5)
         assert summary["final_eval_loss"] < 5.0  # it learned (the unigram entropy is ~5.3 nats)
+
+
+def test_each_lane_keeps_its_own_moe_aux_weights():
+    from scaling.config import MoEConfig, ModelConfig
+
+    models = [ModelConfig(moe=MoEConfig(aux_loss_weight=w, z_loss_weight=z)) for w, z in ((1e-2, 1e-3), (3e-2, 0.0))]
+    hp = stack.stacked_hparams([CFG.optim, dataclasses.replace(CFG.optim, lr=1e-2)], models)
+    np.testing.assert_array_equal(hp["moe_aux_loss_weight"], np.float32([1e-2, 3e-2]))
+    np.testing.assert_array_equal(hp["moe_z_loss_weight"], np.float32([1e-3, 0.0]))
+    np.testing.assert_array_equal(hp["lr"], np.float32([CFG.optim.lr, 1e-2]))
 
 
 def test_stack_groups_same_compiled_step_only_and_stack_0_is_a_usage_error(tmp_path):

@@ -141,14 +141,19 @@ def cmd_sweep(args) -> int:
     store.write_manifest(out, sp, all_trials, spec_path=str(path))
     print(f"sweep {sp.name}: {len(chosen)} trials -> {out}", file=sys.stderr)
     if args.backend == "local":
-        width = local.stack_width(mode)
-        if width > 1:
-            from scaling import stacking
+        from scaling import stacking
 
+        width, widest = 1, stacking.AUTO_WIDTH if mode == "auto" else int(mode)
+        if widest > 1 and any(len(g) > 1 for g in local.plan_jobs(chosen, widest)):
+            width = local.stack_width(mode)  # auto asks the backend only when something could stack
+        if width > 1:
             print(f"sweep {sp.name}: {stacking.describe(local.plan_jobs(chosen, width))}", file=sys.stderr)
         counts = local.run_local(out, chosen, jobs=args.jobs, run_fn=args.run_fn, progress=not args.quiet,
                                   stack=width)
     else:
+        if mode not in ("auto", 1):
+            print(f"sweep {sp.name}: --stack applies to the local backend; slurm trains one trial per task",
+                  file=sys.stderr)
         counts = launch.run_slurm(out, chosen, run_fn=args.run_fn, progress=not args.quiet,
                                   cluster=None if args.cluster == "auto" else args.cluster)
     print(f"sweep {sp.name}: done {counts['done']}, diverged {counts['diverged']}, failed {counts['failed']}, "

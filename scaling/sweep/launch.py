@@ -196,32 +196,49 @@ def run_stack(sweep_dir: str | Path, trial_ids: list[str], run_fn: str = DEFAULT
 
     results: dict[str, dict] = {}
     claimed: list[tuple[str, object, TrainConfig]] = []
+    lanes: list[tuple[str, TrainConfig]] = []  # in the group's order: claimed trials and finished ones
     try:
         for tid in trial_ids:
-            lock, got = _claim(sweep_dir, tid)
+            try:
+                lock, got = _claim(sweep_dir, tid)
+                if lock is None and got["state"] in store.FINAL:  # rides along as a ghost lane
+                    lanes.append((tid, trial_config(sweep_dir, read_json(sweep_dir / tid / "trial.json"))))
+            except Exception as err:  # this trial's record is broken: it fails alone
+                traceback.print_exc()
+                results[tid] = _failure(sweep_dir, tid, err)
+                continue
             if lock is None:
                 results[tid] = got
             else:
                 claimed.append((tid, lock, got))
-        if claimed:
-            print(f"training {len(claimed)} trials stacked: {', '.join(t for t, _, _ in claimed)}", file=sys.stderr)
-            try:
-                summaries = run_stacked([c for _, _, c in claimed], [sweep_dir / t for t, _, _ in claimed])
-            except ConfigError as err:
-                print(f"cannot stack them ({err}); training them one at a time", file=sys.stderr)
-                for tid, lock, _ in claimed:
-                    lock.__exit__(None, None, None)
-                ids, claimed = [t for t, _, _ in claimed], []
-                for tid in ids:
-                    results[tid] = run_trial(sweep_dir, tid, run_fn)
-                return results
-            except LeaseLost:
-                return {**results, **{t: {"state": "busy", "error": None} for t, _, _ in claimed}}
-            except Exception as err:
-                traceback.print_exc()
-                return {**results, **{t: _failure(sweep_dir, t, err) for t, _, _ in claimed}}
-            for (tid, _, _), summary in zip(claimed, summaries):
-                results[tid] = _outcome(sweep_dir, tid, summary)
+                lanes.append((tid, got))
+        if not claimed:
+            return results
+        print(f"training {len(claimed)} trials stacked: {', '.join(t for t, _, _ in claimed)}"
+              + (f" ({len(lanes) - len(claimed)} finished ones ride along)" if len(lanes) > len(claimed) else ""),
+              file=sys.stderr)
+        try:
+            summaries = run_stacked([c for _, c in lanes], [sweep_dir / t for t, _ in lanes])
+        except ConfigError as err:
+            print(f"cannot stack them ({err}); training them one at a time", file=sys.stderr)
+            for tid, lock, _ in claimed:
+                lock.__exit__(None, None, None)
+            ids, claimed = [t for t, _, _ in claimed], []
+            for tid in ids:
+                results[tid] = run_trial(sweep_dir, tid, run_fn)
+            return results
+        except LeaseLost:
+            return {**results, **{t: {"state": "busy", "error": None} for t, _, _ in claimed}}
+        except Exception as err:
+            traceback.print_exc()
+            for tid, _, _ in claimed:  # lanes that finished before the error keep their outcome
+                summary = read_json(sweep_dir / tid / "summary.json") or {}
+                final = summary.get("state") in store.FINAL
+                results[tid] = _outcome(sweep_dir, tid, summary) if final else _failure(sweep_dir, tid, err)
+            return results
+        by_id = dict(zip([t for t, _ in lanes], summaries))
+        for tid, _, _ in claimed:
+            results[tid] = _outcome(sweep_dir, tid, by_id[tid])
         return results
     finally:
         for _, lock, _ in claimed:

@@ -191,11 +191,12 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
     sweep_dir = sweep_root(sweep_dir)
     prog = Progress(sweep_dir, trials, stream=stream, enabled=progress)
     by_id = {t.id: t for t in trials}
-    todo = [[tid for tid in job if prog.state[tid] not in store.FINAL] for job in plan_jobs(trials, stack)]
-    todo = [job for job in todo if job]
+    # a stack keeps its finished trials: they ride along as ghost lanes (scaling.train.stacked_run)
+    todo = [job for job in plan_jobs(trials, stack) if any(prog.state[tid] not in store.FINAL for tid in job)]
     for job in todo:
         for tid in job:
-            prog.state[tid] = "pending"
+            if prog.state[tid] not in store.FINAL:
+                prog.state[tid] = "pending"
     prog.show(force=True)
     if not todo:
         prog.close()
@@ -259,7 +260,8 @@ def run_local(sweep_dir: str | Path, trials: list, *, jobs: int = 1, run_fn: str
                     todo.remove(nxt)
                     w.give(nxt)
                     for tid in nxt:
-                        prog.set(tid, "running")
+                        if prog.state[tid] not in store.FINAL:
+                            prog.set(tid, "running")
             events = _events(workers, timeout=1.0)
             if not events:
                 prog.show()

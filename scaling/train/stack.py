@@ -39,19 +39,22 @@ def unstack_tree(tree: Any, k: int) -> list[Any]:
 
 def stacked_hparams(optim_cfgs: Sequence, model_cfg=None) -> dict:
     """The traced hyperparameters of ``K`` optimizer configs as ``[K]`` float32 arrays; every
-    setting compiled into the step must agree (else ``ConfigError`` naming it)."""
+    setting compiled into the step must agree (else ``ConfigError`` naming it). ``model_cfg``:
+    one model config for all lanes, or a sequence of ``K`` (each lane's MoE/MoD aux-loss
+    weights are its own traced values)."""
     from scaling.train import optim
     from scaling.train.step import _static_settings
 
-    first = _static_settings(optim_cfgs[0], model_cfg)
+    models = list(model_cfg) if isinstance(model_cfg, (list, tuple)) else [model_cfg] * len(optim_cfgs)
+    first = _static_settings(optim_cfgs[0], models[0])
     names = ("optim.schedule", "optim.wsd_cooldown", "optim.grad_clip (on/off)", "aux weights traced")
-    for i, cfg in enumerate(optim_cfgs[1:], start=1):
-        here = _static_settings(cfg, model_cfg)
+    for i, (cfg, model) in enumerate(zip(optim_cfgs[1:], models[1:]), start=1):
+        here = _static_settings(cfg, model)
         for name, a, b in zip(names, first, here):
             if a != b:
                 raise ConfigError(f"{name}: trial {i} has {b!r} and trial 0 {a!r}, which compile different steps; "
                                   "stack only trials that agree")
-    return stack_trees([optim.hparams(cfg, model_cfg) for cfg in optim_cfgs])
+    return stack_trees([optim.hparams(cfg, model) for cfg, model in zip(optim_cfgs, models)])
 
 
 def make_stacked_train_step(graphdef, optim_cfg, model_cfg=None, *, accum: int = 1, shards: int = 1,

@@ -104,7 +104,7 @@ def test_config_section_round_trips_and_names_its_fields():
     assert config_hash(cfg) != config_hash(TrainConfig())
     with pytest.raises(ConfigError, match=r"^model.blocks.lowrank.rank: must be a positive integer, got 0"):
         cfg.with_overrides(["model.blocks.lowrank.rank=0"])
-    with pytest.raises(ConfigError, match=r"^model.blocks.nope: unknown block kind \(registered: lowrank"):
+    with pytest.raises(ConfigError, match=r"^model.blocks.nope: unknown block kind \(registered: .*lowrank"):
         cfg.with_overrides(["model.blocks.nope.rank=3"])
     with pytest.raises(ConfigError, match=r"^model.blocks.moe: moe has its own section; use model.moe"):
         cfg.with_overrides(["model.blocks.moe=on"])

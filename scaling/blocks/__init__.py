@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable
 from scaling.errors import ConfigError
 
 ROLES = ("mlp", "router")
-BUILTIN_MODULES = ("scaling.blocks.moe", "scaling.blocks.mod")
+BUILTIN_MODULES = ("scaling.blocks.moe", "scaling.blocks.mod", "scaling.blocks.peer")
 _REGISTRY: dict[str, "BlockKind"] = {}
 _loaded = False
 

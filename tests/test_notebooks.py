@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, VALIDATION
 
 ANALYSIS = REPO / "analysis"
-NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod"]
+NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod", "peer"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -214,3 +214,17 @@ def test_moe_mod(tmp_path):
     best = {m["variant"]: m for m in r["mod_best_per_budget"]}
     assert best["mod50"]["D"] > best["dense"]["D"]
     assert best["mod50"]["fwd_flops_per_seq"] < best["dense"]["fwd_flops_per_seq"]
+
+
+def test_peer_study(tmp_path):
+    """The smoke PEER study: four arms on one IsoFLOP grid at exact equal FLOPs, each arm's
+    minimum loss falls with compute and gets a fitted frontier with an interval."""
+    r = run_notebook("peer", tmp_path)
+    assert r["smoke"] and r["n_done"] == r["n_trials"] == 24 and r["budgets"] == [2e9, 4e9, 8e9]
+    for arm in ("dense", "moe_g1", "moe_g8", "peer"):
+        rows = sorted((f for f in r["frontier"] if f["arm"] == arm), key=lambda f: f["C"])
+        assert len(rows) == 3 and all(1.0 < f["loss_min"] < 5.55 for f in rows)
+        assert rows[-1]["loss_min"] < rows[0]["loss_min"]  # 4x the compute buys a lower loss
+        law = r["laws"][arm]
+        assert law is not None and law["alpha"] > 0 and law["ci"]["alpha"][0] <= law["alpha"] <= law["ci"]["alpha"][1]
+    assert r["gap_vs_dense"]["dense"] == {str(c): 0.0 for c in (2e9, 4e9, 8e9)}

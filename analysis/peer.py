@@ -161,4 +161,4 @@ _nb.write_results(OUT, results)
 #   upper bound; the grid, centred for dense at 3e4 parameters, was too large for these
 #   budgets. The frontier exponents (0.14 dense, 0.18 PEER, 0.19-0.20 MoE) come from 3 such
 #   points each, and their bootstrap intervals, resampling 3 points, understate the
-#   uncertainty. One seed; seed noise here is ~0.01-0.02 nats.
+#   uncertainty. One seed; the seed-to-seed std here is 0.028 nats (`docs/results/seed_noise`).

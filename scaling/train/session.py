@@ -233,34 +233,46 @@ class Session:
             if not (due.logging or due.evaluating or due.saving):
                 continue
             m = jax.device_get(m)
-            dt = t.close(time.perf_counter())
-            row = self._row(t, m, dt)
-            diverged = self._divergence(t, row["loss"])
-            if due.evaluating and diverged is None:
-                t.evals = self._evaluate(state)
-                row.update(t.evals)
-                t.eval_loss = t.evals["eval_loss"]
-                row["eval_bpb"] = bits_per_byte(t.eval_loss, self.eval.bytes_per_token)
-                topk = t.evals.get("eval_loss_topk")
-                extra = f" (top-k MoD routing, looks ahead: {topk:.4f})" if topk is not None else ""
-                self.progress.message(f"step {t.step}/{self.total_steps}: eval loss {t.eval_loss:.4f} nats{extra}")
-            if due.logging or due.evaluating:
-                self._check_lease()
-                self.metrics.write(row)
-                self.wandb.log(row)
-                t.last_row = row
-            seg_steps = t.step - t.seg_step
-            remaining = (self.total_steps - t.step) * (dt / seg_steps if seg_steps else 0.0)
-            self.progress.update(train_text(loss=row["loss"], tokens_per_s=row["tokens_per_s"], mfu=row["mfu"],
-                                            eta_s=remaining), n=t.step)
-            if diverged is not None:
-                return self._stop_diverged(t, diverged)
-            if due.saving:
-                self._checkpoint(state, t)
+            stopped = self._log_step(lambda: state, t, due, m, t.close(time.perf_counter()))
+            if stopped is not None:
+                return stopped
             if due.over_time:
                 break
             t.restart(t.step)
         return self._finish_done(state, t)
+
+    def _log_step(self, state_of: Callable[[], Any], t: "_Tally", due: "_Due", m: dict, dt: float) -> dict | None:
+        """A step's work beyond training (it logs, evaluates or saves): the metrics row, the
+        divergence check, the evaluation, the progress line, the checkpoint. ``state_of()``
+        gives the train state (asked only when needed: a stack slices its lane); ``m`` the
+        step's figures on the host, ``dt`` the timed segment's seconds. The summary when the
+        run stopped diverged, else None. ``Session.train`` and stacked lanes share it."""
+        row = self._row(t, m, dt)
+        diverged = self._divergence(t, row["loss"])
+        state = None
+        if due.evaluating and diverged is None:
+            state = state_of()
+            t.evals = self._evaluate(state)
+            row.update(t.evals)
+            t.eval_loss = t.evals["eval_loss"]
+            row["eval_bpb"] = bits_per_byte(t.eval_loss, self.eval.bytes_per_token)
+            topk = t.evals.get("eval_loss_topk")
+            extra = f" (top-k MoD routing, looks ahead: {topk:.4f})" if topk is not None else ""
+            self.progress.message(f"step {t.step}/{self.total_steps}: eval loss {t.eval_loss:.4f} nats{extra}")
+        if due.logging or due.evaluating:
+            self._check_lease()
+            self.metrics.write(row)
+            self.wandb.log(row)
+            t.last_row = row
+        seg_steps = t.step - t.seg_step
+        remaining = (self.total_steps - t.step) * (dt / seg_steps if seg_steps else 0.0)
+        self.progress.update(train_text(loss=row["loss"], tokens_per_s=row["tokens_per_s"], mfu=row["mfu"],
+                                        eta_s=remaining), n=t.step)
+        if diverged is not None:
+            return self._stop_diverged(t, diverged)
+        if due.saving:
+            self._checkpoint(state if state is not None else state_of(), t)
+        return None
 
     def _set_up(self):
         """Plan the step count (the budget's, a previous session's for a seconds budget, else

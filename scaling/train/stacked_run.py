@@ -45,10 +45,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scaling import faults, storage
 from scaling.config import ConfigError, TrainConfig
-from scaling.data.tokenize import bits_per_byte
 from scaling.errors import LeaseLost
 from scaling.lease import RunLease
-from scaling.progress import train_text
 from scaling.stacking import refusal
 from scaling.train import loop
 from scaling.train.cache import enable_compilation_cache
@@ -284,35 +282,15 @@ class _Stack:
 
     @staticmethod
     def _after_step(lane: _Lane, due, dt: float, m: dict, lane_state) -> dict | None:
-        """The lane's work on a step where it logs, evaluates or saves (as ``Session.train``
-        does); its summary when it leaves the stack (diverged or done), else None."""
+        """The lane's work on a step where it logs, evaluates or saves (``Session._log_step``,
+        as a run alone does); its summary when it leaves the stack (diverged or done), else None."""
         s, t = lane.session, lane.tally
         if not (due.logging or due.evaluating or due.saving):  # (a lane's last step always logs)
             return None
-        row = s._row(t, m, dt)
-        diverged = s._divergence(t, row["loss"])
-        state = None
-        if due.evaluating and diverged is None:
-            state = lane_state()
-            t.evals = s._evaluate(state)
-            row.update(t.evals)
-            t.eval_loss = t.evals["eval_loss"]
-            row["eval_bpb"] = bits_per_byte(t.eval_loss, s.eval.bytes_per_token)
-            s.progress.message(f"step {t.step}/{s.total_steps}: eval loss {t.eval_loss:.4f} nats")
-        if due.logging or due.evaluating:
-            s._check_lease()
-            s.metrics.write(row)
-            s.wandb.log(row)
-            t.last_row = row
-        s.progress.update(train_text(loss=row["loss"], tokens_per_s=row["tokens_per_s"], mfu=row["mfu"],
-                                     eta_s=(s.total_steps - t.step) * dt / max(1, t.step - t.seg_step)), n=t.step)
-        if diverged is not None:
-            return s._stop_diverged(t, diverged)
-        if due.saving:
-            s._checkpoint(state if state is not None else lane_state(), t)
-        if t.step >= s.total_steps:
-            return s._finish_done(state if state is not None else lane_state(), t)
-        return None
+        stopped = s._log_step(lane_state, t, due, m, dt)
+        if stopped is not None or t.step < s.total_steps:
+            return stopped
+        return s._finish_done(lane_state(), t)
 
 
 def _takes_statistics(lane: _Lane, ghost_step: int) -> bool:

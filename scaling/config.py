@@ -252,6 +252,14 @@ class ModelConfig:
         return next(p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)))
 
     @property
+    def ffn(self) -> str:
+        """The MLP kind (``mlp``, ``moe``, ``peer``, ``pkm``; set with ``--set model.ffn=NAME``,
+        a shorthand for switching the kinds' sections, ``scaling.blocks.select_ffn``)."""
+        from scaling import blocks
+
+        return blocks.ffn(self)
+
+    @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 

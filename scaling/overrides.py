@@ -59,6 +59,12 @@ def _coerce_blocks(path: str, value: Any) -> "BlockSections":
     return BlockSections(out)
 
 
+def _is_model(cls) -> bool:
+    from scaling.config import ModelConfig
+
+    return cls is ModelConfig
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -154,6 +160,12 @@ def build(cls, d: dict, prefix: str = ""):
         _fail(prefix.rstrip(".") or cls.__name__, f"expects a mapping, got {type(d).__name__}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    if "ffn" in d and "ffn" not in names and _is_model(cls):  # model.ffn: a shorthand, not a field
+        from scaling import blocks
+
+        d = dict(d)
+        value = d.pop("ffn")
+        d = blocks.select_ffn(d, value, prefix + "ffn")
     unknown = sorted(set(d) - names)
     if unknown:
         _fail(prefix + unknown[0], f"unknown field; known fields: {', '.join(sorted(names))}")
@@ -225,6 +237,14 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
         if key.endswith("data.eval_batches") and value is not None and str(value).lower() not in ("none", "null"):
             raise ConfigError("data.eval_batches: replaced by data.eval_tokens, one held-out set for every batch size "
                               "(e.g. data.eval_tokens=65536)")
+        if key == "model.ffn" or (type(cfg) is not TrainConfig and key == "ffn" and _is_model(type(cfg))):
+            from scaling import blocks
+
+            if key == "ffn":
+                d = blocks.select_ffn(d, value, key)
+            else:
+                d["model"] = blocks.select_ffn(d["model"], value, key)
+            continue
         node = d
         for path, part, hint, cls, section in _walk(type(cfg), key):
             if section is None:

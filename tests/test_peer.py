@@ -87,6 +87,7 @@ def test_logits_are_causal(kind):
      "model.blocks.pkm.top_k: 40 is larger than a sub-key table (sqrt(1024) = 32 keys); use at most 32"),
     (["model.blocks.peer.query_norm=batch"],
      "model.blocks.peer.query_norm: must be one of rms, layer, none; got 'batch'"),
+    (["model.ffn=mod"], "model.ffn: must be one of mlp, moe, peer, pkm; got 'mod'"),
 ])
 def test_bad_sections_are_one_line_and_exit_2(sets, message, tmp_path, capsys):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
@@ -98,6 +99,23 @@ def test_bad_sections_are_one_line_and_exit_2(sets, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"scaling train: error: {message}"]
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_model_ffn_switches_the_mlp_kind():
+    """``model.ffn`` is one switch over the MLP-role sections: the one named on (defaults unless
+    set), the others off, and it reads back; the same model whichever way it was written."""
+    from scaling.config import MoEConfig
+    from scaling.overrides import apply_overrides, build
+
+    moe = TrainConfig().with_overrides(["model.moe=on"])
+    peer = moe.with_overrides(["model.ffn=peer", "model.blocks.peer.top_k=4"])
+    assert (moe.model.ffn, peer.model.ffn) == ("moe", "peer")
+    assert peer.model.moe is None and dict(peer.model.blocks)["peer"] == PEERConfig(top_k=4)
+    assert apply_overrides(peer.model, ["ffn=peer"]) == peer.model  # an existing section is kept
+    assert peer.with_overrides(["model.ffn=pkm"]).model.blocks.as_dict().keys() == {"pkm"}
+    assert peer.with_overrides(["model.ffn=mlp"]).model == TrainConfig().model
+    assert peer.with_overrides(["model.ffn=moe"]).model.moe == MoEConfig()
+    assert build(TrainConfig, {"model": {"ffn": "peer", "blocks": {"peer": {"top_k": 4}}}}).model == peer.model
 
 
 def test_a_peer_model_trains(tmp_path):

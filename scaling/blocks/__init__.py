@@ -175,6 +175,42 @@ def check_sections(model) -> None:
             raise ConfigError(f"model.blocks.{name}: expects a {kind.section.__name__}, got {type(sec).__name__}")
 
 
+def ffn(model) -> str:
+    """The MLP-role kind ``model`` uses (``moe``, ``peer``, ``pkm``, ...), or ``"mlp"`` for the
+    dense MLP alone; several kinds (interleaved by ``every``) read ``"moe+peer"``."""
+    names = [k.name for k in used(model) if k.role == "mlp"]
+    return "+".join(names) if names else "mlp"
+
+
+def select_ffn(model_d: dict, value: Any, field: str = "model.ffn") -> dict:
+    """``model.ffn=NAME`` on a plain model mapping (as ``scaling.overrides`` holds it): switch
+    every MLP-role section off but ``NAME``'s, which is switched on with its defaults unless
+    already set; ``mlp`` switches them all off. ConfigError naming ``field`` for a name that is
+    not ``mlp`` or a registered MLP-role kind."""
+    name = str(value).strip().lower() if value is not None else ""
+    choices = ["mlp"] + [k.name for k in kinds() if k.role == "mlp"]
+    if name not in choices:
+        raise ConfigError(f"{field}: must be one of {', '.join(choices)}; got {value!r}")
+    out = dict(model_d)
+    blocks = dict(out.get("blocks") or {})
+    for k in kinds():
+        if k.role != "mlp" or k.name == name:
+            continue
+        if k.attr:
+            out[k.attr] = None
+        else:
+            blocks.pop(k.name, None)
+    if name != "mlp":
+        k = get(name, field)
+        if k.attr:
+            if out.get(k.attr) is None:
+                out[k.attr] = dataclasses.asdict(k.section())
+        elif blocks.get(name) is None:
+            blocks[name] = dataclasses.asdict(k.section())
+    out["blocks"] = blocks
+    return out
+
+
 def used(model) -> list[BlockKind]:
     """The kinds ``model`` has a section for."""
     return [k for k in kinds() if k.section_of(model) is not None]

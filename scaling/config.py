@@ -501,6 +501,27 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    """How a run starts from ``init_from``. ``upcycle=moe``: the checkpoint is a dense run's and
+    this run is its MoE upcycling (Komatsuzaki et al. 2023; Liew et al. 2025): every expert a
+    copy of the dense MLP (plus ``noise`` x the tensor's std of Gaussian noise), a fresh router,
+    the rest copied, a fresh optimizer, the step counter and schedule from 0 (``budget`` counts
+    the upcycled stage alone). ``data``: ``continue`` reads on from the dense run's data
+    position (no token seen twice); ``restart`` from this run's own first batch."""
+
+    upcycle: Literal["none", "moe"] = "none"
+    noise: float = 0.0
+    data: Literal["continue", "restart"] = "continue"
+
+    def __post_init__(self):
+        _one_of("init.upcycle", self.upcycle, ("none", "moe"))
+        _one_of("init.data", self.data, ("continue", "restart"))
+        if not (isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0):
+            _fail("init.noise", f"must be a finite number >= 0 (the noise std relative to each copied tensor's), "
+                                f"got {self.noise!r}")
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axis sizes; their product is the device count. ``-1`` means "the rest"."""
 
@@ -545,6 +566,9 @@ class TrainConfig:
     progress: bool = True  # console progress bar
     # WSD branching (sweeps): resume from this checkpoint directory/step, then cool down.
     init_from: Optional[str] = None
+    # how the run starts from init_from (a WSD/batch branch by default; init.upcycle=moe: a dense
+    # checkpoint becomes an MoE)
+    init: InitConfig = field(default_factory=InitConfig)
     # where checkpoints go (default OUT/ckpt): a local directory or a URL orbax writes natively
     # (gs://). Unhashed (it does not change what the run computes); a resume must name the
     # location the run recorded.
@@ -565,6 +589,12 @@ class TrainConfig:
                     else f"{need} byte tokens for data.source={self.data.source}")
             _fail("model.vocab_size", f"{self.model.vocab_size} is below the data's vocabulary ({what}); "
                                       f"set model.vocab_size >= {need}")
+        if self.init.upcycle != "none":
+            if not self.init_from:
+                _fail("init.upcycle", "needs the dense checkpoint to start from; set init_from=RUN_DIR@STEP")
+            if self.model.moe is None:
+                _fail("init.upcycle", "moe upcycles into an MoE model, but model.moe is not set; set model.ffn=moe "
+                                      "(or model.moe=on)")
         if self.model.moe is not None and self.mesh.expert not in (1, -1) and self.model.moe.n_routed % self.mesh.expert:
             _fail("mesh.expert", f"expert axis {self.mesh.expert} must divide the number of experts {self.model.moe.n_routed}")
 

@@ -186,6 +186,8 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
                    max_epochs=_nan(s.get("max_epochs", s.get("epochs"))),
                    steps=s.get("steps", desc.get("steps")), schema_version=_measured_version(d, s),
                    causal=s.get("causal"), rescored=bool(s.get("rescored", False)))
+        if s.get("dense_tokens") is not None:  # an upcycled run: its dense stage (D1 tokens, C1 FLOPs, N1)
+            row.update(D1=_nan(s.get("dense_tokens")), C1=_nan(s.get("dense_flops")), N1=s.get("dense_N"))
         if "d_model" in desc:
             row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
         row.update({k: v for k, v in s.items() if k.startswith("epochs/")})  # mixture components
@@ -202,7 +204,7 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
     if df.empty:
         return pd.DataFrame(columns=TRIAL_COLUMNS)
     for c in ("N", "D", "C", "loss", "loss_se", "bpb", "bpb_se", "unique_tokens", "N_total", "N_active", "N_embedding", "flops_6n", "final_train_loss",
-              "tokens_per_s", "mfu", "hfu", "hardware_flops", "wall_s", "epochs", "max_epochs", "schema_version"):
+              "tokens_per_s", "mfu", "hfu", "hardware_flops", "wall_s", "epochs", "max_epochs", "schema_version", "D1", "C1"):
         if c in df:  # summaries write non-finite floats as strings ("nan")
             df[c] = pd.to_numeric(df[c], errors="coerce")
     check_schema(df, allow_mixed=allow_mixed, where=str(path))

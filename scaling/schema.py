@@ -46,7 +46,8 @@ LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): 
                ("data", "exclude"): (), ("data", "packages"): (), ("data", "mixture"): (),
                ("data", "unique_tokens"): None, ("data", "microbatch"): None, ("optim", "gns_every"): None,
                ("data", "batch_schedule"): (), ("optim", "batch_lr_exponent"): 0.0,
-               ("model", "scan_layers"): False, ("model", "blocks"): {}}
+               ("model", "scan_layers"): False, ("model", "blocks"): {},
+               (None, "init"): {"upcycle": "none", "noise": 0.0, "data": "continue"}}
 # Settings that change how fast a run goes, never what it computes: left out of trial ids and of
 # the same-config check on resume, so a run can resume with a different value.
 UNHASHED_FIELDS = {("data", "worker_count"), ("model", "remat"), ("model", "attention"), (None, "checkpoint_dir")}
@@ -80,6 +81,10 @@ def without_late_defaults(config: dict) -> dict:
         if section is None and name in d:
             d[name] = old
     for (section, name), old in LATE_FIELDS.items():
+        if section is None:  # a top-level section added late
+            if d.get(name, old) == old:
+                d.pop(name, None)
+            continue
         sec = d.get(section)
         value = sec.get(name, old) if isinstance(sec, dict) else None
         if isinstance(value, list):  # a tuple read back from JSON

@@ -14,12 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, VALIDATION
 
 ANALYSIS = REPO / "analysis"
-NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod", "peer"]
+NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod", "peer", "upcycling"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -228,3 +229,20 @@ def test_peer_study(tmp_path):
         law = r["laws"][arm]
         assert law is not None and law["alpha"] > 0 and law["ci"]["alpha"][0] <= law["alpha"] <= law["ci"]["alpha"][1]
     assert r["gap_vs_dense"]["dense"] == {str(c): 0.0 for c in (2e9, 4e9, 8e9)}
+
+
+@pytest.mark.slow
+def test_upcycling_study(tmp_path):
+    """The smoke upcycling study: one dense run, its three checkpoints upcycled for two lengths,
+    the law fitted to the six cells, each cell read against the from-scratch MoE frontier."""
+    r = run_notebook("upcycling", tmp_path)
+    assert r["smoke"] and r["n_done"] == r["n_trials"] == 10
+    cells = {(u["D1"], u["D2"]): u["loss"] for u in r["upcycled"]}
+    assert sorted(cells) == [(d1, d2) for d1 in (768, 1280, 2048) for d2 in (512, 1024)]
+    for d2 in (512, 1024):  # a longer-trained dense model starts the MoE lower
+        assert cells[(768, d2)] > cells[(1280, d2)] > cells[(2048, d2)]
+    for u in r["upcycled"]:  # the dense stage's FLOPs are the dense run's at D1 tokens
+        assert u["C1"] == pytest.approx(r["upcycled"][0]["C1"] * u["D1"] / r["upcycled"][0]["D1"], rel=1e-9)
+    (law,) = r["laws"]
+    assert set(law) >= {"A", "alpha1", "alpha2", "alpha3", "E", "alpha3_ci"} and law["rms_log_residual"] < 0.05
+    assert len(r["comparison"]) == 6 and all(np.isfinite(c["vs_moe_sunk"]) for c in r["comparison"])

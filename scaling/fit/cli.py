@@ -1,6 +1,6 @@
 """``scaling fit`` and ``scaling plot``.
 
-    scaling fit TABLE_OR_SWEEP --law chinchilla|powerlaw|isoflop|kaplan|bcrit|clark|krajewski
+    scaling fit TABLE_OR_SWEEP --law chinchilla|powerlaw|isoflop|kaplan|bcrit|clark|krajewski|upcycling
         [--bootstrap N] [--holdout-largest K] [--json] [--plot out.png]
         [--columns N=N_params,D=D_tokens] [--where "epoch_outlier_excluded == 0"]
     scaling plot SWEEP_OR_TABLE --figure isoflop|frontier|nopt|bcrit|moe --out FILE.png
@@ -23,7 +23,7 @@ import numpy as np
 
 from scaling.errors import UsageError
 
-LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "cbs", "clark", "krajewski", "data_constrained")
+LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "cbs", "clark", "krajewski", "data_constrained", "upcycling")
 FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe", "lr")
 
 
@@ -221,6 +221,7 @@ def _fit(args):
             "kaplan": parametric.kaplan,
             "clark": parametric.clark,
             "krajewski": parametric.krajewski,
+            "upcycling": parametric.upcycling,
         }
         pin = _pins(getattr(args, "pin", []))
         res = fitters[args.law](args.input, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta, seed_noise=args.seed_noise,

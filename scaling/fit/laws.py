@@ -239,6 +239,38 @@ def krajewski() -> LSELaw:
     )
 
 
+def upcycling() -> LSELaw:
+    """Liew et al. 2025 upcycling law: ``L = A D1^-alpha1 D2^(-alpha2 + alpha3 ln D1) + E``.
+
+    D1 dense training tokens, D2 tokens trained after upcycling (both tokens, natural logs).
+    ``alpha3 > 0`` is the interaction the paper finds: the more the dense model was trained,
+    the less each upcycled token buys (the effective D2 exponent ``alpha2 - alpha3 ln D1``
+    falls). One model size per fit (the paper fits each size, then the sizes' parameters).
+    """
+
+    def features(x):
+        l1, l2 = _log(x, "D1"), _log(x, "D2")
+        n = l1.shape[0]
+        z, o = np.zeros(n), np.ones(n)
+        # theta = (la, alpha1, alpha2, alpha3, le)
+        return _stack([[o, -l1, -l2, l1 * l2, z], [z, z, z, z, o]], n), np.zeros((2, n))
+
+    return LSELaw(
+        name="upcycling",
+        formula="L = A D1^-alpha1 D2^(-alpha2 + alpha3 ln D1) + E",
+        inputs=("D1", "D2"),
+        target="loss",
+        params=(
+            Param("la", "A", True, (0.0, 2.0, 5.0)),
+            Param("alpha1", "alpha1", False, (0.0, 0.1, 0.3)),
+            Param("alpha2", "alpha2", False, (0.0, 0.2, 0.5)),
+            Param("alpha3", "alpha3", False, (-0.01, 0.0, 0.01)),
+            Param("le", "E", True, (-1.0, 0.0, 0.5)),
+        ),
+        features=features,
+    )
+
+
 def clark() -> LSELaw:
     """Clark et al. 2022 routed LM: ``log L = a log N + b log E + c log N log E + d``.
 

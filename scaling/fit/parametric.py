@@ -353,6 +353,12 @@ def clark(data, **kw) -> FitResult:
     return fit_law(laws.clark(), data, **kw)
 
 
+def upcycling(data, **kw) -> FitResult:
+    """Liew et al. 2025 upcycling law on columns D1 (dense tokens), D2 (upcycled tokens), loss:
+    ``L = A D1^-alpha1 D2^(-alpha2 + alpha3 ln D1) + E`` (one model size)."""
+    return fit_law(laws.upcycling(), data, **kw)
+
+
 def krajewski(data, **kw) -> FitResult:
     """Krajewski et al. 2024 fine-grained MoE law on columns N, D, G (granularity), loss."""
     return fit_law(laws.krajewski(), data, **kw)

@@ -80,6 +80,14 @@ def plan_text(sp, trial_list: list) -> str:
                      f"{n:>10.3g}{t.config.data.batch_size:>6d}{t.config.optim.lr:>10.3g}{_fmt(t.steps, '{:d}'):>8}"
                      f"{_fmt(tokens):>10}{_fmt(t.planned_flops):>10}  {grid}")
     indep = wsd.planned_compute(spec_mod.trials(sp, "independent"))
+    if sp.strategy == "upcycle":
+        by_arm = {}
+        for t in trial_list:
+            arm = dict(t.tags).get("arm", t.role)
+            by_arm[arm] = by_arm.get(arm, 0.0) + (t.planned_flops or 0.0)
+        lines.append("compute: " + ", ".join(f"{arm} {c:.4g} FLOPs" for arm, c in by_arm.items())
+                     + f"; total {sum(by_arm.values()):.4g}")
+        return "\n".join(lines)
     if sp.strategy == "cbs_branch":
         branched = wsd.planned_compute(trial_list)
         main = wsd.planned_compute([t for t in trial_list if t.role == "main"])

@@ -9,7 +9,8 @@ runs. Example (see ``sweeps/*.yaml`` for all forms)::
 
     name: quickstart
     experiment: dense
-    strategy: independent          # or wsd_branch (scaling/sweep/wsd.py), cbs_branch (scaling/sweep/cbs.py)
+    strategy: independent          # or wsd_branch (scaling/sweep/wsd.py), cbs_branch (scaling/sweep/cbs.py),
+                                   # upcycle (scaling/sweep/upcycle.py)
     set: {data.seq_len: 64, data.batch_size: 16}
     sizes:                         # default for buckets without their own
       isoflop: {n: 5, ratio: 2, center: {params: 3.4e4, flops: 1e12, exponent: 0.5}}
@@ -43,8 +44,8 @@ from scaling.config import BudgetConfig, ConfigError, TrainConfig, config_hash
 from scaling.overrides import apply_overrides, coerce_field
 from scaling.rules import Rules
 
-Strategy = Literal["independent", "wsd_branch", "cbs_branch"]
-STRATEGIES = ("independent", "wsd_branch", "cbs_branch")
+Strategy = Literal["independent", "wsd_branch", "cbs_branch", "upcycle"]
+STRATEGIES = ("independent", "wsd_branch", "cbs_branch", "upcycle")
 
 # Short grid keys -> config paths (any dotted TrainConfig path is accepted as well).
 ALIASES = {
@@ -171,6 +172,7 @@ class SweepSpec:
     rules: Rules = field(default_factory=Rules)  # per-trial lr / batch / warmup (scaling.rules)
     raw: Any = None  # the YAML mapping as loaded (copied into the sweep manifest)
     cbs: Any = None  # strategy cbs_branch: the branch points and factors (scaling.sweep.cbs.CbsSpec)
+    upcycle: Any = None  # strategy upcycle: D1 x D2 and the MoE (scaling.sweep.upcycle.UpcycleSpec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class SweepSpec:
 # --------------------------------------------------------------------------------------------
 
 _TOP_KEYS = ("name", "experiment", "description", "strategy", "set", "buckets", "sizes", "grid", "seeds", "variants", "resources",
-             "rules", "cbs")
+             "rules", "cbs", "upcycle")
 
 
 def load(path: str | Path) -> SweepSpec:
@@ -413,6 +415,13 @@ def parse(raw: Any, *, default_name: str = "sweep") -> SweepSpec:
         cbs_spec = cbs.parse(d.get("cbs"))
     elif "cbs" in d:
         _fail("sweep.cbs", "applies to strategy: cbs_branch only; remove it or set the strategy")
+    upcycle_spec = None
+    if strategy == "upcycle":
+        from scaling.sweep import upcycle
+
+        upcycle_spec = upcycle.parse(d.get("upcycle"))
+    elif "upcycle" in d:
+        _fail("sweep.upcycle", "applies to strategy: upcycle only; remove it or set the strategy")
     resources = _parse_resources("sweep.resources", d["resources"]) if "resources" in d else Resources()
     default_sizes = _parse_sizes("sweep.sizes", d["sizes"]) if "sizes" in d else None
     if "buckets" not in d:
@@ -456,7 +465,8 @@ def parse(raw: Any, *, default_name: str = "sweep") -> SweepSpec:
     _check_rule_owned(rules, base_set, grid, variants, strategy)
     spec = SweepSpec(name=name, experiment=experiment, buckets=buckets, strategy=strategy, set=base_set,
                      grid=tuple(grid), seeds=seeds, variants=variants, resources=resources,
-                     description=str(d.get("description", "")), rules=rules, raw=d, cbs=cbs_spec)
+                     description=str(d.get("description", "")), rules=rules, raw=d, cbs=cbs_spec,
+                     upcycle=upcycle_spec)
     trials(spec)  # resolve everything now: every error surfaces before anything runs
     return spec
 
@@ -714,6 +724,12 @@ def trials(spec: SweepSpec, strategy: str | None = None) -> list[Trial]:
         if spec.cbs is None:
             _fail("sweep.cbs", "strategy cbs_branch needs a cbs: mapping in the spec")
         return cbs.branch(indep, spec.cbs)
+    if strategy == "upcycle":
+        from scaling.sweep import upcycle
+
+        if spec.upcycle is None:
+            _fail("sweep.upcycle", "strategy upcycle needs an upcycle: mapping in the spec")
+        return upcycle.branch(indep, spec.upcycle)
     from scaling.sweep import wsd
 
     return wsd.branch(indep)

@@ -244,8 +244,13 @@ def preflight(cfg: TrainConfig) -> dict:
     if d.batch_size % 2 and d.microbatch is None and gns_every(cfg):
         raise ConfigError(f"data.batch_size: must be even (a statistics step splits the batch in two halves for the "
                           f"gradient-noise statistics), got {d.batch_size}; or set optim.gns_every=0 or data.microbatch")
+    upcycled = None
     if cfg.init_from:
         parse_init_from(cfg.init_from)
+        if cfg.init.upcycle == "moe":
+            from scaling.models import upcycle
+
+            upcycled = upcycle.plan(cfg)
     counts = flops.param_counts(cfg.model)
     train_fpt = float(flops.train_flops_per_token(cfg.model, d.seq_len))
     total_steps = None
@@ -271,6 +276,7 @@ def preflight(cfg: TrainConfig) -> dict:
         "tokens_per_step": cfg.tokens_per_step,
         "total_steps": total_steps,
         "budget_kind": cfg.budget.kind,
+        **({"upcycled_from": upcycled} if upcycled else {}),
     }
 
 

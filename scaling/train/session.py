@@ -125,7 +125,9 @@ class Session:
         _check_vocab(cfg, self.corpus)
         _check_same_data(out, self.corpus)
         resolved["corpus"] = self.corpus
-        self.iterator = loader.make_train_iterator(cfg.data, seed=cfg.seed, process_index=self.shard_index,
+        # an upcycled run reads on in its dense run's data order (that run's seed)
+        data_seed = (resolved.get("upcycled_from") or {}).get("data_seed", cfg.seed)
+        self.iterator = loader.make_train_iterator(cfg.data, seed=data_seed, process_index=self.shard_index,
                                                    process_count=self.shard_count)
         self.eval = loader.eval_set(cfg.data)
         resolved["eval_set"] = self.eval.describe()
@@ -307,6 +309,8 @@ class Session:
             step, state, data_state, meta = restored
             self.iterator.set_state(data_state)
             print(f"{out}: resuming from checkpoint step {step}/{total_steps}", file=sys.stderr)
+        elif cfg.init_from and cfg.init.upcycle == "moe":
+            state = self._restore_upcycled(state)
         elif cfg.init_from:
             state, meta = self._restore_branch_point(state, meta)
         # the run's own length drives the schedule (a branch restores another run's total)
@@ -349,6 +353,32 @@ class Session:
         meta.update(step=at, best_loss=src_meta.get("best_loss"), hardware_flops=src_meta.get("hardware_flops"))
         print(f"{out}: starting from {cfg.init_from}", file=sys.stderr)
         return state, meta
+
+    def _restore_upcycled(self, state):
+        """``init.upcycle=moe``: the dense run's parameters at ``init_from`` become this MoE's
+        (``scaling.models.upcycle``); the optimizer and the step start fresh; the data reads on
+        from the dense run's position unless ``init.data=restart``."""
+        from scaling.models import upcycle
+        from scaling.models.transformer import Transformer
+
+        cfg, out = self.cfg, self.out
+        src_cfg = upcycle.source_config(cfg.init_from)
+        ckpt_dir, at = parse_init_from(cfg.init_from)
+        dense = self._sharding.create_sharded_model(lambda: Transformer(src_cfg.model, rngs=nnx.Rngs(0)), self.mesh)
+        _, d_params, d_rest = step_lib.split_model(dense)
+        d_tx = optim.make_optimizer(src_cfg.optim, model_cfg=src_cfg.model)
+        template = step_lib.init_state(d_params, d_rest, d_tx, mesh=self.mesh)
+        src = Checkpointer(ckpt_dir, read_only=True)
+        written, data_state, _ = src.restore(at, template)
+        src.close()
+        params = upcycle.upcycle_params(written["params"], state["params"], cfg.model, cfg.init.noise, seed=cfg.seed)
+        tx = optim.make_optimizer(cfg.optim, model_cfg=cfg.model)
+        fresh = step_lib.init_state(params, state["rest"], tx, mesh=self.mesh)
+        if cfg.init.data == "continue":
+            self.iterator.set_state(data_state)
+        print(f"{out}: upcycled {cfg.init_from} into {cfg.model.moe.n_routed} experts (noise {cfg.init.noise:g}, "
+              f"data {cfg.init.data})", file=sys.stderr)
+        return fresh
 
     def _open_outputs(self, t: "_Tally") -> None:
         """metrics.jsonl (rows beyond the restored step dropped), the wandb mirror, the progress
@@ -511,6 +541,9 @@ class Session:
             "text_sha256": self.corpus.get("text_sha256"), "tokenizer": self.corpus.get("tokenizer"),
             "tokenizer_sha256": self.corpus.get("tokenizer_sha256"), "vocab_size": self.corpus.get("vocab_size"),
             "unique_tokens": self.corpus.get("unique_tokens"),
+            # an upcycled run: its dense stage (D1 tokens, FLOPs); tokens/flops count this stage only
+            **({"dense_tokens": r["upcycled_from"]["tokens"], "dense_flops": r["upcycled_from"]["flops"],
+                "dense_N": r["upcycled_from"]["params"]} if r.get("upcycled_from") else {}),
         }
 
     def _hardware_flops(self, step: int) -> float:

@@ -134,6 +134,31 @@ class BlockSections(tuple):
 
 
 @dataclass(frozen=True)
+class PrecisionConfig:
+    """``model.precision``: fake-quantized matmul inputs (``scaling.models.quant``) in the
+    attention projections and the dense MLP. Formats (``scaling.formats``): ``none``, ``bf16``,
+    ``e4m3``, ``e5m2``, ``e3m2``, ``e2m3``, ``e2m1`` or ``eXmY`` (at most 16 bits). ``weights``
+    and ``acts`` are the matmul operands, ``grads`` the gradient flowing into each matmul's
+    backward pass (straight-through estimator); ``block``: elements per power-of-two scale along
+    the contracted axes (None: one scale per tensor)."""
+
+    weights: str = "none"
+    acts: str = "none"
+    grads: str = "none"
+    block: Optional[int] = None
+
+    def __post_init__(self):
+        from scaling import formats
+
+        for name in ("weights", "acts", "grads"):
+            v = getattr(self, name)
+            f = formats.parse(v, f"model.precision.{name}")
+            object.__setattr__(self, name, "none" if f is None else f.name)
+        if self.block is not None and (not isinstance(self.block, int) or self.block < 1):
+            _fail("model.precision.block", f"must be a positive integer (elements per scale) or none, got {self.block!r}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer shape. Sizes in elements; ``d_ff`` defaults to
     ``ffn_ratio * d_model`` rounded to a multiple of 8."""
@@ -162,6 +187,8 @@ class ModelConfig:
     mup_base_head_dim: Optional[int] = None
     moe: Optional[MoEConfig] = None
     mod: Optional[MoDConfig] = None
+    # low-precision training: fake-quantized matmuls (scaling.models.quant); None: float32/bf16 as dtype says
+    precision: Optional[PrecisionConfig] = None
     # sections of registered block kinds other than moe/mod (scaling.blocks), by kind name:
     # written {name: {field: value}}, set with --set model.blocks.NAME.FIELD=VALUE
     blocks: "BlockSections" = field(default_factory=lambda: BlockSections())
@@ -225,6 +252,8 @@ class ModelConfig:
                 _fail("model.moe.granularity", f"granularity={self.moe.granularity} must divide the expert hidden size {expert_ff:g}; pick a divisor")
         if not isinstance(self.scan_layers, bool):
             _fail("model.scan_layers", f"must be true or false, got {self.scan_layers!r}")
+        if self.precision is not None:
+            self._check_precision()
         from scaling import blocks as block_kinds
 
         if not isinstance(self.blocks, BlockSections):  # a plain mapping: hashable, sorted
@@ -241,6 +270,21 @@ class ModelConfig:
                                        f"every {pattern} layers and n_layers={self.n_layers} is not a multiple of "
                                        f"{pattern}, so they cannot be stacked for a scan; use a multiple of {pattern} "
                                        "or model.scan_layers=false")
+
+    def _check_precision(self) -> None:
+        p = self.precision
+        if self.moe is not None or self.mod is not None or len(self.blocks):
+            _fail("model.precision", "quantizes the dense attention and MLP matmuls; MoE, MoD and other block kinds "
+                                     "are not quantized yet; drop model.precision or use a dense model")
+        if p.block is not None:
+            hd = self.resolved_head_dim
+            sizes = {"model.d_model": self.d_model, "model.d_ff": self.resolved_d_ff,
+                     "model.n_heads x head_dim": self.n_heads * hd, "head_dim": hd}
+            for what, n in sizes.items():
+                if n % p.block:
+                    _fail("model.precision.block", f"{p.block} does not divide {what}={n} (a contracted or gradient "
+                                                   f"axis of a quantized matmul); use a divisor of {n}, e.g. "
+                                                   f"{math.gcd(n, p.block)}, or none for per-tensor scales")
 
     def layer_period(self) -> int:
         """Blocks in the smallest repeating group of the layer pattern (dense / MoE / MoD / any
@@ -516,7 +560,8 @@ class InitConfig:
     def __post_init__(self):
         _one_of("init.upcycle", self.upcycle, ("none", "moe"))
         _one_of("init.data", self.data, ("continue", "restart"))
-        if not (isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0):
+        if isinstance(self.noise, bool) or not (isinstance(self.noise, (int, float)) and math.isfinite(self.noise)
+                                                and self.noise >= 0):
             _fail("init.noise", f"must be a finite number >= 0 (the noise std relative to each copied tensor's), "
                                 f"got {self.noise!r}")
 
@@ -589,6 +634,9 @@ class TrainConfig:
                     else f"{need} byte tokens for data.source={self.data.source}")
             _fail("model.vocab_size", f"{self.model.vocab_size} is below the data's vocabulary ({what}); "
                                       f"set model.vocab_size >= {need}")
+        if self.init.upcycle == "none" and self.init != InitConfig():
+            _fail("init.noise" if self.init.noise else "init.data", "applies to upcycling only; set init.upcycle=moe or "
+                                                                     "leave init.noise and init.data at their defaults")
         if self.init.upcycle != "none":
             if not self.init_from:
                 _fail("init.upcycle", "needs the dense checkpoint to start from; set init_from=RUN_DIR@STEP")

@@ -187,7 +187,8 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
                    steps=s.get("steps", desc.get("steps")), schema_version=_measured_version(d, s),
                    causal=s.get("causal"), rescored=bool(s.get("rescored", False)))
         if s.get("dense_tokens") is not None:  # an upcycled run: its dense stage (D1 tokens, C1 FLOPs, N1)
-            row.update(D1=_nan(s.get("dense_tokens")), C1=_nan(s.get("dense_flops")), N1=s.get("dense_N"))
+            row.update(D1=_nan(s.get("dense_tokens")), C1=_nan(s.get("dense_flops")), N1=s.get("dense_N"),
+                       D2=_nan(s.get("tokens")))
         if "d_model" in desc:
             row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
         row.update({k: v for k, v in s.items() if k.startswith("epochs/")})  # mixture components

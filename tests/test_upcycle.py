@@ -94,7 +94,7 @@ def comparable(rows):
 
 
 @pytest.mark.slow
-def test_upcycled_run_starts_at_the_dense_loss_reads_on_and_resumes_bitwise(dense_run, tmp_path):
+def test_upcycled_run_starts_at_the_dense_loss_reads_on_and_resumes_bitwise(dense_run, tmp_path, capfd):
     out = tmp_path / "up"
     s = loop.run(_up_cfg(dense_run), out)
     dense_rows = {r["step"]: r for r in read_jsonl(dense_run / "metrics.jsonl")}
@@ -112,7 +112,10 @@ def test_upcycled_run_starts_at_the_dense_loss_reads_on_and_resumes_bitwise(dens
     r = subprocess.run([sys.executable, "-m", "scaling.cli", "train", "--config", str(cfg_file), "--out", str(killed)],
                        env=dict(os.environ, SCALING_KILL_AT="train_step:7"), capture_output=True, text=True, timeout=300)
     assert r.returncode == -9, r.stderr[-1500:]
+    capfd.readouterr()
     s2 = loop.run(_up_cfg(dense_run), killed)
+    err = capfd.readouterr().err
+    assert "resuming from checkpoint step 4/10" in err and ": upcycled " not in err  # its own checkpoint, not the dense one
     assert comparable(read_jsonl(killed / "metrics.jsonl")) == comparable(up_rows)
     assert (s2["final_train_loss"], s2["final_eval_loss"]) == (s["final_train_loss"], s["final_eval_loss"])
     # init.data=restart reads from the first batch instead: another loss at step 1
@@ -127,6 +130,8 @@ def test_upcycled_run_starts_at_the_dense_loss_reads_on_and_resumes_bitwise(dens
      "init.upcycle: moe upcycles into an MoE model, but model.moe is not set; set model.ffn=moe (or model.moe=on)"),
     (["init.noise=-1"], "init.noise: must be a finite number >= 0 (the noise std relative to each copied tensor's), "
                         "got -1.0"),
+    (["init.data=restart"], "init.data: applies to upcycling only; set init.upcycle=moe or leave init.noise and "
+                            "init.data at their defaults"),
 ])
 def test_bad_upcycling_configs_are_one_line_and_exit_2(sets, message, tmp_path, capsys):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
@@ -154,6 +159,16 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_training(dense_run, tm
                                            "experts must be its size; set model.moe.expert_size=1 (got 0.5)")
     refused(["data.seq_len=64"], "data.seq_len: init.data=continue reads on from the dense run's data, which has "
                                  "seq_len=32 (this run 64); set data.seq_len=32 or init.data=restart")
+    refused(["model.n_layers=4", "model.scan_layers=true", "model.moe.every=2"],
+            "model.scan_layers: upcycling into a scanned model whose MoE layers alternate (model.moe.every=2) is not "
+            "supported; use model.scan_layers=false")
+    # a plain branch (no init.upcycle) from a dense checkpoint into an MoE: said, not an orbax traceback
+    cfg = experiments.get("dense").with_overrides([*TINY, "model.ffn=moe", f"init_from={dense_run}@16", "budget.steps=20"])
+    (tmp_path / "b.json").write_text(cfg.to_json())
+    assert main(["train", "--config", str(tmp_path / "b.json"), "--out", str(tmp_path / "rb")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "scaling train: error: init_from: the checkpoint's model has model.ffn=mlp, this one moe; a branch continues "
+        "the same model (to turn a dense checkpoint into an MoE set init.upcycle=moe)"]
     moe_run = tmp_path / "moe"
     loop.run(experiments.get("dense").with_overrides([*TINY, "model.ffn=moe", "budget.steps=2"]), moe_run)
     cfg = experiments.get("dense").with_overrides([*TINY, *UP, f"init_from={moe_run}@2", "budget.steps=2"])

@@ -48,6 +48,9 @@ def check(dense: ModelConfig, moe_model: ModelConfig) -> None:
     if moe_model.moe.expert_size != 1.0:
         raise ConfigError(f"model.moe.expert_size: upcycling copies the dense MLP into each expert, so experts must "
                           f"be its size; set model.moe.expert_size=1 (got {moe_model.moe.expert_size:g})")
+    if moe_model.scan_layers and moe_model.layer_period() > 1:
+        raise ConfigError(f"model.scan_layers: upcycling into a scanned model whose MoE layers alternate (model.moe."
+                          f"every={moe_model.moe.every}) is not supported; use model.scan_layers=false")
     for f in dataclasses.fields(ModelConfig):
         if f.name in _FREE:
             continue
@@ -77,6 +80,22 @@ def source_config(init_from: str):
     return TrainConfig.from_dict(schema.config_fields(recorded))
 
 
+def check_data(src, cfg) -> None:
+    """With ``init.data=continue`` the upcycled run ``cfg`` reads on in the dense run ``src``'s
+    training stream: every field that decides it must match, and one batch size (no schedule).
+    ConfigError naming the field otherwise."""
+    if cfg.init.data != "continue":
+        return
+    for f in dataclasses.fields(type(cfg.data)):
+        a, b = getattr(src.data, f.name), getattr(cfg.data, f.name)
+        if f.name not in _STREAM_FREE and a != b:
+            raise ConfigError(f"data.{f.name}: init.data=continue reads on from the dense run's data, which has "
+                              f"{f.name}={a!r} (this run {b!r}); set data.{f.name}={a!r} or init.data=restart")
+    if cfg.data.batch_schedule:
+        raise ConfigError("data.batch_schedule: an upcycled run that reads on from the dense run's data position "
+                          "keeps one batch size; drop the schedule or set init.data=restart")
+
+
 def plan(cfg) -> dict:
     """Checks an upcycling run (``cfg.init.upcycle == "moe"``) against its dense source before
     any device work; the facts recorded in ``config.json`` under ``resolved["upcycled_from"]``:
@@ -89,15 +108,7 @@ def plan(cfg) -> dict:
     src = source_config(cfg.init_from)
     step = int(cfg.init_from.rsplit("@", 1)[1])
     check(src.model, cfg.model)
-    if cfg.init.data == "continue":
-        for f in dataclasses.fields(type(cfg.data)):
-            a, b = getattr(src.data, f.name), getattr(cfg.data, f.name)
-            if f.name not in _STREAM_FREE and a != b:
-                raise ConfigError(f"data.{f.name}: init.data=continue reads on from the dense run's data, which has "
-                                  f"{f.name}={a!r} (this run {b!r}); set data.{f.name}={a!r} or init.data=restart")
-        if cfg.data.batch_schedule:
-            raise ConfigError("data.batch_schedule: an upcycled run that reads on from the dense run's data position "
-                              "keeps one batch size; drop the schedule or set init.data=restart")
+    check_data(src, cfg)
     tokens = BatchSchedule.of(src.data).tokens_before(step)
     return {"run": cfg.init_from.rsplit("@", 1)[0], "step": step, "tokens": tokens,
             "flops": tokens * float(flops.train_flops_per_token(src.model, src.data.seq_len)),

@@ -282,7 +282,8 @@ class Progress:
             else:
                 rows = read_jsonl(self.sweep_dir / tid / "metrics.jsonl")[-1:]
                 done = rows[0].get("flops", 0.0) if rows else 0.0
-            if t.branch_step and t.flops_per_step:
+            # a WSD/CBS branch's FLOPs count from step 0 of its main run; an upcycled one's from its own
+            if t.branch_step and t.flops_per_step and t.config.init.upcycle == "none":
                 done = max(0.0, done - t.branch_step * t.flops_per_step)
             total += min(done, t.planned_flops or done)
         return total

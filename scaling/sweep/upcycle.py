@@ -141,6 +141,11 @@ def branch(independent: list, up: UpcycleSpec) -> list:
         out.append(dataclasses.replace(t, id=main_id, config=mcfg, role="main", tags=t.tags + (("arm", "dense_main"),)))
         staged = with_(with_(cfg, up.set, "set"), up.moe, "moe")
         upcycle_model.check(cfg.model, staged.model)
+        probe = dataclasses.replace(staged, init=dataclasses.replace(staged.init, upcycle="moe"), init_from="x@1")
+        try:
+            upcycle_model.check_data(cfg, probe)
+        except ConfigError as err:
+            raise ConfigError(f"sweep.upcycle.set: {err}") from None
         for d1, s in sorted(step_of.items()):
             for d2 in up.upcycled_tokens:
                 bcfg = dataclasses.replace(

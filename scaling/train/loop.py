@@ -247,10 +247,21 @@ def preflight(cfg: TrainConfig) -> dict:
     upcycled = None
     if cfg.init_from:
         parse_init_from(cfg.init_from)
-        if cfg.init.upcycle == "moe":
-            from scaling.models import upcycle
+        from scaling.models import upcycle
 
+        if cfg.init.upcycle == "moe":
             upcycled = upcycle.plan(cfg)
+        else:  # a branch continues the same model: a dense source and an MoE here is an upcycling
+            from scaling import blocks
+
+            try:
+                src_ffn = blocks.ffn(upcycle.source_config(cfg.init_from).model)
+            except ConfigError:  # no readable config.json: the restore itself decides
+                src_ffn = blocks.ffn(cfg.model)
+            if src_ffn != blocks.ffn(cfg.model):
+                raise ConfigError(f"init_from: the checkpoint's model has model.ffn={src_ffn}, this one "
+                                  f"{blocks.ffn(cfg.model)}; a branch continues the same model (to turn a dense "
+                                  "checkpoint into an MoE set init.upcycle=moe)")
     counts = flops.param_counts(cfg.model)
     train_fpt = float(flops.train_flops_per_token(cfg.model, d.seq_len))
     total_steps = None

@@ -371,14 +371,16 @@ class Session:
         src = Checkpointer(ckpt_dir, read_only=True)
         written, data_state, _ = src.restore(at, template)
         src.close()
-        params = upcycle.upcycle_params(written["params"], state["params"], cfg.model, cfg.init.noise, seed=cfg.seed)
-        tx = optim.make_optimizer(cfg.optim, model_cfg=cfg.model)
-        fresh = step_lib.init_state(params, state["rest"], tx, mesh=self.mesh)
+        dense_params = written["params"]
+        del dense, d_params, d_rest, template, written  # only the dense parameters are needed from here
+        params = upcycle.upcycle_params(dense_params, state["params"], cfg.model, cfg.init.noise, seed=cfg.seed)
         if cfg.init.data == "continue":
             self.iterator.set_state(data_state)
         print(f"{out}: upcycled {cfg.init_from} into {cfg.model.moe.n_routed} experts (noise {cfg.init.noise:g}, "
               f"data {cfg.init.data})", file=sys.stderr)
-        return fresh
+        # the state built for this run is fresh (step 0, zero optimizer moments): only the
+        # parameters change
+        return {**state, "params": params}
 
     def _open_outputs(self, t: "_Tally") -> None:
         """metrics.jsonl (rows beyond the restored step dropped), the wandb mirror, the progress

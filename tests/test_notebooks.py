@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, VALIDATION
 
 ANALYSIS = REPO / "analysis"
-NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod", "peer", "upcycling"]
+NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod", "peer", "upcycling", "precision"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -246,3 +246,17 @@ def test_upcycling_study(tmp_path):
     (law,) = r["laws"]
     assert set(law) >= {"A", "alpha1", "alpha2", "alpha3", "E", "alpha3_ci"} and law["rms_log_residual"] < 0.05
     assert len(r["comparison"]) == 6 and all(np.isfinite(c["vs_moe_sunk"]) for c in r["comparison"])
+
+
+@pytest.mark.slow
+def test_precision_study(tmp_path):
+    """The smoke low-precision study: float32, e2m1 and block-scaled e4m3 at two token budgets;
+    every cell's gap to float32 is measured (the law itself is recovered on synthetic data in
+    tests/test_precision.py: six cells cannot determine its eight parameters)."""
+    r = run_notebook("precision", tmp_path)
+    assert r["smoke"] and r["n_done"] == r["n_trials"] == 6 and r["n_diverged"] == 0
+    cells = {(c["variant"], c["D"]): c for c in r["cells"]}
+    assert {v for v, _ in cells} == {"fp32", "e2m1", "e4m3_b4"}
+    assert all(c["gap_vs_fp32"] == 0.0 for (v, _), c in cells.items() if v == "fp32")
+    assert all(abs(c["gap_vs_fp32"]) < 0.5 for c in cells.values())
+    assert {(c["E"], c["M"], c["B"]) for c in r["cells"]} == {(8, 23, 1), (2, 1, 16), (4, 3, 4)}

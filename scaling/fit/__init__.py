@@ -19,6 +19,7 @@ analytic gradients; ``bootstrap=N`` resamples runs for 95% percentile intervals 
     fit.kaplan(df)                      # Kaplan L(N, D); L(C) = (C_c/C)^alpha_C without D
     fit.clark(df) / fit.krajewski(df)   # MoE laws in (N, E) / (N, D, G)
     fit.upcycling(df)                   # L = A D1^-a1 D2^(-a2 + a3 ln D1) + E (Liew et al. 2025)
+    fit.fp_quant(df)                    # L(N, D, E, M, B), Sun et al. 2025; laws.best_split(bits, delta, nu)
     fit.fit_law(fit.laws.<law>(), df)   # any law in scaling.fit.laws
 
 -> ``FitResult`` with ``.params`` (natural units), ``.ci`` (95%), ``.cov``, ``.objective``,
@@ -55,8 +56,8 @@ from scaling.fit import laws, robust
 from scaling.fit.batch import branched_cbs, noise_scale, noise_scale_window, steps_to_target, to_minimum_compute, tradeoff
 from scaling.fit.extrapolate import backtest
 from scaling.fit.isoflop import compare, envelope, isoflop
-from scaling.fit.parametric import (FitResult, chinchilla, clark, fit_law, kaplan, krajewski, powerlaw, saturating,
-                                    upcycling)
+from scaling.fit.parametric import (FitResult, chinchilla, clark, fit_law, fp_quant, kaplan, krajewski, powerlaw,
+                                    saturating, upcycling)
 
 
 def __getattr__(name):
@@ -67,5 +68,5 @@ def __getattr__(name):
 
 __all__ = [
     "FitResult", "backtest", "chinchilla", "clark", "compare", "envelope", "fit_law", "isoflop", "kaplan",
-    "krajewski", "laws", "branched_cbs", "noise_scale", "noise_scale_window", "powerlaw", "robust", "saturating", "steps_to_target", "to_minimum_compute", "tradeoff", "upcycling",
+    "krajewski", "laws", "branched_cbs", "noise_scale", "noise_scale_window", "powerlaw", "robust", "saturating", "steps_to_target", "to_minimum_compute", "tradeoff", "upcycling", "fp_quant",
 ]

@@ -23,7 +23,7 @@ import numpy as np
 
 from scaling.errors import UsageError
 
-LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "cbs", "clark", "krajewski", "data_constrained", "upcycling")
+LAWS = ("chinchilla", "powerlaw", "isoflop", "kaplan", "bcrit", "cbs", "clark", "krajewski", "data_constrained", "upcycling", "fp_quant")
 FIGURES = ("isoflop", "frontier", "nopt", "bcrit", "moe", "lr")
 
 
@@ -222,6 +222,7 @@ def _fit(args):
             "clark": parametric.clark,
             "krajewski": parametric.krajewski,
             "upcycling": parametric.upcycling,
+            "fp_quant": parametric.fp_quant,
         }
         pin = _pins(getattr(args, "pin", []))
         res = fitters[args.law](args.input, bootstrap=args.bootstrap, seed=args.seed, delta=args.delta, seed_noise=args.seed_noise,

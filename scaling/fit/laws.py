@@ -271,6 +271,58 @@ def upcycling() -> LSELaw:
     )
 
 
+def fp_quant() -> LSELaw:
+    """Sun et al. 2025 floating-point quantization law (their unified form, as we read it):
+    ``L = n/N^alpha + d/D^beta + eps + (D^beta / N^alpha) log2(B) / (gamma (E+0.5)^delta (M+0.5)^nu)``.
+
+    N non-embedding parameters, D tokens, E/M exponent/mantissa bits of the training format,
+    B elements per scale. The last term is the quantization penalty: it grows with data (too
+    much data in low precision hurts: the "critical data size"), shrinks with model size and with
+    each exponent and mantissa bit. Rows trained without quantization give ``B = 1``
+    (``log2 1 = 0``: no penalty) and any E, M. At a fixed bit count ``E + M`` the penalty is
+    smallest where ``(E + 0.5) / (M + 0.5) = delta / nu`` (``best_split``).
+    """
+
+    def features(x):
+        lN, lD = _log(x, "N"), _log(x, "D")
+        lE, lM = np.log(np.asarray(x["E"], float) + 0.5), np.log(np.asarray(x["M"], float) + 0.5)
+        with np.errstate(divide="ignore"):
+            l2B = np.log(np.log2(np.asarray(x["B"], float)))  # -inf for B = 1: the term vanishes
+        n = lN.shape[0]
+        z, o = np.zeros(n), np.ones(n)
+        # theta = (ln n, alpha, ln d, beta, ln eps, ln gamma, delta, nu)
+        F = _stack([[o, -lN, z, z, z, z, z, z],
+                    [z, z, o, -lD, z, z, z, z],
+                    [z, z, z, z, o, z, z, z],
+                    [z, -lN, z, lD, z, -o, -lE, -lM]], n)
+        return F, np.stack([z, z, z, l2B])
+
+    return LSELaw(
+        name="fp_quant",
+        formula="L = n/N^alpha + d/D^beta + eps + D^beta/N^alpha log2(B) / (gamma (E+0.5)^delta (M+0.5)^nu)",
+        inputs=("N", "D", "E", "M", "B"),
+        target="loss",
+        params=(
+            Param("ln", "n", True, (0.0, 5.0)),
+            Param("alpha", "alpha", False, (0.1, 0.4)),
+            Param("ld", "d", True, (0.0, 5.0)),
+            Param("beta", "beta", False, (0.1, 0.4)),
+            Param("leps", "eps", True, (-1.0, 0.5)),
+            Param("lgamma", "gamma", True, (0.0, 5.0, 10.0)),
+            Param("delta", "delta", False, (0.5, 2.0, 4.0)),
+            Param("nu", "nu", False, (0.5, 2.0, 4.0)),
+        ),
+        features=features,
+    )
+
+
+def best_split(bits: int, delta: float, nu: float) -> tuple[int, int]:
+    """``(E, M)`` with ``1 + E + M = bits`` (E >= 1, M >= 0) that minimises the quantization
+    penalty ``(E+0.5)^-delta (M+0.5)^-nu`` of ``fp_quant``."""
+    splits = [(e, bits - 1 - e) for e in range(1, bits)]
+    return min(splits, key=lambda s: -delta * np.log(s[0] + 0.5) - nu * np.log(s[1] + 0.5))
+
+
 def clark() -> LSELaw:
     """Clark et al. 2022 routed LM: ``log L = a log N + b log E + c log N log E + d``.
 

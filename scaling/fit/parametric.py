@@ -359,6 +359,12 @@ def upcycling(data, **kw) -> FitResult:
     return fit_law(laws.upcycling(), data, **kw)
 
 
+def fp_quant(data, **kw) -> FitResult:
+    """Sun et al. 2025 floating-point quantization law on columns N, D, E, M, B (elements per
+    scale; 1 for unquantized rows), loss (``laws.fp_quant``)."""
+    return fit_law(laws.fp_quant(), data, **kw)
+
+
 def krajewski(data, **kw) -> FitResult:
     """Krajewski et al. 2024 fine-grained MoE law on columns N, D, G (granularity), loss."""
     return fit_law(laws.krajewski(), data, **kw)

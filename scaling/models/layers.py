@@ -27,6 +27,7 @@ from flax import nnx
 from scaling.config import ModelConfig
 from scaling.flops import SPLASH_BLOCK, splash_tile
 from scaling.models import mup
+from scaling.models.quant import qeinsum
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
     """Activation sharding by logical axis names, from the rules that place the parameters
@@ -299,9 +300,10 @@ class Attention(nnx.Module):
         dt = x_BxLxD.dtype
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        q_BxLxHxA = constrain(jnp.einsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt)), HEADS)
-        k_BxLxKxA = constrain(jnp.einsum("bld,dke->blke", x_BxLxD, self.wk[...].astype(dt)), HEADS)
-        v_BxLxKxA = constrain(jnp.einsum("bld,dke->blke", x_BxLxD, self.wv[...].astype(dt)), HEADS)
+        pr = cfg.precision
+        q_BxLxHxA = constrain(qeinsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt), pr), HEADS)
+        k_BxLxKxA = constrain(qeinsum("bld,dke->blke", x_BxLxD, self.wk[...].astype(dt), pr), HEADS)
+        v_BxLxKxA = constrain(qeinsum("bld,dke->blke", x_BxLxD, self.wv[...].astype(dt), pr), HEADS)
         if self.q_norm is not None:
             q_BxLxHxA = self.q_norm(q_BxLxHxA)
             k_BxLxKxA = self.k_norm(k_BxLxKxA)
@@ -314,7 +316,7 @@ class Attention(nnx.Module):
         o_BxLxHxA = causal_attention(q_BxLxHxA, k_BxLxKxA, v_BxLxKxA, key_mask_BxL, scale,
                                      implementation=impl if key_mask_BxL is None else "xla")
         o_BxLxHxA = constrain(o_BxLxHxA, HEADS)
-        return jnp.einsum("blhe,hed->bld", o_BxLxHxA, self.wo[...].astype(dt))
+        return qeinsum("blhe,hed->bld", o_BxLxHxA, self.wo[...].astype(dt), pr)
 
 
 class MLP(nnx.Module):
@@ -332,15 +334,21 @@ class MLP(nnx.Module):
         self.w_out = param(rngs, (F, D), ("mlp", "embed"), _std(cfg, "w_out"))
 
     def __call__(self, x_BxLxD: jax.Array, **_unused) -> tuple[jax.Array, dict]:
-        dt = x_BxLxD.dtype
-        h_BxLxF = x_BxLxD @ self.w_in[...].astype(dt)
+        dt, pr = x_BxLxD.dtype, self.cfg.precision
+        if pr is None:
+            def mm(x, w):
+                return x @ w
+        else:  # fake-quantized operands and gradient (scaling.models.quant)
+            def mm(x, w):
+                return qeinsum("...i,io->...o", x, w, pr)
+        h_BxLxF = mm(x_BxLxD, self.w_in[...].astype(dt))
         act = activation_fn(self.cfg)
         if self.w_gate is not None:
-            h_BxLxF = act(x_BxLxD @ self.w_gate[...].astype(dt)) * h_BxLxF
+            h_BxLxF = act(mm(x_BxLxD, self.w_gate[...].astype(dt))) * h_BxLxF
         else:
             h_BxLxF = act(h_BxLxF)
         h_BxLxF = constrain(h_BxLxF, HIDDEN)
-        return h_BxLxF @ self.w_out[...].astype(dt), {}
+        return mm(h_BxLxF, self.w_out[...].astype(dt)), {}
 
 
 class Block(nnx.Module):

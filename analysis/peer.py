@@ -149,16 +149,16 @@ results = {
 _nb.write_results(OUT, results)
 
 # %% [markdown]
-# ## Conclusion (the run of 2026-12-03; numbers in `docs/results/peer/results.md`)
+# ## Conclusion (the rerun of 2026-12-03; numbers in `docs/results/peer/results.md`)
 #
-# * PEER beat dense at 3e11 and 1e12 FLOPs (-0.10 and -0.13 nats at the IsoFLOP minimum) and
-#   trailed it at 1e11 (+0.04): the paper's ordering holds here from 3e11 on, against the
-#   prediction written before the run (`prediction.md`: not ahead at this scale).
-# * MoE (G = 1 and 8, indistinguishable) trailed dense at 1e11 (+0.22), tied at 3e11 and led
-#   at 1e12 (-0.07); PEER led MoE at every budget.
-# * Caveat that bounds all of it: most minima sit at the grid's smallest size (no interior
-#   minimum: the fitter refuses approach 2), so each "minimum" is the best size tried, an
-#   upper bound; the grid, centred for dense at 3e4 parameters, was too large for these
-#   budgets. The frontier exponents (0.14 dense, 0.18 PEER, 0.19-0.20 MoE) come from 3 such
-#   points each, and their bootstrap intervals, resampling 3 points, understate the
-#   uncertainty. One seed; the seed-to-seed std here is 0.028 nats (`docs/results/seed_noise`).
+# * With 5 sizes per budget (1.4e3-1.5e5 active parameters) dense and PEER have interior
+#   IsoFLOP minima at all three budgets. PEER beats dense at every budget: -0.069, -0.102,
+#   -0.135 nats (best observed sizes) at 1e11, 3e11, 1e12 FLOPs, 2.5-4.8x the seed-to-seed std
+#   (0.028 nats). The paper's ordering holds at CPU scale; both predictions written before the
+#   runs said it would not (or by less).
+# * Why: at equal FLOPs the best PEER model holds 2.3-6x the non-embedding parameters of the best
+#   dense one (its expert table is mostly idle per token) and those parameters pay here.
+# * MoE (G = 1 and 8, indistinguishable) is within +-0.035 of dense at 1e11-3e11 and 0.07 ahead
+#   at 1e12; at 1e11 its best size is the grid's smallest (an upper bound).
+# * Frontier exponents: dense 0.137, MoE 0.15-0.16, PEER 0.175, each from three budgets (the
+#   intervals understate the uncertainty). One seed, one PEER shape.

@@ -154,7 +154,7 @@ class PrecisionConfig:
             v = getattr(self, name)
             f = formats.parse(v, f"model.precision.{name}")
             object.__setattr__(self, name, "none" if f is None else f.name)
-        if self.block is not None and (not isinstance(self.block, int) or self.block < 1):
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1):
             _fail("model.precision.block", f"must be a positive integer (elements per scale) or none, got {self.block!r}")
 
 
@@ -276,10 +276,19 @@ class ModelConfig:
         if self.moe is not None or self.mod is not None or len(self.blocks):
             _fail("model.precision", "quantizes the dense attention and MLP matmuls; MoE, MoD and other block kinds "
                                      "are not quantized yet; drop model.precision or use a dense model")
+        if self.dtype == "bfloat16":
+            from scaling import formats
+
+            for name in ("weights", "acts", "grads"):
+                f = formats.parse(getattr(p, name))
+                if f is not None and (f.M > 7 or f.E > 8):
+                    _fail(f"model.precision.{name}", f"{f.name} is finer than model.dtype=bfloat16, whose operands are "
+                                                     "bf16 already; use model.dtype=float32 or a format of at most 7 "
+                                                     "mantissa bits")
         if p.block is not None:
             hd = self.resolved_head_dim
             sizes = {"model.d_model": self.d_model, "model.d_ff": self.resolved_d_ff,
-                     "model.n_heads x head_dim": self.n_heads * hd, "head_dim": hd}
+                     "model.n_heads x head_dim": self.n_heads * hd, "model.head_dim": hd}
             for what, n in sizes.items():
                 if n % p.block:
                     _fail("model.precision.block", f"{p.block} does not divide {what}={n} (a contracted or gradient "

@@ -17,6 +17,11 @@ Conventions (so that a generic ``eXmY`` is the named format where they coincide)
   ``(2 - 2^-M) 2^(2^X - 1 - bias)``.
 
 ``bias = 2^(X-1) - 1``; subnormals everywhere (the smallest normal exponent is ``1 - bias``).
+
+Where ``ml_dtypes`` has another type of the same widths the conventions can differ: its
+``float8_e3m4`` and ``float8_e4m3`` (no ``fn``) are IEEE-like (inf codes; max 15.5 and 240),
+while our generic ``e3m4`` follows the 8-bit "fn" rule above (max 30) and our ``e4m3`` is
+``float8_e4m3fn`` (max 448). ``e5m10`` is IEEE half precision (``numpy.float16``).
 """
 
 from __future__ import annotations

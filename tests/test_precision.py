@@ -52,10 +52,37 @@ def test_quantization_is_bitwise_the_ml_dtypes_cast(name, block):
     ref = _reference(x, fmt, block)
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
     assert len(np.unique(got)) > 10  # not a degenerate comparison
-    # the generic eXmY rule, with no ml_dtypes type behind it, is the same function
+    # a generic eXmY of the same widths (no ml_dtypes type behind it) names the same format
     generic = formats.Format(f"e{fmt.E}m{fmt.M}-generic", fmt.E, fmt.M, None)
     np.testing.assert_array_equal(np.asarray(quantize(jnp.asarray(x), generic, block)).view(np.uint32),
                                   ref.view(np.uint32))
+
+
+def test_bf16_every_code_and_midpoint_and_float32_subnormals_round_as_the_cast():
+    """All 65,536 bf16 codes and the midpoints between neighbours (ties to even), float32
+    subnormals included (XLA:CPU's arithmetic would flush them), overflow to inf, NaN kept."""
+    codes = np.arange(65536, dtype=np.uint32) << 16
+    mids = (codes.astype(np.uint64) + (1 << 15)).astype(np.uint32)
+    x = np.concatenate([codes.view(np.float32), mids.view(np.float32), np.array([1e-40, 3e-39, -1e-45], np.float32)])
+    got = np.asarray(quantize(jnp.asarray(x), formats.parse("bf16")))
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    same = (got.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(got) & np.isnan(ref))
+    assert same.all(), int((~same).sum())
+
+
+def test_a_generic_format_against_an_independent_reference_and_non_finite_values():
+    """e5m10 is IEEE half precision: numpy's float16 is a reference the named path never uses.
+    inf and NaN pass through and leave the other values' scale alone."""
+    y = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 3e4
+    f = formats.parse("e5m10")
+    assert (f.dtype, f.max) == (None, float(np.finfo(np.float16).max))
+    k = int(np.ceil(np.log2(np.abs(y).max() / f.max)))
+    ref = np.ldexp(np.ldexp(y, -k).astype(np.float16).astype(np.float32), k)
+    np.testing.assert_array_equal(np.asarray(quantize(jnp.asarray(y), f)), ref)
+    out = np.asarray(quantize(jnp.asarray(np.array([1, 3, np.inf, np.nan, -2], np.float32)), formats.parse("e4m3")))
+    np.testing.assert_array_equal(out[[0, 1, 2, 4]], [1, 3, np.inf, -2])
+    assert np.isnan(out[3])
 
 
 def test_formats_parse_and_none_is_the_identity():
@@ -116,6 +143,9 @@ def test_a_quantized_model_stays_causal(block):
     (["model.d_model=64", "model.precision.weights=e4m3", "model.precision.block=48"],
      "model.precision.block: 48 does not divide model.d_model=64 (a contracted or gradient axis of a quantized "
      "matmul); use a divisor of 64, e.g. 16, or none for per-tensor scales"),
+    (["model.dtype=bfloat16", "model.precision.grads=e5m10"],
+     "model.precision.grads: e5m10 is finer than model.dtype=bfloat16, whose operands are bf16 already; use "
+     "model.dtype=float32 or a format of at most 7 mantissa bits"),
     (["model.precision.weights=e4m3", "model.moe=on"],
      "model.precision: quantizes the dense attention and MLP matmuls; MoE, MoD and other block kinds are not "
      "quantized yet; drop model.precision or use a dense model"),

@@ -1,7 +1,7 @@
 """Fake-quantized matmuls for low-precision training (``model.precision``; Sun et al. 2025).
 
 ``quantize(x, fmt, block, axes)`` rounds ``x`` to the float format ``fmt`` (``scaling.formats``)
-after scaling it by a power of two ``2^-k``, the least that brings its largest magnitude within
+after scaling it by a power of two ``2^-k``, the least that brings its largest finite magnitude within
 the format's largest finite value (OCP MX-style shared exponents, rounded up so nothing clips):
 one scale per tensor (``block=None``) or per ``block`` consecutive elements along the flattened
 ``axes`` (the matmul's contracting axes). Values are rounded to nearest-even with subnormals and
@@ -13,7 +13,11 @@ Rounding is computed arithmetically (``frexp``, then round-half-even at the form
 exact power-of-two scaling), so every ``eXmY`` works under jit on every backend; for the named
 formats it equals ``ml_dtypes``' cast of the same scaled values bit for bit (tested). A cast to
 the ``ml_dtypes`` type inside the program is not used: XLA:CPU cannot convert to the FP6 types
-(``Invalid XLA PrimitiveType: F6E3M2FN``, measured with jax 0.10.2).
+(``Invalid XLA PrimitiveType: F6E3M2FN``, measured with jax 0.10.2). Formats with float32's 8
+exponent bits (bf16, e8mY) are rounded on the integer bits instead, so float32 subnormals, which
+XLA:CPU's arithmetic flushes to zero, round exactly as a cast does. Limits: a whole block (or
+tensor) of float32 subnormals (below 1.2e-38) is flushed to zero for the smaller formats; inf and
+NaN pass through unquantized and leave the other values' scale alone.
 
 ``qeinsum(spec, x, w, precision)`` is ``jnp.einsum(spec, x, w)`` on the quantized operands
 (activations ``x`` to ``precision.acts``, weights ``w`` to ``precision.weights``, both along
@@ -45,6 +49,21 @@ def _round(x32: jax.Array, fmt: Format) -> jax.Array:
     return jnp.ldexp(jnp.round(jnp.ldexp(x32, -q)), q).astype(jnp.float32)
 
 
+def _round_bits(x32: jax.Array, fmt: Format) -> jax.Array:
+    """Round float32 ``x32`` to a format with float32's exponent range (E = 8, e.g. bf16) by
+    integer rounding of the low mantissa bits, ties to even: exact for normals, float32
+    subnormals (which XLA:CPU's arithmetic flushes to zero) and overflow (to inf, as a cast
+    does); NaN stays NaN."""
+    drop = 23 - fmt.M
+    if drop <= 0:
+        return x32
+    bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
+    lsb = (bits >> drop) & 1
+    rounded = (bits + ((1 << (drop - 1)) - 1) + lsb) & ~jnp.uint32((1 << drop) - 1)
+    out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
+    return jnp.where(jnp.isnan(x32), x32, out)
+
+
 def _to_blocks(x: jax.Array, axes: tuple[int, ...], block: int | None):
     """``x`` with ``axes`` moved last and flattened, split into blocks: ``[..., n, block]``; and
     the function undoing it."""
@@ -71,16 +90,18 @@ def quantize(x: jax.Array, fmt: Format | None, block: int | None = None, axes: t
         return x
     x32 = x.astype(jnp.float32)
     if fmt.E >= 8:
-        return _round(jnp.clip(x32, -fmt.max, fmt.max), fmt).astype(x.dtype)
+        return _round_bits(x32, fmt).astype(x.dtype)
     if block is None:
-        amax = jnp.max(jnp.abs(x32))
         y, back = x32, (lambda v: v)
     else:
         y, back = _to_blocks(x32, axes, block)
-        amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+    finite = jnp.isfinite(y)
+    amax = jnp.max(jnp.where(finite, jnp.abs(y), 0.0), axis=None if block is None else -1,
+                   keepdims=block is not None)
     k = pow2_scale_exponent(amax, fmt)
-    scaled = jnp.clip(jnp.ldexp(y, -k), -fmt.max, fmt.max)  # the clip only matters for inf input
-    return back(jnp.ldexp(_round(scaled, fmt), k)).astype(x.dtype)
+    q = jnp.ldexp(_round(jnp.ldexp(jnp.where(finite, y, 0.0), -k), fmt), k)
+    # inf and NaN pass through (an overflow surfaces as a divergence, not as a clipped value)
+    return back(jnp.where(finite, q, y)).astype(x.dtype)
 
 
 def pow2_scale_exponent(amax: jax.Array, fmt: Format) -> jax.Array:

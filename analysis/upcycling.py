@@ -163,7 +163,14 @@ results = {
 _nb.write_results(OUT, results)
 
 # %% [markdown]
-# ## Conclusion
+# ## Conclusion (the run of 2026-12-03; numbers in `docs/results/upcycling/results.md`)
 #
-# Written after the run: see `docs/results/upcycling/results.md` (numbers, the prediction
-# checked, and what limits them).
+# * Counting the dense stage's FLOPs, upcycling beat the from-scratch MoE in 17 of 18 cells; the
+#   margin falls from 0.11-0.18 nats (D2 <= D1) to 0.01-0.05 (D2 = 4 D1), and the one loss is
+#   the longest upcycling of the smaller model: the more one trains after upcycling, the closer
+#   to from scratch (the paper's interaction).
+# * The raw numbers show the interaction (quadrupling D2 buys 0.33-0.38 nats after 2.6e5 dense
+#   tokens, 0.19-0.22 after 1.05e6); the fitted alpha3 is positive at both sizes (0.016, 0.041)
+#   but its intervals include 0, and E runs to its bound (9 cells cannot separate a floor).
+# * Against from-scratch dense, upcycling wins only from a well-trained dense model (D1 >= D2);
+#   at this scale the MoE itself buys little per token. One seed; dense starts not annealed.

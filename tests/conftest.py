@@ -22,3 +22,22 @@ def validation_dir() -> Path:
     if not VALIDATION.is_dir():
         pytest.skip(f"shared validation data not found at {VALIDATION} (set SCALING_VALIDATION_DIR)")
     return VALIDATION
+
+
+def assert_refused(sets: list[str], message: str, tmp_path: Path, capsys) -> None:
+    """``--set`` overrides that the config refuses with ``message``: the same ConfigError from
+    ``TrainConfig.with_overrides`` and one line on stderr with exit 2 from ``scaling train``,
+    which then writes no metrics."""
+    import re
+
+    from scaling.cli import main
+    from scaling.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+        TrainConfig().with_overrides(sets)
+    args = ["train", "--out", str(tmp_path / "r")]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"scaling train: error: {message}"]
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_refused
 from flax import nnx
 
 from scaling import flops
 from scaling.blocks.peer import PEERConfig, PKMConfig
 from scaling.cli import main
-from scaling.config import BlockSections, ConfigError, ModelConfig, TrainConfig
+from scaling.config import BlockSections, ModelConfig, TrainConfig
 from scaling.models.peer import PEERLayer, PKMLayer, product_top_k
 from scaling.models.transformer import Transformer
 
@@ -90,15 +91,7 @@ def test_logits_are_causal(kind):
     (["model.ffn=mod"], "model.ffn: must be one of mlp, moe, peer, pkm; got 'mod'"),
 ])
 def test_bad_sections_are_one_line_and_exit_2(sets, message, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
-        TrainConfig().with_overrides(sets)
-    args = ["train", "--out", str(tmp_path / "r")]
-    for s in sets:
-        args += ["--set", s]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"scaling train: error: {message}"]
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    assert_refused(sets, message, tmp_path, capsys)
 
 
 def test_model_ffn_switches_the_mlp_kind():

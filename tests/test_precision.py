@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import assert_refused
 from flax import nnx
 
 from scaling import formats
-from scaling.cli import main
-from scaling.config import ConfigError, PrecisionConfig, TrainConfig
+from scaling.config import PrecisionConfig, TrainConfig
 from scaling.models.quant import qeinsum, quantize
 from scaling.models.transformer import Transformer
 
@@ -154,13 +154,7 @@ def test_bad_precision_settings_are_one_line_and_exit_2(sets, message, tmp_path,
     if message is None:
         assert TrainConfig().with_overrides(sets).model.precision.weights == "e4m4"
         return
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
-        TrainConfig().with_overrides(sets)
-    args = ["train", "--out", str(tmp_path / "r")]
-    for s in sets:
-        args += ["--set", s]
-    assert main(args) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"scaling train: error: {message}"]
+    assert_refused(sets, message, tmp_path, capsys)
 
 
 def test_the_fp_quant_law_recovers_its_exponent_and_mantissa_weights():

@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import assert_refused
 from flax import nnx
 
 import experiments
@@ -134,13 +135,7 @@ def test_upcycled_run_starts_at_the_dense_loss_reads_on_and_resumes_bitwise(dens
                             "init.data at their defaults"),
 ])
 def test_bad_upcycling_configs_are_one_line_and_exit_2(sets, message, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
-        TrainConfig().with_overrides(sets)
-    args = ["train", "--out", str(tmp_path / "r")]
-    for s in sets:
-        args += ["--set", s]
-    assert main(args) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"scaling train: error: {message}"]
+    assert_refused(sets, message, tmp_path, capsys)
 
 
 @pytest.mark.slow

@@ -56,20 +56,10 @@ def parse(raw) -> CbsSpec:
     if unknown:
         raise ConfigError(f"sweep.cbs.{sorted(unknown)[0]}: unknown key; use at_tokens, factors, delta_tokens, lr_exponent")
 
+    from scaling.sweep.spec import number_list
+
     def ints(key):
-        v = raw.get(key)
-        if not isinstance(v, list):
-            raise ConfigError(f"sweep.cbs.{key}: give a list, got {v!r}")
-        out = []
-        for i, x in enumerate(v):
-            try:
-                f = math.nan if isinstance(x, bool) else float(x)
-            except (TypeError, ValueError):
-                f = math.nan
-            if not math.isfinite(f) or f != int(f):
-                raise ConfigError(f"sweep.cbs.{key}[{i}]: must be a whole number, got {x!r}")
-            out.append(int(f))
-        return tuple(out)
+        return number_list(f"sweep.cbs.{key}", raw.get(key), whole=True)
 
     def number(key, default=None):
         v = raw.get(key, default)

@@ -234,6 +234,23 @@ def _int(path: str, v: Any, *, minimum: int = 1) -> int:
     return int(f)
 
 
+def number_list(path: str, v: Any, *, whole: bool) -> tuple:
+    """A YAML list of numbers (whole numbers: ints) for a strategy's own mapping (``sweep.cbs``,
+    ``sweep.upcycle``); ConfigError naming ``path`` or ``path[i]``."""
+    if not isinstance(v, list):
+        _fail(path, f"give a list, got {v!r}")
+    out = []
+    for i, x in enumerate(v):
+        try:
+            f = math.nan if isinstance(x, bool) else float(x)
+        except (TypeError, ValueError):
+            f = math.nan
+        if not math.isfinite(f) or (whole and f != int(f)):
+            _fail(f"{path}[{i}]", f"must be a {'whole ' if whole else ''}number, got {x!r}")
+        out.append(int(f) if whole else f)
+    return tuple(out)
+
+
 def _mapping(path: str, v: Any) -> dict:
     if not isinstance(v, dict):
         _fail(path, f"expects a mapping, got {v!r}")

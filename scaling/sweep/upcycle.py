@@ -60,20 +60,10 @@ def parse(raw) -> UpcycleSpec:
     if unknown:
         raise ConfigError(f"sweep.upcycle.{sorted(unknown)[0]}: unknown key; use {', '.join(_KEYS)}")
 
+    from scaling.sweep.spec import number_list
+
     def numbers(key, whole):
-        v = raw.get(key, [] if key == "scratch_flops" else None)
-        if not isinstance(v, list):
-            raise ConfigError(f"sweep.upcycle.{key}: give a list, got {v!r}")
-        out = []
-        for i, x in enumerate(v):
-            try:
-                f = math.nan if isinstance(x, bool) else float(x)
-            except (TypeError, ValueError):
-                f = math.nan
-            if not math.isfinite(f) or (whole and f != int(f)):
-                raise ConfigError(f"sweep.upcycle.{key}[{i}]: must be a {'whole ' if whole else ''}number, got {x!r}")
-            out.append(int(f) if whole else f)
-        return tuple(out)
+        return number_list(f"sweep.upcycle.{key}", raw.get(key, [] if key == "scratch_flops" else None), whole=whole)
 
     def overrides(key, default):
         v = raw.get(key, None)

@@ -9,6 +9,10 @@ the rescored figures in place of the old ones when they are of the current schem
 
 ``--tokens N`` sets the held-out size; ``--data KEY=VALUE`` changes another ``data.*`` field
 (e.g. ``--data source=local_text --data path=DIR``) to score on other text.
+
+``--tasks arithmetic,copy,brackets,FILE.jsonl`` scores task suites instead (``scaling.tasks``):
+per example the answer's log-likelihood, exact match and token edit distance of the greedy
+continuation; writes ``RUN_DIR/tasks.json`` (``--examples N`` per built-in suite, ``--seed``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 RESCORED = "rescored.json"
+TASKS = "tasks.json"
 
 
 def register(sub) -> None:
@@ -30,7 +35,40 @@ def register(sub) -> None:
                    help="held-out tokens to score (default: the run's data.eval_tokens, else the trainer's default)")
     p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                    help="another data.* setting for the held-out text, e.g. --data source=local_text")
+    p.add_argument("--tasks", default=None, metavar="SUITES",
+                   help="score task suites instead: comma-separated built-in names (arithmetic, copy, brackets) "
+                        "or JSONL task files; writes RUN_DIR/tasks.json")
+    p.add_argument("--examples", type=int, default=200, help="examples per built-in suite (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in suites' examples (default 0)")
     p.set_defaults(func=main)
+
+
+def score_tasks(run_dir: str | Path, suites: list[str], *, examples: int = 200, seed: int = 0) -> dict:
+    """Score ``run_dir``'s newest checkpoint on task suites (``scaling.tasks``); returns
+    ``{"step", "suites": {name: {"summary": means, "examples": [per-example rows]}}}``."""
+    from scaling import schema, storage, tasks
+    from scaling.data.corpus import corpus_info, tokenizer_for
+    from scaling.errors import UsageError
+    from scaling.train.loop import check_tokenizer
+    from scaling.train.sample_cli import load_model
+    from scaling.train.tasks_eval import score_examples
+
+    if examples < 1:
+        raise UsageError(f"--examples: must be >= 1, got {examples}")
+    loaded = [tasks.load_suite(s.strip(), n=examples, seed=seed) for s in suites if s.strip()]
+    if not loaded:
+        raise UsageError("--tasks: name at least one suite (arithmetic, copy, brackets) or a JSONL task file")
+    cfg, model, step = load_model(run_dir)
+    tok = tokenizer_for(cfg.data)
+    if tok is None:
+        raise UsageError(f"{run_dir}: trained on synthetic tokens, which have no text for task prompts")
+    check_tokenizer(storage.path(run_dir), corpus_info(cfg.data).get("tokenizer_sha256"))
+    out = {"schema_version": schema.SCHEMA_VERSION, "step": step, "time": time.time(), "suites": {}}
+    for name, exs in loaded:
+        rows = score_examples(model, tok, exs, context=cfg.data.seq_len)
+        rows = [{"prompt": e.prompt, "answer": e.answer, **r} for e, r in zip(exs, rows)]
+        out["suites"][name] = {"summary": tasks.summarize(rows), "examples": rows}
+    return out
 
 
 def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] = ()) -> dict:
@@ -88,6 +126,18 @@ def score(run_dir: str | Path, *, tokens: int | None = None, data: list[str] = (
 
 
 def main(args) -> int:
+    if args.tasks is not None:
+        from scaling import storage
+        from scaling.files import write_json_atomic
+
+        out = score_tasks(args.run, args.tasks.split(","), examples=args.examples, seed=args.seed)
+        write_json_atomic(storage.path(args.run) / TASKS, out)
+        for name, s in out["suites"].items():
+            m = s["summary"]
+            print(f"{args.run}: step {out['step']}: {name}: {m['n']} examples, exact match {m['exact_match']:.3f}, "
+                  f"edit distance {m['edit_distance']:.3f}, answer nll {m['answer_nll']:.4f} nats/token", file=sys.stderr)
+        print(f"wrote {Path(args.run) / TASKS}", file=sys.stderr)
+        return 0
     out = rescore(args.run, tokens=args.tokens, data=args.data)
     print(f"{args.run}: step {out['step']}: eval loss {out['final_eval_loss']:.4f} +- {out['final_eval_loss_se']:.4f} "
           f"nats on {out['eval_tokens']} held-out tokens (schema {out['schema_version']}); wrote {Path(args.run) / RESCORED}",

@@ -1,0 +1,92 @@
+"""Task suites (issue 27 part 1): the built-in suites are what they say, the metrics are exact on
+hand-made examples, a model's scores match a hand computation, bad suites are one line, exit 2."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scaling import tasks
+from scaling.cli import main
+from scaling.data.tokenize import get_tokenizer
+from scaling.errors import UsageError
+from scaling.train.tasks_eval import score_examples
+
+
+def test_edit_distance_on_hand_made_pairs():
+    assert tasks.edit_distance(list("kitten"), list("sitting")) == 3
+    assert tasks.edit_distance([], [1, 2]) == 2 and tasks.edit_distance([1, 2, 3], [1, 2, 3]) == 0
+    assert tasks.edit_distance([1, 2, 3], [3, 2, 1]) == 2
+
+
+def test_builtin_suites_are_deterministic_and_correct():
+    a = tasks.builtin("arithmetic", n=300, seed=1)
+    assert a == tasks.builtin("arithmetic", n=300, seed=1) and a != tasks.builtin("arithmetic", n=300, seed=2)
+    for e in a:
+        x, y = e.prompt[:-1].split("+")
+        assert int(e.answer) == int(x) + int(y)
+    assert max(len(e.answer) for e in a) == 4  # up to 999 + 999
+    for e in tasks.builtin("copy", n=100):
+        assert e.prompt == f"copy {e.answer}: " and 3 <= len(e.answer) <= 8
+    b = tasks.builtin("brackets", n=100)
+    assert sum(e.answer == "yes" for e in b) == 50
+    for e in b:
+        assert tasks.is_balanced(e.prompt.split(" ")[0]) == (e.answer == "yes")
+    assert tasks.is_balanced("([])[]") and not tasks.is_balanced("([)]") and not tasks.is_balanced("((")
+
+
+class Bigram(nnx.Module):
+    """Logits at each position depend only on that position's token: ``table[token]``."""
+
+    def __init__(self, table_VxV):
+        self.table = nnx.Param(jnp.asarray(table_VxV, jnp.float32))
+
+    def __call__(self, x_BxL, train=False, mod_routing="causal"):
+        return self.table[...][x_BxL], {}
+
+
+def test_scores_match_a_hand_computation():
+    tok = get_tokenizer("bytes")
+    V = 256
+    table = np.full((V, V), -5.0, np.float32)
+    # after "=" the model prefers "4", after "4" it prefers "2": greedy continues "=" with "42"
+    table[ord("="), ord("4")] = 3.0
+    table[ord("4"), ord("2")] = 2.0
+    model = Bigram(table)
+    examples = [tasks.Example("6*7=", "42"), tasks.Example("5*9=", "45"), tasks.Example("1+1=", "2")]
+    rows = score_examples(model, tok, examples, context=32)
+    logp = jax.nn.log_softmax(jnp.asarray(table), axis=-1)
+    lp42 = float(logp[ord("="), ord("4")] + logp[ord("4"), ord("2")])
+    lp45 = float(logp[ord("="), ord("4")] + logp[ord("4"), ord("5")])
+    assert rows[0]["answer_logprob"] == pytest.approx(lp42, abs=1e-5)
+    assert rows[0]["answer_nll"] == pytest.approx(-lp42 / 2, abs=1e-5)
+    assert (rows[0]["exact_match"], rows[0]["edit_distance"], rows[0]["greedy"]) == (1.0, 0.0, "42")
+    assert rows[1]["answer_logprob"] == pytest.approx(lp45, abs=1e-5)
+    assert (rows[1]["exact_match"], rows[1]["edit_distance"]) == (0.0, 0.5)  # "42" vs "45": one of two wrong
+    assert (rows[2]["exact_match"], rows[2]["edit_distance"], rows[2]["greedy"]) == (0.0, 1.0, "4")
+    s = tasks.summarize(rows)
+    assert s["n"] == 3 and s["exact_match"] == pytest.approx(1 / 3) and s["edit_distance"] == pytest.approx(0.5)
+    with pytest.raises(UsageError, match="longer than the run's data.seq_len=4"):
+        score_examples(model, tok, examples, context=4)
+
+
+def test_task_files_and_bad_suites_are_one_line_and_exit_2(tmp_path, capsys):
+    good = tmp_path / "qa.jsonl"
+    good.write_text('{"prompt": "2+2=", "answer": "4"}\n\n{"prompt": "3+3=", "answer": "6"}\n')
+    assert tasks.load_suite(str(good)) == ("qa", [tasks.Example("2+2=", "4"), tasks.Example("3+3=", "6")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "2+2=", "answer": "4"}\n{"prompt": "3+3="}\n')
+    for suite, message in [
+        (str(bad), f"--tasks {bad}:2: needs string fields prompt and answer, got " + repr('{"prompt": "3+3="}')),
+        ("nosuch", "--tasks: unknown suite 'nosuch'; use one of arithmetic, copy, brackets or a JSONL task file"),
+        (str(tmp_path / "gone.jsonl"), f"--tasks {tmp_path / 'gone.jsonl'}: no such task file"),
+    ]:
+        assert main(["eval", str(tmp_path), "--tasks", suite]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"scaling eval: error: {message}"]
+    (tmp_path / "notjson.jsonl").write_text("prompt: 2+2\n")
+    assert main(["eval", str(tmp_path), "--tasks", str(tmp_path / "notjson.jsonl")]) == 2
+    assert "notjson.jsonl:1: not a JSON object" in capsys.readouterr().err
+    assert json.loads(good.read_text().splitlines()[0])["answer"] == "4"

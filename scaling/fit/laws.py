@@ -15,6 +15,10 @@ kind and has its own Jacobian.
 
 Shapes: ``theta`` is ``[S, P]`` (S starts or bootstrap resamples, P parameters); inputs are
 dicts of ``[n]`` arrays; predictions are ``[S, n]``; Jacobians ``[S, n, P]``.
+
+Over 400 lines: the catalogue of law forms (Chinchilla, Kaplan, MoE, upcycling, FP quantization,
+batch trade-off, ...), each a short function of the same shape; one module keeps every form next
+to the LSE machinery it relies on, and the fitter's ``scaling fit --law`` names in one place.
 """
 
 from __future__ import annotations

@@ -90,3 +90,23 @@ def test_task_files_and_bad_suites_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--tasks", str(tmp_path / "notjson.jsonl")]) == 2
     assert "notjson.jsonl:1: not a JSON object" in capsys.readouterr().err
     assert json.loads(good.read_text().splitlines()[0])["answer"] == "4"
+
+
+def test_observational_law_held_out_by_compute_on_ruan_et_al_data(validation_dir):
+    """Ruan et al.'s observational law on their 148-model benchmark table: GSM8K predicted from
+    3 principal capability measures of the other 7 benchmarks, fitted on the models below the
+    80th compute percentile, checked on the 25 above; a compute-only sigmoid as the baseline."""
+    import pandas as pd
+
+    from scaling.fit.observational import observational
+
+    df = pd.read_csv(validation_dir / "obsscaling_base_llm_benchmark_eval.csv")
+    bench = ["MMLU", "ARC-C", "HellaSwag", "Winograd", "TruthfulQA", "XWinograd", "HumanEval"]
+    r = observational(df, "GSM8K", bench, n_components=3, compute="FLOPs (1E21)", model="Model")
+    d = r.to_dict()
+    assert (d["n_fit"], d["n_heldout"]) == (98, 25) and d["explained"][0] == pytest.approx(0.652, abs=1e-3)
+    assert d["mse"] == pytest.approx(0.0148, abs=5e-4) and d["mae"] == pytest.approx(0.0872, abs=5e-4)
+    assert d["mse_compute_only"] == pytest.approx(0.0742, abs=5e-4)
+    assert d["mse"] < d["mse_compute_only"] / 4  # capabilities predict what compute alone cannot
+    with pytest.raises(UsageError, match="n_components must be between 1 and 7"):
+        observational(df, "GSM8K", bench, n_components=8, compute="FLOPs (1E21)")

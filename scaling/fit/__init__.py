@@ -20,6 +20,9 @@ analytic gradients; ``bootstrap=N`` resamples runs for 95% percentile intervals 
     fit.clark(df) / fit.krajewski(df)   # MoE laws in (N, E) / (N, D, G)
     fit.upcycling(df)                   # L = A D1^-a1 D2^(-a2 + a3 ln D1) + E (Liew et al. 2025)
     fit.fp_quant(df)                    # L(N, D, E, M, B), Sun et al. 2025; laws.best_split(bits, delta, nu)
+
+Downstream: ``scaling.fit.observational.observational(df, target, benchmarks)`` (Ruan et al. 2024:
+principal capability measures -> sigmoid, checked held out by compute).
     fit.fit_law(fit.laws.<law>(), df)   # any law in scaling.fit.laws
 
 -> ``FitResult`` with ``.params`` (natural units), ``.ci`` (95%), ``.cov``, ``.objective``,

@@ -110,3 +110,27 @@ def test_observational_law_held_out_by_compute_on_ruan_et_al_data(validation_dir
     assert d["mse"] < d["mse_compute_only"] / 4  # capabilities predict what compute alone cannot
     with pytest.raises(UsageError, match="n_components must be between 1 and 7"):
         observational(df, "GSM8K", bench, n_components=8, compute="FLOPs (1E21)")
+
+
+def test_two_step_law_recovers_both_steps_and_chains_them():
+    """Task losses drawn from L(C) = 0.8 + 40 C^-0.15 and accuracies from a sigmoid in L: both
+    steps come back and the chained forecast at 10x the largest compute matches the truth."""
+    import pandas as pd
+
+    from scaling.fit.two_step import two_step
+
+    C = np.geomspace(1e15, 1e19, 9)
+    L = 0.8 + 40 * C ** -0.15
+    acc = 1 / (1 + np.exp(6.0 * (L - 1.6)))
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"C": C, "answer_nll": L * (1 + 0.002 * rng.standard_normal(9)),
+                       "exact_match": np.clip(acc + 0.005 * rng.standard_normal(9), 0, 1)})
+    r = two_step(df)
+    assert r.loss_law.params["alpha"] == pytest.approx(0.15, abs=0.03)
+    assert (r.k, r.L0) == (pytest.approx(6.0, rel=0.15), pytest.approx(1.6, abs=0.03))
+    far = r.predict(1e20)
+    truth_L = 0.8 + 40 * 1e20 ** -0.15
+    assert far["task_loss"].iloc[0] == pytest.approx(truth_L, rel=0.02)
+    assert far["accuracy"].iloc[0] == pytest.approx(1 / (1 + np.exp(6.0 * (truth_L - 1.6))), abs=0.03)
+    with pytest.raises(UsageError, match="two_step: column acc not in the table"):
+        two_step(df, accuracy="acc")

@@ -22,7 +22,8 @@ analytic gradients; ``bootstrap=N`` resamples runs for 95% percentile intervals 
     fit.fp_quant(df)                    # L(N, D, E, M, B), Sun et al. 2025; laws.best_split(bits, delta, nu)
 
 Downstream: ``scaling.fit.observational.observational(df, target, benchmarks)`` (Ruan et al. 2024:
-principal capability measures -> sigmoid, checked held out by compute).
+principal capability measures -> sigmoid, checked held out by compute) and
+``scaling.fit.two_step.two_step(df)`` (Bhagia et al. 2024: compute -> task loss -> accuracy).
     fit.fit_law(fit.laws.<law>(), df)   # any law in scaling.fit.laws
 
 -> ``FitResult`` with ``.params`` (natural units), ``.ci`` (95%), ``.cov``, ``.objective``,

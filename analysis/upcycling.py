@@ -166,7 +166,7 @@ _nb.write_results(OUT, results)
 # ## Conclusion (the run of 2026-12-03; numbers in `docs/results/upcycling/results.md`)
 #
 # * Counting the dense stage's FLOPs, upcycling beat the from-scratch MoE in 17 of 18 cells; the
-#   margin falls from 0.11-0.18 nats (D2 <= D1) to 0.01-0.05 (D2 = 4 D1), and the one loss is
+#   margin falls from 0.09-0.18 nats (D2 <= D1) to 0.03-0.08 (D2 = 2 D1) and -0.03..+0.01 (D2 = 4 D1); the one loss is
 #   the longest upcycling of the smaller model: the more one trains after upcycling, the closer
 #   to from scratch (the paper's interaction).
 # * The raw numbers show the interaction (quadrupling D2 buys 0.33-0.38 nats after 2.6e5 dense

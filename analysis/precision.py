@@ -26,7 +26,7 @@
 # B: 4 for the block-scaled variants, `d_model` for per-row scales (activations and gradients
 # per token, weights per tensor: the common contraction), 1 for float32 (no penalty).
 #
-# Parameters (environment): `SCALING_SMOKE=1` (one tiny size, 3 variants: too few cells for the
+# Parameters (environment): `SCALING_SMOKE=1` (one tiny size and budget, 3 variants: too few cells for the
 # 8-parameter law, which the smoke run reports as not determined), `SCALING_ANALYSIS_OUT`
 # (default `analysis/out/precision/`), `SCALING_RUNS_DIR` (default `runs/`), `SCALING_JOBS`.
 
@@ -57,7 +57,7 @@ if SMOKE:
     raw["set"].update({"data.batch_size": 8, "data.seq_len": 32, "eval_every": 10000, "checkpoint_every": 10000,
                        "log_every": 5})
     raw["sizes"] = {"params": [3e3]}
-    raw["buckets"] = [{"tokens": 4096}, {"tokens": 8192}]
+    raw["buckets"] = [{"tokens": 8192}]
     raw["variants"] = {k: v for k, v in raw["variants"].items() if k in ("fp32", "e2m1", "e4m3_b4")}
 spec, trials = _nb.run_sweep(raw, RUNS, JOBS)
 df = _nb.finished(store.load(RUNS))

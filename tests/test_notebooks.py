@@ -250,11 +250,11 @@ def test_upcycling_study(tmp_path):
 
 @pytest.mark.slow
 def test_precision_study(tmp_path):
-    """The smoke low-precision study: float32, e2m1 and block-scaled e4m3 at two token budgets;
+    """The smoke low-precision study: float32, e2m1 and block-scaled e4m3 at one token budget;
     every cell's gap to float32 is measured (the law itself is recovered on synthetic data in
-    tests/test_precision.py: six cells cannot determine its eight parameters)."""
+    tests/test_precision.py: three cells cannot determine its eight parameters)."""
     r = run_notebook("precision", tmp_path)
-    assert r["smoke"] and r["n_done"] == r["n_trials"] == 6 and r["n_diverged"] == 0
+    assert r["smoke"] and r["n_done"] == r["n_trials"] == 3 and r["n_diverged"] == 0 and r["law"] is None
     cells = {(c["variant"], c["D"]): c for c in r["cells"]}
     assert {v for v, _ in cells} == {"fp32", "e2m1", "e4m3_b4"}
     assert all(c["gap_vs_fp32"] == 0.0 for (v, _), c in cells.items() if v == "fp32")

@@ -88,10 +88,18 @@ def test_logits_are_causal(kind):
      "model.blocks.pkm.top_k: 40 is larger than a sub-key table (sqrt(1024) = 32 keys); use at most 32"),
     (["model.blocks.peer.query_norm=batch"],
      "model.blocks.peer.query_norm: must be one of rms, layer, none; got 'batch'"),
-    (["model.ffn=mod"], "model.ffn: must be one of mlp, moe, peer, pkm; got 'mod'"),
 ])
 def test_bad_sections_are_one_line_and_exit_2(sets, message, tmp_path, capsys):
     assert_refused(sets, message, tmp_path, capsys)
+
+
+def test_an_unknown_ffn_name_is_one_line_and_exit_2(tmp_path, capsys):
+    """The choices are the registry's MLP-role kinds (other tests may have registered more)."""
+    from scaling import blocks
+
+    choices = ", ".join(["mlp"] + [k.name for k in blocks.kinds() if k.role == "mlp"])
+    assert choices.startswith("mlp, moe, peer, pkm")
+    assert_refused(["model.ffn=mod"], f"model.ffn: must be one of {choices}; got 'mod'", tmp_path, capsys)
 
 
 def test_model_ffn_switches_the_mlp_kind():

@@ -237,7 +237,7 @@ def apply_overrides(cfg, overrides: list[str] | dict[str, Any]):
         if key.endswith("data.eval_batches") and value is not None and str(value).lower() not in ("none", "null"):
             raise ConfigError("data.eval_batches: replaced by data.eval_tokens, one held-out set for every batch size "
                               "(e.g. data.eval_tokens=65536)")
-        if key == "model.ffn" or (type(cfg) is not TrainConfig and key == "ffn" and _is_model(type(cfg))):
+        if key == "model.ffn" or (key == "ffn" and _is_model(type(cfg))):
             from scaling import blocks
 
             if key == "ffn":

@@ -132,8 +132,7 @@ def _contracted(spec: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _qeinsum(spec, x, w, precision):
-    xq, wq = _operands(spec, x, w, precision)
-    return jnp.einsum(spec, xq, wq)
+    return _fwd(spec, x, w, precision)[0]
 
 
 def _per_row(x, axes, block):

@@ -92,6 +92,7 @@ def branch(independent: list, up: UpcycleSpec) -> list:
     from scaling import flops
     from scaling.models import upcycle as upcycle_model
     from scaling.overrides import apply_overrides
+    from scaling.sweep.spec import flops_per_step
 
     def with_(cfg, items, where):
         try:
@@ -142,7 +143,7 @@ def branch(independent: list, up: UpcycleSpec) -> list:
                     staged, budget=BudgetConfig(flops=None, tokens=d2), init_from=f"{main_id}@{s}",
                     init=dataclasses.replace(staged.init, upcycle="moe", noise=up.noise),
                     name=f"{cfg.name}_up{d1}_{d2}", checkpoint_at=())
-                fps = flops.train_flops_per_token(bcfg.model, bcfg.data.seq_len) * tps
+                fps = flops_per_step(bcfg)
                 steps = int(flops.steps_for_budget(bcfg))
                 out.append(dataclasses.replace(
                     t, id=config_hash(bcfg), config=bcfg, role="branch", main=main_id, branch_step=s, steps=steps,
@@ -157,7 +158,7 @@ def branch(independent: list, up: UpcycleSpec) -> list:
                 if tid in seen_scratch:
                     continue
                 seen_scratch.add(tid)
-                fps = flops.train_flops_per_token(scfg.model, scfg.data.seq_len) * tps
+                fps = flops_per_step(scfg)
                 steps = int(flops.steps_for_budget(scfg))
                 if steps < 1:
                     raise ConfigError(f"sweep.upcycle.scratch_flops: {c:.3g} FLOPs is less than one step of {cfg.name} "

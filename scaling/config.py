@@ -357,7 +357,7 @@ class ModelConfig:
 # Data, optimiser, budget, mesh
 # --------------------------------------------------------------------------------------------
 
-DataSource = Literal["stdlib", "packages", "local_text", "hf", "tfds", "shards", "mixture", "synthetic"]
+DataSource = Literal["stdlib", "packages", "local_text", "hf", "tfds", "shards", "mixture", "synthetic", "tasks"]
 
 
 @dataclass(frozen=True)
@@ -379,6 +379,10 @@ class DataConfig:
     # mixture: SOURCE=WEIGHT entries, SOURCE a shard directory or stdlib/packages (scaling.data.mixture)
     mixture: tuple[str, ...] = ()
     tfds_name: Optional[str] = None  # tfds: dataset name, e.g. "my_corpus:1.0.0"
+    # tasks: built-in synthetic task suites to train on (scaling.tasks: arithmetic, copy,
+    # brackets), `task_examples` training examples of each (their held-out examples: a tenth)
+    tasks: tuple[str, ...] = ()
+    task_examples: int = 200_000
     text_feature: str = "text"
     seq_len: int = 128
     batch_size: int = 32
@@ -406,7 +410,7 @@ class DataConfig:
 
     def __post_init__(self):
         _one_of("data.source", self.source, ("stdlib", "packages", "local_text", "hf", "tfds", "shards", "mixture",
-                                             "synthetic"))
+                                             "synthetic", "tasks"))
         from scaling.data.tokenize import parse_spec
 
         parse_spec(self.tokenizer)
@@ -419,6 +423,21 @@ class DataConfig:
             _fail("data.include", "include/exclude globs apply to data.source=local_text only")
         if self.packages and self.source != "packages":
             _fail("data.packages", "names distributions for data.source=packages only")
+        if self.source == "tasks":
+            from scaling.tasks import BUILTIN
+
+            if not self.tasks:
+                _fail("data.tasks", f"data.source=tasks needs suites to train on, e.g. data.tasks=arithmetic,copy "
+                                    f"(built-in: {', '.join(BUILTIN)})")
+            for t in self.tasks:
+                if t not in BUILTIN:
+                    _fail("data.tasks", f"unknown suite {t!r}; use built-in suites ({', '.join(BUILTIN)})")
+            if len(set(self.tasks)) != len(self.tasks):
+                _fail("data.tasks", "names a suite twice; name each once")
+            if isinstance(self.task_examples, bool) or not isinstance(self.task_examples, int) or self.task_examples < 64:
+                _fail("data.task_examples", f"must be an integer >= 64 (examples per suite), got {self.task_examples!r}")
+        elif self.tasks:
+            _fail("data.tasks", "names suites for data.source=tasks only (in a mixture: tasks:SUITE=WEIGHT)")
         if self.source == "mixture":
             from scaling.data.mixture import parse
 
@@ -627,6 +646,10 @@ class TrainConfig:
     # (gs://). Unhashed (it does not change what the run computes); a resume must name the
     # location the run recorded.
     checkpoint_dir: Optional[str] = None
+    # task suites scored on the final model (scaling.tasks: built-in names or JSONL task files):
+    # RUN/tasks.json and final_tasks/SUITE/METRIC in the summary; eval_task_examples per built-in
+    eval_tasks: tuple[str, ...] = ()
+    eval_task_examples: int = 200
 
     def __post_init__(self):
         for name in ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep"):
@@ -636,6 +659,17 @@ class TrainConfig:
         if not (self.divergence_factor > 1.0):
             _fail("divergence_factor", f"must be > 1, got {self.divergence_factor!r}")
         _one_of("wandb", self.wandb, ("off", "offline", "online"))
+        if self.eval_tasks:
+            from scaling.tasks import BUILTIN
+
+            for t in self.eval_tasks:
+                if t not in BUILTIN and not str(t).endswith((".jsonl", ".json")):
+                    _fail("eval_tasks", f"{t!r} is neither a built-in suite ({', '.join(BUILTIN)}) nor a .jsonl task file")
+            if self.data.source == "synthetic":
+                _fail("eval_tasks", "data.source=synthetic has no text for task prompts; train on text or leave it unset")
+        if isinstance(self.eval_task_examples, bool) or not isinstance(self.eval_task_examples, int) \
+                or self.eval_task_examples < 1:
+            _fail("eval_task_examples", f"must be a positive integer, got {self.eval_task_examples!r}")
         # byte tokens; a subword tokenizer's vocabulary is checked when the trainer loads it
         need = self.data.synthetic_vocab if self.data.source == "synthetic" else 256
         if self.model.vocab_size < need and self.data.tokenizer == "bytes" and self.data.source != "shards":

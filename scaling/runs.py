@@ -17,7 +17,7 @@ The fitted columns are defined here and nowhere else:
   (``final_eval_bpb``; tokenizer-independent, so runs with different tokenizers fit together),
 - ``unique_tokens``: training tokens in one epoch of the corpus, ``epochs``: ``D / unique_tokens``,
   ``max_epochs``: the epochs of the most repeated mixture component (= ``epochs`` for one
-  source), ``epochs/NAME`` per component,
+  source), ``epochs/NAME`` per component, ``final_tasks/SUITE/METRIC`` (``eval_tasks``),
 - ``tokenizer``, ``tokenizer_sha256``, ``text_sha256`` (the documents' text), ``corpus_sha256``
   (the token streams): tables that mix texts are refused unless asked (``allow_mixed_corpus``),
 - ``schema_version``: the version (``scaling.schema``) the figures were written under,
@@ -192,6 +192,7 @@ def load(path: str | Path, *, allow_mixed: bool = False, allow_mixed_corpus: boo
         if "d_model" in desc:
             row["shape"] = f"d{desc['d_model']}L{desc['n_layers']}"
         row.update({k: v for k, v in s.items() if k.startswith("epochs/")})  # mixture components
+        row.update({k: _nan(v) for k, v in s.items() if k.startswith("final_tasks/")})  # eval_tasks scores
         if isinstance(desc.get("config"), dict):  # trials that differ only in their seed share a group
             rest = {k: v for k, v in schema.without_late_defaults(desc["config"]).items() if k not in ("seed", "name")}
             if isinstance(rest.get("init_from"), str):  # a WSD branch names its seed's main run: keep the step

@@ -47,7 +47,8 @@ LATE_FIELDS = {("model", "parametrization"): "sp", ("model", "mup_base_width"): 
                ("data", "unique_tokens"): None, ("data", "microbatch"): None, ("optim", "gns_every"): None,
                ("data", "batch_schedule"): (), ("optim", "batch_lr_exponent"): 0.0,
                ("model", "scan_layers"): False, ("model", "blocks"): {}, ("model", "precision"): None,
-               (None, "init"): {"upcycle": "none", "noise": 0.0, "data": "continue"}}
+               (None, "init"): {"upcycle": "none", "noise": 0.0, "data": "continue"}, ("data", "tasks"): (),
+               ("data", "task_examples"): 200_000, (None, "eval_tasks"): (), (None, "eval_task_examples"): 200}
 # Settings that change how fast a run goes, never what it computes: left out of trial ids and of
 # the same-config check on resume, so a run can resume with a different value.
 UNHASHED_FIELDS = {("data", "worker_count"), ("model", "remat"), ("model", "attention"), (None, "checkpoint_dir")}

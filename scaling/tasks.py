@@ -9,6 +9,11 @@ line. Built-in suites (deterministic for a seed, ``n`` examples each):
 * ``copy``: ``"copy qzkf: "`` -> ``"qzkf"`` (3-8 lowercase letters);
 * ``brackets``: ``"(()[]) ok? "`` -> ``"yes"`` or ``"no"`` (balanced or not, half each).
 
+Every built-in example belongs to one split, fixed by the SHA-256 of its prompt: ``eval`` (about
+one prompt in ten, ``EVAL_SHARE``) or ``train``. Evaluation draws from ``eval`` and the training
+source (``data.source=tasks``, or a ``tasks:SUITE`` mixture component) from ``train``, so a model
+is never scored on a prompt it was trained on, at any seed or size.
+
 Metrics per example (``scaling.train.tasks_eval`` computes them from a model):
 
 * ``answer_logprob``: log-likelihood of the answer's tokens given the prompt (nats, summed),
@@ -21,6 +26,7 @@ Metrics per example (``scaling.train.tasks_eval`` computes them from a model):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -29,6 +35,8 @@ from pathlib import Path
 from scaling.errors import UsageError
 
 BUILTIN = ("arithmetic", "copy", "brackets")
+SPLITS = ("eval", "train")
+EVAL_SHARE = 26  # of 256: prompts whose SHA-256 starts with a byte below this are held out (~10%)
 
 
 @dataclass(frozen=True)
@@ -81,16 +89,38 @@ def is_balanced(s: str) -> bool:
     return not stack
 
 
-def builtin(name: str, n: int = 200, seed: int = 0) -> list[Example]:
-    """``n`` examples of the built-in suite ``name`` (deterministic for ``seed``)."""
+def split_of(prompt: str) -> str:
+    """``"eval"`` or ``"train"``: the split a prompt belongs to (SHA-256 of its UTF-8 bytes)."""
+    return "eval" if hashlib.sha256(prompt.encode("utf-8")).digest()[0] < EVAL_SHARE else "train"
+
+
+def builtin(name: str, n: int = 200, seed: int = 0, split: str = "eval") -> list[Example]:
+    """``n`` examples of the built-in suite ``name`` from ``split`` (deterministic for ``seed``;
+    the two splits draw from separate streams and never share a prompt)."""
     if name not in BUILTIN:
         raise UsageError(f"--tasks: unknown suite {name!r}; use one of {', '.join(BUILTIN)} or a JSONL task file")
-    rng = random.Random(f"{name}:{seed}")
-    if name == "arithmetic":
-        return [_arithmetic(rng) for _ in range(n)]
-    if name == "copy":
-        return [_copy(rng) for _ in range(n)]
-    return [_brackets(rng, balanced=i % 2 == 0) for i in range(n)]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(f"{name}:{seed}" if split == "eval" else f"{name}:train:{seed}")
+    out: list[Example] = []
+    while len(out) < n:
+        if name == "arithmetic":
+            e = _arithmetic(rng)
+        elif name == "copy":
+            e = _copy(rng)
+        else:
+            e = _brackets(rng, balanced=len(out) % 2 == 0)
+        if split_of(e.prompt) == split:
+            out.append(e)
+    return out
+
+
+def training_text(name: str, n: int, seed: int = 0, per_document: int = 64) -> list[bytes]:
+    """The training split of built-in suite ``name`` as documents: ``n`` examples, each written
+    ``prompt + answer`` on its own line, ``per_document`` lines per document (bytes, UTF-8)."""
+    ex = builtin(name, n=n, seed=seed, split="train")
+    return ["".join(f"{e.prompt}{e.answer}\n" for e in ex[i:i + per_document]).encode("utf-8")
+            for i in range(0, len(ex), per_document)]
 
 
 def read_task_file(path: str | Path) -> list[Example]:

@@ -134,3 +134,79 @@ def test_two_step_law_recovers_both_steps_and_chains_them():
     assert far["accuracy"].iloc[0] == pytest.approx(1 / (1 + np.exp(6.0 * (truth_L - 1.6))), abs=0.03)
     with pytest.raises(UsageError, match="two_step: column acc not in the table"):
         two_step(df, accuracy="acc")
+
+
+def test_training_source_never_holds_an_evaluated_prompt():
+    """The tasks source trains on the suites' train split and holds out their eval split: no
+    prompt is in both, at any eval seed, and both are the suite's own examples."""
+    from scaling.config import DataConfig
+    from scaling.data import sources
+
+    docs = sources.documents(DataConfig(source="tasks", tasks=("arithmetic", "brackets"), task_examples=3000))
+    train = {line.split("=")[0] + "=" if "+" in line else line.rsplit(" ", 1)[0] + " "
+             for d in docs.train() for line in d.decode().splitlines()}
+    assert len(train) > 1000
+    for seed in (0, 1, 2):
+        ev = tasks.builtin("arithmetic", n=500, seed=seed) + tasks.builtin("brackets", n=100, seed=seed)
+        assert not train & {e.prompt for e in ev}
+    lines = [line for d in docs.validation() for line in d.decode().splitlines()]
+    assert len(lines) == 2 * 500 and all(tasks.split_of(x.split("=")[0] + "=") == "eval" for x in lines if "+" in x)
+    a, b = lines[0].split("=")[0].split("+")
+    assert lines[0] == f"{a}+{b}={int(a) + int(b)}"
+
+
+def test_tasks_in_a_mixture_and_bad_task_sources(tmp_path, capsys):
+    from scaling.config import TrainConfig
+    from scaling.data import corpus
+
+    from conftest import assert_refused
+
+    cfg = TrainConfig().with_overrides(["data.source=mixture", "data.mixture=stdlib=0.7,tasks:copy=0.3",
+                                        "data.task_examples=2000"])
+    info = corpus.corpus_info(cfg.data)
+    assert set(info["components"]) == {"stdlib", "copy"} and info["components"]["copy"]["weight"] == 0.3
+    assert info["components"]["copy"]["n_documents"] == 2000 // 64 + 1 + 1  # 32 train documents, 1 held out
+    assert_refused(["data.source=tasks"], "data.tasks: data.source=tasks needs suites to train on, e.g. "
+                   "data.tasks=arithmetic,copy (built-in: arithmetic, copy, brackets)", tmp_path, capsys)
+    assert_refused(["data.source=tasks", "data.tasks=sums"], "data.tasks: unknown suite 'sums'; use built-in suites "
+                   "(arithmetic, copy, brackets)", tmp_path, capsys)
+    assert_refused(["data.tasks=copy"], "data.tasks: names suites for data.source=tasks only (in a mixture: "
+                   "tasks:SUITE=WEIGHT)", tmp_path, capsys)
+    assert_refused(["data.source=mixture", "data.mixture=stdlib=0.5,tasks:sums=0.5"], "data.mixture: 'tasks:sums' "
+                   "names no task suite; use tasks:SUITE with one of arithmetic, copy, brackets", tmp_path, capsys)
+    assert_refused(["eval_tasks=sums"], "eval_tasks: 'sums' is neither a built-in suite (arithmetic, copy, brackets) "
+                   "nor a .jsonl task file", tmp_path, capsys)
+    missing = tmp_path / "gone.jsonl"
+    assert main(["train", "--out", str(tmp_path / "r2"), "--set", f"eval_tasks={missing}", "--set", "budget.steps=2",
+                 "--set", "wandb=off"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"scaling train: error: eval_tasks: {missing}: no such task file"
+    assert not (tmp_path / "r2" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_end_of_training_scores_equal_scaling_eval(tmp_path, capsys):
+    """A run with eval_tasks writes tasks.json and final_tasks/* at the end; ``scaling eval
+    --tasks`` on the finished run's checkpoint gives the same numbers (one code path)."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"prompt": "copy ab: ", "answer": "ab"}\n{"prompt": "1+2=", "answer": "3"}\n')
+    run = tmp_path / "run"
+    sets = ["data.source=mixture", "data.mixture=stdlib=0.5,tasks:arithmetic=0.5", "data.task_examples=500",
+            "data.seq_len=32", "data.batch_size=8", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "budget.steps=6", f"eval_tasks=arithmetic,{qa}", "eval_task_examples=7", "wandb=off", "progress=false"]
+    args = ["train", "--out", str(run)]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    at_end = json.loads((run / "tasks.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert at_end["step"] == 6 and [len(s["examples"]) for s in at_end["suites"].values()] == [7, 2]
+    assert main(["eval", str(run), "--tasks", f"arithmetic,{qa}", "--examples", "7"]) == 0
+    again = json.loads((run / "tasks.json").read_text())
+    for name in ("arithmetic", "qa"):
+        for a, b in zip(at_end["suites"][name]["examples"], again["suites"][name]["examples"]):
+            assert a["greedy"] == b["greedy"] and a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-4)
+        for k, v in again["suites"][name]["summary"].items():
+            if k != "n":
+                assert summary[f"final_tasks/{name}/{k}"] == pytest.approx(v, abs=1e-5)
+    capsys.readouterr()

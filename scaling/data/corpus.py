@@ -133,7 +133,7 @@ def load(cfg: DataConfig) -> Corpus:
     # only the fields that choose the text and its tokens key the cache (not shapes or seeds)
     only_source = DataConfig(source=cfg.source, path=cfg.path, tfds_name=cfg.tfds_name, text_feature=cfg.text_feature,
                              include=tuple(cfg.include), exclude=tuple(cfg.exclude), packages=tuple(cfg.packages),
-                             tokenizer=cfg.tokenizer)
+                             tokenizer=cfg.tokenizer, tasks=tuple(cfg.tasks), task_examples=cfg.task_examples)
     return _text(only_source, tokenize.fingerprint(tok), str(builders.cache_dir()))
 
 

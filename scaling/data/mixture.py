@@ -1,8 +1,9 @@
 """Data mixtures: ``data.source=mixture`` with ``data.mixture = ("NAME=WEIGHT", ...)``.
 
-A component is a shard directory (``scaling data prepare``; named by its directory name) or a
+A component is a shard directory (``scaling data prepare``; named by its directory name), a
 built-in text source without fields (``stdlib``, ``packages``, tokenized with
-``data.tokenizer``). All components must share one tokenizer (the same sha256), since one model
+``data.tokenizer``), or a synthetic task suite ``tasks:SUITE`` (``scaling.tasks``; named by the
+suite, ``data.task_examples`` training examples). All components must share one tokenizer (the same sha256), since one model
 reads them.
 
 Deterministic interleaving: global training window slot ``i`` (``step * batch + row``) belongs to
@@ -46,8 +47,8 @@ def parse(cfg: DataConfig) -> list[Component]:
     for item in cfg.mixture:
         name, sep, w = str(item).rpartition("=")
         if not sep or not name:
-            raise ConfigError(f"data.mixture: {item!r} is not SOURCE=WEIGHT (a shard directory or "
-                              f"{'/'.join(BUILTIN)}, e.g. shards/code=0.7)")
+            raise ConfigError(f"data.mixture: {item!r} is not SOURCE=WEIGHT (a shard directory, "
+                              f"{'/'.join(BUILTIN)} or tasks:SUITE, e.g. shards/code=0.7)")
         try:
             weight = float(w)
         except ValueError:
@@ -64,6 +65,15 @@ def parse(cfg: DataConfig) -> list[Component]:
         common = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed)
         if src in BUILTIN:
             one, name = DataConfig(source=src, tokenizer=cfg.tokenizer, **common), src
+        elif src.startswith("tasks:"):
+            from scaling.tasks import BUILTIN as SUITES
+
+            name = src.removeprefix("tasks:")
+            if name not in SUITES:
+                raise ConfigError(f"data.mixture: {src!r} names no task suite; use tasks:SUITE with one of "
+                                  f"{', '.join(SUITES)}")
+            one = DataConfig(source="tasks", tasks=(name,), task_examples=cfg.task_examples, tokenizer=cfg.tokenizer,
+                             **common)
         else:
             one, name = DataConfig(source="shards", path=src, **common), Path(src).name
         if name in names:

@@ -12,6 +12,9 @@ documents only through ``documents(cfg)``, so the two serve the same tokens in t
 - ``hf``          a Hugging Face dataset on local disk: a ``save_to_disk`` directory or
                   parquet / jsonl / json / arrow files (the hub is never contacted)
 - ``tfds``        any prepared tfds dataset in array_record format
+- ``tasks``       the built-in synthetic task suites ``data.tasks`` (``scaling.tasks``), each
+                  example a line ``prompt + answer``; train and held-out examples never share a
+                  prompt (the suites' fixed hash split)
 
 The held-out split is the hash-ranked rule of ``builders.split_paths`` unless the dataset ships
 a ``validation`` (or ``test``) split.
@@ -32,7 +35,7 @@ from typing import Callable, Iterable, Optional
 
 from scaling.config import ConfigError, DataConfig
 
-TEXT_SOURCES = ("stdlib", "packages", "local_text", "hf", "tfds")
+TEXT_SOURCES = ("stdlib", "packages", "local_text", "hf", "tfds", "tasks")
 PACKAGE_SUFFIXES = (".py", ".pyi", ".md", ".rst", ".txt")
 PACKAGE_MAX_FILE_BYTES = 1 << 20  # larger files are data tables, not prose or code
 HF_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
@@ -63,6 +66,8 @@ def documents(cfg: DataConfig) -> Documents:
         return _hf(cfg.path, cfg.text_feature)
     if cfg.source == "tfds":
         return _tfds(cfg.tfds_name, cfg.path, cfg.text_feature)
+    if cfg.source == "tasks":
+        return _tasks(tuple(cfg.tasks), cfg.task_examples)
     raise ConfigError(f"data.source: {cfg.source!r} is not a text source ({', '.join(TEXT_SOURCES)})")
 
 
@@ -135,6 +140,18 @@ def _tfds(name: str, data_dir: Optional[str], feature: str) -> Documents:
             f"data.tfds_name: {name!r} must be prepared with file_format='array_record' for random access"
         ) from None
     return Documents(f"tfds:{name}", lambda: train, lambda: eval_)
+
+
+@lru_cache(maxsize=4)
+def _tasks(suites: tuple[str, ...], n: int) -> Documents:
+    from scaling import tasks
+
+    # held out: a tenth as many examples as trained on (at least 500), from the eval split
+    train = [d for s in suites for d in tasks.training_text(s, n)]
+    held = [("".join(f"{e.prompt}{e.answer}\n" for e in tasks.builtin(s, n=max(500, n // 10), split="eval")))
+            .encode("utf-8") for s in suites]
+    return Documents("tasks:" + "+".join(suites), lambda: train, lambda: held,
+                     extra={"tasks": list(suites), "task_examples": n})
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,29 +46,21 @@ def register(sub) -> None:
 def score_tasks(run_dir: str | Path, suites: list[str], *, examples: int = 200, seed: int = 0) -> dict:
     """Score ``run_dir``'s newest checkpoint on task suites (``scaling.tasks``); returns
     ``{"step", "suites": {name: {"summary": means, "examples": [per-example rows]}}}``."""
-    from scaling import schema, storage, tasks
+    from scaling import schema, storage
     from scaling.data.corpus import corpus_info, tokenizer_for
     from scaling.errors import UsageError
     from scaling.train.loop import check_tokenizer
     from scaling.train.sample_cli import load_model
-    from scaling.train.tasks_eval import score_examples
+    from scaling.train.tasks_eval import load_suites, score_suites
 
-    if examples < 1:
-        raise UsageError(f"--examples: must be >= 1, got {examples}")
-    loaded = [tasks.load_suite(s.strip(), n=examples, seed=seed) for s in suites if s.strip()]
-    if not loaded:
-        raise UsageError("--tasks: name at least one suite (arithmetic, copy, brackets) or a JSONL task file")
+    loaded = load_suites(suites, examples=examples, seed=seed)
     cfg, model, step = load_model(run_dir)
     tok = tokenizer_for(cfg.data)
     if tok is None:
         raise UsageError(f"{run_dir}: trained on synthetic tokens, which have no text for task prompts")
     check_tokenizer(storage.path(run_dir), corpus_info(cfg.data).get("tokenizer_sha256"))
-    out = {"schema_version": schema.SCHEMA_VERSION, "step": step, "time": time.time(), "suites": {}}
-    for name, exs in loaded:
-        rows = score_examples(model, tok, exs, context=cfg.data.seq_len)
-        rows = [{"prompt": e.prompt, "answer": e.answer, **r} for e, r in zip(exs, rows)]
-        out["suites"][name] = {"summary": tasks.summarize(rows), "examples": rows}
-    return out
+    return {"schema_version": schema.SCHEMA_VERSION, "step": step, "time": time.time(),
+            "suites": score_suites(model, tok, loaded, context=cfg.data.seq_len)}
 
 
 def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] = ()) -> dict:

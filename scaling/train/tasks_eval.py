@@ -1,22 +1,37 @@
 """Scoring a model on task suites (``scaling eval RUN_DIR --tasks ...``; suites and metrics in
 ``scaling.tasks``).
 
-Examples are grouped by (prompt tokens, answer tokens) so each group is one batch: one
-teacher-forced forward for the answer's log-likelihood, and one greedy continuation of exactly
-the answer's length for exact match and edit distance. The model reads at most the run's
-``data.seq_len`` tokens (an example longer than that is refused).
+Every example is written into a row of one fixed-shape buffer ``[ROWS, L]`` (``L`` the suite's
+longest prompt + answer, right-padded: the model is causal, so what follows a position never
+changes it), so a whole suite compiles one forward. One teacher-forced pass gives the answer's
+log-likelihood; the greedy continuation takes as many passes as the longest answer, each row
+writing its next token at its own position (no KV cache: the sizes trained here make it cheap).
+The model reads at most the run's ``data.seq_len`` tokens (a longer example is refused).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from scaling import tasks
 from scaling.errors import UsageError
+
+ROWS = 64  # examples per forward (the last batch is padded with empty rows)
+
+
+def _log_probs(model, mod_routing: str):
+    """``(state, fn)``: ``fn(state, x_BxL) -> float32 log-softmax [B, L, V]``, compiled once per shape."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fn(state, x_BxL):
+        logits_BxLxV, _ = nnx.merge(graphdef, state)(x_BxL, train=False, mod_routing=mod_routing)
+        return jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+
+    return state, fn
 
 
 def score_examples(model, tok, examples: list[tasks.Example], *, context: int,
@@ -24,8 +39,6 @@ def score_examples(model, tok, examples: list[tasks.Example], *, context: int,
     """Per example (in order): ``answer_logprob`` (nats, summed over the answer's tokens),
     ``answer_nll`` (nats/token), ``exact_match`` (0/1), ``edit_distance`` (token Levenshtein of the
     greedy continuation against the answer, over the answer's length), ``greedy`` (its text)."""
-    from scaling.models.sample import generate
-
     enc = []
     for i, e in enumerate(examples):
         p, a = list(tok.encode(e.prompt)), list(tok.encode(e.answer))
@@ -35,24 +48,62 @@ def score_examples(model, tok, examples: list[tasks.Example], *, context: int,
             raise UsageError(f"--tasks: example {i} is {len(p) + len(a)} tokens, longer than the run's data.seq_len="
                              f"{context}; shorten it")
         enc.append((p, a))
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, (p, a) in enumerate(enc):
-        groups[(len(p), len(a))].append(i)
-    out: list[dict | None] = [None] * len(examples)
-    for (P, A), idx in sorted(groups.items()):
-        p_BxP = np.asarray([enc[i][0] for i in idx], np.int32)
-        a_BxA = np.asarray([enc[i][1] for i in idx], np.int32)
-        full = np.concatenate([p_BxP, a_BxA], axis=1)
-        logits, _ = model(jnp.asarray(full[:, :-1]), train=False, mod_routing=mod_routing)
-        logp_BxLxV = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        # positions P-1 .. P+A-2 predict the answer's tokens
-        lp_BxA = np.asarray(jnp.take_along_axis(logp_BxLxV[:, P - 1:], jnp.asarray(a_BxA)[..., None], axis=-1)[..., 0],
-                            np.float64)
-        greedy_BxA = np.asarray(generate(model, jnp.asarray(p_BxP), A, key=jax.random.key(0), temperature=0.0,
-                                         context=context, mod_routing=mod_routing))[:, P:]
-        for row, i in enumerate(idx):
-            g, a = greedy_BxA[row].tolist(), a_BxA[row].tolist()
-            out[i] = {"answer_logprob": float(lp_BxA[row].sum()), "answer_nll": float(-lp_BxA[row].mean()),
-                      "exact_match": float(g == a), "edit_distance": tasks.edit_distance(g, a) / len(a),
-                      "greedy": tok.decode(g)}
-    return out  # type: ignore[return-value]
+    if not enc:
+        return []
+    state, log_probs = _log_probs(model, mod_routing)
+    L = max(len(p) + len(a) for p, a in enc)
+    out: list[dict] = []
+    for lo in range(0, len(enc), ROWS):
+        part = enc[lo:lo + ROWS]
+        P = np.asarray([len(p) for p, _ in part])
+        A = np.asarray([len(a) for _, a in part])
+        rows = np.arange(len(part))
+        full_BxL = np.zeros((ROWS, L), np.int32)
+        for r, (p, a) in enumerate(part):
+            full_BxL[r, :len(p) + len(a)] = p + a
+        lp_BxLxV = np.asarray(log_probs(state, jnp.asarray(full_BxL)))
+        # greedy: step k writes each row's answer token k at position P + k (rows whose answer is
+        # shorter stop writing); position P + k - 1 predicts it
+        buf_BxL = full_BxL.copy()
+        for r in rows:
+            buf_BxL[r, P[r]:] = 0
+        for k in range(int(A.max())):
+            nxt = lp_BxLxV if k == 0 else np.asarray(log_probs(state, jnp.asarray(buf_BxL)))
+            live = rows[k < A]
+            buf_BxL[live, P[live] + k] = nxt[live, P[live] + k - 1].argmax(-1)
+        for r, (p, a) in enumerate(part):
+            lp_A = lp_BxLxV[r, np.arange(len(p) - 1, len(p) + len(a) - 1), a].astype(np.float64)
+            g = buf_BxL[r, len(p):len(p) + len(a)].tolist()
+            out.append({"answer_logprob": float(lp_A.sum()), "answer_nll": float(-lp_A.mean()),
+                        "exact_match": float(g == a), "edit_distance": tasks.edit_distance(g, a) / len(a),
+                        "greedy": tok.decode(g)})
+    return out
+
+
+def load_suites(suites, *, examples: int = 200, seed: int = 0) -> list[tuple[str, list[tasks.Example]]]:
+    """``(name, examples)`` of each suite spec (a built-in name or a JSONL task file), blanks
+    dropped; UsageError for none, an unknown name, a missing or malformed file."""
+    if examples < 1:
+        raise UsageError(f"--examples: must be >= 1, got {examples}")
+    loaded = [tasks.load_suite(s.strip(), n=examples, seed=seed) for s in suites if s.strip()]
+    if not loaded:
+        raise UsageError("--tasks: name at least one suite (arithmetic, copy, brackets) or a JSONL task file")
+    return loaded
+
+
+def score_suites(model, tok, loaded: list[tuple[str, list[tasks.Example]]], *, context: int,
+                 mod_routing: str = "causal") -> dict:
+    """``{name: {"summary": suite means, "examples": per-example rows with prompt and answer}}``
+    (what ``tasks.json`` holds under ``suites``)."""
+    out = {}
+    for name, exs in loaded:
+        rows = score_examples(model, tok, exs, context=context, mod_routing=mod_routing)
+        rows = [{"prompt": e.prompt, "answer": e.answer, **r} for e, r in zip(exs, rows)]
+        out[name] = {"summary": tasks.summarize(rows), "examples": rows}
+    return out
+
+
+def summary_keys(suites: dict) -> dict:
+    """``final_tasks/NAME/METRIC`` for a run's summary: each suite's mean ``exact_match``,
+    ``edit_distance``, ``answer_nll`` (nats/token) and ``answer_logprob`` (nats)."""
+    return {f"final_tasks/{name}/{k}": v for name, s in suites.items() for k, v in s["summary"].items() if k != "n"}

@@ -1,0 +1,290 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent,ipynb
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Emergence at CPU scale: exact match jumps, the smooth metrics do not, and a two-step forecast
+#
+# Schaeffer et al. (2023), "Are Emergent Abilities of Large Language Models a Mirage?", argue that
+# abilities look emergent because exact match is a discontinuous metric: if each answer token is
+# right with a probability that rises smoothly with scale, the chance that all `l` of them are
+# right rises like `p^l`, flat and then sudden. Per-token log-likelihood and token edit distance
+# of the same answers change smoothly. Bhagia et al. (2024, the OLMo ladder) forecast accuracy in
+# two steps: compute -> task loss (a power law), task loss -> accuracy (a sigmoid).
+#
+# The sweep `sweeps/emergence.yaml` trains 5 dense sizes (1e4-1.6e5 non-embedding parameters)
+# on the same 3M tokens of the embedded corpus mixed with the built-in task suites
+# (`scaling.tasks`: multi-digit addition, copying, bracket matching; no evaluated prompt is in the
+# training mix), each scored at the end of training on 500 held-out examples per suite
+# (`eval_tasks`). Here: the three metrics per suite against compute (the mirage figure); exact
+# match by answer length; the two-step law fitted on the 5 sizes, its forecast for a model 4x the
+# largest registered (`prediction.json`), then that model trained and compared.
+#
+# Parameters (environment): `SCALING_SMOKE=1` (4 tiny sizes and a tiny target, seconds each),
+# `SCALING_EMERGENCE_STOP=forecast` (stop once the forecast is registered, so it can be committed
+# before its run), `SCALING_ANALYSIS_OUT` (default `analysis/out/emergence/`), `SCALING_RUNS_DIR`
+# (default `runs/`), `SCALING_JOBS`.
+
+# %%
+import copy
+import json
+import os
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import yaml
+
+import _nb
+from scaling.fit.two_step import two_step
+from scaling.sweep import spec as spec_mod, store
+
+SMOKE = _nb.smoke()
+OUT = _nb.out_dir("emergence")
+RUNS = _nb.runs_dir("emergence", "emergence")
+TARGET_RUNS = RUNS.parent / "emergence_target"
+JOBS = int(os.environ.get("SCALING_JOBS", "1"))
+STOP = os.environ.get("SCALING_EMERGENCE_STOP", "")
+N_BOOT = 30 if SMOKE else 400
+SUITES = ["arithmetic", "copy", "brackets"]
+FORECAST = ["arithmetic", "copy"]  # brackets: a yes/no answer (chance 0.5), see below
+TARGET_FACTOR = 4  # the forecast model: this many times the largest fitted size
+print(f"SMOKE={SMOKE}  runs={RUNS}  out={OUT}")
+
+# %%
+raw = yaml.safe_load(spec_mod.resolve_path("emergence").read_text())
+if SMOKE:
+    raw = copy.deepcopy(raw)
+    raw["set"].update({"data.batch_size": 8, "data.seq_len": 32, "data.task_examples": 2000, "eval_tasks": ["arithmetic", "copy"],
+                       "eval_task_examples": 16, "eval_every": 10000, "checkpoint_every": 10000, "log_every": 10,
+                       "optim.warmup_steps": 5})
+    raw["sizes"] = {"params": [1e3, 2e3, 4e3, 8e3]}
+    raw["buckets"] = [{"tokens": 8192}]
+    SUITES, FORECAST = ["arithmetic", "copy"], ["arithmetic", "copy"]
+spec, trials = _nb.run_sweep(raw, RUNS, JOBS)
+df = _nb.finished(store.load(RUNS)).sort_values("C").reset_index(drop=True)
+
+
+def examples_of(run_dir) -> dict[str, pd.DataFrame]:
+    """Per suite, the per-example scores the run wrote at the end of training (tasks.json)."""
+    d = json.loads((run_dir / "tasks.json").read_text())
+    return {name: pd.DataFrame(s["examples"]) for name, s in d["suites"].items()}
+
+
+per_run = {r.trial_id: examples_of(RUNS / r.trial_id) for r in df.itertuples()}
+cols = ["shape", "N", "C"] + [f"final_tasks/{s}/{m}" for s in SUITES for m in ("exact_match", "edit_distance", "answer_nll")]
+print(df[cols].rename(columns=lambda c: c.replace("final_tasks/", "")).to_string(float_format=lambda v: f"{v:.4g}"))
+
+# %% [markdown]
+# ## The mirage figure: one suite per column, three metrics of the same answers per row
+# Exact match (all answer tokens right, greedy), token edit distance of the greedy answer over its
+# length (shown as 1 - distance, so up is better), and the answer's per-token negative
+# log-likelihood (teacher-forced, nats/token). Error bars: the standard error over the examples.
+
+
+# %%
+def metric_table(runs: pd.DataFrame, per: dict, suite: str) -> pd.DataFrame:
+    rows = []
+    for r in runs.itertuples():
+        ex = per[r.trial_id][suite]
+        n = len(ex)
+        rows.append({"C": r.C, "N": r.N, "shape": r.shape, "n": n,
+                     "exact_match": ex["exact_match"].mean(), "em_se": ex["exact_match"].std(ddof=1) / np.sqrt(n),
+                     "edit": 1 - ex["edit_distance"].mean(), "edit_se": ex["edit_distance"].std(ddof=1) / np.sqrt(n),
+                     "answer_nll": ex["answer_nll"].mean(), "nll_se": ex["answer_nll"].std(ddof=1) / np.sqrt(n),
+                     "p_answer": np.exp(ex["answer_logprob"]).mean()})
+    return pd.DataFrame(rows)
+
+
+tables = {s: metric_table(df, per_run, s) for s in SUITES}
+fig, axes = plt.subplots(3, len(SUITES), figsize=(4.2 * len(SUITES), 9.5), sharex=True, squeeze=False)
+for j, s in enumerate(SUITES):
+    t = tables[s]
+    for i, (m, se, label) in enumerate([("exact_match", "em_se", "exact match"), ("edit", "edit_se", "1 - token edit distance"),
+                                        ("answer_nll", "nll_se", "answer NLL (nats/token)")]):
+        ax = axes[i, j]
+        ax.errorbar(t["C"], t[m], yerr=t[se], marker="o", ms=4, capsize=2)
+        ax.set_xscale("log")
+        if i == 0:
+            ax.set_title(s)
+        if j == 0:
+            ax.set_ylabel(label)
+        if i == 2:
+            ax.set_yscale("log")
+            ax.set_xlabel("training FLOPs")
+fig.suptitle("same answers, three metrics: exact match is the discontinuous one")
+fig.tight_layout()
+figures = [_nb.save(fig, OUT, "emergence_metrics").name]
+
+# %% [markdown]
+# ## Exact match by answer length (arithmetic)
+# If a token is right with probability `p`, an `l`-token answer is right with about `p^l`: the
+# longer the answer, the later and sharper the rise. Dashed: `p^l` with `p` the geometric mean
+# per-token probability of the answer (exp of minus its NLL) of that length's examples.
+
+# %%
+by_len = []
+for r in df.itertuples():
+    ex = per_run[r.trial_id]["arithmetic"]
+    ex = ex.assign(length=ex["answer"].str.len())
+    for ell, g in ex.groupby("length"):
+        by_len.append({"C": r.C, "length": int(ell), "n": len(g), "exact_match": g["exact_match"].mean(),
+                       "p_token": float(np.exp(-g["answer_nll"].mean()))})
+by_len = pd.DataFrame(by_len)
+fig, ax = plt.subplots(figsize=(6.5, 4.4))
+for ell, g in by_len.groupby("length"):
+    line, = ax.plot(g["C"], g["exact_match"], marker="o", label=f"{ell}-digit answers (n~{int(g['n'].median())})")
+    ax.plot(g["C"], g["p_token"] ** ell, ls="--", color=line.get_color(), alpha=0.7)
+ax.set_xscale("log")
+ax.set_xlabel("training FLOPs")
+ax.set_ylabel("exact match")
+ax.set_title("arithmetic: exact match by answer length (dashed: p_token^length)")
+ax.legend(fontsize=8)
+figures.append(_nb.save(fig, OUT, "emergence_by_length").name)
+print(by_len.pivot_table(index="C", columns="length", values="exact_match").round(3).to_string())
+
+# %% [markdown]
+# ## The two-step law on the fitted sizes, and its registered forecast
+# Step 1: `answer_nll(C) = E + A C^-alpha`; step 2: `exact_match = 1 / (1 + exp(k (nll - L0)))`.
+# Interval: 90% over bootstrap resamples of each model's examples (the evaluation's sampling
+# noise; one seed, so not the training noise).
+
+
+# %%
+def fit_suite(runs: pd.DataFrame, per: dict, suite: str, rng=None):
+    """The two-step fit of ``suite`` on ``runs``; with ``rng``, on a resample of each run's examples."""
+    rows = []
+    for r in runs.itertuples():
+        ex = per[r.trial_id][suite]
+        if rng is not None:
+            ex = ex.iloc[rng.integers(0, len(ex), len(ex))]
+        rows.append({"C": r.C, "answer_nll": ex["answer_nll"].mean(), "exact_match": ex["exact_match"].mean()})
+    return _nb.determined(two_step, pd.DataFrame(rows))
+
+
+largest = df.loc[df["N"].idxmax()]
+target_params = TARGET_FACTOR * max(raw["sizes"]["params"])
+target_raw = copy.deepcopy(raw)
+target_raw.update(name="emergence_target", sizes={"params": [target_params]})
+target_spec = spec_mod.parse(target_raw)
+(target_trial,) = spec_mod.trials(target_spec)
+C_target = float(target_trial.planned_flops)
+target_shape = f"d{target_trial.config.model.d_model}L{target_trial.config.model.n_layers}"
+print(f"target: {target_params:.3g} params ({target_shape}), C = {C_target:.3g} FLOPs "
+      f"({C_target / largest['C']:.2f}x the largest fitted run)")
+
+forecast = {}
+rng = np.random.default_rng(0)
+for s in FORECAST:
+    res = fit_suite(df, per_run, s)
+    if res is None:
+        forecast[s] = None
+        continue
+    point = res.predict(C_target).iloc[0]
+    boots = []
+    for _ in range(N_BOOT):
+        b = fit_suite(df, per_run, s, rng)
+        if b is not None:
+            boots.append(b.predict(C_target).iloc[0][["task_loss", "accuracy"]].to_numpy(float))
+    boots = np.asarray(boots)
+    lo, hi = (np.percentile(boots, [5, 95], axis=0) if len(boots) >= 10 else (np.full(2, np.nan), np.full(2, np.nan)))
+    forecast[s] = {"task_loss": float(point["task_loss"]), "task_loss_90": [float(lo[0]), float(hi[0])],
+                   "exact_match": float(point["accuracy"]), "exact_match_90": [float(lo[1]), float(hi[1])],
+                   "n_boot": int(len(boots)), "fit": res.to_dict()}
+    print(f"{s}: forecast at C = {C_target:.3g}: answer NLL {point['task_loss']:.4f} [{lo[0]:.4f}, {hi[0]:.4f}], "
+          f"exact match {point['accuracy']:.3f} [{lo[1]:.3f}, {hi[1]:.3f}]  (fit: {res.to_dict()})")
+
+prediction = {"made_at_unix": time.time(), "made_before_training": True, "C": C_target, "target_params": target_params,
+              "target_shape": target_shape, "target_trial": target_trial.id,
+              "fitted_on": [{"shape": r.shape, "N": r.N, "C": r.C} for r in df.itertuples()], "forecast": forecast}
+prediction = _nb.register_prediction(OUT, prediction, TARGET_RUNS / target_trial.id)
+if STOP == "forecast":
+    _nb.write_results(OUT, {"notebook": "emergence", "smoke": SMOKE, "prediction": prediction,
+                            "stage": "forecast registered, target not trained", "figures": figures})
+    raise SystemExit("SCALING_EMERGENCE_STOP=forecast: stopping before the target is trained")
+
+# %% [markdown]
+# ## The forecast model, trained
+# The same recipe (mix, tokens, LR rule, evaluation), one run at `TARGET_FACTOR` times the largest size.
+
+# %%
+_nb.run_sweep(target_raw, TARGET_RUNS, 1)
+tgt = _nb.finished(store.load(TARGET_RUNS)).iloc[0]
+per_run[tgt.trial_id] = examples_of(TARGET_RUNS / tgt.trial_id)
+checked = {}
+for s in FORECAST:
+    ex = per_run[tgt.trial_id][s]
+    actual = {"task_loss": float(ex["answer_nll"].mean()), "exact_match": float(ex["exact_match"].mean()),
+              "exact_match_se": float(ex["exact_match"].std(ddof=1) / np.sqrt(len(ex)))}
+    f = prediction["forecast"].get(s)
+    if f is not None:
+        actual["task_loss_in_90"] = f["task_loss_90"][0] <= actual["task_loss"] <= f["task_loss_90"][1]
+        actual["exact_match_in_90"] = f["exact_match_90"][0] <= actual["exact_match"] <= f["exact_match_90"][1]
+        actual["exact_match_error"] = actual["exact_match"] - f["exact_match"]
+        print(f"{s}: forecast exact match {f['exact_match']:.3f} [{f['exact_match_90'][0]:.3f}, {f['exact_match_90'][1]:.3f}], "
+              f"actual {actual['exact_match']:.3f} ± {actual['exact_match_se']:.3f}; answer NLL forecast "
+              f"{f['task_loss']:.4f} [{f['task_loss_90'][0]:.4f}, {f['task_loss_90'][1]:.4f}], actual {actual['task_loss']:.4f}")
+    checked[s] = actual
+
+# %% [markdown]
+# ## Figure: the two steps, the forecast and the outcome
+
+# %%
+fig, axes = plt.subplots(2, len(FORECAST), figsize=(5.2 * len(FORECAST), 8.4), squeeze=False)
+for j, s in enumerate(FORECAST):
+    t = tables[s]
+    f = prediction["forecast"].get(s)
+    a = checked[s]
+    ax = axes[0, j]
+    ax.scatter(t["C"], t["answer_nll"], label="fitted sizes")
+    ax.scatter([tgt.C], [a["task_loss"]], marker="*", s=140, color="C3", label="forecast model (trained after)")
+    if f is not None:
+        Cg = np.geomspace(t["C"].min() / 1.5, C_target * 1.5, 50)
+        lw = f["fit"]["loss_law"]
+        ax.plot(Cg, lw["E"] + lw["A"] * Cg ** -lw["alpha"], color="k", lw=1, label="step 1 fit")
+        ax.errorbar([C_target], [f["task_loss"]], yerr=[[f["task_loss"] - f["task_loss_90"][0]], [f["task_loss_90"][1] - f["task_loss"]]],
+                    fmt="s", color="C1", capsize=3, label="forecast (90%)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("answer NLL (nats/token)")
+    ax.set_title(f"{s}: step 1")
+    ax.legend(fontsize=7)
+    ax = axes[1, j]
+    ax.scatter(t["answer_nll"], t["exact_match"], label="fitted sizes")
+    ax.scatter([a["task_loss"]], [a["exact_match"]], marker="*", s=140, color="C3", label="forecast model")
+    if f is not None:
+        acc = f["fit"]["accuracy_law"]
+        Lg = np.linspace(min(t["answer_nll"].min(), a["task_loss"]) * 0.8, t["answer_nll"].max() * 1.1, 100)
+        ax.plot(Lg, acc["lo"] + (acc["hi"] - acc["lo"]) / (1 + np.exp(acc["k"] * (Lg - acc["L0"]))), color="k", lw=1,
+                label="step 2 fit")
+        ax.errorbar([f["task_loss"]], [f["exact_match"]],
+                    yerr=[[f["exact_match"] - f["exact_match_90"][0]], [f["exact_match_90"][1] - f["exact_match"]]],
+                    fmt="s", color="C1", capsize=3, label="forecast (90%)")
+    ax.set_xlabel("answer NLL (nats/token)")
+    ax.set_ylabel("exact match")
+    ax.set_title(f"{s}: step 2")
+    ax.legend(fontsize=7)
+fig.tight_layout()
+figures.append(_nb.save(fig, OUT, "emergence_two_step").name)
+
+# %%
+_nb.write_results(OUT, {
+    "notebook": "emergence", "smoke": SMOKE, "stage": "checked",
+    "runs": [{"trial_id": r.trial_id, "shape": r.shape, "N": r.N, "C": r.C,
+              **{f"{s}/{m}": getattr(tables[s].iloc[i], m) for s in SUITES for m in ("exact_match", "edit", "answer_nll", "p_answer")}}
+             for i, r in enumerate(df.itertuples())],
+    "arithmetic_by_length": by_len.to_dict(orient="records"),
+    "prediction": prediction, "target": {"trial_id": tgt.trial_id, "shape": tgt.shape, "N": float(tgt.N), "C": float(tgt.C)},
+    "checked": checked, "figures": figures,
+})

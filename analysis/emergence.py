@@ -53,7 +53,7 @@ SMOKE = _nb.smoke()
 OUT = _nb.out_dir("emergence")
 RUNS = _nb.runs_dir("emergence", "emergence")
 TARGET_RUNS = RUNS.parent / "emergence_target"
-JOBS = int(os.environ.get("SCALING_JOBS", "1"))
+JOBS = int(os.environ.get("SCALING_JOBS", "2" if SMOKE else "1"))
 STOP = os.environ.get("SCALING_EMERGENCE_STOP", "")
 N_BOOT = 30 if SMOKE else 400
 SUITES = ["arithmetic", "copy", "brackets"]
@@ -67,7 +67,7 @@ if SMOKE:
     raw = copy.deepcopy(raw)
     raw["set"].update({"data.batch_size": 8, "data.seq_len": 32, "data.task_examples": 2000, "eval_tasks": ["arithmetic", "copy"],
                        "eval_task_examples": 16, "eval_every": 10000, "checkpoint_every": 10000, "log_every": 10,
-                       "optim.warmup_steps": 5})
+                       "optim.warmup_steps": 5, "wandb": "off"})
     raw["sizes"] = {"params": [1e3, 2e3, 4e3, 8e3]}
     raw["buckets"] = [{"tokens": 8192}]
     SUITES, FORECAST = ["arithmetic", "copy"], ["arithmetic", "copy"]
@@ -211,7 +211,8 @@ prediction = _nb.register_prediction(OUT, prediction, TARGET_RUNS / target_trial
 if STOP == "forecast":
     _nb.write_results(OUT, {"notebook": "emergence", "smoke": SMOKE, "prediction": prediction,
                             "stage": "forecast registered, target not trained", "figures": figures})
-    raise SystemExit("SCALING_EMERGENCE_STOP=forecast: stopping before the target is trained")
+    print("SCALING_EMERGENCE_STOP=forecast: stopping before the target is trained")
+    raise SystemExit(0)
 
 # %% [markdown]
 # ## The forecast model, trained

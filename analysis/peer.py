@@ -26,7 +26,7 @@
 # sizes; the lowest observed loss where no interior minimum exists), then the frontier
 # `L*(C) = A C^-alpha` fitted through the minima with bootstrap intervals.
 #
-# Parameters (environment): `SCALING_SMOKE=1` (three tiny budgets, two sizes), `SCALING_ANALYSIS_OUT`
+# Parameters (environment): `SCALING_SMOKE=1` (three tiny budgets, two sizes, dense and PEER only), `SCALING_ANALYSIS_OUT`
 # (default `analysis/out/peer/`), `SCALING_RUNS_DIR` (default `runs/`), `SCALING_JOBS`.
 
 # %%
@@ -58,6 +58,9 @@ if SMOKE:
                        "log_every": 5})
     raw["buckets"] = [2e9, 4e9, 8e9]
     raw["sizes"] = {"isoflop": {"n": 2, "ratio": 2.0, "center": {"params": 1e4, "flops": 2e9, "exponent": 0.5}}}
+    # the MoE arms' smoke is the moe_mod notebook's; here dense against PEER keeps CI short
+    ARMS = ["dense", "peer"]
+    raw["variants"] = {k: v for k, v in raw["variants"].items() if k in ARMS}
 spec, trials = _nb.run_sweep(raw, RUNS, JOBS)
 df = _nb.finished(store.load(RUNS))
 df = df[df["variant"].isin(ARMS)].copy()

@@ -217,12 +217,14 @@ def test_moe_mod(tmp_path):
     assert best["mod50"]["fwd_flops_per_seq"] < best["dense"]["fwd_flops_per_seq"]
 
 
+@pytest.mark.slow
 def test_peer_study(tmp_path):
-    """The smoke PEER study: four arms on one IsoFLOP grid at exact equal FLOPs, each arm's
-    minimum loss falls with compute and gets a fitted frontier with an interval."""
+    """The smoke PEER study: dense and PEER on one IsoFLOP grid at exact equal FLOPs (the MoE
+    arms' smoke is moe_mod's), each arm's minimum loss falls with compute and gets a fitted
+    frontier with an interval."""
     r = run_notebook("peer", tmp_path)
-    assert r["smoke"] and r["n_done"] == r["n_trials"] == 24 and r["budgets"] == [2e9, 4e9, 8e9]
-    for arm in ("dense", "moe_g1", "moe_g8", "peer"):
+    assert r["smoke"] and r["n_done"] == r["n_trials"] == 12 and r["budgets"] == [2e9, 4e9, 8e9]
+    for arm in ("dense", "peer"):
         rows = sorted((f for f in r["frontier"] if f["arm"] == arm), key=lambda f: f["C"])
         assert len(rows) == 3 and all(1.0 < f["loss_min"] < 5.55 for f in rows)
         assert rows[-1]["loss_min"] < rows[0]["loss_min"]  # 4x the compute buys a lower loss

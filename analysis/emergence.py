@@ -22,12 +22,12 @@
 # two steps: compute -> task loss (a power law), task loss -> accuracy (a sigmoid).
 #
 # The sweep `sweeps/emergence.yaml` trains 5 dense sizes (1e4-1.6e5 non-embedding parameters)
-# on the same 3M tokens of the embedded corpus mixed with the built-in task suites
+# with 2 seeds each (initialisation and data order) on 3M tokens of the embedded corpus mixed with the built-in task suites
 # (`scaling.tasks`: multi-digit addition, copying, bracket matching; no evaluated prompt is in the
 # training mix), each scored at the end of training on 500 held-out examples per suite
 # (`eval_tasks`). Here: the three metrics per suite against compute (the mirage figure); exact
-# match by answer length; the two-step law fitted on the 5 sizes, its forecast for a model 4x the
-# largest registered (`prediction.json`), then that model trained and compared.
+# match by answer length; the two-step law fitted on the 10 runs, its forecast for a model 4x the
+# largest registered (`prediction.json`), then that model trained (seed 0) and compared.
 #
 # Parameters (environment): `SCALING_SMOKE=1` (4 tiny sizes and a tiny target, seconds each),
 # `SCALING_EMERGENCE_STOP=forecast` (stop once the forecast is registered, so it can be committed
@@ -69,6 +69,7 @@ if SMOKE:
                        "eval_task_examples": 16, "eval_every": 10000, "checkpoint_every": 10000, "log_every": 10,
                        "optim.warmup_steps": 5, "wandb": "off"})
     raw["sizes"] = {"params": [1e3, 2e3, 4e3, 8e3]}
+    raw["seeds"] = [0]
     raw["buckets"] = [{"tokens": 8192}]
     SUITES, FORECAST = ["arithmetic", "copy"], ["arithmetic", "copy"]
 spec, trials = _nb.run_sweep(raw, RUNS, JOBS)
@@ -82,7 +83,7 @@ def examples_of(run_dir) -> dict[str, pd.DataFrame]:
 
 
 per_run = {r.trial_id: examples_of(RUNS / r.trial_id) for r in df.itertuples()}
-cols = ["shape", "N", "C"] + [f"final_tasks/{s}/{m}" for s in SUITES for m in ("exact_match", "edit_distance", "answer_nll")]
+cols = ["shape", "seed", "N", "C"] + [f"final_tasks/{s}/{m}" for s in SUITES for m in ("exact_match", "edit_distance", "answer_nll")]
 print(df[cols].rename(columns=lambda c: c.replace("final_tasks/", "")).to_string(float_format=lambda v: f"{v:.4g}"))
 
 # %% [markdown]
@@ -98,7 +99,7 @@ def metric_table(runs: pd.DataFrame, per: dict, suite: str) -> pd.DataFrame:
     for r in runs.itertuples():
         ex = per[r.trial_id][suite]
         n = len(ex)
-        rows.append({"C": r.C, "N": r.N, "shape": r.shape, "n": n,
+        rows.append({"trial_id": r.trial_id, "seed": r.seed, "C": r.C, "N": r.N, "shape": r.shape, "n": n,
                      "exact_match": ex["exact_match"].mean(), "em_se": ex["exact_match"].std(ddof=1) / np.sqrt(n),
                      "edit": 1 - ex["edit_distance"].mean(), "edit_se": ex["edit_distance"].std(ddof=1) / np.sqrt(n),
                      "answer_nll": ex["answer_nll"].mean(), "nll_se": ex["answer_nll"].std(ddof=1) / np.sqrt(n),
@@ -107,13 +108,25 @@ def metric_table(runs: pd.DataFrame, per: dict, suite: str) -> pd.DataFrame:
 
 
 tables = {s: metric_table(df, per_run, s) for s in SUITES}
+# per size: the seeds' mean (the example standard errors combined)
+means = {s: t.groupby("C").agg(N=("N", "first"), shape=("shape", "first"), seeds=("seed", "size"),
+                               **{m: (m, "mean") for m in ("exact_match", "edit", "answer_nll", "p_answer")},
+                               **{se: (se, lambda v: float(np.sqrt(np.sum(np.square(v)))) / len(v))
+                                  for se in ("em_se", "edit_se", "nll_se")}).reset_index()
+         for s, t in tables.items()}
+for s in SUITES:
+    print(s, "(seed means)")
+    print(means[s].to_string(float_format=lambda v: f"{v:.4g}"))
 fig, axes = plt.subplots(3, len(SUITES), figsize=(4.2 * len(SUITES), 9.5), sharex=True, squeeze=False)
 for j, s in enumerate(SUITES):
-    t = tables[s]
+    t, mt = tables[s], means[s]
     for i, (m, se, label) in enumerate([("exact_match", "em_se", "exact match"), ("edit", "edit_se", "1 - token edit distance"),
                                         ("answer_nll", "nll_se", "answer NLL (nats/token)")]):
         ax = axes[i, j]
-        ax.errorbar(t["C"], t[m], yerr=t[se], marker="o", ms=4, capsize=2)
+        ax.scatter(t["C"], t[m], s=12, color="0.6", label="each seed", zorder=1)
+        ax.errorbar(mt["C"], mt[m], yerr=mt[se], marker="o", ms=4, capsize=2, label="mean over seeds")
+        if i == 0 and j == 0:
+            ax.legend(fontsize=7)
         ax.set_xscale("log")
         if i == 0:
             ax.set_title(s)
@@ -130,7 +143,8 @@ figures = [_nb.save(fig, OUT, "emergence_metrics").name]
 # ## Exact match by answer length (arithmetic)
 # If a token is right with probability `p`, an `l`-token answer is right with about `p^l`: the
 # longer the answer, the later and sharper the rise. Dashed: `p^l` with `p` the geometric mean
-# per-token probability of the answer (exp of minus its NLL) of that length's examples.
+# per-token probability of the answer (exp of minus its NLL) of that length's examples (means
+# over the seeds).
 
 # %%
 by_len = []
@@ -138,9 +152,9 @@ for r in df.itertuples():
     ex = per_run[r.trial_id]["arithmetic"]
     ex = ex.assign(length=ex["answer"].str.len())
     for ell, g in ex.groupby("length"):
-        by_len.append({"C": r.C, "length": int(ell), "n": len(g), "exact_match": g["exact_match"].mean(),
+        by_len.append({"C": r.C, "seed": r.seed, "length": int(ell), "n": len(g), "exact_match": g["exact_match"].mean(),
                        "p_token": float(np.exp(-g["answer_nll"].mean()))})
-by_len = pd.DataFrame(by_len)
+by_len = pd.DataFrame(by_len).groupby(["C", "length"])[["n", "exact_match", "p_token"]].mean().reset_index()
 fig, ax = plt.subplots(figsize=(6.5, 4.4))
 for ell, g in by_len.groupby("length"):
     line, = ax.plot(g["C"], g["exact_match"], marker="o", label=f"{ell}-digit answers (n~{int(g['n'].median())})")
@@ -156,13 +170,17 @@ print(by_len.pivot_table(index="C", columns="length", values="exact_match").roun
 # %% [markdown]
 # ## The two-step law on the fitted sizes, and its registered forecast
 # Step 1: `answer_nll(C) = E + A C^-alpha`; step 2: `exact_match = 1 / (1 + exp(k (nll - L0)))`.
-# Interval: 90% over bootstrap resamples of each model's examples (the evaluation's sampling
-# noise; one seed, so not the training noise).
+# Fitted on every run (one row per seed). Interval: 90% over bootstrap resamples that draw each
+# size's seeds with replacement and each drawn run's examples with replacement (the training
+# noise between 2 seeds and the evaluation's sampling noise).
 
 
 # %%
 def fit_suite(runs: pd.DataFrame, per: dict, suite: str, rng=None):
-    """The two-step fit of ``suite`` on ``runs``; with ``rng``, on a resample of each run's examples."""
+    """The two-step fit of ``suite`` on ``runs``; with ``rng``, on a resample (each size's seeds,
+    then each drawn run's examples, with replacement)."""
+    if rng is not None:
+        runs = pd.concat([g.iloc[rng.integers(0, len(g), len(g))] for _, g in runs.groupby("C")])
     rows = []
     for r in runs.itertuples():
         ex = per[r.trial_id][suite]
@@ -175,7 +193,7 @@ def fit_suite(runs: pd.DataFrame, per: dict, suite: str, rng=None):
 largest = df.loc[df["N"].idxmax()]
 target_params = TARGET_FACTOR * max(raw["sizes"]["params"])
 target_raw = copy.deepcopy(raw)
-target_raw.update(name="emergence_target", sizes={"params": [target_params]})
+target_raw.update(name="emergence_target", sizes={"params": [target_params]}, seeds=[0])
 target_spec = spec_mod.parse(target_raw)
 (target_trial,) = spec_mod.trials(target_spec)
 C_target = float(target_trial.planned_flops)
@@ -206,7 +224,7 @@ for s in FORECAST:
 
 prediction = {"made_at_unix": time.time(), "made_before_training": True, "C": C_target, "target_params": target_params,
               "target_shape": target_shape, "target_trial": target_trial.id,
-              "fitted_on": [{"shape": r.shape, "N": r.N, "C": r.C} for r in df.itertuples()], "forecast": forecast}
+              "fitted_on": [{"shape": r.shape, "seed": r.seed, "N": r.N, "C": r.C} for r in df.itertuples()], "forecast": forecast}
 prediction = _nb.register_prediction(OUT, prediction, TARGET_RUNS / target_trial.id)
 if STOP == "forecast":
     _nb.write_results(OUT, {"notebook": "emergence", "smoke": SMOKE, "prediction": prediction,
@@ -243,7 +261,7 @@ for s in FORECAST:
 # %%
 fig, axes = plt.subplots(2, len(FORECAST), figsize=(5.2 * len(FORECAST), 8.4), squeeze=False)
 for j, s in enumerate(FORECAST):
-    t = tables[s]
+    t = tables[s]  # every run
     f = prediction["forecast"].get(s)
     a = checked[s]
     ax = axes[0, j]
@@ -282,9 +300,10 @@ figures.append(_nb.save(fig, OUT, "emergence_two_step").name)
 # %%
 _nb.write_results(OUT, {
     "notebook": "emergence", "smoke": SMOKE, "stage": "checked",
-    "runs": [{"trial_id": r.trial_id, "shape": r.shape, "N": r.N, "C": r.C,
+    "runs": [{"trial_id": r.trial_id, "shape": r.shape, "seed": r.seed, "N": r.N, "C": r.C,
               **{f"{s}/{m}": getattr(tables[s].iloc[i], m) for s in SUITES for m in ("exact_match", "edit", "answer_nll", "p_answer")}}
              for i, r in enumerate(df.itertuples())],
+    "size_means": {s: means[s].to_dict(orient="records") for s in SUITES},
     "arithmetic_by_length": by_len.to_dict(orient="records"),
     "prediction": prediction, "target": {"trial_id": tgt.trial_id, "shape": tgt.shape, "N": float(tgt.N), "C": float(tgt.C)},
     "checked": checked, "figures": figures,

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, VALIDATION
 
 ANALYSIS = REPO / "analysis"
-NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod", "peer", "upcycling", "precision"]
+NOTEBOOKS = ["reproduce_chinchilla", "isoflop_cpu", "isoflop_cpu_tuned", "critical_batch", "moe_mod", "peer", "upcycling", "precision", "emergence"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -262,3 +262,25 @@ def test_precision_study(tmp_path):
     assert all(c["gap_vs_fp32"] == 0.0 for (v, _), c in cells.items() if v == "fp32")
     assert all(abs(c["gap_vs_fp32"]) < 0.5 for c in cells.values())
     assert {(c["E"], c["M"], c["B"]) for c in r["cells"]} == {(8, 23, 1), (2, 1, 16), (4, 3, 4)}
+
+
+@pytest.mark.slow
+def test_emergence_registers_the_forecast_then_trains(tmp_path):
+    """The smoke emergence study in its two stages: stopped after the forecast, nothing of the
+    target exists yet; run again, the 4 sizes are reused, the target trains and the registered
+    forecast is the one checked (unchanged, made before the target's run started)."""
+    first = run_notebook("emergence", tmp_path, SCALING_EMERGENCE_STOP="forecast")
+    target_runs = tmp_path / "runs" / "emergence_target"
+    assert first["stage"] == "forecast registered, target not trained" and not target_runs.exists()
+    registered = json.loads((tmp_path / "prediction.json").read_text())
+    assert registered["made_before_training"] and len(registered["fitted_on"]) == 4
+    r = run_notebook("emergence", tmp_path)
+    assert r["stage"] == "checked" and r["prediction"] == registered
+    assert (target_runs / registered["target_trial"] / "config.json").stat().st_mtime > registered["made_at_unix"]
+    assert r["target"]["C"] == pytest.approx(registered["C"], rel=1e-9) and r["target"]["C"] > 3 * max(
+        f["C"] for f in registered["fitted_on"])
+    for s in ("arithmetic", "copy"):  # the checked numbers are the target's own, read from its tasks.json
+        tasks = json.loads((target_runs / registered["target_trial"] / "tasks.json").read_text())["suites"][s]
+        assert r["checked"][s]["exact_match"] == pytest.approx(tasks["summary"]["exact_match"], abs=1e-12)
+        assert r["checked"][s]["task_loss"] == pytest.approx(tasks["summary"]["answer_nll"], rel=1e-12)
+    assert len(r["runs"]) == 4 and all(0 <= x["arithmetic/exact_match"] <= 1 for x in r["runs"])

@@ -262,6 +262,10 @@ def preflight(cfg: TrainConfig) -> dict:
                 raise ConfigError(f"init_from: the checkpoint's model has model.ffn={src_ffn}, this one "
                                   f"{blocks.ffn(cfg.model)}; a branch continues the same model (to turn a dense "
                                   "checkpoint into an MoE set init.upcycle=moe)")
+    if cfg.eval_tasks:
+        from scaling.train.tasks_eval import suites_for_run
+
+        suites_for_run(cfg)
     counts = flops.param_counts(cfg.model)
     train_fpt = float(flops.train_flops_per_token(cfg.model, d.seq_len))
     total_steps = None

@@ -131,7 +131,9 @@ class Session:
                                                    process_count=self.shard_count)
         self.eval = loader.eval_set(cfg.data)
         resolved["eval_set"] = self.eval.describe()
-        self._task_suites = self._load_task_suites()
+        from scaling.train.tasks_eval import suites_for_run
+
+        self._task_suites = suites_for_run(cfg)  # checked in preflight already: cheap
         from scaling.models import mup
         # every chunk is padded (zero-weight rows) to rows the mesh and the hosts can split; the
         # set is fixed, so it is placed on the devices once, at the first evaluation
@@ -156,30 +158,6 @@ class Session:
         self.summary: dict[str, Any] = {}
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _load_task_suites(self) -> list:
-        """``cfg.eval_tasks`` read before training (a missing or malformed task file is a
-        ConfigError now, not after the run)."""
-        if not self.cfg.eval_tasks:
-            return []
-        from scaling.errors import UsageError
-        from scaling.train.tasks_eval import load_suites
-
-        if jax.process_count() > 1:
-            raise ConfigError("eval_tasks: scoring at the end of training runs in one process; leave it unset and "
-                              "score the finished run with scaling eval RUN --tasks ...")
-        try:
-            loaded = load_suites(self.cfg.eval_tasks, examples=self.cfg.eval_task_examples)
-        except UsageError as e:
-            raise ConfigError(f"eval_tasks: {str(e).removeprefix('--tasks: ').removeprefix('--tasks ')}") from None
-        from scaling.data.corpus import tokenizer_for
-
-        tok = tokenizer_for(self.cfg.data)
-        longest = max(len(tok.encode(e.prompt)) + len(tok.encode(e.answer)) for _, ex in loaded for e in ex)
-        if longest > self.cfg.data.seq_len:
-            raise ConfigError(f"eval_tasks: an example is {longest} tokens, longer than data.seq_len="
-                              f"{self.cfg.data.seq_len}; shorten it or raise data.seq_len")
-        return loaded
-
     def _data_at(self, batch: int):
         """``cfg.data`` with ``batch`` sequences per step (one segment of a batch schedule)."""
         d = self.cfg.data

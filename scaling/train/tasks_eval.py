@@ -107,3 +107,27 @@ def summary_keys(suites: dict) -> dict:
     """``final_tasks/NAME/METRIC`` for a run's summary: each suite's mean ``exact_match``,
     ``edit_distance``, ``answer_nll`` (nats/token) and ``answer_logprob`` (nats)."""
     return {f"final_tasks/{name}/{k}": v for name, s in suites.items() for k, v in s["summary"].items() if k != "n"}
+
+
+def suites_for_run(cfg) -> list[tuple[str, list[tasks.Example]]]:
+    """A training run's ``eval_tasks`` read and checked before it trains: ConfigError naming
+    ``eval_tasks`` for a missing or malformed task file, an example longer than
+    ``data.seq_len``, or a multi-process run (scoring runs in one process)."""
+    from scaling.config import ConfigError
+    from scaling.data.corpus import tokenizer_for
+
+    if not cfg.eval_tasks:
+        return []
+    if jax.process_count() > 1:
+        raise ConfigError("eval_tasks: scoring at the end of training runs in one process; leave it unset and "
+                          "score the finished run with scaling eval RUN --tasks ...")
+    try:
+        loaded = load_suites(cfg.eval_tasks, examples=cfg.eval_task_examples)
+    except UsageError as e:
+        raise ConfigError(f"eval_tasks: {str(e).removeprefix('--tasks: ').removeprefix('--tasks ')}") from None
+    tok = tokenizer_for(cfg.data)
+    longest = max(len(tok.encode(e.prompt)) + len(tok.encode(e.answer)) for _, ex in loaded for e in ex)
+    if longest > cfg.data.seq_len:
+        raise ConfigError(f"eval_tasks: an example is {longest} tokens, longer than data.seq_len={cfg.data.seq_len}; "
+                          "shorten it or raise data.seq_len")
+    return loaded

@@ -191,7 +191,7 @@ def fit_suite(runs: pd.DataFrame, per: dict, suite: str, rng=None):
 
 
 largest = df.loc[df["N"].idxmax()]
-target_params = TARGET_FACTOR * max(raw["sizes"]["params"])
+target_params = TARGET_FACTOR * max(float(p) for p in raw["sizes"]["params"])  # YAML reads 1e4 as text
 target_raw = copy.deepcopy(raw)
 target_raw.update(name="emergence_target", sizes={"params": [target_params]}, seeds=[0])
 target_spec = spec_mod.parse(target_raw)

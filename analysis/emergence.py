@@ -214,11 +214,12 @@ for s in FORECAST:
         b = fit_suite(df, per_run, s, rng)
         if b is not None:
             boots.append(b.predict(C_target).iloc[0][["task_loss", "accuracy"]].to_numpy(float))
-    boots = np.asarray(boots)
+    boots = np.asarray(boots).reshape(-1, 2)
+    boots = boots[np.isfinite(boots).all(axis=1)]  # a resample the law cannot fit (overflow) is left out, and counted
     lo, hi = (np.percentile(boots, [5, 95], axis=0) if len(boots) >= 10 else (np.full(2, np.nan), np.full(2, np.nan)))
     forecast[s] = {"task_loss": float(point["task_loss"]), "task_loss_90": [float(lo[0]), float(hi[0])],
                    "exact_match": float(point["accuracy"]), "exact_match_90": [float(lo[1]), float(hi[1])],
-                   "n_boot": int(len(boots)), "fit": res.to_dict()}
+                   "n_boot": int(len(boots)), "n_boot_drawn": N_BOOT, "fit": res.to_dict()}
     print(f"{s}: forecast at C = {C_target:.3g}: answer NLL {point['task_loss']:.4f} [{lo[0]:.4f}, {hi[0]:.4f}], "
           f"exact match {point['accuracy']:.3f} [{lo[1]:.3f}, {hi[1]:.3f}]  (fit: {res.to_dict()})")
 

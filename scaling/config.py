@@ -438,6 +438,10 @@ class DataConfig:
                 _fail("data.task_examples", f"must be an integer >= 64 (examples per suite), got {self.task_examples!r}")
         elif self.tasks:
             _fail("data.tasks", "names suites for data.source=tasks only (in a mixture: tasks:SUITE=WEIGHT)")
+        if self.task_examples != 200_000 and self.source != "tasks" and not any(
+                str(m).startswith("tasks:") for m in self.mixture):
+            _fail("data.task_examples", "applies to task suites in training only (data.source=tasks or tasks:SUITE "
+                                        "mixture components); leave it unset")
         if self.source == "mixture":
             from scaling.data.mixture import parse
 

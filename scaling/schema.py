@@ -82,8 +82,9 @@ def without_late_defaults(config: dict) -> dict:
         if section is None and name in d:
             d[name] = old
     for (section, name), old in LATE_FIELDS.items():
-        if section is None:  # a top-level section added late
-            if d.get(name, old) == old:
+        if section is None:  # a top-level field or section added late
+            value = d.get(name, old)
+            if (tuple(value) if isinstance(value, list) else value) == old:  # a tuple read back from JSON
                 d.pop(name, None)
             continue
         sec = d.get(section)

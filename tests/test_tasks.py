@@ -210,3 +210,39 @@ def test_end_of_training_scores_equal_scaling_eval(tmp_path, capsys):
             if k != "n":
                 assert summary[f"final_tasks/{name}/{k}"] == pytest.approx(v, abs=1e-5)
     capsys.readouterr()
+
+
+def test_batched_scoring_equals_one_example_at_a_time():
+    """The fixed-shape batched scorer (right padding, more examples than one batch, prompts and
+    answers of many lengths) gives each example what the model gives it alone: the greedy
+    continuation of ``generate`` and the teacher-forced log-likelihood of an unpadded forward."""
+    from scaling.config import ModelConfig
+    from scaling.models.sample import generate
+    from scaling.models.transformer import Transformer
+
+    tok = get_tokenizer("bytes")
+    model = Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2), rngs=nnx.Rngs(3))
+    examples = tasks.builtin("arithmetic", n=40, seed=5) + tasks.builtin("copy", n=30, seed=5)
+    rows = score_examples(model, tok, examples, context=64)
+    assert len({(len(e.prompt), len(e.answer)) for e in examples}) > 10 and len(rows) == 70
+    for e, r in zip(examples[::7], rows[::7]):
+        p, a = list(tok.encode(e.prompt)), list(tok.encode(e.answer))
+        g = np.asarray(generate(model, jnp.asarray([p]), len(a), key=jax.random.key(0), temperature=0.0, context=64))
+        assert r["greedy"] == tok.decode(g[0, len(p):].tolist())
+        logits, _ = model(jnp.asarray([(p + a)[:-1]]), train=False)
+        lp = jax.nn.log_softmax(logits[0].astype(jnp.float32), -1)[np.arange(len(p) - 1, len(p) + len(a) - 1), a]
+        assert r["answer_logprob"] == pytest.approx(float(lp.sum()), abs=1e-4)
+        assert r["exact_match"] == float(r["greedy"] == e.answer)
+
+
+def test_task_fields_leave_old_trial_ids_and_seed_groups_alone():
+    """A default config read back from JSON (tuples become lists) hashes as before the task
+    fields existed; setting them changes the id."""
+    from scaling import schema
+    from scaling.config import TrainConfig, config_hash
+
+    d = schema.without_late_defaults(json.loads(TrainConfig().to_json()))
+    assert "eval_tasks" not in d and "eval_task_examples" not in d
+    assert "tasks" not in d["data"] and "task_examples" not in d["data"]
+    base = TrainConfig()
+    assert config_hash(base.with_overrides(["eval_tasks=copy"])) != config_hash(base)

@@ -45,7 +45,8 @@ def register(sub) -> None:
 
 def score_tasks(run_dir: str | Path, suites: list[str], *, examples: int = 200, seed: int = 0) -> dict:
     """Score ``run_dir``'s newest checkpoint on task suites (``scaling.tasks``); returns
-    ``{"step", "suites": {name: {"summary": means, "examples": [per-example rows]}}}``."""
+    ``{"step", "split", "seed", "suites": {name: {"summary": means, "examples": [per-example rows]}}}``
+    (built-in suites' examples come from their held-out ``split``, ``scaling.tasks``)."""
     from scaling import schema, storage
     from scaling.data.corpus import corpus_info, tokenizer_for
     from scaling.errors import UsageError
@@ -55,11 +56,14 @@ def score_tasks(run_dir: str | Path, suites: list[str], *, examples: int = 200, 
 
     loaded = load_suites(suites, examples=examples, seed=seed)
     cfg, model, step = load_model(run_dir)
+    if not cfg.model.causal_eval:
+        raise UsageError(f"{run_dir}: task scoring continues prompts token by token, which needs a causal model; "
+                         "expert-choice MoE and MoD with causal_aux=none are not")
     tok = tokenizer_for(cfg.data)
     if tok is None:
         raise UsageError(f"{run_dir}: trained on synthetic tokens, which have no text for task prompts")
     check_tokenizer(storage.path(run_dir), corpus_info(cfg.data).get("tokenizer_sha256"))
-    return {"schema_version": schema.SCHEMA_VERSION, "step": step, "time": time.time(),
+    return {"schema_version": schema.SCHEMA_VERSION, "step": step, "time": time.time(), "split": "eval", "seed": seed,
             "suites": score_suites(model, tok, loaded, context=cfg.data.seq_len)}
 
 

@@ -515,7 +515,8 @@ class Session:
         suites = score_suites(model, tokenizer_for(self.cfg.data), self._task_suites, context=self.cfg.data.seq_len)
         if self.writes:
             write_json_atomic(self.out / "tasks.json", {"schema_version": schema.SCHEMA_VERSION, "step": step,
-                                                        "time": time.time(), "suites": suites})
+                                                        "time": time.time(), "split": "eval", "seed": 0,
+                                                        "suites": suites})
         self.summary.update(summary_keys(suites))
 
     def _evaluate(self, state) -> dict[str, float]:

@@ -22,14 +22,21 @@ from scaling.errors import UsageError
 ROWS = 64  # examples per forward (the last batch is padded with empty rows)
 
 
-def _log_probs(model, mod_routing: str):
-    """``(state, fn)``: ``fn(state, x_BxL) -> float32 log-softmax [B, L, V]``, compiled once per shape."""
+def _scorer(model, mod_routing: str):
+    """``(state, fn)``: ``fn(state, x_BxL) -> (lp_BxL, next_BxL)``, compiled once per shape:
+    ``lp[b, t]`` the log-probability (nats) of token ``x[b, t + 1]`` after ``x[b, :t + 1]`` (the
+    last column 0), ``next[b, t]`` the most likely token after ``x[b, :t + 1]``. Only these
+    ``[B, L]`` arrays leave the device, whatever the vocabulary. The parameters are placed once."""
     graphdef, state = nnx.split(model)
+    state = jax.device_put(state)
 
     @jax.jit
     def fn(state, x_BxL):
         logits_BxLxV, _ = nnx.merge(graphdef, state)(x_BxL, train=False, mod_routing=mod_routing)
-        return jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+        nxt_BxL = jnp.concatenate([x_BxL[:, 1:], jnp.zeros_like(x_BxL[:, :1])], axis=1)
+        lp_BxL = jnp.take_along_axis(logp_BxLxV, nxt_BxL[..., None], axis=-1)[..., 0]
+        return lp_BxL.at[:, -1].set(0.0), jnp.argmax(logp_BxLxV, axis=-1).astype(jnp.int32)
 
     return state, fn
 
@@ -38,7 +45,8 @@ def score_examples(model, tok, examples: list[tasks.Example], *, context: int,
                    mod_routing: str = "causal") -> list[dict]:
     """Per example (in order): ``answer_logprob`` (nats, summed over the answer's tokens),
     ``answer_nll`` (nats/token), ``exact_match`` (0/1), ``edit_distance`` (token Levenshtein of the
-    greedy continuation against the answer, over the answer's length), ``greedy`` (its text)."""
+    greedy continuation against the answer, over the answer's length), ``greedy`` (its text).
+    The model must be causal (right padding must not change what a position sees)."""
     enc = []
     for i, e in enumerate(examples):
         p, a = list(tok.encode(e.prompt)), list(tok.encode(e.answer))
@@ -50,7 +58,7 @@ def score_examples(model, tok, examples: list[tasks.Example], *, context: int,
         enc.append((p, a))
     if not enc:
         return []
-    state, log_probs = _log_probs(model, mod_routing)
+    state, scorer = _scorer(model, mod_routing)
     L = max(len(p) + len(a) for p, a in enc)
     out: list[dict] = []
     for lo in range(0, len(enc), ROWS):
@@ -61,18 +69,19 @@ def score_examples(model, tok, examples: list[tasks.Example], *, context: int,
         full_BxL = np.zeros((ROWS, L), np.int32)
         for r, (p, a) in enumerate(part):
             full_BxL[r, :len(p) + len(a)] = p + a
-        lp_BxLxV = np.asarray(log_probs(state, jnp.asarray(full_BxL)))
+        lp_BxL, nxt_BxL = (np.asarray(v) for v in scorer(state, jnp.asarray(full_BxL)))
         # greedy: step k writes each row's answer token k at position P + k (rows whose answer is
         # shorter stop writing); position P + k - 1 predicts it
         buf_BxL = full_BxL.copy()
         for r in rows:
             buf_BxL[r, P[r]:] = 0
         for k in range(int(A.max())):
-            nxt = lp_BxLxV if k == 0 else np.asarray(log_probs(state, jnp.asarray(buf_BxL)))
+            if k:
+                nxt_BxL = np.asarray(scorer(state, jnp.asarray(buf_BxL))[1])
             live = rows[k < A]
-            buf_BxL[live, P[live] + k] = nxt[live, P[live] + k - 1].argmax(-1)
+            buf_BxL[live, P[live] + k] = nxt_BxL[live, P[live] + k - 1]
         for r, (p, a) in enumerate(part):
-            lp_A = lp_BxLxV[r, np.arange(len(p) - 1, len(p) + len(a) - 1), a].astype(np.float64)
+            lp_A = lp_BxL[r, len(p) - 1:len(p) + len(a) - 1].astype(np.float64)
             g = buf_BxL[r, len(p):len(p) + len(a)].tolist()
             out.append({"answer_logprob": float(lp_A.sum()), "answer_nll": float(-lp_A.mean()),
                         "exact_match": float(g == a), "edit_distance": tasks.edit_distance(g, a) / len(a),
@@ -88,6 +97,11 @@ def load_suites(suites, *, examples: int = 200, seed: int = 0) -> list[tuple[str
     loaded = [tasks.load_suite(s.strip(), n=examples, seed=seed) for s in suites if s.strip()]
     if not loaded:
         raise UsageError("--tasks: name at least one suite (arithmetic, copy, brackets) or a JSONL task file")
+    names = [name for name, _ in loaded]
+    for name in names:  # a suite's scores are keyed by its name (a file: its stem)
+        if names.count(name) > 1:
+            raise UsageError(f"--tasks: two suites are named {name!r} (a task file is named by its stem); "
+                             "rename one file")
     return loaded
 
 
@@ -125,9 +139,14 @@ def suites_for_run(cfg) -> list[tuple[str, list[tasks.Example]]]:
         loaded = load_suites(cfg.eval_tasks, examples=cfg.eval_task_examples)
     except UsageError as e:
         raise ConfigError(f"eval_tasks: {str(e).removeprefix('--tasks: ').removeprefix('--tasks ')}") from None
+    if not cfg.model.causal_eval:
+        raise ConfigError("eval_tasks: task scoring continues prompts token by token, which needs a causal model; "
+                          "expert-choice MoE and MoD with causal_aux=none are not; leave eval_tasks unset")
     tok = tokenizer_for(cfg.data)
-    longest = max(len(tok.encode(e.prompt)) + len(tok.encode(e.answer)) for _, ex in loaded for e in ex)
-    if longest > cfg.data.seq_len:
-        raise ConfigError(f"eval_tasks: an example is {longest} tokens, longer than data.seq_len={cfg.data.seq_len}; "
-                          "shorten it or raise data.seq_len")
+    for name, ex in loaded:
+        for i, e in enumerate(ex):
+            n = len(tok.encode(e.prompt)) + len(tok.encode(e.answer))
+            if n > cfg.data.seq_len:
+                raise ConfigError(f"eval_tasks: {name} example {i} is {n} tokens, longer than data.seq_len="
+                                  f"{cfg.data.seq_len}; shorten it or raise data.seq_len")
     return loaded

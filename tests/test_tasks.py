@@ -201,8 +201,12 @@ def test_end_of_training_scores_equal_scaling_eval(tmp_path, capsys):
     at_end = json.loads((run / "tasks.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert at_end["step"] == 6 and [len(s["examples"]) for s in at_end["suites"].values()] == [7, 2]
-    assert main(["eval", str(run), "--tasks", f"arithmetic,{qa}", "--examples", "7"]) == 0
-    again = json.loads((run / "tasks.json").read_text())
+    assert main(["eval", str(run), "--tasks", f"arithmetic,{qa}", "--examples", "7"]) == 2  # never overwritten
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"scaling eval: error: --out: {run / 'tasks.json'} exists "
+                                                                "(scores are never overwritten); name another file with --out")
+    assert json.loads((run / "tasks.json").read_text()) == at_end
+    assert main(["eval", str(run), "--tasks", f"arithmetic,{qa}", "--examples", "7", "--out", str(tmp_path / "t.json")]) == 0
+    again = json.loads((tmp_path / "t.json").read_text())
     for name in ("arithmetic", "qa"):
         for a, b in zip(at_end["suites"][name]["examples"], again["suites"][name]["examples"]):
             assert a["greedy"] == b["greedy"] and a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-4)

@@ -37,7 +37,10 @@ def register(sub) -> None:
                    help="another data.* setting for the held-out text, e.g. --data source=local_text")
     p.add_argument("--tasks", default=None, metavar="SUITES",
                    help="score task suites instead: comma-separated built-in names (arithmetic, copy, brackets) "
-                        "or JSONL task files; writes RUN_DIR/tasks.json")
+                        "or JSONL task files; writes RUN_DIR/tasks.json (or --out)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="with --tasks: where to write the scores (default RUN_DIR/tasks.json); an existing file, "
+                        "such as the scores written at the end of training, is never overwritten")
     p.add_argument("--examples", type=int, default=200, help="examples per built-in suite (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in suites' examples (default 0)")
     p.set_defaults(func=main)
@@ -126,13 +129,18 @@ def main(args) -> int:
         from scaling import storage
         from scaling.files import write_json_atomic
 
+        from scaling.errors import UsageError
+
+        dest = Path(args.out) if args.out else storage.path(args.run) / TASKS
+        if dest.exists():
+            raise UsageError(f"--out: {dest} exists (scores are never overwritten); name another file with --out")
         out = score_tasks(args.run, args.tasks.split(","), examples=args.examples, seed=args.seed)
-        write_json_atomic(storage.path(args.run) / TASKS, out)
+        write_json_atomic(dest, out)
         for name, s in out["suites"].items():
             m = s["summary"]
             print(f"{args.run}: step {out['step']}: {name}: {m['n']} examples, exact match {m['exact_match']:.3f}, "
                   f"edit distance {m['edit_distance']:.3f}, answer nll {m['answer_nll']:.4f} nats/token", file=sys.stderr)
-        print(f"wrote {Path(args.run) / TASKS}", file=sys.stderr)
+        print(f"wrote {dest}", file=sys.stderr)
         return 0
     out = rescore(args.run, tokens=args.tokens, data=args.data)
     print(f"{args.run}: step {out['step']}: eval loss {out['final_eval_loss']:.4f} +- {out['final_eval_loss_se']:.4f} "

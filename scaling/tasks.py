@@ -9,6 +9,9 @@ line. Built-in suites (deterministic for a seed, ``n`` examples each):
 * ``copy``: ``"copy qzkf: "`` -> ``"qzkf"`` (3-8 lowercase letters);
 * ``brackets``: ``"(()[]) ok? "`` -> ``"yes"`` or ``"no"`` (balanced or not, half each).
 
+A scored prompt starts with a line break (``LINE_START``, e.g. ``"\n57+468="``): in the training
+text every example begins a line, and a prompt scored at position 0 without it is ambiguous.
+
 Every built-in example belongs to one split, fixed by the SHA-256 of its prompt: ``eval`` (about
 one prompt in ten, ``EVAL_SHARE``) or ``train``. Evaluation draws from ``eval`` and the training
 source (``data.source=tasks``, or a ``tasks:SUITE`` mixture component) from ``train``, so a model
@@ -36,6 +39,7 @@ from scaling.errors import UsageError
 
 BUILTIN = ("arithmetic", "copy", "brackets")
 SPLITS = ("eval", "train")
+LINE_START = "\n"  # every built-in prompt begins a line, as each example does in the training text
 EVAL_SHARE = 26  # of 256: prompts whose SHA-256 starts with a byte below this are held out (~10%)
 
 
@@ -94,9 +98,8 @@ def split_of(prompt: str) -> str:
     return "eval" if hashlib.sha256(prompt.encode("utf-8")).digest()[0] < EVAL_SHARE else "train"
 
 
-def builtin(name: str, n: int = 200, seed: int = 0, split: str = "eval") -> list[Example]:
-    """``n`` examples of the built-in suite ``name`` from ``split`` (deterministic for ``seed``;
-    the two splits draw from separate streams and never share a prompt)."""
+def _draw(name: str, n: int, seed: int, split: str) -> list[Example]:
+    """``n`` raw examples (prompts without the leading line break) of ``split``."""
     if name not in BUILTIN:
         raise UsageError(f"--tasks: unknown suite {name!r}; use one of {', '.join(BUILTIN)} or a JSONL task file")
     if split not in SPLITS:
@@ -115,12 +118,30 @@ def builtin(name: str, n: int = 200, seed: int = 0, split: str = "eval") -> list
     return out
 
 
+def builtin(name: str, n: int = 200, seed: int = 0, split: str = "eval") -> list[Example]:
+    """``n`` examples of the built-in suite ``name`` from ``split`` (deterministic for ``seed``;
+    the two splits draw from separate streams and never share a prompt). Each prompt starts with
+    ``LINE_START``, the line break that precedes every example in the training text: without it a
+    model scored at position 0 cannot tell ``5+3=`` from the end of ``125+3=`` (measured on the
+    emergence study's largest model: arithmetic exact match 0.042 without, 0.202 with)."""
+    return [Example(LINE_START + e.prompt, e.answer) for e in _draw(name, n, seed, split)]
+
+
 def training_text(name: str, n: int, seed: int = 0, per_document: int = 64) -> list[bytes]:
     """The training split of built-in suite ``name`` as documents: ``n`` examples, each written
     ``prompt + answer`` on its own line, ``per_document`` lines per document (bytes, UTF-8)."""
-    ex = builtin(name, n=n, seed=seed, split="train")
-    return ["".join(f"{e.prompt}{e.answer}\n" for e in ex[i:i + per_document]).encode("utf-8")
-            for i in range(0, len(ex), per_document)]
+    return lines_text(_draw(name, n, seed, "train"), per_document)
+
+
+def lines_text(examples: list[Example], per_document: int) -> list[bytes]:
+    """Raw examples as documents of ``per_document`` lines ``prompt + answer`` (bytes, UTF-8)."""
+    return ["".join(f"{e.prompt}{e.answer}\n" for e in examples[i:i + per_document]).encode("utf-8")
+            for i in range(0, len(examples), per_document)]
+
+
+def held_out_text(name: str, n: int) -> bytes:
+    """The held-out text of built-in suite ``name`` (the eval split, seed 0) as one document."""
+    return lines_text(_draw(name, n, 0, "eval"), n)[0]
 
 
 def read_task_file(path: str | Path) -> list[Example]:

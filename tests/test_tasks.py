@@ -30,7 +30,7 @@ def test_builtin_suites_are_deterministic_and_correct():
         assert int(e.answer) == int(x) + int(y)
     assert max(len(e.answer) for e in a) == 4  # up to 999 + 999
     for e in tasks.builtin("copy", n=100):
-        assert e.prompt == f"copy {e.answer}: " and 3 <= len(e.answer) <= 8
+        assert e.prompt == f"\ncopy {e.answer}: " and 3 <= len(e.answer) <= 8
     b = tasks.builtin("brackets", n=100)
     assert sum(e.answer == "yes" for e in b) == 50
     for e in b:
@@ -148,7 +148,10 @@ def test_training_source_never_holds_an_evaluated_prompt():
     assert len(train) > 1000
     for seed in (0, 1, 2):
         ev = tasks.builtin("arithmetic", n=500, seed=seed) + tasks.builtin("brackets", n=100, seed=seed)
-        assert not train & {e.prompt for e in ev}
+        assert all(e.prompt.startswith(tasks.LINE_START) for e in ev)  # scored at the start of a line
+        assert not train & {e.prompt.removeprefix(tasks.LINE_START) for e in ev}
+        assert len(train & {e.prompt.removeprefix(tasks.LINE_START) for e in tasks.builtin("arithmetic", 500, seed,
+                                                                                             split="train")}) > 300
     lines = [line for d in docs.validation() for line in d.decode().splitlines()]
     assert len(lines) == 2 * 500 and all(tasks.split_of(x.split("=")[0] + "=") == "eval" for x in lines if "+" in x)
     a, b = lines[0].split("=")[0].split("+")

@@ -148,8 +148,7 @@ def _tasks(suites: tuple[str, ...], n: int) -> Documents:
 
     # held out: a tenth as many examples as trained on (at least 500), from the eval split
     train = [d for s in suites for d in tasks.training_text(s, n)]
-    held = [("".join(f"{e.prompt}{e.answer}\n" for e in tasks.builtin(s, n=max(500, n // 10), split="eval")))
-            .encode("utf-8") for s in suites]
+    held = [tasks.held_out_text(s, max(500, n // 10)) for s in suites]
     return Documents("tasks:" + "+".join(suites), lambda: train, lambda: held,
                      extra={"tasks": list(suites), "task_examples": n})
 

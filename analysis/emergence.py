@@ -30,6 +30,9 @@
 # largest registered (`prediction.json`), then that model trained (seed 0) and compared.
 #
 # Parameters (environment): `SCALING_SMOKE=1` (4 tiny sizes and a tiny target, seconds each),
+# `SCALING_EMERGENCE_SCORES` (the per-run scores file, default `tasks.json` as written at the end
+# of training; another, e.g. from `scaling eval RUN --tasks ... --out RUN/FILE`, is analysed post
+# hoc: its forecast is flagged as made after the target was trained),
 # `SCALING_EMERGENCE_STOP=forecast` (stop once the forecast is registered, so it can be committed
 # before its run), `SCALING_ANALYSIS_OUT` (default `analysis/out/emergence/`), `SCALING_RUNS_DIR`
 # (default `runs/`), `SCALING_JOBS`.
@@ -55,11 +58,12 @@ RUNS = _nb.runs_dir("emergence", "emergence")
 TARGET_RUNS = RUNS.parent / "emergence_target"
 JOBS = int(os.environ.get("SCALING_JOBS", "2" if SMOKE else "1"))
 STOP = os.environ.get("SCALING_EMERGENCE_STOP", "")
+SCORES = os.environ.get("SCALING_EMERGENCE_SCORES", "tasks.json")
 N_BOOT = 30 if SMOKE else 400
 SUITES = ["arithmetic", "copy", "brackets"]
 FORECAST = ["arithmetic", "copy"]  # brackets: a yes/no answer (chance 0.5), see below
 TARGET_FACTOR = 4  # the forecast model: this many times the largest fitted size
-print(f"SMOKE={SMOKE}  runs={RUNS}  out={OUT}")
+print(f"SMOKE={SMOKE}  runs={RUNS}  out={OUT}  scores={SCORES}")
 
 # %%
 raw = yaml.safe_load(spec_mod.resolve_path("emergence").read_text())
@@ -78,7 +82,7 @@ df = _nb.finished(store.load(RUNS)).sort_values("C").reset_index(drop=True)
 
 def examples_of(run_dir) -> dict[str, pd.DataFrame]:
     """Per suite, the per-example scores the run wrote at the end of training (tasks.json)."""
-    d = json.loads((run_dir / "tasks.json").read_text())
+    d = json.loads((run_dir / SCORES).read_text())
     return {name: pd.DataFrame(s["examples"]) for name, s in d["suites"].items()}
 
 
@@ -279,7 +283,7 @@ for j, s in enumerate(FORECAST):
     f = prediction["forecast"].get(s)
     a = checked[s]
     ax = axes[0, j]
-    ax.scatter(t["C"], t["answer_nll"], label="fitted sizes")
+    ax.scatter(t["C"], t["answer_nll"], label="fitted runs (each seed)")
     ax.scatter([tgt.C], [a["task_loss"]], marker="*", s=140, color="C3", label="forecast model (trained after)")
     if f is not None:
         Cg = np.geomspace(t["C"].min() / 1.5, C_target * 1.5, 50)
@@ -294,7 +298,7 @@ for j, s in enumerate(FORECAST):
     ax.set_title(f"{s}: step 1")
     ax.legend(fontsize=7)
     ax = axes[1, j]
-    ax.scatter(t["answer_nll"], t["exact_match"], label="fitted sizes")
+    ax.scatter(t["answer_nll"], t["exact_match"], label="fitted runs (each seed)")
     ax.scatter([a["task_loss"]], [a["exact_match"]], marker="*", s=140, color="C3", label="forecast model")
     if f is not None:
         acc = f["fit"]["accuracy_law"]
@@ -319,6 +323,6 @@ _nb.write_results(OUT, {
              for i, r in enumerate(df.itertuples())],
     "size_means": {s: means[s].to_dict(orient="records") for s in SUITES},
     "arithmetic_by_length": by_len.to_dict(orient="records"),
-    "prediction": prediction, "target": {"trial_id": tgt.trial_id, "shape": tgt.shape, "N": float(tgt.N), "C": float(tgt.C)},
+    "prediction": prediction, "target": {"trial_id": tgt["trial_id"], "shape": tgt["shape"], "N": float(tgt["N"]), "C": float(tgt["C"])},
     "checked": checked, "figures": figures,
 })

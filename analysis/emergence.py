@@ -88,6 +88,7 @@ def examples_of(run_dir) -> dict[str, pd.DataFrame]:
 
 per_run = {r.trial_id: examples_of(RUNS / r.trial_id) for r in df.itertuples()}
 cols = ["shape", "seed", "N", "C"] + [f"final_tasks/{s}/{m}" for s in SUITES for m in ("exact_match", "edit_distance", "answer_nll")]
+print("as scored at the end of training (summary.json):")
 print(df[cols].rename(columns=lambda c: c.replace("final_tasks/", "")).to_string(float_format=lambda v: f"{v:.4g}"))
 
 # %% [markdown]

@@ -130,15 +130,15 @@ def test_scaling_curves_names_runs_apart_scores_the_last_evaluation_and_refuses_
         if r["step"] > 950:
             del r["eval_loss"]
     (tmp_path / "wsd" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["curves", a, b, "--predict", wsd, "--skip", "50", "--json"]) == 0
+    # one fit: a fitted run predicted too (an in-sample check)
+    assert main(["curves", a, b, "--predict", wsd, "--predict", b, "--skip", "50", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert sorted(out["rmse_log"]) == sorted([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")])
-    (p,) = out["predictions"]
+    p, pb = out["predictions"]
+    assert pb["name"] == str(tmp_path / "b" / "run")
     assert p["observed_step"] == 950 and p["steps"] == 1000
     assert p["observed"] == pytest.approx(truth(schedule("wsd", 1000), [950])[0])
     assert abs(p["rel_error"]) < 0.01  # scored against the law's value at step 950, not at 1000
-    assert main(["curves", a, b, "--predict", b, "--json"]) == 0  # a fitted run predicted: an in-sample check
-    assert json.loads(capsys.readouterr().out)["predictions"][0]["name"] == str(tmp_path / "b" / "run")
 
     wide = {**shape, "model": {"d_model": 64, "n_layers": 2}}
     c = _run_dir(tmp_path / "wide", schedule("wsd", 1000), steps, truth(schedule("wsd", 1000), steps), wide)

@@ -50,24 +50,22 @@ def score_tasks(run_dir: str | Path, suites: list[str], *, examples: int = 200, 
     """Score ``run_dir``'s newest checkpoint on task suites (``scaling.tasks``); returns
     ``{"step", "split", "seed", "suites": {name: {"summary": means, "examples": [per-example rows]}}}``
     (built-in suites' examples come from their held-out ``split``, ``scaling.tasks``)."""
-    from scaling import schema, storage
+    from scaling import storage
     from scaling.data.corpus import corpus_info, tokenizer_for
     from scaling.errors import UsageError
     from scaling.train.loop import check_tokenizer
     from scaling.train.sample_cli import load_model
-    from scaling.train.tasks_eval import load_suites, score_suites
+    from scaling.train.tasks_eval import NOT_CAUSAL, load_suites, score_suites, tasks_record
 
     loaded = load_suites(suites, examples=examples, seed=seed)
     cfg, model, step = load_model(run_dir)
     if not cfg.model.causal_eval:
-        raise UsageError(f"{run_dir}: task scoring continues prompts token by token, which needs a causal model; "
-                         "expert-choice MoE and MoD with causal_aux=none are not")
+        raise UsageError(f"{run_dir}: {NOT_CAUSAL}")
     tok = tokenizer_for(cfg.data)
     if tok is None:
         raise UsageError(f"{run_dir}: trained on synthetic tokens, which have no text for task prompts")
     check_tokenizer(storage.path(run_dir), corpus_info(cfg.data).get("tokenizer_sha256"))
-    return {"schema_version": schema.SCHEMA_VERSION, "step": step, "time": time.time(), "split": "eval", "seed": seed,
-            "suites": score_suites(model, tok, loaded, context=cfg.data.seq_len)}
+    return tasks_record(step, score_suites(model, tok, loaded, context=cfg.data.seq_len), seed)
 
 
 def rescore(run_dir: str | Path, *, tokens: int | None = None, data: list[str] = ()) -> dict:
@@ -127,9 +125,8 @@ def score(run_dir: str | Path, *, tokens: int | None = None, data: list[str] = (
 def main(args) -> int:
     if args.tasks is not None:
         from scaling import storage
-        from scaling.files import write_json_atomic
-
         from scaling.errors import UsageError
+        from scaling.files import write_json_atomic
 
         dest = Path(args.out) if args.out else storage.path(args.run) / TASKS
         if dest.exists():

@@ -508,15 +508,13 @@ class Session:
         ``tasks.json`` and ``final_tasks/SUITE/METRIC`` summary keys. Before the summary says
         done, so a run killed while scoring scores again when resumed."""
         from scaling.data.corpus import tokenizer_for
-        from scaling.train.tasks_eval import score_suites, summary_keys
+        from scaling.train.tasks_eval import score_suites, summary_keys, tasks_record
 
         params, rest = jax.device_get((state["params"], state["rest"]))  # one process (checked at start)
         model = nnx.merge(self.graphdef, params, rest)
         suites = score_suites(model, tokenizer_for(self.cfg.data), self._task_suites, context=self.cfg.data.seq_len)
         if self.writes:
-            write_json_atomic(self.out / "tasks.json", {"schema_version": schema.SCHEMA_VERSION, "step": step,
-                                                        "time": time.time(), "split": "eval", "seed": 0,
-                                                        "suites": suites})
+            write_json_atomic(self.out / "tasks.json", tasks_record(step, suites, seed=0))
         self.summary.update(summary_keys(suites))
 
     def _evaluate(self, state) -> dict[str, float]:

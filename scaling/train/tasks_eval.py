@@ -20,6 +20,8 @@ from scaling import tasks
 from scaling.errors import UsageError
 
 ROWS = 64  # examples per forward (the last batch is padded with empty rows)
+NOT_CAUSAL = ("task scoring continues prompts token by token, which needs a causal model; expert-choice MoE and MoD "
+              "with causal_aux=none are not")
 
 
 def _scorer(model, mod_routing: str):
@@ -117,6 +119,18 @@ def score_suites(model, tok, loaded: list[tuple[str, list[tasks.Example]]], *, c
     return out
 
 
+def tasks_record(step: int, suites: dict, seed: int) -> dict:
+    """What ``tasks.json`` holds, written at the end of training and by ``scaling eval --tasks``:
+    ``schema_version``, ``step``, ``time``, ``split`` (built-in examples come from the held-out
+    split), ``seed`` and ``suites`` (``score_suites``)."""
+    import time
+
+    from scaling import schema
+
+    return {"schema_version": schema.SCHEMA_VERSION, "step": step, "time": time.time(), "split": "eval", "seed": seed,
+            "suites": suites}
+
+
 def summary_keys(suites: dict) -> dict:
     """``final_tasks/NAME/METRIC`` for a run's summary: each suite's mean ``exact_match``,
     ``edit_distance``, ``answer_nll`` (nats/token) and ``answer_logprob`` (nats)."""
@@ -140,8 +154,7 @@ def suites_for_run(cfg) -> list[tuple[str, list[tasks.Example]]]:
     except UsageError as e:
         raise ConfigError(f"eval_tasks: {str(e).removeprefix('--tasks: ').removeprefix('--tasks ')}") from None
     if not cfg.model.causal_eval:
-        raise ConfigError("eval_tasks: task scoring continues prompts token by token, which needs a causal model; "
-                          "expert-choice MoE and MoD with causal_aux=none are not; leave eval_tasks unset")
+        raise ConfigError(f"eval_tasks: {NOT_CAUSAL}; leave eval_tasks unset")
     tok = tokenizer_for(cfg.data)
     for name, ex in loaded:
         for i, e in enumerate(ex):
